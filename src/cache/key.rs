@@ -1,0 +1,178 @@
+//! Cache keys: a primary key (scheme, host, path and query) hashed without allocating, and the
+//! secondary key that `Vary` adds (the request's values of the listed headers).
+
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+/// The parts of a request that make its primary cache key, borrowed from the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyParts<'a> {
+    pub https: bool,
+    /// Lowercase host without port.
+    pub host: &'a str,
+    /// Path and query exactly as received (`/a/b?x=1`).
+    pub path_and_query: &'a str,
+}
+
+/// Hashes key parts. One builder per store, so keys are not predictable from outside.
+#[derive(Debug, Clone)]
+pub struct KeyHasher {
+    state: std::collections::hash_map::RandomState,
+}
+
+impl Default for KeyHasher {
+    fn default() -> Self {
+        KeyHasher {
+            state: std::collections::hash_map::RandomState::new(),
+        }
+    }
+}
+
+impl KeyHasher {
+    /// The 64-bit primary key. Entries also keep the parts, so a collision is detected on
+    /// lookup and never serves another URL's content.
+    pub fn hash(&self, parts: &KeyParts<'_>) -> u64 {
+        let mut h = self.state.build_hasher();
+        parts.https.hash(&mut h);
+        parts.host.hash(&mut h);
+        parts.path_and_query.hash(&mut h);
+        h.finish()
+    }
+}
+
+/// The owned form of [`KeyParts`], kept in an entry to verify a hash match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedKey {
+    pub https: bool,
+    pub host: Box<str>,
+    pub path_and_query: Box<str>,
+}
+
+impl OwnedKey {
+    pub fn new(parts: &KeyParts<'_>) -> Self {
+        OwnedKey {
+            https: parts.https,
+            host: parts.host.into(),
+            path_and_query: parts.path_and_query.into(),
+        }
+    }
+
+    pub fn matches(&self, parts: &KeyParts<'_>) -> bool {
+        self.https == parts.https
+            && *self.host == *parts.host
+            && *self.path_and_query == *parts.path_and_query
+    }
+
+    /// The URL this key stands for, for logs and purge listings.
+    pub fn url(&self) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.host, self.path_and_query)
+    }
+}
+
+/// The request header values a stored response varies on (`Vary`), normalised.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VaryKey {
+    fields: Vec<(HeaderName, Option<Box<str>>)>,
+}
+
+impl VaryKey {
+    /// Builds the secondary key from the response's `Vary` and the request's headers.
+    /// Returns an empty key when the response does not vary.
+    pub fn from_response(response: &HeaderMap, request: &HeaderMap) -> VaryKey {
+        let mut fields = Vec::new();
+        for v in response.get_all(http::header::VARY) {
+            let Ok(text) = v.to_str() else { continue };
+            for name in text.split(',') {
+                let Ok(name) = HeaderName::from_bytes(name.trim().as_bytes()) else {
+                    continue;
+                };
+                if fields.iter().any(|(n, _)| *n == name) {
+                    continue;
+                }
+                let value = normalised(request.get_all(&name).iter());
+                fields.push((name, value));
+            }
+        }
+        VaryKey { fields }
+    }
+
+    /// True when `request` has the same values for every varying header.
+    pub fn matches(&self, request: &HeaderMap) -> bool {
+        self.fields.iter().all(|(name, stored)| {
+            let value = normalised(request.get_all(name).iter());
+            value.as_deref() == stored.as_deref()
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+}
+
+/// Joins field lines with `,` and drops the optional whitespace around list items, so that
+/// `gzip, br` and `gzip,br` compare equal.
+fn normalised<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Option<Box<str>> {
+    let mut out = String::new();
+    let mut any = false;
+    for v in values {
+        any = true;
+        for item in String::from_utf8_lossy(v.as_bytes()).split(',') {
+            let item = item.trim();
+            if item.is_empty() {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(item);
+        }
+    }
+    any.then(|| out.into_boxed_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_distinguishes_parts() {
+        let k = KeyHasher::default();
+        let a = KeyParts {
+            https: false,
+            host: "a.com",
+            path_and_query: "/x",
+        };
+        let b = KeyParts { https: true, ..a };
+        let c = KeyParts {
+            host: "a.co",
+            path_and_query: "m/x",
+            ..a
+        };
+        assert_eq!(k.hash(&a), k.hash(&a));
+        assert_ne!(k.hash(&a), k.hash(&b));
+        assert_ne!(k.hash(&a), k.hash(&c));
+        assert!(OwnedKey::new(&a).matches(&a));
+        assert!(!OwnedKey::new(&a).matches(&b));
+        assert_eq!(OwnedKey::new(&b).url(), "https://a.com/x");
+    }
+
+    #[test]
+    fn vary_matches_normalised_values() {
+        let mut resp = HeaderMap::new();
+        resp.insert("vary", HeaderValue::from_static("Accept-Encoding"));
+        let mut req = HeaderMap::new();
+        req.insert("accept-encoding", HeaderValue::from_static("gzip, br"));
+        let key = VaryKey::from_response(&resp, &req);
+        let mut other = HeaderMap::new();
+        other.insert("accept-encoding", HeaderValue::from_static("gzip,br"));
+        assert!(key.matches(&other));
+        other.insert("accept-encoding", HeaderValue::from_static("identity"));
+        assert!(!key.matches(&other));
+        assert!(
+            !key.matches(&HeaderMap::new()),
+            "absent differs from present"
+        );
+    }
+}

@@ -1,0 +1,303 @@
+//! Configuration: the TOML file, its validation, and the validated types the runtime sees.
+//!
+//! `raw` holds serde types that mirror the file; `validate` turns them into [`Config`], collecting
+//! every problem (with file, line and column) before reporting. Runtime code only ever sees a
+//! validated [`Config`], shared as an `Arc` snapshot.
+
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::HeaderValue;
+use ipnet::IpNet;
+use rustls::pki_types::CertificateDer;
+use rustls::sign::CertifiedKey;
+
+/// A validated configuration.
+#[derive(Clone)]
+pub struct Config {
+    /// Where the configuration came from, for messages (`<builtin>` for the demo).
+    pub source: String,
+    pub server: Server,
+    pub tls: Tls,
+    pub cache: Cache,
+    pub origins: Vec<Origin>,
+    pub sites: Vec<Site>,
+}
+
+/// `[server]`: listeners, limits and timeouts.
+#[derive(Clone, Debug)]
+pub struct Server {
+    pub http: Vec<SocketAddr>,
+    pub https: Vec<SocketAddr>,
+    /// Runtime worker threads; `None` means one per core.
+    pub workers: Option<usize>,
+    /// Time a client has to send a complete request head (default 10 s).
+    pub header_read_timeout: Duration,
+    /// A connection with no traffic for this long is closed (default 60 s).
+    pub idle_timeout: Duration,
+    /// Largest request head accepted; larger gets 431 (default 32 KiB, at least 8 KiB).
+    pub max_header_bytes: usize,
+    /// Open client connections at most; further accepts wait (default 10,000).
+    pub max_connections: usize,
+    /// How long in-flight requests may run after SIGTERM (default 30 s).
+    pub shutdown_grace: Duration,
+    /// HTTP/2 streams per connection (default 128).
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 reset streams tolerated before GOAWAY (rapid-reset defence, default 20).
+    pub h2_max_pending_resets: usize,
+    /// Peers whose `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// The name used in `Via` and `Cache-Status` (default `edgecache`).
+    pub via_name: String,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            http: Vec::new(),
+            https: Vec::new(),
+            workers: None,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 32 << 10,
+            max_connections: 10_000,
+            shutdown_grace: Duration::from_secs(30),
+            h2_max_concurrent_streams: 128,
+            h2_max_pending_resets: 20,
+            trusted_proxies: Vec::new(),
+            via_name: "edgecache".to_owned(),
+        }
+    }
+}
+
+/// `[tls]`: certificates served by SNI.
+#[derive(Clone, Default)]
+pub struct Tls {
+    /// The first certificate is the default for clients without (or with unknown) SNI.
+    pub certificates: Vec<Certificate>,
+}
+
+/// One certificate chain and its key, with the names it is served for.
+#[derive(Clone)]
+pub struct Certificate {
+    /// Lowercase SNI names: exact (`static.example.com`) or wildcard (`*.example.com`).
+    pub hosts: Vec<String>,
+    pub key: Arc<CertifiedKey>,
+    /// Where it came from, for the summary.
+    pub source: String,
+}
+
+impl Certificate {
+    /// Builds a certificate from PEM text; checks that the key matches the certificate.
+    pub fn from_pem(
+        hosts: Vec<String>,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        source: impl Into<String>,
+    ) -> Result<Certificate, String> {
+        let key = validate::certified_key_from_pem(cert_pem, key_pem)?;
+        Ok(Certificate {
+            hosts: hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
+            key: Arc::new(key),
+            source: source.into(),
+        })
+    }
+}
+
+/// `[cache]`: the store's bounds.
+#[derive(Clone, Debug)]
+pub struct Cache {
+    /// Bound on stored bytes, bodies and headers (default 256 MiB).
+    pub memory: u64,
+    /// Larger responses stream through uncached (default 32 MiB).
+    pub max_object_size: u64,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache {
+            memory: 256 << 20,
+            max_object_size: 32 << 20,
+        }
+    }
+}
+
+/// `[[origins]]`: one upstream server.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub name: String,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// `Host` sent upstream; `None` forwards the client's host.
+    pub host_header: Option<HeaderValue>,
+    /// Time to establish a connection (default 5 s); past it the client gets 502.
+    pub connect_timeout: Duration,
+    /// Time from sending the request to the response head (default 30 s); past it, 504.
+    pub timeout: Duration,
+    /// Extra trust anchors for an `https` origin (PEM file); system roots otherwise.
+    pub ca: Vec<CertificateDer<'static>>,
+    /// Idle keep-alive connections kept per origin (default 256).
+    pub max_idle_connections: usize,
+}
+
+/// `[[sites]]`: host names we serve and where their misses go.
+#[derive(Clone, Debug)]
+pub struct Site {
+    /// Lowercase names: exact, `*.example.com`, or `*` (catch-all).
+    pub hosts: Vec<String>,
+    /// Index into [`Config::origins`].
+    pub origin: usize,
+}
+
+/// A configuration problem, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("read configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", Diagnostics(.0))]
+    Invalid(Vec<Diagnostic>),
+}
+
+struct Diagnostics<'a>(&'a [Diagnostic]);
+
+impl fmt::Display for Diagnostics<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file. Relative paths inside it (certificates, CAs)
+    /// are resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_toml(&text, &path.display().to_string(), base)
+    }
+
+    /// Validates configuration text; `file` names it in messages, `base` resolves relative paths.
+    pub fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, Error> {
+        validate::from_toml(text, file, base)
+    }
+
+    /// A one-screen description of what would be served, for `edgecache check`.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "configuration {} is valid", self.source);
+        let list = |v: &[SocketAddr]| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        let _ = writeln!(s, "listeners:");
+        let _ = writeln!(s, "  http   {}", list(&self.server.http));
+        let _ = writeln!(s, "  https  {}", list(&self.server.https));
+        if !self.tls.certificates.is_empty() {
+            let _ = writeln!(s, "certificates:");
+            for (i, c) in self.tls.certificates.iter().enumerate() {
+                let default = if i == 0 { " (default)" } else { "" };
+                let _ = writeln!(s, "  {}{}  from {}", c.hosts.join(", "), default, c.source);
+            }
+        }
+        let _ = writeln!(
+            s,
+            "cache: {} in memory, objects up to {}",
+            human_size(self.cache.memory),
+            human_size(self.cache.max_object_size)
+        );
+        let _ = writeln!(s, "origins:");
+        for o in &self.origins {
+            let _ = writeln!(
+                s,
+                "  {:<12} {}://{}  connect {:?}, response {:?}",
+                o.name, o.scheme, o.authority, o.connect_timeout, o.timeout
+            );
+        }
+        let _ = writeln!(s, "sites:");
+        for site in &self.sites {
+            let origin = self
+                .origins
+                .get(site.origin)
+                .map(|o| o.name.as_str())
+                .unwrap_or("?");
+            let _ = writeln!(s, "  {}  ->  {}", site.hosts.join(", "), origin);
+        }
+        let _ = write!(
+            s,
+            "limits: {} connections, {} header bytes, header read {:?}, idle {:?}, grace {:?}",
+            self.server.max_connections,
+            self.server.max_header_bytes,
+            self.server.header_read_timeout,
+            self.server.idle_timeout,
+            self.server.shutdown_grace
+        );
+        s
+    }
+}
+
+/// Formats a byte count with a binary unit, for summaries.
+pub(crate) fn human_size(n: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    for (name, size) in UNITS {
+        if n >= size && n % size == 0 {
+            return format!("{}{}", n / size, name);
+        }
+    }
+    for (name, size) in UNITS {
+        if n >= size {
+            return format!("{:.1}{}", n as f64 / size as f64, name);
+        }
+    }
+    format!("{n}B")
+}

@@ -1,0 +1,602 @@
+//! Raw TOML types to validated [`Config`]: every problem is collected, with its position.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use http::uri::{Scheme, Uri};
+use http::HeaderValue;
+use ipnet::IpNet;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+use toml::Spanned;
+
+use super::raw::{RawConfig, Size};
+use super::{Cache, Certificate, Config, Diagnostic, Error, Origin, Server, Site, Tls};
+
+/// Collects diagnostics against one file's text.
+struct Checker<'a> {
+    text: &'a str,
+    file: &'a str,
+    errors: Vec<Diagnostic>,
+}
+
+impl Checker<'_> {
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+        let column = before[line_start..].chars().count() + 1;
+        (line, column)
+    }
+
+    fn error(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = self.position(span.start);
+        self.errors.push(Diagnostic {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key: Some(key.into()),
+            message: message.into(),
+        });
+    }
+}
+
+pub(super) fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, Error> {
+    let mut ck = Checker {
+        text,
+        file,
+        errors: Vec::new(),
+    };
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let (line, column) = e.span().map(|s| ck.position(s.start)).unwrap_or((1, 1));
+            return Err(Error::Invalid(vec![Diagnostic {
+                file: file.to_owned(),
+                line,
+                column,
+                key: None,
+                message: e.message().trim_end().to_owned(),
+            }]));
+        }
+    };
+    let config = check(&mut ck, raw, base);
+    if ck.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(Error::Invalid(ck.errors))
+    }
+}
+
+fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
+    let defaults = Server::default();
+    let mut server = Server {
+        http: addresses(ck, "server.http", &raw.server.http),
+        https: addresses(ck, "server.https", &raw.server.https),
+        ..defaults
+    };
+    if raw.server.http.is_empty() && raw.server.https.is_empty() {
+        server.http = vec![SocketAddr::from(([0, 0, 0, 0], 8080))];
+    }
+    if let Some(w) = &raw.server.workers {
+        if *w.get_ref() == 0 || *w.get_ref() > 1024 {
+            ck.error(w.span(), "server.workers", "must be between 1 and 1024");
+        } else {
+            server.workers = Some(*w.get_ref());
+        }
+    }
+    let positive = |ck: &mut Checker<'_>,
+                    key: &str,
+                    v: &Option<super::raw::Duration>,
+                    slot: &mut std::time::Duration| {
+        if let Some(d) = v {
+            if d.get_ref().0.is_zero() {
+                ck.error(d.span(), key, "must be greater than zero");
+            } else {
+                *slot = d.get_ref().0;
+            }
+        }
+    };
+    positive(
+        ck,
+        "server.header_read_timeout",
+        &raw.server.header_read_timeout,
+        &mut server.header_read_timeout,
+    );
+    positive(
+        ck,
+        "server.idle_timeout",
+        &raw.server.idle_timeout,
+        &mut server.idle_timeout,
+    );
+    if let Some(d) = &raw.server.shutdown_grace {
+        server.shutdown_grace = d.get_ref().0;
+    }
+    if let Some(m) = &raw.server.max_header_bytes {
+        let Size(n) = *m.get_ref();
+        if !(8192..=(1 << 20)).contains(&n) {
+            ck.error(
+                m.span(),
+                "server.max_header_bytes",
+                "must be between 8KiB and 1MiB",
+            );
+        } else {
+            server.max_header_bytes = n as usize;
+        }
+    }
+    if let Some(m) = &raw.server.max_connections {
+        if *m.get_ref() == 0 {
+            ck.error(m.span(), "server.max_connections", "must be at least 1");
+        } else {
+            server.max_connections = *m.get_ref();
+        }
+    }
+    if let Some(m) = &raw.server.h2_max_concurrent_streams {
+        if *m.get_ref() == 0 {
+            ck.error(
+                m.span(),
+                "server.h2_max_concurrent_streams",
+                "must be at least 1",
+            );
+        } else {
+            server.h2_max_concurrent_streams = *m.get_ref();
+        }
+    }
+    if let Some(m) = raw.server.h2_max_pending_resets {
+        server.h2_max_pending_resets = m;
+    }
+    for p in &raw.server.trusted_proxies {
+        match parse_cidr(p.get_ref()) {
+            Some(net) => server.trusted_proxies.push(net),
+            None => ck.error(
+                p.span(),
+                "server.trusted_proxies",
+                format!("{:?} is not an IP address or CIDR block", p.get_ref()),
+            ),
+        }
+    }
+    if let Some(v) = &raw.server.via_name {
+        let name = v.get_ref();
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            ck.error(
+                v.span(),
+                "server.via_name",
+                "must be a token of letters, digits, '-', '.' or '_'",
+            );
+        } else {
+            server.via_name = name.clone();
+        }
+    }
+
+    let mut tls = Tls::default();
+    for (i, c) in raw.tls.certificates.iter().enumerate() {
+        let key = format!("tls.certificates[{i}]");
+        let mut hosts = Vec::new();
+        if c.hosts.get_ref().is_empty() {
+            ck.error(
+                c.hosts.span(),
+                format!("{key}.hosts"),
+                "needs at least one host name",
+            );
+        }
+        for h in c.hosts.get_ref() {
+            match host_pattern(h.get_ref(), false) {
+                Ok(h) => hosts.push(h),
+                Err(m) => ck.error(h.span(), format!("{key}.hosts"), m),
+            }
+        }
+        let cert_path = base.join(c.cert.get_ref());
+        let key_path = base.join(c.key.get_ref());
+        let cert_pem = match std::fs::read(&cert_path) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                ck.error(
+                    c.cert.span(),
+                    format!("{key}.cert"),
+                    format!("cannot read {}: {e}", cert_path.display()),
+                );
+                None
+            }
+        };
+        let key_pem = match std::fs::read(&key_path) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                ck.error(
+                    c.key.span(),
+                    format!("{key}.key"),
+                    format!("cannot read {}: {e}", key_path.display()),
+                );
+                None
+            }
+        };
+        if let (Some(cert_pem), Some(key_pem)) = (cert_pem, key_pem) {
+            match certified_key_from_pem(&cert_pem, &key_pem) {
+                Ok(ck_) => tls.certificates.push(Certificate {
+                    hosts,
+                    key: Arc::new(ck_),
+                    source: cert_path.display().to_string(),
+                }),
+                Err(m) => ck.error(c.cert.span(), format!("{key}.cert"), m),
+            }
+        }
+    }
+    if !server.https.is_empty() && raw.tls.certificates.is_empty() {
+        let span = raw.server.https.first().map(|s| s.span()).unwrap_or(0..0);
+        ck.error(
+            span,
+            "server.https",
+            "HTTPS listeners need at least one [[tls.certificates]]",
+        );
+    }
+
+    let mut cache = Cache::default();
+    if let Some(m) = &raw.cache.memory {
+        if m.get_ref().0 < (1 << 20) {
+            ck.error(m.span(), "cache.memory", "must be at least 1MiB");
+        } else {
+            cache.memory = m.get_ref().0;
+        }
+    }
+    if let Some(m) = &raw.cache.max_object_size {
+        // moka weighs entries in u32 units; keep a margin for headers.
+        if m.get_ref().0 == 0 || m.get_ref().0 > (2 << 30) {
+            ck.error(
+                m.span(),
+                "cache.max_object_size",
+                "must be between 1B and 2GiB",
+            );
+        } else {
+            cache.max_object_size = m.get_ref().0;
+        }
+    }
+    if cache.max_object_size > cache.memory {
+        let span = raw
+            .cache
+            .max_object_size
+            .as_ref()
+            .map(|m| m.span())
+            .unwrap_or(0..0);
+        ck.error(span, "cache.max_object_size", "is larger than cache.memory");
+    }
+
+    let mut origins = Vec::new();
+    let mut origin_index: HashMap<String, usize> = HashMap::new();
+    for (i, o) in raw.origins.iter().enumerate() {
+        let key = format!("origins[{i}]");
+        let name = o.name.get_ref();
+        if name.is_empty() {
+            ck.error(o.name.span(), format!("{key}.name"), "must not be empty");
+        } else if origin_index.contains_key(name) {
+            ck.error(
+                o.name.span(),
+                format!("{key}.name"),
+                format!("origin {name:?} is defined twice"),
+            );
+        }
+        let uri: Option<Uri> = o.url.get_ref().parse().ok();
+        let (scheme, authority) = match uri
+            .as_ref()
+            .and_then(|u| Some((u.scheme()?.clone(), u.authority()?.clone())))
+        {
+            Some((s, a)) if s == Scheme::HTTP || s == Scheme::HTTPS => {
+                let path = uri.as_ref().map(|u| u.path()).unwrap_or("/");
+                if path != "/" && !path.is_empty() {
+                    ck.error(
+                        o.url.span(),
+                        format!("{key}.url"),
+                        "must not have a path: the client's path is forwarded as is",
+                    );
+                }
+                (s, a)
+            }
+            _ => {
+                ck.error(
+                    o.url.span(),
+                    format!("{key}.url"),
+                    format!(
+                        "{:?} is not an http:// or https:// URL with a host",
+                        o.url.get_ref()
+                    ),
+                );
+                continue;
+            }
+        };
+        let host_header = match &o.host_header {
+            Some(h) => match HeaderValue::from_str(h.get_ref()) {
+                Ok(v) if !h.get_ref().is_empty() => Some(v),
+                _ => {
+                    ck.error(
+                        h.span(),
+                        format!("{key}.host_header"),
+                        "is not a valid Host value",
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut ca = Vec::new();
+        if let Some(path) = &o.ca {
+            let p = base.join(path.get_ref());
+            match std::fs::read(&p) {
+                Ok(pem) => {
+                    let certs: Result<Vec<_>, _> =
+                        rustls_pemfile::certs(&mut pem.as_slice()).collect();
+                    match certs {
+                        Ok(c) if !c.is_empty() => ca = c,
+                        _ => ck.error(
+                            path.span(),
+                            format!("{key}.ca"),
+                            format!("{} holds no PEM certificate", p.display()),
+                        ),
+                    }
+                }
+                Err(e) => ck.error(
+                    path.span(),
+                    format!("{key}.ca"),
+                    format!("cannot read {}: {e}", p.display()),
+                ),
+            }
+        }
+        let mut origin = Origin {
+            name: name.clone(),
+            scheme,
+            authority,
+            host_header,
+            connect_timeout: std::time::Duration::from_secs(5),
+            timeout: std::time::Duration::from_secs(30),
+            ca,
+            max_idle_connections: o.max_idle_connections.unwrap_or(256),
+        };
+        positive(
+            ck,
+            &format!("{key}.connect_timeout"),
+            &o.connect_timeout,
+            &mut origin.connect_timeout,
+        );
+        positive(
+            ck,
+            &format!("{key}.timeout"),
+            &o.timeout,
+            &mut origin.timeout,
+        );
+        origin_index.insert(name.clone(), origins.len());
+        origins.push(origin);
+    }
+
+    let mut sites = Vec::new();
+    let mut seen_hosts: HashMap<String, usize> = HashMap::new();
+    for (i, s) in raw.sites.iter().enumerate() {
+        let key = format!("sites[{i}]");
+        let mut hosts = Vec::new();
+        if s.hosts.get_ref().is_empty() {
+            ck.error(
+                s.hosts.span(),
+                format!("{key}.hosts"),
+                "needs at least one host name",
+            );
+        }
+        for h in s.hosts.get_ref() {
+            match host_pattern(h.get_ref(), true) {
+                Ok(name) => {
+                    if let Some(prev) = seen_hosts.insert(name.clone(), i) {
+                        ck.error(
+                            h.span(),
+                            format!("{key}.hosts"),
+                            format!("{name:?} is already served by sites[{prev}]"),
+                        );
+                    }
+                    hosts.push(name);
+                }
+                Err(m) => ck.error(h.span(), format!("{key}.hosts"), m),
+            }
+        }
+        match origin_index.get(s.origin.get_ref()) {
+            Some(&origin) => sites.push(Site { hosts, origin }),
+            None => {
+                let known: Vec<&str> = origins.iter().map(|o| o.name.as_str()).collect();
+                ck.error(
+                    s.origin.span(),
+                    format!("{key}.origin"),
+                    format!(
+                        "origin {:?} is not defined (known origins: {})",
+                        s.origin.get_ref(),
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+        }
+    }
+    if raw.sites.is_empty() {
+        ck.errors.push(Diagnostic {
+            file: ck.file.to_owned(),
+            line: 1,
+            column: 1,
+            key: Some("sites".to_owned()),
+            message: "no [[sites]] defined: nothing would be served".to_owned(),
+        });
+    }
+
+    Config {
+        source: ck.file.to_owned(),
+        server,
+        tls,
+        cache,
+        origins,
+        sites,
+    }
+}
+
+fn addresses(ck: &mut Checker<'_>, key: &str, list: &[Spanned<String>]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for a in list {
+        match a.get_ref().parse::<SocketAddr>() {
+            Ok(addr) => out.push(addr),
+            Err(_) => ck.error(
+                a.span(),
+                key,
+                format!(
+                    "{:?} is not a listen address such as \"0.0.0.0:8080\" or \"[::]:8443\"",
+                    a.get_ref()
+                ),
+            ),
+        }
+    }
+    out
+}
+
+fn parse_cidr(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
+
+/// Checks and lowercases a host name pattern: `name`, `*.suffix`, or (sites only) `*`.
+fn host_pattern(text: &str, allow_catch_all: bool) -> Result<String, String> {
+    let h = text.trim().to_ascii_lowercase();
+    if h == "*" {
+        return if allow_catch_all {
+            Ok(h)
+        } else {
+            Err("\"*\" is not a certificate name; the first certificate is the default".to_owned())
+        };
+    }
+    let name = h.strip_prefix("*.").unwrap_or(&h);
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        || name.parse::<std::net::IpAddr>().is_ok()
+        || name.starts_with('[') && name.ends_with(']');
+    if !valid || h.contains(':') && !h.starts_with('[') {
+        return Err(format!(
+            "{text:?} is not a host name (no port, no scheme; \"*.example.com\" for a wildcard)"
+        ));
+    }
+    Ok(h)
+}
+
+/// Parses a PEM chain and key and checks that they belong together.
+pub(super) fn certified_key_from_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<CertifiedKey, String> {
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("certificate file is not valid PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("certificate file holds no PEM certificate".to_owned());
+    }
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|e| format!("key file is not valid PEM: {e}"))?
+        .ok_or_else(|| "key file holds no PEM private key".to_owned())?;
+    let provider = rustls::crypto::ring::default_provider();
+    CertifiedKey::from_der(certs, key, &provider).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => {
+            "the private key does not match the certificate".to_owned()
+        }
+        other => format!("unusable certificate or key: {other}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        match Config::from_toml(text, "t.toml", Path::new(".")) {
+            Ok(_) => Vec::new(),
+            Err(Error::Invalid(d)) => d.iter().map(|d| d.to_string()).collect(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    const MINIMAL: &str = "[[origins]]\nname = \"a\"\nurl = \"http://127.0.0.1:9000\"\n[[sites]]\nhosts = [\"example.com\"]\norigin = \"a\"\n";
+
+    #[test]
+    fn minimal_is_valid_and_defaults_to_8080() {
+        let c = Config::from_toml(MINIMAL, "t.toml", Path::new(".")).map_err(|e| e.to_string());
+        let c = c.expect("minimal config is valid");
+        assert_eq!(c.server.http, vec!["0.0.0.0:8080".parse().expect("addr")]);
+        assert_eq!(c.sites[0].origin, 0);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let e = errors("[server]\nhttp = [\"127.0.0.1:1\"]\nbogus = 1\n");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("t.toml:3:1: "), "{e:?}");
+        assert!(e[0].contains("bogus"), "{e:?}");
+    }
+
+    #[test]
+    fn bad_duration_and_address_are_all_reported() {
+        let text = format!("[server]\nhttp = [\"nope\"]\nidle_timeout = \"5 parsecs\"\n{MINIMAL}");
+        let e = errors(&text);
+        // A serde error stops parsing, so the duration is reported first on its own.
+        assert!(e[0].starts_with("t.toml:3:16: "), "{e:?}");
+        let text = format!("[server]\nhttp = [\"nope\", \"1.2.3.4\"]\n{MINIMAL}");
+        let e = errors(&text);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].starts_with("t.toml:2:9: server.http: \"nope\""),
+            "{e:?}"
+        );
+        assert!(e[1].starts_with("t.toml:2:17: server.http:"), "{e:?}");
+    }
+
+    #[test]
+    fn site_naming_unknown_origin() {
+        let e = errors("[[origins]]\nname = \"a\"\nurl = \"http://x:1\"\n[[sites]]\nhosts = [\"h\"]\norigin = \"b\"\n");
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].starts_with("t.toml:6:10: sites[0].origin: origin \"b\" is not defined"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn missing_certificate_file() {
+        let text = format!("[server]\nhttps = [\"127.0.0.1:0\"]\n[[tls.certificates]]\nhosts = [\"a\"]\ncert = \"/nonexistent/a.crt\"\nkey = \"/nonexistent/a.key\"\n{MINIMAL}");
+        let e = errors(&text);
+        assert!(
+            e.iter().any(|e| e.starts_with(
+                "t.toml:5:8: tls.certificates[0].cert: cannot read /nonexistent/a.crt"
+            )),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert_eq!(
+            host_pattern("Static.Example.COM", false),
+            Ok("static.example.com".into())
+        );
+        assert_eq!(
+            host_pattern("*.example.com", false),
+            Ok("*.example.com".into())
+        );
+        assert!(host_pattern("*", false).is_err());
+        assert_eq!(host_pattern("*", true), Ok("*".into()));
+        assert!(host_pattern("example.com:80", true).is_err());
+        assert!(host_pattern("http://x", true).is_err());
+        assert_eq!(host_pattern("127.0.0.1", true), Ok("127.0.0.1".into()));
+    }
+}

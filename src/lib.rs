@@ -1,0 +1,136 @@
+//! edgecache: an edge caching reverse proxy.
+//!
+//! [`start`] binds every configured listener and serves until [`Node::shutdown`]. See
+//! ARCHITECTURE.md for the module map and the path of a request.
+
+pub mod cache;
+pub mod config;
+pub mod demo;
+mod error;
+pub mod origin;
+pub mod proxy;
+pub mod server;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+pub use config::Config;
+pub use error::Error;
+
+use cache::Store;
+use proxy::Proxy;
+use server::{conn::Builders, ConnTracker, Shared};
+
+/// A running edgecache node.
+pub struct Node {
+    http: Vec<SocketAddr>,
+    https: Vec<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    accept: JoinSet<()>,
+    tracker: ConnTracker,
+    grace: Duration,
+    proxy: Arc<Proxy>,
+}
+
+/// Binds the configured listeners and starts serving. Port 0 binds an ephemeral port; the
+/// bound addresses are on the returned [`Node`].
+pub async fn start(config: Config) -> Result<Node, Error> {
+    let config = Arc::new(config);
+    let store = Store::new(config.cache.memory);
+    let proxy = Arc::new(Proxy::new(config.clone(), store)?);
+    let tls = server::tls::server_config(&config.tls.certificates)?.map(TlsAcceptor::from);
+    let (tx, rx) = watch::channel(false);
+    let shared = Shared {
+        proxy: proxy.clone(),
+        builders: Arc::new(Builders::new(&config.server)),
+        limit: Arc::new(Semaphore::new(config.server.max_connections)),
+        tracker: ConnTracker::default(),
+        shutdown: rx,
+    };
+    let mut accept = JoinSet::new();
+    let mut http = Vec::new();
+    let mut https = Vec::new();
+    let mut listeners = Vec::new();
+    for &addr in &config.server.http {
+        let l = server::bind(addr).map_err(|source| Error::Bind { addr, source })?;
+        http.push(
+            l.local_addr()
+                .map_err(|source| Error::Bind { addr, source })?,
+        );
+        listeners.push((l, None));
+    }
+    for &addr in &config.server.https {
+        let l = server::bind(addr).map_err(|source| Error::Bind { addr, source })?;
+        https.push(
+            l.local_addr()
+                .map_err(|source| Error::Bind { addr, source })?,
+        );
+        listeners.push((l, tls.clone()));
+    }
+    for (l, tls) in listeners {
+        accept.spawn(server::accept_loop(l, tls, shared.clone()));
+    }
+    for a in &http {
+        tracing::info!(addr = %a, "listening for HTTP");
+    }
+    for a in &https {
+        tracing::info!(addr = %a, "listening for HTTPS");
+    }
+    Ok(Node {
+        http,
+        https,
+        shutdown: tx,
+        accept,
+        tracker: shared.tracker,
+        grace: config.server.shutdown_grace,
+        proxy,
+    })
+}
+
+impl Node {
+    /// Bound plain-HTTP addresses, in configuration order.
+    pub fn http_addrs(&self) -> &[SocketAddr] {
+        &self.http
+    }
+
+    /// Bound HTTPS addresses, in configuration order.
+    pub fn https_addrs(&self) -> &[SocketAddr] {
+        &self.https
+    }
+
+    /// The node's cache store (for inspection in tests and admin).
+    pub fn store(&self) -> &Store {
+        self.proxy.store()
+    }
+
+    /// Open client connections.
+    pub fn open_connections(&self) -> usize {
+        self.tracker.open()
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to `shutdown_grace`, then
+    /// returns. Connections still open after the grace period are abandoned.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.accept.join_next().await.is_some() {}
+        let open = self.tracker.open();
+        if open > 0 {
+            tracing::info!(connections = open, grace = ?self.grace, "draining connections");
+        }
+        if tokio::time::timeout(self.grace, self.tracker.idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = self.tracker.open(),
+                "shutdown grace expired with connections still open"
+            );
+        }
+    }
+}

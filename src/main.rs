@@ -1,0 +1,154 @@
+//! The `edgecache` command: `run`, `check` and `demo`. All logic lives in the library; this
+//! file parses arguments, sets up logging and the runtime, and reports errors for a person.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use edgecache::telemetry::{self, LogFormat};
+use edgecache::Config;
+
+#[derive(Parser)]
+#[command(name = "edgecache", version, about = "An edge caching reverse proxy")]
+struct Cli {
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve with a configuration file.
+    Run {
+        #[arg(long, default_value = "config/edgecache.toml")]
+        config: PathBuf,
+    },
+    /// Load and validate a configuration file and print what would be served.
+    Check {
+        #[arg(long, default_value = "config/edgecache.toml")]
+        config: PathBuf,
+    },
+    /// Start a sample origin and edgecache in front of it, and print commands to try.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        https: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let format = match cli.log_format {
+        Format::Text => LogFormat::Text,
+        Format::Json => LogFormat::Json,
+    };
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("{}", c.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => report(&e),
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return report(&e),
+            };
+            telemetry::init(format);
+            let workers = config.server.workers;
+            run_runtime(workers, async move {
+                let node = edgecache::start(config)
+                    .await
+                    .map_err(|e| Box::new(e) as BoxError)?;
+                wait_for_signal().await;
+                tracing::info!("shutting down");
+                node.shutdown().await;
+                Ok(())
+            })
+        }
+        Command::Demo { http, https } => {
+            telemetry::init(format);
+            run_runtime(None, async move {
+                let origin =
+                    edgecache::demo::start_sample_origin(SocketAddr::from(([127, 0, 0, 1], 0)))
+                        .await?;
+                let config = edgecache::demo::config(http, https, origin)?;
+                let node = edgecache::start(config)
+                    .await
+                    .map_err(|e| Box::new(e) as BoxError)?;
+                let (h, s) = (node.http_addrs()[0], node.https_addrs()[0]);
+                println!("{}", edgecache::demo::instructions(h, s, origin));
+                wait_for_signal().await;
+                node.shutdown().await;
+                Ok(())
+            })
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn run_runtime(
+    workers: Option<usize>,
+    fut: impl std::future::Future<Output = Result<(), BoxError>>,
+) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.build() {
+        Ok(r) => r,
+        Err(e) => return report(&e),
+    };
+    match runtime.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report(&*e),
+    }
+}
+
+/// Prints an error and its sources for a person, and returns a failure exit code.
+fn report(e: &(dyn std::error::Error + 'static)) -> ExitCode {
+    eprintln!("edgecache: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        eprintln!("  caused by: {s}");
+        source = s.source();
+    }
+    ExitCode::FAILURE
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,228 @@
+//! Header rules at the proxy boundary: hop-by-hop fields, forwarding fields a client may not
+//! set, and the fields we add (`Via`, `X-Forwarded-*`).
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
+
+/// Removes hop-by-hop fields (RFC 9110 §7.6.1): `Connection` and every field it names,
+/// `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, and all `Proxy-*` fields.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    for name in [
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    if headers.keys().any(|k| k.as_str().starts_with("proxy-")) {
+        let proxy: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for name in proxy {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Fields that could steer an origin's routing or rewriting and that no client may set.
+const ALWAYS_DROPPED: &[&str] = &[
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-host",
+    "x-host",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+];
+
+/// Prepares a client's request headers for an origin.
+///
+/// `X-Forwarded-*` and `Forwarded` are kept only from a `trusted` peer (a proxy in front of
+/// us); `X-Forwarded-For` then gets the peer appended, otherwise it is replaced by the peer.
+pub fn forward_request_headers(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    https: bool,
+    host: &HeaderValue,
+    trusted: bool,
+    via: &HeaderValue,
+) {
+    remove_hop_by_hop(headers);
+    for name in ALWAYS_DROPPED {
+        headers.remove(*name);
+    }
+    let prior_xff = if trusted {
+        combined(headers, "x-forwarded-for")
+    } else {
+        None
+    };
+    let prior_proto = trusted
+        .then(|| headers.get("x-forwarded-proto").cloned())
+        .flatten();
+    let prior_host = trusted
+        .then(|| headers.get("x-forwarded-host").cloned())
+        .flatten();
+    if !trusted {
+        headers.remove(header::FORWARDED);
+    }
+    if headers
+        .keys()
+        .any(|k| k.as_str().starts_with("x-forwarded-"))
+    {
+        let names: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-forwarded-"))
+            .cloned()
+            .collect();
+        for n in names {
+            headers.remove(n);
+        }
+    }
+    let peer_text = peer.to_string();
+    let xff = match prior_xff {
+        Some(prior) if !prior.is_empty() => format!("{prior}, {peer_text}"),
+        _ => peer_text,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert(
+        "x-forwarded-proto",
+        prior_proto
+            .unwrap_or_else(|| HeaderValue::from_static(if https { "https" } else { "http" })),
+    );
+    headers.insert(
+        "x-forwarded-host",
+        prior_host.unwrap_or_else(|| host.clone()),
+    );
+    headers.append(header::VIA, via.clone());
+}
+
+/// Joins all field lines of `name` with `, `.
+fn combined(headers: &HeaderMap, name: &str) -> Option<String> {
+    let mut out = String::new();
+    for v in headers.get_all(name) {
+        let Ok(s) = v.to_str() else { continue };
+        if !out.is_empty() {
+            out.push_str(", ");
+        }
+        out.push_str(s.trim());
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// The `Via` value for a message of `version` received by this node.
+pub fn via_value(version: Version, name: &str) -> HeaderValue {
+    let proto = match version {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    };
+    HeaderValue::from_str(&format!("{proto} {name}"))
+        .unwrap_or(HeaderValue::from_static("1.1 edgecache"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(list: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in list {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_fields_go() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("proxy-connection", "keep-alive"),
+            ("accept", "*/*"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["accept"]);
+    }
+
+    #[test]
+    fn untrusted_forwarding_fields_are_replaced() {
+        let mut h = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-prefix", "/admin"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-original-url", "/admin"),
+        ]);
+        let host = HeaderValue::from_static("site.example");
+        let via = HeaderValue::from_static("1.1 edgecache");
+        forward_request_headers(
+            &mut h,
+            "192.0.2.1".parse().expect("ip"),
+            true,
+            &host,
+            false,
+            &via,
+        );
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1");
+        assert_eq!(h["x-forwarded-host"], "site.example");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert!(h.get("x-forwarded-prefix").is_none());
+        assert!(h.get("forwarded").is_none());
+        assert!(h.get("x-original-url").is_none());
+        assert_eq!(h["via"], "1.1 edgecache");
+    }
+
+    #[test]
+    fn trusted_peer_chain_is_extended() {
+        let mut h = map(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        let host = HeaderValue::from_static("site.example");
+        let via = HeaderValue::from_static("1.1 edgecache");
+        forward_request_headers(
+            &mut h,
+            "10.0.0.1".parse().expect("ip"),
+            false,
+            &host,
+            true,
+            &via,
+        );
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+}

@@ -1,0 +1,130 @@
+//! Sockets: listeners, the accept loop with the connection limit, TLS, and connection drain.
+//!
+//! Only this module touches sockets and TLS. It hands every request to [`Proxy::handle`].
+
+pub mod conn;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::proxy::{ConnInfo, Proxy};
+use conn::Builders;
+
+/// Counts open connections so shutdown can wait for them to drain.
+#[derive(Clone, Default)]
+pub struct ConnTracker {
+    inner: Arc<(AtomicUsize, Notify)>,
+}
+
+/// Held by a connection task; dropping it marks the connection closed.
+pub struct ConnGuard(ConnTracker);
+
+impl ConnTracker {
+    pub fn enter(&self) -> ConnGuard {
+        self.inner.0.fetch_add(1, Ordering::SeqCst);
+        ConnGuard(self.clone())
+    }
+
+    pub fn open(&self) -> usize {
+        self.inner.0.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no connection is open.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.inner.1.notified();
+            if self.open() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.0.inner.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.inner.1.notify_waiters();
+        }
+    }
+}
+
+/// What every accept loop shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub proxy: Arc<Proxy>,
+    pub builders: Arc<Builders>,
+    pub limit: Arc<Semaphore>,
+    pub tracker: ConnTracker,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Accepts connections on one listener until shutdown. `tls` is set for HTTPS listeners.
+pub async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Shared) {
+    let local = listener.local_addr().ok();
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        // Take a connection slot before accepting, so excess clients wait in the backlog.
+        let permit = tokio::select! {
+            p = shared.limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly instead of spinning.
+                tracing::warn!(listener = ?local, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let info = ConnInfo {
+            peer,
+            https: tls.is_some(),
+        };
+        let guard = shared.tracker.enter();
+        let task = conn::serve(
+            stream,
+            info,
+            tls.clone(),
+            shared.builders.clone(),
+            shared.proxy.clone(),
+            shared.shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            task.await;
+            drop(permit);
+            drop(guard);
+        });
+    }
+    tracing::debug!(listener = ?local, "stopped accepting");
+}
+
+/// Binds a listener with `SO_REUSEADDR` so a restart does not wait for TIME_WAIT sockets.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
