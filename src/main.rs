@@ -59,12 +59,12 @@ fn main() -> ExitCode {
                 println!("{}", c.summary());
                 ExitCode::SUCCESS
             }
-            Err(e) => report(&e),
+            Err(e) => report_config(&e),
         },
         Command::Run { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
-                Err(e) => return report(&e),
+                Err(e) => return report_config(&e),
             };
             telemetry::init(format);
             let workers = config.server.workers;
@@ -116,6 +116,17 @@ fn run_runtime(
     match runtime.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => report(&*e),
+    }
+}
+
+/// Prints configuration problems one per line, `FILE:LINE:COLUMN: key: what is wrong`.
+fn report_config(e: &edgecache::config::Error) -> ExitCode {
+    match e {
+        edgecache::config::Error::Invalid(_) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+        other => report(other),
     }
 }
 

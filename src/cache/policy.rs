@@ -68,15 +68,13 @@ impl CacheControl {
                     "only-if-cached" => cc.only_if_cached = true,
                     "max-age" => set(&mut cc.max_age),
                     "s-maxage" => set(&mut cc.s_maxage),
-                    "max-stale" => {
-                        if cc.max_stale.is_none() {
-                            // `max-stale` without a value accepts any staleness.
-                            cc.max_stale = if arg.is_none() {
-                                Some(u64::MAX)
-                            } else {
-                                seconds()
-                            };
-                        }
+                    // `max-stale` without a value accepts any staleness.
+                    "max-stale" if cc.max_stale.is_none() => {
+                        cc.max_stale = if arg.is_none() {
+                            Some(u64::MAX)
+                        } else {
+                            seconds()
+                        };
                     }
                     "min-fresh" => set(&mut cc.min_fresh),
                     "stale-while-revalidate" => set(&mut cc.stale_while_revalidate),
@@ -105,9 +103,7 @@ impl<'a> Iterator for Directives<'a> {
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            let s = self
-                .rest
-                .trim_start_matches(|c: char| c == ',' || c == ' ' || c == '\t');
+            let s = self.rest.trim_start_matches([',', ' ', '\t']);
             if s.is_empty() {
                 return None;
             }

@@ -8,9 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -19,8 +17,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::Origin;
 
-/// The body of a request sent upstream: the client's streamed body, or nothing.
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+mod body;
+
+pub use body::UpstreamBody;
 
 /// Why an origin request failed.
 #[derive(Debug, thiserror::Error)]

@@ -45,19 +45,25 @@ impl Tee {
         true
     }
 
-    fn finish(self) {
-        let body = match self.chunks.len() {
+    fn finish(self: Box<Self>) {
+        let this = *self;
+        let body = match this.chunks.len() {
             0 => Bytes::new(),
-            1 => self.chunks.into_iter().next().unwrap_or_default(),
+            1 => this.chunks.into_iter().next().unwrap_or_default(),
             _ => {
-                let mut buf = BytesMut::with_capacity(self.len as usize);
-                for c in &self.chunks {
+                let mut buf = BytesMut::with_capacity(this.len as usize);
+                for c in &this.chunks {
                     buf.extend_from_slice(c);
                 }
                 buf.freeze()
             }
         };
-        let p = self.pending;
+        let mut p = this.pending;
+        // The stored object's length is known now, whatever framing the origin used.
+        p.headers.insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from(body.len()),
+        );
         p.store.insert(
             p.hash,
             Entry {
@@ -76,7 +82,10 @@ impl Tee {
 
 enum Kind {
     Full(Option<Bytes>),
-    Stream { inner: Incoming, tee: Option<Tee> },
+    Stream {
+        inner: Incoming,
+        tee: Option<Box<Tee>>,
+    },
 }
 
 /// The body type of every response edgecache sends.
@@ -104,10 +113,12 @@ impl Body {
     }
 
     pub(crate) fn stream(inner: Incoming, pending: Option<PendingEntry>) -> Body {
-        let tee = pending.map(|pending| Tee {
-            pending,
-            chunks: Vec::new(),
-            len: 0,
+        let tee = pending.map(|pending| {
+            Box::new(Tee {
+                pending,
+                chunks: Vec::new(),
+                len: 0,
+            })
         });
         let mut body = Body {
             kind: Kind::Stream { inner, tee },

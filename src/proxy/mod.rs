@@ -14,19 +14,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Either, Empty};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::cache::policy::{self, RequestFacts};
 use crate::cache::{CacheControl, Entry, KeyParts, NoStoreReason, OwnedKey, Store, VaryKey};
 use crate::config::Config;
-use crate::origin::{self, OriginClient};
+use crate::origin::{self, OriginClient, UpstreamBody};
 use crate::telemetry::{self, AccessLog};
 use body::{Body, PendingEntry};
 use headers::{forward_request_headers, remove_hop_by_hop, via_value};
@@ -221,6 +220,8 @@ impl Proxy {
         };
         let h = req.headers();
         // RFC 9112 §6.3: both framings at once is how request smuggling starts; refuse and close.
+        // hyper's HTTP/1 parser already drops the length and closes after the response, so this
+        // guards any path (or future parser) that hands us both.
         if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
             return refuse(
                 StatusCode::BAD_REQUEST,
@@ -365,9 +366,25 @@ impl Proxy {
             method.clone()
         };
         let up_body = if body.is_end_stream() {
-            Either::Right(Empty::<Bytes>::new())
+            UpstreamBody::empty()
         } else {
-            Either::Left(body)
+            match preread(body, self.config.server.header_read_timeout).await {
+                Ok(b) => b,
+                Err(PrereadError::Malformed) => {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        "edgecache: malformed request body\n",
+                        true,
+                    )
+                }
+                Err(PrereadError::TimedOut) => {
+                    return refuse(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "edgecache: request body too slow\n",
+                        true,
+                    )
+                }
+            }
         };
         let mut up = Request::new(up_body);
         *up.method_mut() = up_method.clone();
@@ -506,7 +523,43 @@ fn acceptable(entry: &Entry, req_cc: &CacheControl, now: SystemTime) -> bool {
         return false;
     }
     let left = entry.lifetime.as_secs().saturating_sub(age);
-    !req_cc.min_fresh.is_some_and(|m| left < m)
+    req_cc.min_fresh.is_none_or(|m| left >= m)
+}
+
+/// Bytes of a request body read before the origin is contacted (as nginx's
+/// `client_body_buffer_size`): a body that is malformed or stalls within them never reaches
+/// an origin. Larger bodies stream after this prefix.
+const PREREAD_BYTES: usize = 64 << 10;
+
+enum PrereadError {
+    Malformed,
+    TimedOut,
+}
+
+/// Reads up to [`PREREAD_BYTES`] of a request body, each frame within `timeout`.
+async fn preread(
+    mut body: Incoming,
+    timeout: std::time::Duration,
+) -> Result<UpstreamBody, PrereadError> {
+    let mut buf = bytes::BytesMut::new();
+    while buf.len() < PREREAD_BYTES {
+        if body.is_end_stream() {
+            return Ok(UpstreamBody::new(buf.freeze(), None, None));
+        }
+        match tokio::time::timeout(timeout, body.frame()).await {
+            Err(_) => return Err(PrereadError::TimedOut),
+            Ok(None) => return Ok(UpstreamBody::new(buf.freeze(), None, None)),
+            Ok(Some(Err(_))) => return Err(PrereadError::Malformed),
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(d) => buf.extend_from_slice(&d),
+                Err(frame) => {
+                    let trailers = frame.into_trailers().ok();
+                    return Ok(UpstreamBody::new(buf.freeze(), trailers, None));
+                }
+            },
+        }
+    }
+    Ok(UpstreamBody::new(buf.freeze(), None, Some(body)))
 }
 
 /// Reads a body to its end (so a tee stores it), discarding the data.

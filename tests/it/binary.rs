@@ -1,0 +1,273 @@
+//! The real `edgecache` binary: `check`, `run`, memory while streaming, and SIGTERM drain.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_edgecache");
+
+#[test]
+fn check_prints_a_summary_for_the_shipped_config() {
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/edgecache.toml"))
+        .output()
+        .expect("run check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("is valid"));
+    assert!(text.contains("0.0.0.0:8080"));
+    assert!(text.contains("512MiB"));
+    assert!(text.contains("primary"));
+}
+
+#[test]
+fn every_config_file_shipped_in_config_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    for entry in std::fs::read_dir(dir).expect("config dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            if let Err(e) = edgecache::Config::load(&path) {
+                panic!("{}: {e}", path.display());
+            }
+        }
+    }
+}
+
+fn check_error(text: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, text).expect("write");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run check");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    err.replace(&path.display().to_string(), "bad.toml")
+}
+
+#[test]
+fn malformed_config_names_file_line_and_key() {
+    let base = "[[origins]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\n[[sites]]\nhosts = [\"x\"]\norigin = \"a\"\n";
+    let e = check_error(&format!("{base}[cache]\nmemroy = \"1GiB\"\n"));
+    assert!(e.starts_with("bad.toml:8:1: unknown field `memroy`"), "{e}");
+    let e = check_error(&format!("[server]\nidle_timeout = \"ten\"\n{base}"));
+    assert!(
+        e.starts_with("bad.toml:2:16: invalid duration \"ten\""),
+        "{e}"
+    );
+    let e = check_error(&format!("[server]\nhttp = [\"localhost\"]\n{base}"));
+    assert!(
+        e.starts_with("bad.toml:2:9: server.http: \"localhost\" is not a listen address"),
+        "{e}"
+    );
+    let e = check_error(&base.replace("origin = \"a\"", "origin = \"nope\""));
+    assert!(
+        e.starts_with("bad.toml:6:10: sites[0].origin: origin \"nope\" is not defined"),
+        "{e}"
+    );
+    let e = check_error("[server\nhttp = 1\n");
+    assert!(e.starts_with("bad.toml:1:"), "{e}");
+}
+
+#[test]
+fn certificate_not_matching_its_key_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = make_cert(dir.path(), "a", &["a.test"]);
+    let b = make_cert(dir.path(), "b", &["b.test"]);
+    let text = format!(
+        "[server]\nhttps = [\"127.0.0.1:0\"]\n[[tls.certificates]]\nhosts = [\"a.test\"]\ncert = \"{}\"\nkey = \"{}\"\n\
+         [[origins]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\n[[sites]]\nhosts = [\"a.test\"]\norigin = \"a\"\n",
+        a.cert_path.display(),
+        b.key_path.display()
+    );
+    let e = check_error(&text);
+    assert!(e.starts_with("bad.toml:5:8: tls.certificates[0].cert: the private key does not match the certificate"), "{e}");
+}
+
+/// A running `edgecache run` process, killed on drop.
+struct Proc {
+    child: Child,
+    http: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(origin: &TestOrigin, server_extra: &str) -> Proc {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("edgecache.toml");
+    let text = format!(
+        "[server]\nhttp = [\"127.0.0.1:0\"]\nworkers = 2\n{server_extra}\n[cache]\nmax_object_size = \"8MiB\"\n{}",
+        site(origin, "site.test", "")
+    );
+    std::fs::write(&path, text).expect("write config");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn edgecache");
+    // The bound address is in the "listening for HTTP" log line.
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent && line.contains("listening for HTTP") {
+                if let Some(addr) = line
+                    .split("addr=")
+                    .nth(1)
+                    .and_then(|s| s.split_whitespace().next())
+                {
+                    let clean: String = addr
+                        .chars()
+                        .filter(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                        .collect();
+                    let _ = tx.send(clean);
+                    sent = true;
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("edgecache reported its address");
+    Proc {
+        child,
+        http: addr
+            .trim_start_matches(|c: char| !c.is_ascii_digit())
+            .parse()
+            .expect("address"),
+        _dir: dir,
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mib_body_streams_through_with_flat_memory() {
+    use http_body_util::BodyExt;
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/huge",
+        Route::ok("")
+            .generated(256 << 10, 400, true, Duration::ZERO)
+            .header("cache-control", "max-age=60"),
+    );
+    origin.route(
+        "/huge-chunked",
+        Route::ok("")
+            .generated(256 << 10, 400, false, Duration::ZERO)
+            .header("cache-control", "max-age=60"),
+    );
+    let p = spawn(&origin, "");
+    let pid = p.child.id();
+    // Warm up so the baseline includes the runtime, pools and buffers.
+    assert_eq!(get(p.http, "site.test", "/nothing").await.status, 404);
+    let baseline = rss_kib(pid);
+    for path in ["/huge", "/huge-chunked"] {
+        let stream = tokio::net::TcpStream::connect(p.http)
+            .await
+            .expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let resp = sender
+            .send_request(request("GET", "site.test", path, &[]))
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut total = 0usize;
+        let mut peak = 0u64;
+        let mut frames = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(d) = frame.expect("frame").into_data() {
+                total += d.len();
+            }
+            frames += 1;
+            if frames % 64 == 0 {
+                peak = peak.max(rss_kib(pid));
+            }
+        }
+        assert_eq!(total, 100 << 20, "{path}: every byte arrived");
+        let grown = peak.saturating_sub(baseline);
+        // 100 MiB passed through; the proxy may hold at most max_object_size (8 MiB) of it
+        // while deciding whether to store, plus buffers.
+        assert!(
+            grown < 40 << 10,
+            "{path}: RSS grew by {grown} KiB (baseline {baseline} KiB)"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_an_in_flight_download_then_exits() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/dl",
+        Route::ok("").generated(64 << 10, 30, true, Duration::from_millis(50)),
+    );
+    origin.route(
+        "/hit",
+        Route::ok("cached").header("cache-control", "max-age=60"),
+    );
+    let mut p = spawn(&origin, "shutdown_grace = \"30s\"");
+    get(p.http, "site.test", "/hit").await;
+    let r = get(p.http, "site.test", "/hit").await;
+    assert_eq!(r.header("cache-status"), Some("edgecache; hit"));
+    assert_eq!(origin.count("/hit"), 1);
+
+    let addr = p.http;
+    let download = tokio::spawn(async move { get(addr, "site.test", "/dl").await });
+    assert!(eventually(Duration::from_secs(5), || origin.count("/dl") == 1).await);
+    let status = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let r = download.await.expect("download");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 30 * (64 << 10));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = p.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "edgecache did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+}

@@ -1,0 +1,9 @@
+#![allow(unreachable_pub, dead_code)]
+//! Integration tests: the real proxy on 127.0.0.1 with ephemeral ports, a real test origin,
+//! real TLS with certificates generated here.
+
+mod binary;
+mod cache;
+mod serving;
+mod support;
+mod tls;

@@ -1,0 +1,268 @@
+//! Test support: a real origin, a real node, real TLS, and small clients.
+
+pub mod origin;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use edgecache::{Config, Node};
+use http::{HeaderMap, Request, StatusCode, Version};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub use origin::{Route, TestOrigin};
+
+/// A certificate made for a test, written to files in `dir`.
+pub struct TestCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: CertificateDer<'static>,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+pub fn make_cert(dir: &std::path::Path, file: &str, names: &[&str]) -> TestCert {
+    let c =
+        rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .expect("generate certificate");
+    let cert_pem = c.cert.pem();
+    let key_pem = c.key_pair.serialize_pem();
+    let cert_path = dir.join(format!("{file}.crt"));
+    let key_path = dir.join(format!("{file}.key"));
+    std::fs::write(&cert_path, &cert_pem).expect("write cert");
+    std::fs::write(&key_path, &key_pem).expect("write key");
+    TestCert {
+        der: c.cert.der().clone(),
+        cert_pem,
+        key_pem,
+        cert_path,
+        key_path,
+    }
+}
+
+/// edgecache started in-process from TOML text; `{origin}` in the text is not special: tests
+/// format their own. Listeners are on 127.0.0.1:0 unless the text says otherwise.
+pub struct TestNode {
+    pub node: Option<Node>,
+    pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestNode {
+    /// Starts a node; `body` is the config after `[server]`'s listener lines.
+    pub async fn start(server_extra: &str, body: &str) -> TestNode {
+        Self::start_in(
+            tempfile::tempdir().expect("tempdir"),
+            false,
+            server_extra,
+            body,
+        )
+        .await
+    }
+
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        https: bool,
+        server_extra: &str,
+        body: &str,
+    ) -> TestNode {
+        let https_line = if https {
+            "https = [\"127.0.0.1:0\"]\n"
+        } else {
+            ""
+        };
+        let text =
+            format!("[server]\nhttp = [\"127.0.0.1:0\"]\n{https_line}{server_extra}\n{body}");
+        let config = Config::from_toml(&text, "test.toml", dir.path())
+            .unwrap_or_else(|e| panic!("config: {e}\n{text}"));
+        let node = edgecache::start(config).await.expect("start node");
+        TestNode {
+            http: node.http_addrs()[0],
+            https: node.https_addrs().first().copied(),
+            node: Some(node),
+            dir,
+        }
+    }
+
+    pub fn node(&self) -> &Node {
+        self.node.as_ref().expect("node running")
+    }
+}
+
+/// A simple one-origin, one-site configuration body for `host`.
+pub fn site(origin: &TestOrigin, host: &str, extra_origin: &str) -> String {
+    format!(
+        "[[origins]]\nname = \"o\"\nurl = \"{}\"\n{extra_origin}\n[[sites]]\nhosts = [\"{host}\"]\norigin = \"o\"\n",
+        origin.url()
+    )
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// One request over a new plain HTTP/1.1 connection.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Got {
+    send(addr, request("GET", host, path, &[])).await
+}
+
+pub fn request(
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Request<Empty<Bytes>> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Empty::new()).expect("request")
+}
+
+pub async fn send(addr: SocketAddr, req: Request<Empty<Bytes>>) -> Got {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.expect("response");
+    read(resp).await
+}
+
+pub async fn read(resp: http::Response<hyper::body::Incoming>) -> Got {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Got {
+        status: parts.status,
+        version: parts.version,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// A TLS client connection with the given SNI name and ALPN list, trusting `roots`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    roots: &[CertificateDer<'static>],
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).expect("add root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    connector
+        .connect(ServerName::try_from(sni.to_owned()).expect("sni"), tcp)
+        .await
+        .expect("TLS handshake")
+}
+
+/// One GET over TLS; HTTP/2 when `h2`, else HTTP/1.1.
+pub async fn tls_get(
+    addr: SocketAddr,
+    sni: &str,
+    roots: &[CertificateDer<'static>],
+    h2: bool,
+    path: &str,
+) -> Got {
+    let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+    let tls = tls_connect(addr, sni, roots, alpn).await;
+    if h2 {
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri(format!("https://{sni}{path}"))
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        read(sender.send_request(req).await.expect("response")).await
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        read(
+            sender
+                .send_request(request("GET", sni, path, &[]))
+                .await
+                .expect("response"),
+        )
+        .await
+    }
+}
+
+/// Writes raw bytes and reads until the server closes or `wait` passes. Returns what was read
+/// and whether the server closed the connection.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (String, bool) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 8192];
+    let mut closed = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    f()
+}
+
+/// A port on 127.0.0.1 with nothing listening (bound, then released).
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = l.local_addr().expect("addr");
+    drop(l);
+    a
+}

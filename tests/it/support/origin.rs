@@ -1,0 +1,305 @@
+//! `TestOrigin`: a real hyper server on 127.0.0.1:0 with routes configured per test, which
+//! counts and records the requests it receives.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+/// How the origin answers one path.
+#[derive(Clone)]
+pub struct Route {
+    pub status: StatusCode,
+    pub headers: Vec<(String, String)>,
+    pub body: RouteBody,
+    /// Delay before the response head.
+    pub delay: Duration,
+}
+
+#[derive(Clone)]
+pub enum RouteBody {
+    Fixed(Bytes),
+    /// `chunks` chunks of `chunk` bytes each, with `Content-Length` when `length` is true, and
+    /// `pause` between chunks.
+    Generated {
+        chunk: usize,
+        chunks: usize,
+        length: bool,
+        pause: Duration,
+    },
+}
+
+impl Route {
+    pub fn ok(body: &'static str) -> Route {
+        Route {
+            status: StatusCode::OK,
+            headers: Vec::new(),
+            body: RouteBody::Fixed(Bytes::from_static(body.as_bytes())),
+            delay: Duration::ZERO,
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Route {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn status(mut self, s: u16) -> Route {
+        self.status = StatusCode::from_u16(s).expect("status");
+        self
+    }
+
+    pub fn delay(mut self, d: Duration) -> Route {
+        self.delay = d;
+        self
+    }
+
+    pub fn generated(
+        mut self,
+        chunk: usize,
+        chunks: usize,
+        length: bool,
+        pause: Duration,
+    ) -> Route {
+        self.body = RouteBody::Generated {
+            chunk,
+            chunks,
+            length,
+            pause,
+        };
+        self
+    }
+}
+
+#[derive(Default)]
+struct State {
+    routes: Mutex<HashMap<String, Route>>,
+    counts: Mutex<HashMap<String, usize>>,
+    last_headers: Mutex<HashMap<String, HeaderMap>>,
+    total: AtomicUsize,
+}
+
+/// A running test origin. Requests to unknown paths get 404.
+#[derive(Clone)]
+pub struct TestOrigin {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+}
+
+impl TestOrigin {
+    pub async fn start() -> TestOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind test origin");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(State::default());
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let st = st.clone();
+                        async move { Ok::<_, Infallible>(answer(&st, req).await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        TestOrigin { addr, state }
+    }
+
+    pub fn route(&self, path: &str, route: Route) -> &Self {
+        self.state
+            .routes
+            .lock()
+            .expect("lock")
+            .insert(path.to_owned(), route);
+        self
+    }
+
+    /// Requests received for `path` (path and query).
+    pub fn count(&self, path: &str) -> usize {
+        self.state
+            .counts
+            .lock()
+            .expect("lock")
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Requests received in all.
+    pub fn total(&self) -> usize {
+        self.state.total.load(Ordering::SeqCst)
+    }
+
+    /// Headers of the last request for `path`.
+    pub fn last_headers(&self, path: &str) -> HeaderMap {
+        self.state
+            .last_headers
+            .lock()
+            .expect("lock")
+            .get(path)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+async fn answer(st: &State, req: Request<Incoming>) -> Response<TestBody> {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    st.total.fetch_add(1, Ordering::SeqCst);
+    *st.counts
+        .lock()
+        .expect("lock")
+        .entry(pq.clone())
+        .or_default() += 1;
+    st.last_headers
+        .lock()
+        .expect("lock")
+        .insert(pq.clone(), req.headers().clone());
+    let route = st
+        .routes
+        .lock()
+        .expect("lock")
+        .get(req.uri().path())
+        .cloned();
+    let Some(route) = route else {
+        let mut r = Response::new(TestBody::fixed(Bytes::from_static(b"no such route\n")));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        return r;
+    };
+    if !route.delay.is_zero() {
+        tokio::time::sleep(route.delay).await;
+    }
+    let mut resp = match route.body {
+        RouteBody::Fixed(b) => Response::new(TestBody::fixed(b)),
+        RouteBody::Generated {
+            chunk,
+            chunks,
+            length,
+            pause,
+        } => {
+            let mut r = Response::new(TestBody::generated(chunk, chunks, pause));
+            if length {
+                r.headers_mut().insert(
+                    http::header::CONTENT_LENGTH,
+                    HeaderValue::from((chunk * chunks) as u64),
+                );
+            }
+            r
+        }
+    };
+    *resp.status_mut() = route.status;
+    for (k, v) in &route.headers {
+        resp.headers_mut().append(
+            HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            HeaderValue::from_str(v).expect("value"),
+        );
+    }
+    resp
+}
+
+/// A body that is either fixed bytes or generated chunks with optional pauses.
+pub struct TestBody {
+    fixed: Option<Bytes>,
+    chunk: Bytes,
+    left: usize,
+    pause: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    exact: Option<u64>,
+}
+
+impl TestBody {
+    fn fixed(b: Bytes) -> TestBody {
+        let len = b.len() as u64;
+        TestBody {
+            fixed: Some(b),
+            chunk: Bytes::new(),
+            left: 0,
+            pause: Duration::ZERO,
+            sleep: None,
+            exact: Some(len),
+        }
+    }
+
+    fn generated(chunk: usize, chunks: usize, pause: Duration) -> TestBody {
+        let data: Vec<u8> = (0..chunk).map(|i| (i % 251) as u8).collect();
+        TestBody {
+            fixed: None,
+            chunk: Bytes::from(data),
+            left: chunks,
+            pause,
+            sleep: None,
+            exact: None,
+        }
+    }
+}
+
+impl Body for TestBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(b) = self.fixed.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        if !self.pause.is_zero() {
+            let pause = self.pause;
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(pause)));
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.sleep = None;
+        }
+        self.left -= 1;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.clone()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.fixed.is_none() && self.left == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.exact {
+            Some(n) if self.fixed.is_some() => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+use std::future::Future;
