@@ -17,7 +17,10 @@ fn bench(c: &mut Criterion) {
 
     for i in 0..10_000u32 {
         let path = format!("/assets/file-{i}.js");
-        let p = KeyParts { path_and_query: &path, ..parts };
+        let p = KeyParts {
+            path_and_query: &path,
+            ..parts
+        };
         store.insert(
             store.hash(&p),
             Entry {
@@ -32,7 +35,10 @@ fn bench(c: &mut Criterion) {
             },
         );
     }
-    let hit = KeyParts { path_and_query: "/assets/file-4242.js", ..parts };
+    let hit = KeyParts {
+        path_and_query: "/assets/file-4242.js",
+        ..parts
+    };
     let req = HeaderMap::new();
     c.bench_function("store_lookup_hit", |b| {
         b.iter(|| {
@@ -40,7 +46,10 @@ fn bench(c: &mut Criterion) {
             black_box(store.get(h, &hit, &req))
         })
     });
-    let miss = KeyParts { path_and_query: "/assets/nope.js", ..parts };
+    let miss = KeyParts {
+        path_and_query: "/assets/nope.js",
+        ..parts
+    };
     c.bench_function("store_lookup_miss", |b| {
         b.iter(|| {
             let h = store.hash(black_box(&miss));

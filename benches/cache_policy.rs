@@ -9,11 +9,19 @@ use std::time::SystemTime;
 
 fn bench(c: &mut Criterion) {
     let mut h = HeaderMap::new();
-    h.insert("cache-control", HeaderValue::from_static("public, max-age=3600, s-maxage=600, stale-while-revalidate=30"));
-    h.insert("date", HeaderValue::from_static("Wed, 25 Nov 2026 16:00:00 GMT"));
+    h.insert(
+        "cache-control",
+        HeaderValue::from_static("public, max-age=3600, s-maxage=600, stale-while-revalidate=30"),
+    );
+    h.insert(
+        "date",
+        HeaderValue::from_static("Wed, 25 Nov 2026 16:00:00 GMT"),
+    );
     h.insert("etag", HeaderValue::from_static("\"abc\""));
     h.insert("age", HeaderValue::from_static("12"));
-    c.bench_function("cache_control_parse", |b| b.iter(|| CacheControl::from_headers(black_box(&h))));
+    c.bench_function("cache_control_parse", |b| {
+        b.iter(|| CacheControl::from_headers(black_box(&h)))
+    });
     let req_cc = CacheControl::default();
     let now = SystemTime::now();
     c.bench_function("storable_decision", |b| {
@@ -27,7 +35,9 @@ fn bench(c: &mut Criterion) {
             black_box(policy::storable(facts, StatusCode::OK, &h, &cc, now))
         })
     });
-    c.bench_function("corrected_initial_age", |b| b.iter(|| policy::corrected_initial_age(black_box(&h), now, now)));
+    c.bench_function("corrected_initial_age", |b| {
+        b.iter(|| policy::corrected_initial_age(black_box(&h), now, now))
+    });
 }
 
 criterion_group!(benches, bench);

@@ -376,3 +376,104 @@ async fn graceful_shutdown_finishes_an_in_flight_download() {
         .expect("shutdown returned")
         .expect("join");
 }
+
+#[tokio::test]
+async fn rapid_reset_flood_ends_in_goaway() {
+    let origin = TestOrigin::start().await;
+    origin.route("/", Route::ok("x").delay(Duration::from_millis(200)));
+    let node = TestNode::start(
+        "h2_max_pending_resets = 20",
+        &site(&origin, "site.test", ""),
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(node.http)
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let conn_task = tokio::spawn(conn);
+    // One ordinary exchange first, so the server's SETTINGS (stream limit) are in force and
+    // only the reset defence can end the connection.
+    let mut client = client.ready().await.expect("ready");
+    let (resp, _) = client
+        .send_request(
+            http::Request::builder()
+                .uri("http://site.test/")
+                .body(())
+                .expect("request"),
+            true,
+        )
+        .expect("send");
+    assert_eq!(resp.await.expect("response").status(), 200);
+    // Keep a handle so the connection can only end because the server ended it.
+    let keep = client.clone();
+    let mut opened = 0;
+    // Open streams and reset them at once, as CVE-2023-44487 attackers do. Bounded loop.
+    for _ in 0..5_000 {
+        let ready = tokio::time::timeout(Duration::from_secs(5), client.ready()).await;
+        client = match ready {
+            Ok(Ok(c)) => c,
+            _ => break,
+        };
+        let req = http::Request::builder()
+            .uri("http://site.test/")
+            .body(())
+            .expect("request");
+        match client.send_request(req, true) {
+            Ok((_resp, mut stream)) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                opened += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    // The server ends the connection with GOAWAY while our client handle is still alive.
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn_task).await;
+    let result =
+        ended.unwrap_or_else(|_| panic!("connection still open after {opened} reset streams"));
+    let err = result
+        .expect("join")
+        .expect_err("the server closed the connection with an error");
+    assert!(err.is_go_away(), "{err:?}");
+    assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{err:?}");
+    drop(keep);
+}
+
+#[tokio::test]
+async fn connection_count_is_bounded() {
+    let origin = TestOrigin::start().await;
+    origin.route("/", Route::ok("x"));
+    let node = TestNode::start(
+        "max_connections = 2\nidle_timeout = \"60s\"",
+        &site(&origin, "site.test", ""),
+    )
+    .await;
+    // Two clients hold the only two slots.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let s = tokio::net::TcpStream::connect(node.http)
+            .await
+            .expect("connect");
+        held.push(s);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || node.node().open_connections()
+            == 2)
+        .await
+    );
+    // A third is not served while they are open.
+    let (text, _) = raw(
+        node.http,
+        b"GET / HTTP/1.1\r\nHost: site.test\r\n\r\n",
+        Duration::from_millis(500),
+    )
+    .await;
+    assert!(text.is_empty(), "served beyond the limit: {text}");
+    drop(held);
+    let (text, _) = raw(
+        node.http,
+        b"GET / HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}

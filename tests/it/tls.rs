@@ -81,3 +81,45 @@ async fn sni_picks_the_right_certificate() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn tls12_clients_are_served() {
+    let origin = TestOrigin::start().await;
+    origin.route("/x", Route::ok("ok"));
+    let (node, a, _) = tls_node(&origin).await;
+    let addr = node.https.expect("https listener");
+    let mut store = rustls::RootCertStore::empty();
+    store.add(a.der.clone()).expect("root");
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .expect("versions")
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(
+            rustls::pki_types::ServerName::try_from("a.test").expect("name"),
+            tcp,
+        )
+        .await
+        .expect("TLS 1.2 handshake");
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let r = read(
+        sender
+            .send_request(request("GET", "a.test", "/x", &[]))
+            .await
+            .expect("response"),
+    )
+    .await;
+    assert_eq!(&r.body[..], b"ok");
+}
