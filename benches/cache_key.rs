@@ -2,6 +2,7 @@
 //! primary key can stay a borrowed-parts hash (no allocation) and what a moka hit costs.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use edgecache::cache::policy::StoreDecision;
 use edgecache::cache::{Entry, KeyParts, OwnedKey, Store, VaryKey};
 use http::{HeaderMap, StatusCode};
 use std::time::{Duration, SystemTime};
@@ -23,16 +24,25 @@ fn bench(c: &mut Criterion) {
         };
         store.insert(
             store.hash(&p),
-            Entry {
-                key: OwnedKey::new(&p),
-                vary: VaryKey::default(),
-                status: StatusCode::OK,
-                headers: HeaderMap::new(),
-                body: bytes::Bytes::from_static(b"x"),
-                response_time: SystemTime::now(),
-                initial_age: Duration::ZERO,
-                lifetime: Duration::from_secs(3600),
-            },
+            Entry::new(
+                OwnedKey::new(&p),
+                VaryKey::default(),
+                StatusCode::OK,
+                HeaderMap::new(),
+                bytes::Bytes::from_static(b"x"),
+                SystemTime::now(),
+                Duration::ZERO,
+                StoreDecision {
+                    lifetime: Duration::from_secs(3600),
+                    stale_while_revalidate: Duration::ZERO,
+                    stale_if_error: Duration::ZERO,
+                    always_revalidate: false,
+                    must_revalidate: false,
+                    keep: Duration::ZERO,
+                    strip: Vec::new(),
+                },
+                Box::new([]),
+            ),
         );
     }
     let hit = KeyParts {
@@ -43,7 +53,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("store_lookup_hit", |b| {
         b.iter(|| {
             let h = store.hash(black_box(&hit));
-            black_box(store.get(h, &hit, &req))
+            black_box(store.get(h, &hit, None, &req))
         })
     });
     let miss = KeyParts {
@@ -53,7 +63,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("store_lookup_miss", |b| {
         b.iter(|| {
             let h = store.hash(black_box(&miss));
-            black_box(store.get(h, &miss, &req))
+            black_box(store.get(h, &miss, None, &req))
         })
     });
 }

@@ -23,16 +23,22 @@ fn bench(c: &mut Criterion) {
         b.iter(|| CacheControl::from_headers(black_box(&h)))
     });
     let req_cc = CacheControl::default();
+    let settings = policy::Settings::default();
     let now = SystemTime::now();
     c.bench_function("storable_decision", |b| {
         b.iter(|| {
-            let cc = CacheControl::from_headers(black_box(&h));
             let facts = RequestFacts {
                 method: &Method::GET,
                 has_authorization: false,
                 cache_control: &req_cc,
             };
-            black_box(policy::storable(facts, StatusCode::OK, &h, &cc, now))
+            black_box(policy::storable(
+                facts,
+                StatusCode::OK,
+                black_box(&h),
+                &settings,
+                now,
+            ))
         })
     });
     c.bench_function("corrected_initial_age", |b| {
@@ -40,5 +46,19 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+fn bench_reuse(c: &mut Criterion) {
+    let stored = policy::StoredFacts {
+        age: std::time::Duration::from_secs(30),
+        lifetime: std::time::Duration::from_secs(60),
+        stale_while_revalidate: std::time::Duration::from_secs(10),
+        always_revalidate: false,
+        must_revalidate: false,
+    };
+    let req = CacheControl::default();
+    c.bench_function("reuse_decision", |b| {
+        b.iter(|| policy::reuse(black_box(&stored), black_box(&req), false))
+    });
+}
+
+criterion_group!(benches, bench, bench_reuse);
 criterion_main!(benches);

@@ -1,19 +1,23 @@
 //! A stored response: headers prepared for clients at store time, body as shared `Bytes`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::{header, HeaderMap, HeaderValue, StatusCode};
 
 use super::key::{OwnedKey, VaryKey};
+use super::policy::{self, StoreDecision, StoredFacts};
 
-/// One stored response. Immutable once stored; a refresh stores a new entry.
+/// One stored response (one `Vary` variant of a URL). Immutable once stored except for the
+/// soft-purge mark; a refresh stores a new entry sharing the same body.
 #[derive(Debug)]
 pub struct Entry {
     pub key: OwnedKey,
     pub vary: VaryKey,
     pub status: StatusCode,
-    /// Response headers ready for a client: hop-by-hop fields removed, `Via` added, no `Age`.
+    /// Response headers ready for a client: hop-by-hop and stripped fields removed, `Via`
+    /// added, no `Age`, `Content-Length` exact.
     pub headers: HeaderMap,
     /// The whole body, shared by every client that reads it.
     pub body: Bytes,
@@ -21,22 +25,76 @@ pub struct Entry {
     pub response_time: SystemTime,
     /// Corrected initial age (§4.2.3).
     pub initial_age: Duration,
-    /// Freshness lifetime (§4.2.1).
-    pub lifetime: Duration,
+    /// Lifetime, stale windows and revalidation duties decided at store time.
+    pub decision: StoreDecision,
+    /// Purge tags from `Surrogate-Key` / `Cache-Tag`.
+    pub tags: Box<[Box<str>]>,
+    /// Seconds since the epoch of a soft purge; 0 when not purged.
+    purged_at: AtomicU64,
 }
 
 impl Entry {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        key: OwnedKey,
+        vary: VaryKey,
+        status: StatusCode,
+        mut headers: HeaderMap,
+        body: Bytes,
+        response_time: SystemTime,
+        initial_age: Duration,
+        decision: StoreDecision,
+        tags: Box<[Box<str>]>,
+    ) -> Entry {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        Entry {
+            key,
+            vary,
+            status,
+            headers,
+            body,
+            response_time,
+            initial_age,
+            decision,
+            tags,
+            purged_at: AtomicU64::new(0),
+        }
+    }
+
+    /// A copy refreshed by a 304: new headers, times and decision, the same body bytes.
+    pub fn refreshed(
+        &self,
+        headers: HeaderMap,
+        response_time: SystemTime,
+        initial_age: Duration,
+        decision: StoreDecision,
+    ) -> Entry {
+        Entry::new(
+            self.key.clone(),
+            self.vary.clone(),
+            self.status,
+            headers,
+            self.body.clone(),
+            response_time,
+            initial_age,
+            decision,
+            self.tags.clone(),
+        )
+    }
+
     /// Bytes this entry costs the store: body, header names and values, and a fixed overhead
     /// for the entry, its key and the map's bookkeeping.
     pub fn weight(&self) -> u32 {
-        const OVERHEAD: usize = 256;
+        const OVERHEAD: usize = 320;
         let headers: usize = self
             .headers
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 32)
             .sum();
+        let tags: usize = self.tags.iter().map(|t| t.len() + 16).sum();
         let total = self.body.len()
             + headers
+            + tags
             + self.key.host.len()
             + self.key.path_and_query.len()
             + OVERHEAD;
@@ -45,16 +103,64 @@ impl Entry {
 
     /// Current age at `now` (§4.2.3).
     pub fn age(&self, now: SystemTime) -> Duration {
-        super::policy::current_age(self.initial_age, self.response_time, now)
+        policy::current_age(self.initial_age, self.response_time, now)
+    }
+
+    /// The lifetime, shortened to the age at a soft purge if there was one.
+    pub fn lifetime(&self) -> Duration {
+        let purged = self.purged_at.load(Ordering::Relaxed);
+        if purged == 0 {
+            return self.decision.lifetime;
+        }
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(purged);
+        self.decision.lifetime.min(self.age(at))
     }
 
     /// True while the entry is fresh at `now`.
     pub fn is_fresh(&self, now: SystemTime) -> bool {
-        self.age(now) < self.lifetime
+        self.age(now) < self.lifetime()
     }
 
-    /// How long the store should keep the entry from now.
+    /// How long the entry has been stale at `now` (zero while fresh).
+    pub fn staleness(&self, now: SystemTime) -> Duration {
+        self.age(now).saturating_sub(self.lifetime())
+    }
+
+    /// The facts a reuse decision needs.
+    pub fn facts(&self, now: SystemTime) -> StoredFacts {
+        StoredFacts {
+            age: self.age(now),
+            lifetime: self.lifetime(),
+            stale_while_revalidate: self.decision.stale_while_revalidate,
+            always_revalidate: self.decision.always_revalidate,
+            must_revalidate: self.decision.must_revalidate,
+        }
+    }
+
+    /// True when the entry may stand in for an origin error at `now` (RFC 5861 §4).
+    pub fn usable_if_error(&self, now: SystemTime) -> bool {
+        !self.decision.must_revalidate && self.staleness(now) <= self.decision.stale_if_error
+    }
+
+    /// True when a conditional request can validate this entry.
+    pub fn has_validator(&self) -> bool {
+        self.headers.contains_key(header::ETAG) || self.headers.contains_key(header::LAST_MODIFIED)
+    }
+
+    /// How long the store should keep the entry from `now`.
     pub fn time_to_live(&self, now: SystemTime) -> Duration {
-        self.lifetime.saturating_sub(self.age(now))
+        self.decision.retention().saturating_sub(self.age(now))
+    }
+
+    /// Marks the entry stale now, keeping it for stale-if-error and revalidation.
+    pub fn soft_purge(&self, now: SystemTime) {
+        let secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(1)
+            .max(1);
+        let _ = self
+            .purged_at
+            .compare_exchange(0, secs, Ordering::Relaxed, Ordering::Relaxed);
     }
 }

@@ -71,10 +71,12 @@ impl OwnedKey {
     }
 }
 
-/// The request header values a stored response varies on (`Vary`), normalised.
+/// The request header values a stored response varies on (`Vary`), normalised, plus any
+/// site-configured key material (headers and cookies added to the key).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VaryKey {
     fields: Vec<(HeaderName, Option<Box<str>>)>,
+    extra: Option<Box<str>>,
 }
 
 impl VaryKey {
@@ -95,20 +97,104 @@ impl VaryKey {
                 fields.push((name, value));
             }
         }
-        VaryKey { fields }
+        VaryKey {
+            fields,
+            extra: None,
+        }
     }
 
-    /// True when `request` has the same values for every varying header.
-    pub fn matches(&self, request: &HeaderMap) -> bool {
-        self.fields.iter().all(|(name, stored)| {
-            let value = normalised(request.get_all(name).iter());
-            value.as_deref() == stored.as_deref()
-        })
+    /// Adds site key material (see [`key_extra`]).
+    pub fn with_extra(mut self, extra: Option<Box<str>>) -> VaryKey {
+        self.extra = extra;
+        self
+    }
+
+    /// True when `request` has the same values for every varying header and the same extra
+    /// key material.
+    pub fn matches(&self, request: &HeaderMap, extra: Option<&str>) -> bool {
+        self.extra.as_deref() == extra
+            && self.fields.iter().all(|(name, stored)| {
+                let value = normalised(request.get_all(name).iter());
+                value.as_deref() == stored.as_deref()
+            })
     }
 
     pub fn is_empty(&self) -> bool {
         self.fields.is_empty()
     }
+}
+
+/// The path and query as they enter the key: parameters sorted, dropped, or some removed.
+/// Borrows when nothing changes.
+pub fn normalise_query<'a>(
+    path_and_query: &'a str,
+    sort: bool,
+    ignore_all: bool,
+    ignore: &[String],
+) -> std::borrow::Cow<'a, str> {
+    use std::borrow::Cow;
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return Cow::Borrowed(path_and_query);
+    };
+    if ignore_all {
+        return Cow::Borrowed(path);
+    }
+    if !sort && ignore.is_empty() {
+        return Cow::Borrowed(path_and_query);
+    }
+    let mut params: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|p| {
+            let name = p.split_once('=').map_or(*p, |(n, _)| n);
+            !ignore.iter().any(|i| i == name)
+        })
+        .collect();
+    if sort {
+        params.sort_unstable();
+    }
+    if params.is_empty() {
+        return Cow::Borrowed(path);
+    }
+    Cow::Owned(format!("{path}?{}", params.join("&")))
+}
+
+/// Site key material from request headers and cookies; `None` when the site adds none.
+pub fn key_extra(
+    request: &HeaderMap,
+    headers: &[HeaderName],
+    cookies: &[String],
+) -> Option<Box<str>> {
+    if headers.is_empty() && cookies.is_empty() {
+        return None;
+    }
+    let mut out = String::new();
+    for h in headers {
+        out.push_str(h.as_str());
+        out.push('=');
+        if let Some(v) = normalised(request.get_all(h).iter()) {
+            out.push_str(&v);
+        }
+        out.push('\n');
+    }
+    for name in cookies {
+        out.push_str("cookie:");
+        out.push_str(name);
+        out.push('=');
+        let value = request
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v);
+        if let Some(v) = value {
+            out.push_str(v);
+        }
+        out.push('\n');
+    }
+    Some(out.into_boxed_str())
 }
 
 /// Joins field lines with `,` and drops the optional whitespace around list items, so that
@@ -167,12 +253,48 @@ mod tests {
         let key = VaryKey::from_response(&resp, &req);
         let mut other = HeaderMap::new();
         other.insert("accept-encoding", HeaderValue::from_static("gzip,br"));
-        assert!(key.matches(&other));
+        assert!(key.matches(&other, None));
         other.insert("accept-encoding", HeaderValue::from_static("identity"));
-        assert!(!key.matches(&other));
+        assert!(!key.matches(&other, None));
         assert!(
-            !key.matches(&HeaderMap::new()),
+            !key.matches(&HeaderMap::new(), None),
             "absent differs from present"
         );
+    }
+
+    #[test]
+    fn query_normalisation() {
+        assert_eq!(
+            normalise_query("/a?b=1&a=2", true, false, &[]),
+            "/a?a=2&b=1"
+        );
+        assert_eq!(normalise_query("/a?b=1&a=2", false, true, &[]), "/a");
+        assert_eq!(
+            normalise_query("/a?utm_source=x&id=3", false, false, &["utm_source".into()]),
+            "/a?id=3"
+        );
+        assert_eq!(
+            normalise_query("/a?utm_source=x", false, false, &["utm_source".into()]),
+            "/a"
+        );
+        assert!(matches!(
+            normalise_query("/a?x=1", false, false, &[]),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn extra_key_material_from_headers_and_cookies() {
+        let mut req = HeaderMap::new();
+        req.insert("x-device", HeaderValue::from_static("mobile"));
+        req.insert("cookie", HeaderValue::from_static("session=abc; lang=de"));
+        let e = key_extra(
+            &req,
+            &[HeaderName::from_static("x-device")],
+            &["lang".into()],
+        )
+        .expect("extra");
+        assert_eq!(&*e, "x-device=mobile\ncookie:lang=de\n");
+        assert!(key_extra(&req, &[], &[]).is_none());
     }
 }

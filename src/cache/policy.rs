@@ -16,8 +16,14 @@ use http::{Method, StatusCode};
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CacheControl {
     pub no_store: bool,
+    /// Unqualified `no-cache`: store, but revalidate before every use.
     pub no_cache: bool,
+    /// `no-cache="field, ..."`: those fields are not stored; the rest is reusable.
+    pub no_cache_fields: Vec<Box<str>>,
+    /// Unqualified `private`: a shared cache does not store the response.
     pub private: bool,
+    /// `private="field, ..."`: a shared cache stores the response without those fields.
+    pub private_fields: Vec<Box<str>>,
     pub public: bool,
     pub must_revalidate: bool,
     pub proxy_revalidate: bool,
@@ -60,8 +66,14 @@ impl CacheControl {
                 };
                 match name.to_ascii_lowercase().as_str() {
                     "no-store" => cc.no_store = true,
-                    "no-cache" => cc.no_cache = true,
-                    "private" => cc.private = true,
+                    "no-cache" => match arg {
+                        Some(fields) => cc.no_cache_fields.extend(field_list(fields)),
+                        None => cc.no_cache = true,
+                    },
+                    "private" => match arg {
+                        Some(fields) => cc.private_fields.extend(field_list(fields)),
+                        None => cc.private = true,
+                    },
                     "public" => cc.public = true,
                     "must-revalidate" => cc.must_revalidate = true,
                     "proxy-revalidate" => cc.proxy_revalidate = true,
@@ -85,6 +97,14 @@ impl CacheControl {
         }
         cc
     }
+}
+
+/// Splits a qualified directive's field list (`"set-cookie, x-a"`) into lowercase names.
+fn field_list(text: &str) -> impl Iterator<Item = Box<str>> + '_ {
+    text.split(',')
+        .map(|f| f.trim())
+        .filter(|f| !f.is_empty())
+        .map(|f| f.to_ascii_lowercase().into_boxed_str())
 }
 
 /// Iterates `name[=value]` pairs of a directive list, honouring quoted strings.
@@ -147,29 +167,49 @@ impl<'a> Iterator for Directives<'a> {
 /// Why a response was not stored, reported in `Cache-Status` `detail=` and in logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoStoreReason {
-    /// The request method is not GET.
+    /// The request method is not GET (or HEAD fetched as GET).
     Method,
     /// The request said `Cache-Control: no-store`.
     RequestNoStore,
-    /// The status code is not final or is a partial or not-modified response.
+    /// The status code is not final, or is a partial or not-modified response.
     Status,
     NoStore,
     Private,
-    NoCache,
     SetCookie,
     /// The request carried `Authorization` and the response did not allow sharing it.
     Authorization,
     /// `Vary: *` can never be matched.
     VaryStar,
-    /// No explicit freshness lifetime, or a lifetime of zero.
+    /// No freshness and nothing to revalidate with.
     NotFresh,
     /// Larger than `cache.max_object_size`.
     TooLarge,
     /// The origin's transfer did not complete.
     Aborted,
+    /// A site rule says not to cache this path.
+    Bypass,
+    /// This URL was recently uncacheable; requests go straight to the origin for a while.
+    HitForMiss,
 }
 
 impl NoStoreReason {
+    /// Every reason, for precomputing header values.
+    pub const ALL: [NoStoreReason; 13] = [
+        NoStoreReason::Method,
+        NoStoreReason::RequestNoStore,
+        NoStoreReason::Status,
+        NoStoreReason::NoStore,
+        NoStoreReason::Private,
+        NoStoreReason::SetCookie,
+        NoStoreReason::Authorization,
+        NoStoreReason::VaryStar,
+        NoStoreReason::NotFresh,
+        NoStoreReason::TooLarge,
+        NoStoreReason::Aborted,
+        NoStoreReason::Bypass,
+        NoStoreReason::HitForMiss,
+    ];
+
     /// The token used in `Cache-Status: ...; detail=`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -178,13 +218,14 @@ impl NoStoreReason {
             NoStoreReason::Status => "status",
             NoStoreReason::NoStore => "no-store",
             NoStoreReason::Private => "private",
-            NoStoreReason::NoCache => "no-cache",
             NoStoreReason::SetCookie => "set-cookie",
             NoStoreReason::Authorization => "authorization",
             NoStoreReason::VaryStar => "vary-star",
             NoStoreReason::NotFresh => "not-fresh",
             NoStoreReason::TooLarge => "too-large",
             NoStoreReason::Aborted => "aborted",
+            NoStoreReason::Bypass => "bypass",
+            NoStoreReason::HitForMiss => "hit-for-miss",
         }
     }
 }
@@ -197,15 +238,114 @@ pub struct RequestFacts<'a> {
     pub cache_control: &'a CacheControl,
 }
 
-/// Decides whether a response may be stored by a shared cache (RFC 9111 §3) and, if so,
-/// returns its freshness lifetime (§4.2.1).
+/// A site's (and matching rule's) settings that shape storage decisions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Fraction of `Date - Last-Modified` used as heuristic lifetime (RFC 9111 §4.2.2).
+    pub heuristic_fraction: f64,
+    /// Cap on heuristic lifetime.
+    pub heuristic_max: Duration,
+    /// Store responses that set cookies (the stored copy never carries `Set-Cookie`).
+    pub store_set_cookie: bool,
+    /// Grace when the origin gives no `stale-while-revalidate`.
+    pub default_stale_while_revalidate: Duration,
+    /// Grace when the origin gives no `stale-if-error`.
+    pub default_stale_if_error: Duration,
+    /// How long a stale response with a validator is kept for revalidation.
+    pub keep: Duration,
+    /// Rule: lifetime that replaces the origin's.
+    pub force_ttl: Option<Duration>,
+    pub min_ttl: Option<Duration>,
+    pub max_ttl: Option<Duration>,
+    /// Rule: stale windows that replace the origin's and the defaults.
+    pub stale_while_revalidate: Option<Duration>,
+    pub stale_if_error: Option<Duration>,
+    /// Rule: lifetimes for given status codes (e.g. cache 404 for 30 s).
+    pub status_ttl: Vec<(u16, Duration)>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            heuristic_fraction: 0.1,
+            heuristic_max: Duration::from_secs(86_400),
+            store_set_cookie: false,
+            default_stale_while_revalidate: Duration::ZERO,
+            default_stale_if_error: Duration::ZERO,
+            keep: Duration::from_secs(600),
+            force_ttl: None,
+            min_ttl: None,
+            max_ttl: None,
+            stale_while_revalidate: None,
+            stale_if_error: None,
+            status_ttl: Vec::new(),
+        }
+    }
+}
+
+/// How a response may be stored and reused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreDecision {
+    /// Freshness lifetime (§4.2.1), possibly zero when a validator makes storing worthwhile.
+    pub lifetime: Duration,
+    /// Stale windows (RFC 5861), zero when stale use is forbidden.
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    /// `no-cache`: revalidate before every use.
+    pub always_revalidate: bool,
+    /// `must-revalidate` / `proxy-revalidate`: never used stale.
+    pub must_revalidate: bool,
+    /// How long past staleness to keep the response for revalidation.
+    pub keep: Duration,
+    /// Header fields not to store (`private="…"`, `no-cache="…"`, opted-in `Set-Cookie`).
+    pub strip: Vec<Box<str>>,
+}
+
+impl StoreDecision {
+    /// How long the store should keep the response after it arrived.
+    pub fn retention(&self) -> Duration {
+        self.lifetime
+            + self
+                .stale_while_revalidate
+                .max(self.stale_if_error)
+                .max(self.keep)
+    }
+}
+
+/// Status codes a cache may give a heuristic lifetime (RFC 9110 §15.1).
+pub fn heuristically_cacheable(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 206 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+/// The directives this cache obeys: `CDN-Cache-Control` (RFC 9213), else `Surrogate-Control`,
+/// else `Cache-Control`. When a targeted field is used, `Cache-Control` and `Expires` are
+/// ignored; the boolean says so.
+pub fn response_directives(headers: &HeaderMap) -> (CacheControl, bool) {
+    for name in ["cdn-cache-control", "surrogate-control"] {
+        if headers
+            .get(name)
+            .is_some_and(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace))
+        {
+            let cc = CacheControl::parse_values(headers.get_all(name).iter());
+            if cc != CacheControl::default() {
+                return (cc, true);
+            }
+        }
+    }
+    (CacheControl::from_headers(headers), false)
+}
+
+/// Decides whether a shared cache may store a response (RFC 9111 §3) and how it may reuse it.
 pub fn storable(
     req: RequestFacts<'_>,
     status: StatusCode,
     headers: &HeaderMap,
-    cc: &CacheControl,
+    settings: &Settings,
     response_time: SystemTime,
-) -> Result<Duration, NoStoreReason> {
+) -> Result<StoreDecision, NoStoreReason> {
     if req.method != Method::GET {
         return Err(NoStoreReason::Method);
     }
@@ -218,29 +358,114 @@ pub fn storable(
     {
         return Err(NoStoreReason::Status);
     }
+    let (cc, targeted) = response_directives(headers);
     if cc.no_store {
         return Err(NoStoreReason::NoStore);
     }
     if cc.private {
         return Err(NoStoreReason::Private);
     }
-    if cc.no_cache {
-        return Err(NoStoreReason::NoCache);
-    }
     // §3.5: a shared cache reuses responses to authenticated requests only when told it may.
     if req.has_authorization && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate) {
         return Err(NoStoreReason::Authorization);
     }
+    let mut strip: Vec<Box<str>> = cc.private_fields.clone();
+    strip.extend(cc.no_cache_fields.iter().cloned());
     if headers.contains_key(header::SET_COOKIE) {
-        return Err(NoStoreReason::SetCookie);
+        if !settings.store_set_cookie {
+            return Err(NoStoreReason::SetCookie);
+        }
+        strip.push("set-cookie".into());
     }
     if vary_has_star(headers) {
         return Err(NoStoreReason::VaryStar);
     }
-    match freshness_lifetime(headers, cc, response_time) {
-        Some(lifetime) if !lifetime.is_zero() => Ok(lifetime),
-        _ => Err(NoStoreReason::NotFresh),
+    let explicit = if targeted {
+        cc.s_maxage.or(cc.max_age).map(Duration::from_secs)
+    } else {
+        freshness_lifetime(headers, &cc, response_time)
+    };
+    let rule_status = settings
+        .status_ttl
+        .iter()
+        .find(|(s, _)| *s == status.as_u16())
+        .map(|(_, d)| *d);
+    let mut lifetime = match (settings.force_ttl.or(rule_status), explicit) {
+        (Some(forced), _) => forced,
+        (None, Some(l)) => l,
+        (None, None) if heuristically_cacheable(status) || cc.public => {
+            heuristic_lifetime(headers, settings, response_time)
+        }
+        (None, None) => return Err(NoStoreReason::NotFresh),
+    };
+    if settings.force_ttl.is_none() && rule_status.is_none() {
+        if let Some(min) = settings.min_ttl {
+            lifetime = lifetime.max(min);
+        }
+        if let Some(max) = settings.max_ttl {
+            lifetime = lifetime.min(max);
+        }
     }
+    let must_revalidate = cc.must_revalidate || cc.proxy_revalidate;
+    let always_revalidate = cc.no_cache;
+    let has_validator =
+        headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED);
+    // Site defaults are implicit permission to serve stale; `s-maxage` withdraws it (§5.2.2.10),
+    // an explicit RFC 5861 directive does not.
+    let implicit_ok = cc.s_maxage.is_none();
+    let window = |explicit: Option<u64>, default: Duration, rule: Option<Duration>| {
+        if must_revalidate || always_revalidate {
+            return Duration::ZERO;
+        }
+        rule.or(explicit.map(Duration::from_secs))
+            .unwrap_or(if implicit_ok { default } else { Duration::ZERO })
+    };
+    let swr = window(
+        cc.stale_while_revalidate,
+        settings.default_stale_while_revalidate,
+        settings.stale_while_revalidate,
+    );
+    let sie = window(
+        cc.stale_if_error,
+        settings.default_stale_if_error,
+        settings.stale_if_error,
+    );
+    let keep = if has_validator {
+        settings.keep
+    } else {
+        Duration::ZERO
+    };
+    if lifetime.is_zero() && swr.is_zero() && sie.is_zero() && keep.is_zero() {
+        return Err(NoStoreReason::NotFresh);
+    }
+    Ok(StoreDecision {
+        lifetime,
+        stale_while_revalidate: swr,
+        stale_if_error: sie,
+        always_revalidate,
+        must_revalidate,
+        keep,
+        strip,
+    })
+}
+
+/// RFC 9111 §4.2.2: a fraction of the time since `Last-Modified`, capped; zero without it.
+fn heuristic_lifetime(
+    headers: &HeaderMap,
+    settings: &Settings,
+    response_time: SystemTime,
+) -> Duration {
+    let Some(lm) = headers.get(header::LAST_MODIFIED).and_then(http_date) else {
+        return Duration::ZERO;
+    };
+    let date = headers
+        .get(header::DATE)
+        .and_then(http_date)
+        .unwrap_or(response_time);
+    let since = date.duration_since(lm).unwrap_or(Duration::ZERO);
+    since
+        .mul_f64(settings.heuristic_fraction.clamp(0.0, 1.0))
+        .min(settings.heuristic_max)
 }
 
 /// The explicit freshness lifetime for a shared cache: `s-maxage`, else `max-age`, else
@@ -253,8 +478,9 @@ pub fn freshness_lifetime(
     if let Some(s) = cc.s_maxage.or(cc.max_age) {
         return Some(Duration::from_secs(s));
     }
-    let expires = headers.get(header::EXPIRES)?;
-    let Some(expires) = http_date(expires) else {
+    let mut all = headers.get_all(header::EXPIRES).iter();
+    let expires = all.next()?;
+    let Some(expires) = http_date(expires).filter(|_| all.next().is_none()) else {
         return Some(Duration::ZERO);
     };
     let date = headers
@@ -290,6 +516,198 @@ pub fn corrected_initial_age(
 /// Current age: corrected initial age plus resident time (§4.2.3).
 pub fn current_age(initial_age: Duration, response_time: SystemTime, now: SystemTime) -> Duration {
     initial_age + now.duration_since(response_time).unwrap_or(Duration::ZERO)
+}
+
+/// What a stored response can do for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// Fresh and acceptable: answer from the cache.
+    Fresh,
+    /// Stale, but the client accepts it (`max-stale`).
+    StaleAccepted,
+    /// Stale within `stale-while-revalidate`: answer now, refresh in the background.
+    StaleWhileRevalidate,
+    /// Must be validated with the origin first (stale, `no-cache`, or the client asked).
+    Revalidate,
+}
+
+/// The stored facts a reuse decision depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredFacts {
+    pub age: Duration,
+    pub lifetime: Duration,
+    pub stale_while_revalidate: Duration,
+    pub always_revalidate: bool,
+    pub must_revalidate: bool,
+}
+
+/// Decides how a stored response may serve a request (RFC 9111 §4, RFC 5861). `forced` is a
+/// client `no-cache` / `max-age=0` that the site honours by revalidating.
+pub fn reuse(stored: &StoredFacts, req: &CacheControl, forced: bool) -> Reuse {
+    if forced || stored.always_revalidate {
+        return Reuse::Revalidate;
+    }
+    let age = stored.age.as_secs();
+    if stored.age < stored.lifetime {
+        let too_old = req.max_age.is_some_and(|m| age > m);
+        let left = stored.lifetime.saturating_sub(stored.age).as_secs();
+        let not_fresh_enough = req.min_fresh.is_some_and(|m| left < m);
+        return if too_old || not_fresh_enough {
+            Reuse::Revalidate
+        } else {
+            Reuse::Fresh
+        };
+    }
+    if stored.must_revalidate {
+        return Reuse::Revalidate;
+    }
+    let staleness = stored.age - stored.lifetime;
+    if req.max_stale.is_some_and(|m| staleness.as_secs() <= m)
+        && req.max_age.is_none_or(|m| age <= m)
+    {
+        return Reuse::StaleAccepted;
+    }
+    if staleness <= stored.stale_while_revalidate
+        && req.max_age.is_none()
+        && req.min_fresh.is_none()
+    {
+        return Reuse::StaleWhileRevalidate;
+    }
+    Reuse::Revalidate
+}
+
+/// The result of evaluating a client's preconditions against a stored response
+/// (RFC 9110 §13.2.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// Send the response (and honour `Range` if any).
+    Proceed,
+    /// Send the response, but ignore `Range` (`If-Range` did not match).
+    IgnoreRange,
+    /// 304 Not Modified.
+    NotModified,
+    /// 412 Precondition Failed.
+    Failed,
+}
+
+/// Evaluates `If-Match`, `If-Unmodified-Since`, `If-None-Match`, `If-Modified-Since` and
+/// `If-Range` of a GET/HEAD request against the stored response's headers.
+pub fn evaluate_preconditions(request: &HeaderMap, stored: &HeaderMap) -> Precondition {
+    let etag = stored.get(header::ETAG).and_then(|v| v.to_str().ok());
+    let last_modified = stored.get(header::LAST_MODIFIED).and_then(http_date);
+    if let Some(im) = joined(request, header::IF_MATCH) {
+        if !etag.is_some_and(|e| list_matches(&im, e, true)) {
+            return Precondition::Failed;
+        }
+    } else if let Some(ius) = request.get(header::IF_UNMODIFIED_SINCE).and_then(http_date) {
+        if last_modified.is_none_or(|lm| lm > ius) {
+            return Precondition::Failed;
+        }
+    }
+    if let Some(inm) = joined(request, header::IF_NONE_MATCH) {
+        if list_matches(&inm, etag.unwrap_or(""), false) && (etag.is_some() || inm.trim() == "*") {
+            return Precondition::NotModified;
+        }
+    } else if let Some(ims) = request.get(header::IF_MODIFIED_SINCE).and_then(http_date) {
+        if last_modified.is_some_and(|lm| lm <= ims) {
+            return Precondition::NotModified;
+        }
+    }
+    if request.contains_key(header::RANGE) {
+        if let Some(ir) = request.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
+            let ir = ir.trim();
+            let ok = if ir.starts_with('"') || ir.starts_with("W/") {
+                // A strong comparison: weak tags never match If-Range.
+                etag.is_some_and(|e| !e.starts_with("W/") && !ir.starts_with("W/") && e == ir)
+            } else {
+                httpdate::parse_http_date(ir)
+                    .ok()
+                    .is_some_and(|d| last_modified == Some(d))
+            };
+            if !ok {
+                return Precondition::IgnoreRange;
+            }
+        }
+    }
+    Precondition::Proceed
+}
+
+fn joined(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    let mut out: Option<String> = None;
+    for v in headers.get_all(name) {
+        let s = v.to_str().ok()?;
+        match &mut out {
+            Some(o) => {
+                o.push(',');
+                o.push_str(s);
+            }
+            None => out = Some(s.to_owned()),
+        }
+    }
+    out
+}
+
+/// True when `etag` is in the entity-tag `list` (or the list is `*`). Weak comparison ignores
+/// the `W/` prefix; strong comparison fails on any weak tag.
+pub fn list_matches(list: &str, etag: &str, strong: bool) -> bool {
+    let list = list.trim();
+    if list == "*" {
+        return !etag.is_empty();
+    }
+    if etag.is_empty() || (strong && etag.starts_with("W/")) {
+        return false;
+    }
+    let opaque = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    let mine = opaque(etag);
+    split_etags(list).any(|t| !(strong && t.starts_with("W/")) && opaque(t) == mine)
+}
+
+/// Splits an entity-tag list, honouring commas inside quotes.
+fn split_etags(list: &str) -> impl Iterator<Item = &str> {
+    let mut rest = list;
+    std::iter::from_fn(move || {
+        let s = rest.trim_start_matches([',', ' ', '\t']);
+        if s.is_empty() {
+            return None;
+        }
+        let start_quote = s.find('"')?;
+        let end = s[start_quote + 1..]
+            .find('"')
+            .map(|i| start_quote + 1 + i + 1)
+            .unwrap_or(s.len());
+        rest = &s[end..];
+        Some(s[..end].trim())
+    })
+}
+
+/// Header fields a 304 carries from the stored response (RFC 9110 §15.4.5).
+pub const NOT_MODIFIED_FIELDS: [header::HeaderName; 6] = [
+    header::CACHE_CONTROL,
+    header::CONTENT_LOCATION,
+    header::DATE,
+    header::ETAG,
+    header::EXPIRES,
+    header::VARY,
+];
+
+/// Updates stored headers from a 304 (RFC 9111 §3.2, §4.3.4): every field of the 304 replaces
+/// the stored one, except `Content-Length` and fields the stored body depends on.
+pub fn refresh_headers(stored: &mut HeaderMap, not_modified: &HeaderMap) {
+    let mut replaced: Vec<&header::HeaderName> = Vec::new();
+    for (name, value) in not_modified {
+        if name == header::CONTENT_LENGTH
+            || name == header::CONTENT_ENCODING
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONTENT_RANGE
+        {
+            continue;
+        }
+        if !replaced.contains(&name) {
+            stored.remove(name);
+            replaced.push(name);
+        }
+        stored.append(name.clone(), value.clone());
+    }
 }
 
 /// True if any `Vary` field line lists `*`.
@@ -332,28 +750,41 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
     }
 
-    fn check(
+    fn decide(
         req_auth: bool,
         status: u16,
         hdrs: &[(&str, &str)],
-        expected: Result<u64, NoStoreReason>,
-    ) {
+        settings: &Settings,
+    ) -> Result<StoreDecision, NoStoreReason> {
         let h = headers(hdrs);
-        let rcc = CacheControl::from_headers(&h);
         let req_cc = CacheControl::default();
         let req = RequestFacts {
             method: &Method::GET,
             has_authorization: req_auth,
             cache_control: &req_cc,
         };
-        let got = storable(
+        storable(
             req,
             StatusCode::from_u16(status).expect("status"),
             &h,
-            &rcc,
+            settings,
             t(1_000_000),
-        );
-        assert_eq!(got.map(|d| d.as_secs()), expected, "{hdrs:?}");
+        )
+    }
+
+    /// Checks the lifetime (in seconds) or the refusal, with default settings and no keep.
+    fn check(
+        req_auth: bool,
+        status: u16,
+        hdrs: &[(&str, &str)],
+        expected: Result<u64, NoStoreReason>,
+    ) {
+        let settings = Settings {
+            keep: Duration::ZERO,
+            ..Settings::default()
+        };
+        let got = decide(req_auth, status, hdrs, &settings);
+        assert_eq!(got.map(|d| d.lifetime.as_secs()), expected, "{hdrs:?}");
     }
 
     #[test]
@@ -361,7 +792,11 @@ mod tests {
         let c = cc(
             "public, max-age=60, s-maxage=\"120\", no-cache=\"set-cookie, foo\", stale-if-error=5",
         );
-        assert!(c.public && c.no_cache);
+        assert!(c.public && !c.no_cache);
+        assert_eq!(
+            c.no_cache_fields,
+            vec![Box::from("set-cookie"), Box::from("foo")]
+        );
         assert_eq!(
             (c.max_age, c.s_maxage, c.stale_if_error),
             (Some(60), Some(120), Some(5))
@@ -449,6 +884,401 @@ mod tests {
             Err(NoStoreReason::Status),
         );
         check(false, 200, &[], Err(NoStoreReason::NotFresh));
+        check(false, 302, &[], Err(NoStoreReason::NotFresh));
+    }
+
+    #[test]
+    fn targeted_fields_override_cache_control_rfc_9213() {
+        check(
+            false,
+            200,
+            &[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=30"),
+            ],
+            Ok(30),
+        );
+        check(
+            false,
+            200,
+            &[
+                ("cache-control", "max-age=5"),
+                ("surrogate-control", "max-age=300"),
+            ],
+            Ok(300),
+        );
+        check(
+            false,
+            200,
+            &[
+                ("cache-control", "max-age=5"),
+                ("cdn-cache-control", "max-age=7"),
+                ("surrogate-control", "max-age=300"),
+            ],
+            Ok(7),
+        );
+        // Expires is ignored when a targeted field applies.
+        check(
+            false,
+            200,
+            &[
+                ("cdn-cache-control", "public"),
+                ("expires", "Thu, 01 Jan 2099 00:00:00 GMT"),
+            ],
+            Err(NoStoreReason::NotFresh),
+        );
+    }
+
+    #[test]
+    fn heuristic_freshness_section_4_2_2() {
+        // Last modified 1000 s before Date: 10% is 100 s.
+        let lm = httpdate::fmt_http_date(t(999_000));
+        let date = httpdate::fmt_http_date(t(1_000_000));
+        check(
+            false,
+            200,
+            &[("last-modified", &lm), ("date", &date)],
+            Ok(100),
+        );
+        check(
+            false,
+            404,
+            &[("last-modified", &lm), ("date", &date)],
+            Ok(100),
+        );
+        check(
+            false,
+            302,
+            &[("last-modified", &lm), ("date", &date)],
+            Err(NoStoreReason::NotFresh),
+        );
+        check(
+            false,
+            302,
+            &[
+                ("last-modified", &lm),
+                ("date", &date),
+                ("cache-control", "public"),
+            ],
+            Ok(100),
+        );
+        let capped = Settings {
+            heuristic_max: Duration::from_secs(30),
+            keep: Duration::ZERO,
+            ..Settings::default()
+        };
+        let d = decide(
+            false,
+            200,
+            &[("last-modified", &lm), ("date", &date)],
+            &capped,
+        )
+        .expect("stored");
+        assert_eq!(d.lifetime, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn validators_make_zero_lifetime_worth_storing() {
+        let d = decide(
+            false,
+            200,
+            &[("cache-control", "max-age=0"), ("etag", "\"a\"")],
+            &Settings::default(),
+        )
+        .expect("stored");
+        assert_eq!(d.lifetime, Duration::ZERO);
+        assert_eq!(d.keep, Settings::default().keep);
+        check(
+            false,
+            200,
+            &[("cache-control", "max-age=0")],
+            Err(NoStoreReason::NotFresh),
+        );
+    }
+
+    #[test]
+    fn no_cache_and_qualified_private_are_stored_with_conditions() {
+        let d = decide(
+            false,
+            200,
+            &[("cache-control", "no-cache, max-age=60"), ("etag", "\"a\"")],
+            &Settings::default(),
+        )
+        .expect("stored");
+        assert!(d.always_revalidate);
+        let d = decide(
+            false,
+            200,
+            &[(
+                "cache-control",
+                "private=\"x-user\", no-cache=\"x-debug\", max-age=60",
+            )],
+            &Settings::default(),
+        )
+        .expect("stored");
+        assert_eq!(d.strip, vec![Box::from("x-user"), Box::from("x-debug")]);
+        assert!(!d.always_revalidate);
+    }
+
+    #[test]
+    fn stale_windows_rfc_5861_and_grace() {
+        let grace = Settings {
+            default_stale_while_revalidate: Duration::from_secs(10),
+            default_stale_if_error: Duration::from_secs(100),
+            ..Settings::default()
+        };
+        let d = decide(false, 200, &[("cache-control", "max-age=60")], &grace).expect("stored");
+        assert_eq!(
+            (
+                d.stale_while_revalidate.as_secs(),
+                d.stale_if_error.as_secs()
+            ),
+            (10, 100)
+        );
+        let d = decide(
+            false,
+            200,
+            &[("cache-control", "max-age=60, stale-while-revalidate=5")],
+            &grace,
+        )
+        .expect("stored");
+        assert_eq!(d.stale_while_revalidate.as_secs(), 5);
+        let d = decide(
+            false,
+            200,
+            &[(
+                "cache-control",
+                "max-age=60, must-revalidate, stale-if-error=5",
+            )],
+            &grace,
+        )
+        .expect("stored");
+        assert_eq!(
+            (
+                d.stale_while_revalidate.as_secs(),
+                d.stale_if_error.as_secs()
+            ),
+            (0, 0)
+        );
+        assert!(d.must_revalidate);
+        let d = decide(false, 200, &[("cache-control", "s-maxage=60")], &grace).expect("stored");
+        assert_eq!(
+            d.stale_if_error.as_secs(),
+            0,
+            "s-maxage withdraws implicit grace"
+        );
+        let d = decide(
+            false,
+            200,
+            &[("cache-control", "s-maxage=60, stale-if-error=30")],
+            &grace,
+        )
+        .expect("stored");
+        assert_eq!(d.stale_if_error.as_secs(), 30, "explicit permission stands");
+    }
+
+    #[test]
+    fn rules_force_and_clamp_ttl() {
+        let force = Settings {
+            force_ttl: Some(Duration::from_secs(5)),
+            ..Settings::default()
+        };
+        assert_eq!(
+            decide(false, 200, &[("cache-control", "max-age=600")], &force)
+                .map(|d| d.lifetime.as_secs()),
+            Ok(5)
+        );
+        let clamp = Settings {
+            min_ttl: Some(Duration::from_secs(60)),
+            max_ttl: Some(Duration::from_secs(120)),
+            ..Settings::default()
+        };
+        assert_eq!(
+            decide(false, 200, &[("cache-control", "max-age=10")], &clamp)
+                .map(|d| d.lifetime.as_secs()),
+            Ok(60)
+        );
+        assert_eq!(
+            decide(false, 200, &[("cache-control", "max-age=600")], &clamp)
+                .map(|d| d.lifetime.as_secs()),
+            Ok(120)
+        );
+        let s404 = Settings {
+            status_ttl: vec![(404, Duration::from_secs(30))],
+            keep: Duration::ZERO,
+            ..Settings::default()
+        };
+        assert_eq!(
+            decide(false, 404, &[], &s404).map(|d| d.lifetime.as_secs()),
+            Ok(30)
+        );
+    }
+
+    fn facts(age: u64, lifetime: u64, swr: u64, must: bool) -> StoredFacts {
+        StoredFacts {
+            age: Duration::from_secs(age),
+            lifetime: Duration::from_secs(lifetime),
+            stale_while_revalidate: Duration::from_secs(swr),
+            always_revalidate: false,
+            must_revalidate: must,
+        }
+    }
+
+    #[test]
+    fn reuse_decisions() {
+        let none = CacheControl::default();
+        assert_eq!(reuse(&facts(5, 10, 0, false), &none, false), Reuse::Fresh);
+        assert_eq!(
+            reuse(&facts(5, 10, 0, false), &none, true),
+            Reuse::Revalidate
+        );
+        assert_eq!(
+            reuse(&facts(15, 10, 10, false), &none, false),
+            Reuse::StaleWhileRevalidate
+        );
+        assert_eq!(
+            reuse(&facts(25, 10, 10, false), &none, false),
+            Reuse::Revalidate
+        );
+        assert_eq!(
+            reuse(&facts(15, 10, 10, true), &none, false),
+            Reuse::Revalidate
+        );
+        assert_eq!(
+            reuse(&facts(15, 10, 0, false), &cc("max-stale=10"), false),
+            Reuse::StaleAccepted
+        );
+        assert_eq!(
+            reuse(&facts(15, 10, 0, false), &cc("max-stale"), false),
+            Reuse::StaleAccepted
+        );
+        assert_eq!(
+            reuse(&facts(15, 10, 0, true), &cc("max-stale"), false),
+            Reuse::Revalidate
+        );
+        assert_eq!(
+            reuse(&facts(5, 10, 0, false), &cc("max-age=3"), false),
+            Reuse::Revalidate
+        );
+        assert_eq!(
+            reuse(&facts(5, 10, 0, false), &cc("min-fresh=6"), false),
+            Reuse::Revalidate
+        );
+    }
+
+    fn pre(req: &[(&str, &str)], stored: &[(&str, &str)]) -> Precondition {
+        evaluate_preconditions(&headers(req), &headers(stored))
+    }
+
+    #[test]
+    fn preconditions_rfc_9110_section_13() {
+        let stored = [
+            ("etag", "\"v1\""),
+            ("last-modified", "Tue, 03 Nov 2026 10:00:00 GMT"),
+        ];
+        assert_eq!(
+            pre(&[("if-none-match", "\"v1\"")], &stored),
+            Precondition::NotModified
+        );
+        assert_eq!(
+            pre(&[("if-none-match", "W/\"v1\"")], &stored),
+            Precondition::NotModified,
+            "weak comparison"
+        );
+        assert_eq!(
+            pre(&[("if-none-match", "\"x\", \"v1\"")], &stored),
+            Precondition::NotModified
+        );
+        assert_eq!(
+            pre(&[("if-none-match", "*")], &stored),
+            Precondition::NotModified
+        );
+        assert_eq!(
+            pre(&[("if-none-match", "\"x\"")], &stored),
+            Precondition::Proceed
+        );
+        assert_eq!(
+            pre(
+                &[("if-modified-since", "Tue, 03 Nov 2026 10:00:00 GMT")],
+                &stored
+            ),
+            Precondition::NotModified
+        );
+        assert_eq!(
+            pre(
+                &[("if-modified-since", "Mon, 02 Nov 2026 10:00:00 GMT")],
+                &stored
+            ),
+            Precondition::Proceed
+        );
+        assert_eq!(
+            pre(
+                &[
+                    ("if-none-match", "\"x\""),
+                    ("if-modified-since", "Tue, 03 Nov 2026 10:00:00 GMT")
+                ],
+                &stored
+            ),
+            Precondition::Proceed,
+            "If-None-Match takes precedence"
+        );
+        assert_eq!(pre(&[("if-match", "\"x\"")], &stored), Precondition::Failed);
+        assert_eq!(
+            pre(&[("if-match", "\"v1\"")], &stored),
+            Precondition::Proceed
+        );
+        assert_eq!(
+            pre(
+                &[("if-unmodified-since", "Mon, 02 Nov 2026 10:00:00 GMT")],
+                &stored
+            ),
+            Precondition::Failed
+        );
+        assert_eq!(
+            pre(&[("range", "bytes=0-1"), ("if-range", "\"v1\"")], &stored),
+            Precondition::Proceed
+        );
+        assert_eq!(
+            pre(&[("range", "bytes=0-1"), ("if-range", "\"v0\"")], &stored),
+            Precondition::IgnoreRange
+        );
+        assert_eq!(
+            pre(
+                &[
+                    ("range", "bytes=0-1"),
+                    ("if-range", "Tue, 03 Nov 2026 10:00:00 GMT")
+                ],
+                &stored
+            ),
+            Precondition::Proceed
+        );
+        let weak = [("etag", "W/\"v1\"")];
+        assert_eq!(
+            pre(&[("if-match", "W/\"v1\"")], &weak),
+            Precondition::Failed,
+            "If-Match is strong"
+        );
+    }
+
+    #[test]
+    fn refresh_from_304_section_3_2() {
+        let mut stored = headers(&[
+            ("cache-control", "max-age=10"),
+            ("content-length", "5"),
+            ("x-a", "1"),
+            ("x-a", "2"),
+        ]);
+        refresh_headers(
+            &mut stored,
+            &headers(&[
+                ("cache-control", "max-age=99"),
+                ("content-length", "0"),
+                ("x-a", "3"),
+            ]),
+        );
+        assert_eq!(stored["cache-control"], "max-age=99");
+        assert_eq!(stored["content-length"], "5");
+        assert_eq!(stored.get_all("x-a").iter().count(), 1);
     }
 
     #[test]

@@ -1,4 +1,8 @@
-//! The moka store: bounded by bytes (weigher), each entry expiring at its own time (`Expiry`).
+//! The moka store: bounded by bytes (weigher), each object expiring at its own time (`Expiry`).
+//!
+//! One moka entry per URL (primary key) holds that URL's `Vary` variants side by side, so a
+//! purge by URL removes every variant at once. Purges by prefix and tag scan the store (moka
+//! iterates without blocking readers); they return how many stored responses they touched.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -10,20 +14,47 @@ use moka::Expiry;
 use super::entry::Entry;
 use super::key::{KeyHasher, KeyParts};
 
+/// Variants of one URL kept side by side at most; the oldest goes first.
+const MAX_VARIANTS: usize = 16;
+
+/// All stored variants of one URL.
+#[derive(Debug, Default)]
+pub struct Object {
+    pub variants: Vec<Arc<Entry>>,
+}
+
+impl Object {
+    fn weight(&self) -> u32 {
+        self.variants
+            .iter()
+            .fold(0u32, |w, e| w.saturating_add(e.weight()))
+    }
+
+    fn time_to_live(&self, now: SystemTime) -> Duration {
+        self.variants
+            .iter()
+            .map(|e| e.time_to_live(now))
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
 /// Shared cache storage. Cloning is cheap and shares the same store.
 #[derive(Clone)]
 pub struct Store {
-    inner: Cache<u64, Arc<Entry>>,
+    inner: Cache<u64, Arc<Object>>,
+    /// URLs recently found uncacheable, with how long to remember it.
+    hit_for_miss: Cache<u64, Duration>,
     hasher: KeyHasher,
 }
 
-struct PerEntryExpiry;
+struct ObjectExpiry;
 
-impl Expiry<u64, Arc<Entry>> for PerEntryExpiry {
+impl Expiry<u64, Arc<Object>> for ObjectExpiry {
     fn expire_after_create(
         &self,
         _: &u64,
-        value: &Arc<Entry>,
+        value: &Arc<Object>,
         _: std::time::Instant,
     ) -> Option<Duration> {
         Some(value.time_to_live(SystemTime::now()))
@@ -32,7 +63,7 @@ impl Expiry<u64, Arc<Entry>> for PerEntryExpiry {
     fn expire_after_update(
         &self,
         _: &u64,
-        value: &Arc<Entry>,
+        value: &Arc<Object>,
         _: std::time::Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
@@ -40,16 +71,50 @@ impl Expiry<u64, Arc<Entry>> for PerEntryExpiry {
     }
 }
 
+struct MarkerExpiry;
+
+impl Expiry<u64, Duration> for MarkerExpiry {
+    fn expire_after_create(
+        &self,
+        _: &u64,
+        value: &Duration,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(*value)
+    }
+}
+
+/// What to purge.
+#[derive(Debug, Clone)]
+pub enum PurgeTarget<'a> {
+    /// Every variant of these exact URLs (both schemes).
+    Url {
+        host: &'a str,
+        path_and_query: &'a str,
+    },
+    /// Every URL of `host` whose path starts with `prefix`.
+    Prefix { host: &'a str, prefix: &'a str },
+    /// Every response tagged `tag` (exact match).
+    Tag(&'a str),
+    /// Everything.
+    All,
+}
+
 impl Store {
     /// A store holding at most `capacity_bytes` of entries (bodies, headers and overhead).
     pub fn new(capacity_bytes: u64) -> Store {
         let inner = Cache::builder()
             .max_capacity(capacity_bytes)
-            .weigher(|_: &u64, v: &Arc<Entry>| v.weight())
-            .expire_after(PerEntryExpiry)
+            .weigher(|_: &u64, v: &Arc<Object>| v.weight())
+            .expire_after(ObjectExpiry)
+            .build();
+        let hit_for_miss = Cache::builder()
+            .max_capacity(100_000)
+            .expire_after(MarkerExpiry)
             .build();
         Store {
             inner,
+            hit_for_miss,
             hasher: KeyHasher::default(),
         }
     }
@@ -59,23 +124,136 @@ impl Store {
         self.hasher.hash(parts)
     }
 
-    /// Looks up a stored response for these parts whose `Vary` values match `request`.
-    pub fn get(&self, hash: u64, parts: &KeyParts<'_>, request: &HeaderMap) -> Option<Arc<Entry>> {
-        let entry = self.inner.get(&hash)?;
-        (entry.key.matches(parts) && entry.vary.matches(request)).then_some(entry)
+    /// The stored response for these parts whose `Vary` values match `request`.
+    pub fn get(
+        &self,
+        hash: u64,
+        parts: &KeyParts<'_>,
+        extra: Option<&str>,
+        request: &HeaderMap,
+    ) -> Option<Arc<Entry>> {
+        let object = self.inner.get(&hash)?;
+        object
+            .variants
+            .iter()
+            .rev()
+            .find(|e| e.key.matches(parts) && e.vary.matches(request, extra))
+            .cloned()
     }
 
-    /// Stores an entry under `hash`, replacing any previous one.
+    /// Stores an entry under `hash`, replacing the variant with the same `Vary` values.
     pub fn insert(&self, hash: u64, entry: Entry) {
-        self.inner.insert(hash, Arc::new(entry));
+        let entry = Arc::new(entry);
+        let now = SystemTime::now();
+        let mut variants: Vec<Arc<Entry>> = match self.inner.get(&hash) {
+            Some(old) => old
+                .variants
+                .iter()
+                .filter(|e| {
+                    e.key == entry.key && e.vary != entry.vary && !e.time_to_live(now).is_zero()
+                })
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        if variants.len() >= MAX_VARIANTS {
+            variants.remove(0);
+        }
+        variants.push(entry);
+        self.hit_for_miss.invalidate(&hash);
+        self.inner.insert(hash, Arc::new(Object { variants }));
     }
 
-    /// Removes the entry for `hash`, if any.
+    /// Removes every variant stored under `hash`.
     pub fn remove(&self, hash: u64) {
         self.inner.invalidate(&hash);
     }
 
-    /// Number of stored entries (approximate until pending maintenance runs).
+    /// Remembers that the URL under `hash` was uncacheable, for `ttl`.
+    pub fn mark_hit_for_miss(&self, hash: u64, ttl: Duration) {
+        if !ttl.is_zero() {
+            self.hit_for_miss.insert(hash, ttl);
+        }
+    }
+
+    /// True when the URL under `hash` was recently uncacheable.
+    pub fn is_hit_for_miss(&self, hash: u64) -> bool {
+        self.hit_for_miss.contains_key(&hash)
+    }
+
+    /// Purges matching responses; `soft` marks them stale instead of removing them (so
+    /// stale-if-error still protects the origin). Returns how many stored responses matched.
+    pub fn purge(&self, target: &PurgeTarget<'_>, soft: bool) -> usize {
+        let now = SystemTime::now();
+        if let PurgeTarget::Url {
+            host,
+            path_and_query,
+        } = target
+        {
+            let mut n = 0;
+            for https in [false, true] {
+                let parts = KeyParts {
+                    https,
+                    host,
+                    path_and_query,
+                };
+                let hash = self.hash(&parts);
+                n += self.purge_object(hash, now, soft, &|e: &Entry| e.key.matches(&parts));
+            }
+            self.hit_for_miss.invalidate_all();
+            return n;
+        }
+        let pred = |e: &Entry| match target {
+            PurgeTarget::Prefix { host, prefix } => {
+                *e.key.host == **host && e.key.path_and_query.starts_with(*prefix)
+            }
+            PurgeTarget::Tag(tag) => e.tags.iter().any(|t| **t == **tag),
+            PurgeTarget::All => true,
+            PurgeTarget::Url { .. } => false,
+        };
+        let keys: Vec<u64> = self
+            .inner
+            .iter()
+            .filter(|(_, obj)| obj.variants.iter().any(|e| pred(e)))
+            .map(|(k, _)| *k)
+            .collect();
+        let n = keys
+            .into_iter()
+            .map(|k| self.purge_object(k, now, soft, &pred))
+            .sum();
+        if matches!(target, PurgeTarget::All) {
+            self.hit_for_miss.invalidate_all();
+        }
+        n
+    }
+
+    fn purge_object(
+        &self,
+        hash: u64,
+        now: SystemTime,
+        soft: bool,
+        pred: &dyn Fn(&Entry) -> bool,
+    ) -> usize {
+        let Some(obj) = self.inner.get(&hash) else {
+            return 0;
+        };
+        let (hit, keep): (Vec<_>, Vec<_>) = obj.variants.iter().cloned().partition(|e| pred(e));
+        if hit.is_empty() {
+            return 0;
+        }
+        if soft {
+            for e in &hit {
+                e.soft_purge(now);
+            }
+        } else if keep.is_empty() {
+            self.inner.invalidate(&hash);
+        } else {
+            self.inner.insert(hash, Arc::new(Object { variants: keep }));
+        }
+        hit.len()
+    }
+
+    /// Number of stored URLs (approximate until pending maintenance runs).
     pub fn entry_count(&self) -> u64 {
         self.inner.entry_count()
     }

@@ -29,6 +29,20 @@ pub struct Config {
     pub cache: Cache,
     pub origins: Vec<Origin>,
     pub sites: Vec<Site>,
+    /// `[admin]`; `None` when the section is absent (no admin listener).
+    pub admin: Option<Admin>,
+}
+
+/// `[admin]`: the loopback listener for metrics, health and purge.
+#[derive(Clone, Debug)]
+pub struct Admin {
+    /// Default `127.0.0.1:9090`.
+    pub listen: SocketAddr,
+    /// Bearer token for purge endpoints (from `token`, or the environment variable named by
+    /// `token_env`, default `EDGECACHE_ADMIN_TOKEN`). `None` refuses purges over admin.
+    pub token: Option<String>,
+    /// Client networks allowed to send the HTTP `PURGE` method to the data listeners.
+    pub purge_allow: Vec<IpNet>,
 }
 
 /// `[server]`: listeners, limits and timeouts.
@@ -154,6 +168,150 @@ pub struct Site {
     pub hosts: Vec<String>,
     /// Index into [`Config::origins`].
     pub origin: usize,
+    /// `[sites.cache]`: keys and defaults.
+    pub cache: SiteCache,
+    /// `[[sites.rules]]`: per-path overrides, first match wins.
+    pub rules: Vec<Rule>,
+}
+
+impl Site {
+    /// A site with default cache settings and no rules.
+    pub fn new(hosts: Vec<String>, origin: usize) -> Site {
+        Site {
+            hosts,
+            origin,
+            cache: SiteCache::default(),
+            rules: Vec::new(),
+        }
+    }
+
+    /// The first rule matching `path`.
+    pub fn rule(&self, path: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.path.matches(path))
+    }
+}
+
+/// How the query string enters the cache key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum QueryMode {
+    /// As received (default).
+    #[default]
+    Keep,
+    /// Parameters sorted, so `?b=1&a=2` and `?a=2&b=1` share an object.
+    Sort,
+    /// Dropped entirely.
+    Ignore,
+}
+
+/// What a client's `Cache-Control: no-cache` (or `max-age=0`, `Pragma: no-cache`) does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ClientNoCache {
+    /// Revalidate the stored response with the origin (default).
+    #[default]
+    Revalidate,
+    /// Serve from cache as if the client had not asked (common on CDNs).
+    Ignore,
+}
+
+/// `[sites.cache]`.
+#[derive(Clone, Debug)]
+pub struct SiteCache {
+    pub query: QueryMode,
+    /// Query parameters removed from the key (e.g. `utm_source`).
+    pub query_ignore: Vec<String>,
+    /// Request headers added to the key.
+    pub key_headers: Vec<http::HeaderName>,
+    /// Cookies (by name) added to the key.
+    pub key_cookies: Vec<String>,
+    pub client_no_cache: ClientNoCache,
+    /// Storage defaults: heuristics, grace, keep, `Set-Cookie` opt-in.
+    pub settings: crate::cache::policy::Settings,
+    /// How long an uncacheable URL skips request collapsing (default 10 s).
+    pub hit_for_miss: Duration,
+}
+
+impl Default for SiteCache {
+    fn default() -> Self {
+        SiteCache {
+            query: QueryMode::Keep,
+            query_ignore: Vec::new(),
+            key_headers: Vec::new(),
+            key_cookies: Vec::new(),
+            client_no_cache: ClientNoCache::Revalidate,
+            settings: crate::cache::policy::Settings::default(),
+            hit_for_miss: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How a rule matches a path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathMatch {
+    /// The path starts with this.
+    Prefix(String),
+    /// A glob over the whole path: `*` any run of characters (slashes included), `?` one.
+    Glob(String),
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+            PathMatch::Glob(g) => glob_match(g.as_bytes(), path.as_bytes()),
+        }
+    }
+}
+
+/// Glob matching with `*` and `?`, iterative with one backtrack point (linear in practice).
+/// Written here because the patterns are this small; a regex-backed crate would add more to
+/// the build than the feature is worth.
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == text[t]) {
+            p += 1;
+            t += 1;
+        } else if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// `[[sites.rules]]`: overrides for matching paths.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub path: PathMatch,
+    /// Never look up or store: always forward.
+    pub bypass: bool,
+    pub ttl: Option<Duration>,
+    pub min_ttl: Option<Duration>,
+    pub max_ttl: Option<Duration>,
+    pub stale_while_revalidate: Option<Duration>,
+    pub stale_if_error: Option<Duration>,
+    pub status_ttl: Vec<(u16, Duration)>,
+}
+
+impl Rule {
+    /// The site's settings with this rule's overrides applied.
+    pub fn apply(&self, base: &crate::cache::policy::Settings) -> crate::cache::policy::Settings {
+        let mut s = base.clone();
+        s.force_ttl = self.ttl;
+        s.min_ttl = self.min_ttl;
+        s.max_ttl = self.max_ttl;
+        s.stale_while_revalidate = self.stale_while_revalidate;
+        s.stale_if_error = self.stale_if_error;
+        s.status_ttl = self.status_ttl.clone();
+        s
+    }
 }
 
 /// A configuration problem, located in its file.
@@ -300,4 +458,21 @@ pub(crate) fn human_size(n: u64) -> String {
         }
     }
     format!("{n}B")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match(b"/static/*", b"/static/a/b.css"));
+        assert!(glob_match(b"*.css", b"/a/b.css"));
+        assert!(!glob_match(b"*.css", b"/a/b.js"));
+        assert!(glob_match(b"/img/?.png", b"/img/a.png"));
+        assert!(!glob_match(b"/img/?.png", b"/img/ab.png"));
+        assert!(glob_match(b"/a*b*c", b"/aXXbYYc"));
+        assert!(!glob_match(b"/a*b*c", b"/aXXbYY"));
+        assert!(PathMatch::Prefix("/api/".into()).matches("/api/v1"));
+    }
 }

@@ -20,6 +20,17 @@ pub(crate) struct RawConfig {
     pub(crate) origins: Vec<RawOrigin>,
     #[serde(default)]
     pub(crate) sites: Vec<RawSite>,
+    pub(crate) admin: Option<RawAdmin>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub(crate) listen: Option<Spanned<String>>,
+    pub(crate) token: Option<Spanned<String>>,
+    pub(crate) token_env: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) purge_allow: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,6 +92,45 @@ pub(crate) struct RawOrigin {
 pub(crate) struct RawSite {
     pub(crate) hosts: Spanned<Vec<Spanned<String>>>,
     pub(crate) origin: Spanned<String>,
+    #[serde(default)]
+    pub(crate) cache: RawSiteCache,
+    #[serde(default)]
+    pub(crate) rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSiteCache {
+    pub(crate) query: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) query_ignore: Vec<String>,
+    #[serde(default)]
+    pub(crate) key_headers: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) key_cookies: Vec<String>,
+    pub(crate) client_no_cache: Option<Spanned<String>>,
+    pub(crate) store_set_cookie: Option<bool>,
+    pub(crate) stale_while_revalidate: Option<Duration>,
+    pub(crate) stale_if_error: Option<Duration>,
+    pub(crate) keep: Option<Duration>,
+    pub(crate) heuristic_fraction: Option<Spanned<f64>>,
+    pub(crate) heuristic_max: Option<Duration>,
+    pub(crate) hit_for_miss: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRule {
+    pub(crate) path: Option<Spanned<String>>,
+    pub(crate) prefix: Option<Spanned<String>>,
+    pub(crate) bypass: Option<bool>,
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) min_ttl: Option<Duration>,
+    pub(crate) max_ttl: Option<Duration>,
+    pub(crate) stale_while_revalidate: Option<Duration>,
+    pub(crate) stale_if_error: Option<Duration>,
+    #[serde(default)]
+    pub(crate) status_ttl: std::collections::BTreeMap<String, Duration>,
 }
 
 /// A byte size such as `512MiB`, `64KiB`, `1GiB` or a plain integer of bytes.

@@ -14,7 +14,10 @@ use rustls::sign::CertifiedKey;
 use toml::Spanned;
 
 use super::raw::{RawConfig, Size};
-use super::{Cache, Certificate, Config, Diagnostic, Error, Origin, Server, Site, Tls};
+use super::{
+    Admin, Cache, Certificate, ClientNoCache, Config, Diagnostic, Error, Origin, PathMatch,
+    QueryMode, Rule, Server, Site, SiteCache, Tls,
+};
 
 /// Collects diagnostics against one file's text.
 struct Checker<'a> {
@@ -400,7 +403,21 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
             }
         }
         match origin_index.get(s.origin.get_ref()) {
-            Some(&origin) => sites.push(Site { hosts, origin }),
+            Some(&origin) => {
+                let cache = site_cache(ck, &key, &s.cache);
+                let rules = s
+                    .rules
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, r)| rule(ck, &format!("{key}.rules[{j}]"), r))
+                    .collect();
+                sites.push(Site {
+                    hosts,
+                    origin,
+                    cache,
+                    rules,
+                })
+            }
             None => {
                 let known: Vec<&str> = origins.iter().map(|o| o.name.as_str()).collect();
                 ck.error(
@@ -429,14 +446,210 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
         });
     }
 
+    let admin = raw.admin.as_ref().map(|a| admin(ck, a));
+
     Config {
         source: ck.file.to_owned(),
+        admin,
         server,
         tls,
         cache,
         origins,
         sites,
     }
+}
+
+fn admin(ck: &mut Checker<'_>, raw: &super::raw::RawAdmin) -> Admin {
+    let mut listen = SocketAddr::from(([127, 0, 0, 1], 9090));
+    if let Some(l) = &raw.listen {
+        match l.get_ref().parse() {
+            Ok(a) => listen = a,
+            Err(_) => ck.error(
+                l.span(),
+                "admin.listen",
+                format!(
+                    "{:?} is not a listen address such as \"127.0.0.1:9090\"",
+                    l.get_ref()
+                ),
+            ),
+        }
+    }
+    let token = match (&raw.token, &raw.token_env) {
+        (Some(t), _) if t.get_ref().is_empty() => {
+            ck.error(t.span(), "admin.token", "must not be empty");
+            None
+        }
+        (Some(t), None) => Some(t.get_ref().clone()),
+        (Some(t), Some(_)) => {
+            ck.error(
+                t.span(),
+                "admin.token",
+                "give either token or token_env, not both",
+            );
+            None
+        }
+        (None, env) => {
+            let name = env
+                .as_ref()
+                .map(|e| e.get_ref().as_str())
+                .unwrap_or("EDGECACHE_ADMIN_TOKEN");
+            std::env::var(name).ok().filter(|t| !t.is_empty())
+        }
+    };
+    let mut purge_allow = Vec::new();
+    for p in &raw.purge_allow {
+        match parse_cidr(p.get_ref()) {
+            Some(n) => purge_allow.push(n),
+            None => ck.error(
+                p.span(),
+                "admin.purge_allow",
+                format!("{:?} is not an IP address or CIDR block", p.get_ref()),
+            ),
+        }
+    }
+    Admin {
+        listen,
+        token,
+        purge_allow,
+    }
+}
+
+fn site_cache(ck: &mut Checker<'_>, key: &str, raw: &super::raw::RawSiteCache) -> SiteCache {
+    let mut c = SiteCache::default();
+    if let Some(q) = &raw.query {
+        c.query = match q.get_ref().as_str() {
+            "keep" => QueryMode::Keep,
+            "sort" => QueryMode::Sort,
+            "ignore" => QueryMode::Ignore,
+            other => {
+                ck.error(
+                    q.span(),
+                    format!("{key}.cache.query"),
+                    format!("{other:?} is not one of \"keep\", \"sort\", \"ignore\""),
+                );
+                QueryMode::Keep
+            }
+        };
+    }
+    c.query_ignore = raw.query_ignore.clone();
+    for h in &raw.key_headers {
+        match http::HeaderName::from_bytes(h.get_ref().as_bytes()) {
+            Ok(n) => c.key_headers.push(n),
+            Err(_) => ck.error(
+                h.span(),
+                format!("{key}.cache.key_headers"),
+                format!("{:?} is not a header name", h.get_ref()),
+            ),
+        }
+    }
+    c.key_cookies = raw.key_cookies.clone();
+    if let Some(m) = &raw.client_no_cache {
+        c.client_no_cache = match m.get_ref().as_str() {
+            "revalidate" => ClientNoCache::Revalidate,
+            "ignore" => ClientNoCache::Ignore,
+            other => {
+                ck.error(
+                    m.span(),
+                    format!("{key}.cache.client_no_cache"),
+                    format!("{other:?} is not one of \"revalidate\", \"ignore\""),
+                );
+                ClientNoCache::Revalidate
+            }
+        };
+    }
+    let s = &mut c.settings;
+    if let Some(b) = raw.store_set_cookie {
+        s.store_set_cookie = b;
+    }
+    if let Some(d) = &raw.stale_while_revalidate {
+        s.default_stale_while_revalidate = d.get_ref().0;
+    }
+    if let Some(d) = &raw.stale_if_error {
+        s.default_stale_if_error = d.get_ref().0;
+    }
+    if let Some(d) = &raw.keep {
+        s.keep = d.get_ref().0;
+    }
+    if let Some(d) = &raw.heuristic_max {
+        s.heuristic_max = d.get_ref().0;
+    }
+    if let Some(f) = &raw.heuristic_fraction {
+        let v = *f.get_ref();
+        if (0.0..=1.0).contains(&v) {
+            s.heuristic_fraction = v;
+        } else {
+            ck.error(
+                f.span(),
+                format!("{key}.cache.heuristic_fraction"),
+                "must be between 0 and 1",
+            );
+        }
+    }
+    if let Some(d) = &raw.hit_for_miss {
+        c.hit_for_miss = d.get_ref().0;
+    }
+    c
+}
+
+fn rule(ck: &mut Checker<'_>, key: &str, raw: &super::raw::RawRule) -> Option<Rule> {
+    let path = match (&raw.path, &raw.prefix) {
+        (Some(g), None) if g.get_ref().starts_with('/') || g.get_ref().starts_with('*') => {
+            PathMatch::Glob(g.get_ref().clone())
+        }
+        (None, Some(p)) if p.get_ref().starts_with('/') => PathMatch::Prefix(p.get_ref().clone()),
+        (Some(g), None) => {
+            ck.error(
+                g.span(),
+                format!("{key}.path"),
+                "a path glob starts with '/' or '*'",
+            );
+            return None;
+        }
+        (None, Some(p)) => {
+            ck.error(
+                p.span(),
+                format!("{key}.prefix"),
+                "a path prefix starts with '/'",
+            );
+            return None;
+        }
+        (Some(g), Some(_)) => {
+            ck.error(g.span(), key, "give either path or prefix, not both");
+            return None;
+        }
+        (None, None) => {
+            ck.errors.push(Diagnostic {
+                file: ck.file.to_owned(),
+                line: 1,
+                column: 1,
+                key: Some(key.to_owned()),
+                message: "a rule needs path (glob) or prefix".to_owned(),
+            });
+            return None;
+        }
+    };
+    let d = |v: &Option<super::raw::Duration>| v.as_ref().map(|d| d.get_ref().0);
+    let mut status_ttl = Vec::new();
+    for (code, ttl) in &raw.status_ttl {
+        match code.parse::<u16>() {
+            Ok(c) if (100..=599).contains(&c) => status_ttl.push((c, ttl.get_ref().0)),
+            _ => ck.error(
+                ttl.span(),
+                format!("{key}.status_ttl"),
+                format!("{code:?} is not an HTTP status code"),
+            ),
+        }
+    }
+    Some(Rule {
+        path,
+        bypass: raw.bypass.unwrap_or(false),
+        ttl: d(&raw.ttl),
+        min_ttl: d(&raw.min_ttl),
+        max_ttl: d(&raw.max_ttl),
+        stale_while_revalidate: d(&raw.stale_while_revalidate),
+        stale_if_error: d(&raw.stale_if_error),
+        status_ttl,
+    })
 }
 
 fn addresses(ck: &mut Checker<'_>, key: &str, list: &[Spanned<String>]) -> Vec<SocketAddr> {

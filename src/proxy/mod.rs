@@ -1,20 +1,24 @@
 //! The request path: route a request to its site, answer from the cache when it can, else
-//! forward to the site's origin and store what may be stored.
+//! fetch from the site's origin (one fetch per key however many clients wait) and store what
+//! may be stored.
 //!
 //! Entry point: [`Proxy::handle`], called by `server` for every request. It never fails: every
 //! error becomes a response (see `respond`).
 
 pub mod body;
 pub mod headers;
+pub mod range;
 mod respond;
 pub mod sites;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use http::header::{self, HeaderName, HeaderValue};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts as RequestParts;
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
@@ -22,17 +26,43 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::cache::policy::{self, RequestFacts};
-use crate::cache::{CacheControl, Entry, KeyParts, NoStoreReason, OwnedKey, Store, VaryKey};
-use crate::config::Config;
+use crate::cache::fill::{Fill, FillHead, Fills, Outcome};
+use crate::cache::key::{key_extra, normalise_query};
+use crate::cache::policy::{self, Precondition, RequestFacts, Reuse, Settings, StoreDecision};
+use crate::cache::{
+    CacheControl, Entry, KeyParts, NoStoreReason, OwnedKey, PurgeTarget, Store, VaryKey,
+};
+use crate::config::{ClientNoCache, Config, QueryMode, Site};
 use crate::origin::{self, OriginClient, UpstreamBody};
 use crate::telemetry::{self, AccessLog};
-use body::{Body, PendingEntry};
+use body::Body;
 use headers::{forward_request_headers, remove_hop_by_hop, via_value};
 use sites::{host_without_port, SiteTable};
 
 /// RFC 9211 `Cache-Status`.
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// Response fields that steer this cache and are not passed to clients.
+const CACHE_ONLY_FIELDS: [&str; 4] = [
+    "cdn-cache-control",
+    "surrogate-control",
+    "surrogate-key",
+    "cache-tag",
+];
+
+/// Request fields that would make the origin answer with less than the whole object.
+const CONDITIONAL_FIELDS: [HeaderName; 6] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+    header::RANGE,
+];
+
+/// Once a response is too large to store, the fetch runs at most this far ahead of the slowest
+/// client reading it.
+const STREAM_WINDOW: u64 = 1 << 20;
 
 /// What the connection tells us about a request.
 #[derive(Debug, Clone, Copy)]
@@ -41,77 +71,47 @@ pub struct ConnInfo {
     pub https: bool,
 }
 
-/// `Cache-Status` values, formatted once with this node's name.
-struct StatusValues {
-    hit: HeaderValue,
-    miss_stored: HeaderValue,
-    fwd_request_stored: HeaderValue,
-    not_stored: Vec<(NoStoreReason, HeaderValue)>,
-    fwd_request_not_stored: Vec<(NoStoreReason, HeaderValue)>,
-}
-
-const ALL_REASONS: [NoStoreReason; 12] = [
-    NoStoreReason::Method,
-    NoStoreReason::RequestNoStore,
-    NoStoreReason::Status,
-    NoStoreReason::NoStore,
-    NoStoreReason::Private,
-    NoStoreReason::NoCache,
-    NoStoreReason::SetCookie,
-    NoStoreReason::Authorization,
-    NoStoreReason::VaryStar,
-    NoStoreReason::NotFresh,
-    NoStoreReason::TooLarge,
-    NoStoreReason::Aborted,
-];
-
-impl StatusValues {
-    fn new(name: &str) -> StatusValues {
-        let v =
-            |s: String| HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("edgecache"));
-        let reasons = |fwd: &str| {
-            ALL_REASONS
-                .iter()
-                .map(|r| (*r, v(format!("{name}; fwd={fwd}; detail={}", r.as_str()))))
-                .collect()
-        };
-        StatusValues {
-            hit: v(format!("{name}; hit")),
-            miss_stored: v(format!("{name}; fwd=miss; stored")),
-            fwd_request_stored: v(format!("{name}; fwd=request; stored")),
-            not_stored: reasons("miss"),
-            fwd_request_not_stored: reasons("request"),
-        }
-    }
-
-    fn not_stored(&self, reason: NoStoreReason, client_forced: bool) -> HeaderValue {
-        let list = if client_forced {
-            &self.fwd_request_not_stored
-        } else {
-            &self.not_stored
-        };
-        list.iter()
-            .find(|(r, _)| *r == reason)
-            .map(|(_, v)| v.clone())
-            .unwrap_or(HeaderValue::from_static("edgecache; fwd=miss"))
-    }
-}
-
 /// How a request was answered, for the access log.
-struct Outcome {
+struct Outcome_ {
     cache: &'static str,
     origin: Option<usize>,
     origin_ms: Option<f64>,
 }
 
-impl Outcome {
-    fn local(cache: &'static str) -> Outcome {
-        Outcome {
+impl Outcome_ {
+    fn local(cache: &'static str) -> Outcome_ {
+        Outcome_ {
             cache,
             origin: None,
             origin_ms: None,
         }
     }
+
+    fn origin(cache: &'static str, origin: usize, ms: f64) -> Outcome_ {
+        Outcome_ {
+            cache,
+            origin: Some(origin),
+            origin_ms: Some(ms),
+        }
+    }
+}
+
+type Answer = (Response<Body>, Outcome_);
+
+/// Everything about one cacheable request that the fetch and respond steps need.
+struct Lookup {
+    site: usize,
+    hash: u64,
+    key: OwnedKey,
+    extra: Option<Box<str>>,
+    settings: Settings,
+    forced: bool,
+    head: bool,
+    /// The client's request head (headers as received).
+    parts: Arc<RequestParts>,
+    /// The `Host` the client sent (with port), for forwarding.
+    host_value: HeaderValue,
+    conn: ConnInfo,
 }
 
 /// Shared state of the request path.
@@ -121,10 +121,13 @@ pub struct Proxy {
     origins: Vec<OriginClient>,
     origin_names: Vec<Arc<str>>,
     store: Store,
-    status: StatusValues,
+    fills: Fills,
+    name: String,
+    hit: HeaderValue,
     via_11: HeaderValue,
     via_10: HeaderValue,
     via_2: HeaderValue,
+    boundary: String,
 }
 
 impl Proxy {
@@ -135,7 +138,15 @@ impl Proxy {
             .iter()
             .map(|o| OriginClient::new(o.clone()))
             .collect::<Result<Vec<_>, _>>()?;
-        let name = config.server.via_name.as_str();
+        let name = config.server.via_name.clone();
+        let boundary = format!(
+            "edgecache-{:016x}",
+            store.hash(&KeyParts {
+                https: false,
+                host: "boundary",
+                path_and_query: "/"
+            })
+        );
         Ok(Proxy {
             sites: SiteTable::new(&config.sites),
             origin_names: config
@@ -145,10 +156,13 @@ impl Proxy {
                 .collect(),
             origins,
             store,
-            status: StatusValues::new(name),
-            via_11: via_value(Version::HTTP_11, name),
-            via_10: via_value(Version::HTTP_10, name),
-            via_2: via_value(Version::HTTP_2, name),
+            fills: Fills::default(),
+            hit: status_value(&name, "hit"),
+            via_11: via_value(Version::HTTP_11, &name),
+            via_10: via_value(Version::HTTP_10, &name),
+            via_2: via_value(Version::HTTP_2, &name),
+            name,
+            boundary,
             config,
         })
     }
@@ -156,6 +170,11 @@ impl Proxy {
     /// The store this proxy reads and fills.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Fetches in flight.
+    pub fn fills_in_flight(&self) -> usize {
+        self.fills.len()
     }
 
     fn via(&self, version: Version) -> &HeaderValue {
@@ -166,8 +185,16 @@ impl Proxy {
         }
     }
 
+    fn cache_status(&self, rest: &str) -> HeaderValue {
+        status_value(&self.name, rest)
+    }
+
     /// Answers one request. Never fails: errors become 4xx/5xx responses.
-    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<Body> {
         let start = Instant::now();
         let mut log = telemetry::access_log_enabled().then(|| {
             Box::new(AccessLog {
@@ -211,11 +238,11 @@ impl Proxy {
         resp
     }
 
-    async fn serve(&self, req: Request<Incoming>, conn: ConnInfo) -> (Response<Body>, Outcome) {
+    async fn serve(self: &Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Answer {
         let refuse = |status, msg, close| {
             (
                 respond::simple(status, msg, close),
-                Outcome::local("refused"),
+                Outcome_::local("refused"),
             )
         };
         let h = req.headers();
@@ -272,7 +299,7 @@ impl Proxy {
         } else {
             Cow::Borrowed(host)
         };
-        let Some(site) = self.sites.find(&host) else {
+        let Some(site_idx) = self.sites.find(&host) else {
             // Never an open proxy: an unknown host reaches no origin.
             return refuse(
                 StatusCode::MISDIRECTED_REQUEST,
@@ -280,90 +307,576 @@ impl Proxy {
                 false,
             );
         };
+        let site = &self.config.sites[site_idx];
+        let host_value =
+            HeaderValue::from_str(authority).unwrap_or(HeaderValue::from_static("invalid"));
 
-        let method = req.method().clone();
-        let cache_method = method == Method::GET || method == Method::HEAD;
+        if req.method().as_str() == "PURGE" {
+            let host = host.into_owned();
+            return self.purge_method(&req, conn, &host, pq.as_str());
+        }
+        let rule = site.rule(req.uri().path());
+        let cache_method = req.method() == Method::GET || req.method() == Method::HEAD;
+        if !cache_method || rule.is_some_and(|r| r.bypass) {
+            let detail = if cache_method {
+                "fwd=bypass"
+            } else {
+                "fwd=method"
+            };
+            let status = self.cache_status(detail);
+            let host = host.into_owned();
+            return self
+                .pass(req, conn, site, site_idx, &host, host_value, status)
+                .await;
+        }
+
+        // cache_lookup
         let req_cc = if h.contains_key(header::CACHE_CONTROL) {
             CacheControl::from_headers(h)
         } else {
             CacheControl::default()
         };
-        let client_forced = req_cc.no_cache
+        let asked_fresh = req_cc.no_cache
             || req_cc.max_age == Some(0)
             || (!h.contains_key(header::CACHE_CONTROL)
                 && h.get(header::PRAGMA)
                     .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"no-cache")));
+        let forced = asked_fresh && site.cache.client_no_cache == ClientNoCache::Revalidate;
+        let key_pq = match site.cache.query {
+            QueryMode::Keep if site.cache.query_ignore.is_empty() => Cow::Borrowed(pq.as_str()),
+            mode => normalise_query(
+                pq.as_str(),
+                mode == QueryMode::Sort,
+                mode == QueryMode::Ignore,
+                &site.cache.query_ignore,
+            ),
+        };
         let parts = KeyParts {
             https: conn.https,
             host: &host,
-            path_and_query: pq.as_str(),
+            path_and_query: &key_pq,
         };
+        let extra = key_extra(h, &site.cache.key_headers, &site.cache.key_cookies);
         let hash = self.store.hash(&parts);
-        if cache_method && !client_forced {
-            if let Some(entry) = self.store.get(hash, &parts, h) {
-                let now = SystemTime::now();
-                if acceptable(&entry, &req_cc, now) {
+        let now = SystemTime::now();
+        let stored = self.store.get(hash, &parts, extra.as_deref(), h);
+        let head = req.method() == Method::HEAD;
+        if let Some(entry) = &stored {
+            match policy::reuse(&entry.facts(now), &req_cc, forced) {
+                Reuse::Fresh => {
                     return (
-                        self.hit(&entry, method == Method::HEAD, now),
-                        Outcome::local("hit"),
+                        self.answer_from_entry(entry, h, head, now, self.hit.clone()),
+                        Outcome_::local("hit"),
+                    )
+                }
+                Reuse::StaleAccepted => {
+                    let status = self
+                        .cache_status(&format!("hit; ttl={}; detail=max-stale", ttl(entry, now)));
+                    return (
+                        self.answer_from_entry(entry, h, head, now, status),
+                        Outcome_::local("stale"),
                     );
                 }
+                Reuse::StaleWhileRevalidate => {
+                    let status = self.cache_status(&format!(
+                        "hit; fwd=stale; ttl={}; detail=stale-while-revalidate",
+                        ttl(entry, now)
+                    ));
+                    let resp = self.answer_from_entry(entry, h, head, now, status);
+                    self.refresh_in_background(
+                        &req,
+                        conn,
+                        site_idx,
+                        &parts,
+                        extra.clone(),
+                        hash,
+                        host_value,
+                        entry.clone(),
+                    );
+                    return (resp, Outcome_::local("stale"));
+                }
+                Reuse::Revalidate => {}
             }
-            if req_cc.only_if_cached {
-                return refuse(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "edgecache: not cached (only-if-cached)\n",
-                    false,
+        }
+        if req_cc.only_if_cached && stored.is_none() {
+            return refuse(
+                StatusCode::GATEWAY_TIMEOUT,
+                "edgecache: not cached (only-if-cached)\n",
+                false,
+            );
+        }
+        let settings = rule
+            .map(|r| r.apply(&site.cache.settings))
+            .unwrap_or_else(|| site.cache.settings.clone());
+        let key = OwnedKey::new(&parts);
+        let lookup = Lookup {
+            site: site_idx,
+            hash,
+            key,
+            extra,
+            settings,
+            forced,
+            head,
+            parts: Arc::new(req.into_parts().0),
+            host_value,
+            conn,
+        };
+        self.fetch(lookup, stored).await
+    }
+
+    /// Fetches for a cacheable request: collapsed with other requests for the same key unless
+    /// the URL was recently uncacheable or the request is personal.
+    async fn fetch(self: &Arc<Self>, lookup: Lookup, stale: Option<Arc<Entry>>) -> Answer {
+        let h = &lookup.parts.headers;
+        let solo = self.store.is_hit_for_miss(lookup.hash)
+            || h.contains_key(header::AUTHORIZATION)
+            || lookup.forced;
+        if solo {
+            let fill = Arc::new(Fill::default());
+            return self.lead(&lookup, fill, false, stale).await;
+        }
+        for _ in 0..3 {
+            let (fill, leader) = self.fills.join(lookup.hash);
+            if leader {
+                return self.lead(&lookup, fill, true, stale).await;
+            }
+            let range = h.contains_key(header::RANGE);
+            let (outcome, reader) = fill.wait(!lookup.head && !range).await;
+            let now = SystemTime::now();
+            match outcome {
+                Outcome::Streaming(fhead) => {
+                    if !fhead.vary.matches(h, lookup.extra.as_deref()) {
+                        break;
+                    }
+                    if range {
+                        // Ranges are cut from the stored object once it is complete.
+                        if fill.wait_done().await {
+                            let parts = KeyParts {
+                                https: lookup.key.https,
+                                host: &lookup.key.host,
+                                path_and_query: &lookup.key.path_and_query,
+                            };
+                            if let Some(e) =
+                                self.store
+                                    .get(lookup.hash, &parts, lookup.extra.as_deref(), h)
+                            {
+                                let status = self.cache_status("fwd=miss; collapsed");
+                                return (
+                                    self.answer_from_entry(&e, h, false, now, status),
+                                    Outcome_::local("collapsed"),
+                                );
+                            }
+                        }
+                        break;
+                    }
+                    let status = self.cache_status("fwd=miss; collapsed");
+                    return (
+                        self.answer_from_fill(&fhead, reader, h, lookup.head, status),
+                        Outcome_::local("collapsed"),
+                    );
+                }
+                Outcome::Ready(entry) => {
+                    let status = self.cache_status("fwd=stale; fwd-status=304; collapsed");
+                    return (
+                        self.answer_from_entry(&entry, h, lookup.head, now, status),
+                        Outcome_::local("collapsed"),
+                    );
+                }
+                Outcome::Failed(code) => {
+                    if let Some(s) = stale.as_ref().filter(|s| s.usable_if_error(now)) {
+                        let status = self.cache_status(&format!(
+                            "hit; fwd=stale; fwd-status={}; collapsed; detail=stale-if-error",
+                            code.as_u16()
+                        ));
+                        return (
+                            self.answer_from_entry(s, h, lookup.head, now, status),
+                            Outcome_::local("stale"),
+                        );
+                    }
+                    let msg = if code == StatusCode::GATEWAY_TIMEOUT {
+                        "edgecache: the origin did not answer in time\n"
+                    } else {
+                        "edgecache: the origin failed to answer\n"
+                    };
+                    return (respond::simple(code, msg, false), Outcome_::local("error"));
+                }
+                Outcome::Uncacheable => break,
+                Outcome::Retry | Outcome::Pending => continue,
+            }
+        }
+        let fill = Arc::new(Fill::default());
+        self.lead(&lookup, fill, false, stale).await
+    }
+
+    /// Fetches from the origin for `lookup` and publishes the result on `fill` for followers.
+    /// `registered` says whether `fill` is in the shared map (and must be removed from it).
+    async fn lead(
+        self: &Arc<Self>,
+        lookup: &Lookup,
+        fill: Arc<Fill>,
+        registered: bool,
+        stale: Option<Arc<Entry>>,
+    ) -> Answer {
+        let mut guard = LeaderGuard {
+            proxy: self,
+            hash: lookup.hash,
+            fill: fill.clone(),
+            registered,
+            armed: true,
+        };
+        let site = &self.config.sites[lookup.site];
+        let origin_index = site.origin;
+        let origin = &self.origins[origin_index];
+        let client = &lookup.parts.headers;
+
+        // origin_fetch: a whole-object GET; our own validators when revalidating.
+        let mut up_headers = client.clone();
+        for f in &CONDITIONAL_FIELDS {
+            up_headers.remove(f);
+        }
+        let validators = stale.as_ref().filter(|s| s.has_validator());
+        if let Some(s) = validators {
+            if let Some(etag) = s.headers.get(header::ETAG) {
+                up_headers.insert(header::IF_NONE_MATCH, etag.clone());
+            }
+            if let Some(lm) = s.headers.get(header::LAST_MODIFIED) {
+                up_headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
+            }
+        }
+        let trusted = self.trusted(lookup.conn);
+        forward_request_headers(
+            &mut up_headers,
+            lookup.conn.peer.ip(),
+            lookup.conn.https,
+            &lookup.host_value,
+            trusted,
+            self.via(lookup.parts.version),
+        );
+        up_headers.insert(
+            header::HOST,
+            origin
+                .config
+                .host_header
+                .clone()
+                .unwrap_or_else(|| lookup.host_value.clone()),
+        );
+        let pq = lookup
+            .parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let Some(uri) = origin_uri(origin, pq) else {
+            return (
+                respond::simple(
+                    StatusCode::BAD_REQUEST,
+                    "edgecache: invalid request target\n",
+                    true,
+                ),
+                Outcome_::local("refused"),
+            );
+        };
+        let mut up = Request::new(UpstreamBody::empty());
+        *up.uri_mut() = uri;
+        *up.headers_mut() = up_headers;
+        let request_time = SystemTime::now();
+        let sent_at = Instant::now();
+        let result = origin.send(up).await;
+        let origin_ms = sent_at.elapsed().as_secs_f64() * 1000.0;
+        let now = SystemTime::now();
+        let client_status_base = if lookup.forced {
+            "fwd=request"
+        } else if stale.is_some() {
+            "fwd=stale"
+        } else {
+            "fwd=miss"
+        };
+
+        let resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(origin = %origin.config.name, error = %ErrorChain(&e), "origin request failed");
+                let code = if e.is_timeout() {
+                    StatusCode::GATEWAY_TIMEOUT
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                guard.publish(Outcome::Failed(code));
+                if let Some(s) = stale.as_ref().filter(|s| s.usable_if_error(now)) {
+                    let status = self.cache_status(&format!(
+                        "hit; fwd=stale; fwd-status={}; detail=stale-if-error",
+                        code.as_u16()
+                    ));
+                    return (
+                        self.answer_from_entry(s, client, lookup.head, now, status),
+                        Outcome_::origin("stale", origin_index, origin_ms),
+                    );
+                }
+                return (
+                    respond::origin_error(&e),
+                    Outcome_::origin("error", origin_index, origin_ms),
+                );
+            }
+        };
+        let response_time = SystemTime::now();
+        let (mut rparts, rbody) = resp.into_parts();
+        remove_hop_by_hop(&mut rparts.headers);
+        rparts
+            .headers
+            .append(header::VIA, self.via(rparts.version).clone());
+        rparts.version = Version::HTTP_11;
+
+        // A 304 for our validators refreshes the stored response (RFC 9111 §4.3.4).
+        if rparts.status == StatusCode::NOT_MODIFIED {
+            if let Some(s) = validators {
+                let mut headers = s.headers.clone();
+                policy::refresh_headers(&mut headers, &rparts.headers);
+                let facts = RequestFacts {
+                    method: &Method::GET,
+                    has_authorization: client.contains_key(header::AUTHORIZATION),
+                    cache_control: &CacheControl::default(),
+                };
+                let decision =
+                    policy::storable(facts, s.status, &headers, &lookup.settings, response_time);
+                let initial_age =
+                    policy::corrected_initial_age(&rparts.headers, request_time, response_time);
+                let entry = Arc::new(s.refreshed(
+                    strip_cache_only(headers, &[]),
+                    response_time,
+                    initial_age,
+                    decision.clone().unwrap_or_else(|_| s.decision.clone()),
+                ));
+                match decision {
+                    Ok(_) => self.store.insert(
+                        lookup.hash,
+                        Entry::refreshed(
+                            &entry,
+                            entry.headers.clone(),
+                            response_time,
+                            initial_age,
+                            entry.decision.clone(),
+                        ),
+                    ),
+                    Err(_) => self.store.remove(lookup.hash),
+                }
+                guard.publish(Outcome::Ready(entry.clone()));
+                let status = self.cache_status(&format!("{client_status_base}; fwd-status=304"));
+                return (
+                    self.answer_from_entry(&entry, client, lookup.head, response_time, status),
+                    Outcome_::origin("revalidated", origin_index, origin_ms),
+                );
+            }
+        }
+        // An origin error with a usable stale response: serve stale (RFC 5861 §4).
+        if rparts.status.is_server_error() {
+            if let Some(s) = stale.as_ref().filter(|s| s.usable_if_error(now)) {
+                guard.publish(Outcome::Failed(rparts.status));
+                let status = self.cache_status(&format!(
+                    "hit; fwd=stale; fwd-status={}; detail=stale-if-error",
+                    rparts.status.as_u16()
+                ));
+                return (
+                    self.answer_from_entry(s, client, lookup.head, now, status),
+                    Outcome_::origin("stale", origin_index, origin_ms),
                 );
             }
         }
 
-        let origin_index = self.config.sites[site].origin;
-        let origin = &self.origins[origin_index];
-        let key = cache_method.then(|| OwnedKey::new(&parts));
-        let host_value =
-            HeaderValue::from_str(authority).unwrap_or(HeaderValue::from_static("invalid"));
-        let pq: PathAndQuery = pq.clone();
-        let trusted = self
-            .config
-            .server
-            .trusted_proxies
-            .iter()
-            .any(|n| n.contains(&conn.peer.ip()));
-        let has_authorization = h.contains_key(header::AUTHORIZATION);
+        // cache_store
+        let facts = RequestFacts {
+            method: &Method::GET,
+            has_authorization: client.contains_key(header::AUTHORIZATION),
+            cache_control: &CacheControl::from_headers(client),
+        };
+        let limit = self.config.cache.max_object_size;
+        let content_length = rparts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse::<u64>().ok());
+        let decision = policy::storable(
+            facts,
+            rparts.status,
+            &rparts.headers,
+            &lookup.settings,
+            response_time,
+        )
+        .and_then(|d| {
+            if content_length.is_some_and(|n| n > limit) {
+                Err(NoStoreReason::TooLarge)
+            } else {
+                Ok(d)
+            }
+        });
+        let tags = tags(&rparts.headers);
+        let strip: Vec<Box<str>> = decision
+            .as_ref()
+            .map(|d| d.strip.clone())
+            .unwrap_or_default();
+        rparts.headers = strip_cache_only(std::mem::take(&mut rparts.headers), &strip);
+        let decision = match decision {
+            Ok(d) => d,
+            Err(reason) => {
+                guard.publish(Outcome::Uncacheable);
+                if !matches!(
+                    reason,
+                    NoStoreReason::RequestNoStore | NoStoreReason::Authorization
+                ) {
+                    self.store
+                        .mark_hit_for_miss(lookup.hash, site.cache.hit_for_miss);
+                }
+                if stale.is_some() {
+                    // The origin's current answer supersedes what we held.
+                    self.store.remove(lookup.hash);
+                }
+                rparts.headers.insert(
+                    CACHE_STATUS.clone(),
+                    self.cache_status(&format!("{client_status_base}; detail={}", reason.as_str())),
+                );
+                let body = if lookup.head {
+                    Body::empty()
+                } else {
+                    Body::stream(rbody)
+                };
+                return (
+                    Response::from_parts(rparts, body),
+                    Outcome_::origin("pass", origin_index, origin_ms),
+                );
+            }
+        };
+        let vary = VaryKey::from_response(&rparts.headers, client).with_extra(lookup.extra.clone());
+        let fhead = Arc::new(FillHead {
+            status: rparts.status,
+            headers: rparts.headers.clone(),
+            vary: vary.clone(),
+            content_length,
+        });
+        guard.publish(Outcome::Streaming(fhead.clone()));
+        guard.armed = false;
+        let reader = if lookup.head { None } else { fill.reader() };
+        let pump = Pump {
+            store: self.store.clone(),
+            proxy: self.clone(),
+            hash: lookup.hash,
+            fill,
+            registered,
+            key: lookup.key.clone(),
+            vary,
+            status: rparts.status,
+            headers: rparts.headers,
+            request_time,
+            response_time,
+            decision,
+            tags,
+            limit,
+            idle: origin.config.timeout,
+            hit_for_miss: site.cache.hit_for_miss,
+        };
+        tokio::spawn(pump.run(rbody));
+        let status = self.cache_status(&format!(
+            "{client_status_base}{}; stored",
+            if stale.is_some() {
+                "; fwd-status=200"
+            } else {
+                ""
+            }
+        ));
+        (
+            self.answer_from_fill(&fhead, reader, client, lookup.head, status),
+            Outcome_::origin("miss", origin_index, origin_ms),
+        )
+    }
 
-        let (mut rparts, body) = req.into_parts();
-        let client_headers = rparts.headers.clone();
-        let mut up_headers = std::mem::take(&mut rparts.headers);
+    /// Starts one background revalidation for a stale entry (stale-while-revalidate).
+    #[allow(clippy::too_many_arguments)]
+    fn refresh_in_background(
+        self: &Arc<Self>,
+        req: &Request<Incoming>,
+        conn: ConnInfo,
+        site: usize,
+        parts: &KeyParts<'_>,
+        extra: Option<Box<str>>,
+        hash: u64,
+        host_value: HeaderValue,
+        stale: Arc<Entry>,
+    ) {
+        let (fill, leader) = self.fills.join(hash);
+        if !leader {
+            return;
+        }
+        let mut head = Request::new(());
+        *head.method_mut() = Method::GET;
+        *head.uri_mut() = req.uri().clone();
+        *head.version_mut() = req.version();
+        *head.headers_mut() = req.headers().clone();
+        let settings = {
+            let s = &self.config.sites[site];
+            s.rule(req.uri().path())
+                .map(|r| r.apply(&s.cache.settings))
+                .unwrap_or_else(|| s.cache.settings.clone())
+        };
+        let lookup = Lookup {
+            site,
+            hash,
+            key: OwnedKey::new(parts),
+            extra,
+            settings,
+            forced: false,
+            head: true,
+            parts: Arc::new(head.into_parts().0),
+            host_value,
+            conn,
+        };
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            let _ = proxy.lead(&lookup, fill, true, Some(stale)).await;
+        });
+    }
+
+    /// Forwards a request that the cache does not handle (other methods, bypass rules).
+    #[allow(clippy::too_many_arguments)]
+    async fn pass(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        site: &Site,
+        site_idx: usize,
+        host: &str,
+        host_value: HeaderValue,
+        status: HeaderValue,
+    ) -> Answer {
+        let origin_index = site.origin;
+        let origin = &self.origins[origin_index];
+        let method = req.method().clone();
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let trusted = self.trusted(conn);
+        let (mut parts, body) = req.into_parts();
+        let mut up_headers = std::mem::take(&mut parts.headers);
         forward_request_headers(
             &mut up_headers,
             conn.peer.ip(),
             conn.https,
             &host_value,
             trusted,
-            self.via(rparts.version),
+            self.via(parts.version),
         );
         up_headers.insert(
             header::HOST,
             origin.config.host_header.clone().unwrap_or(host_value),
         );
-        let mut builder = Uri::builder()
-            .scheme(origin.config.scheme.clone())
-            .authority(origin.config.authority.clone());
-        builder = builder.path_and_query(pq);
-        let Ok(uri) = builder.build() else {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "edgecache: invalid request target\n",
-                true,
+        let Some(uri) = origin_uri(origin, pq.clone()) else {
+            return (
+                respond::simple(
+                    StatusCode::BAD_REQUEST,
+                    "edgecache: invalid request target\n",
+                    true,
+                ),
+                Outcome_::local("refused"),
             );
-        };
-        // A HEAD miss is fetched as GET so the object can be stored (as nginx and Varnish do).
-        let head_as_get = method == Method::HEAD;
-        let up_method = if head_as_get {
-            Method::GET
-        } else {
-            method.clone()
         };
         let up_body = if body.is_end_stream() {
             UpstreamBody::empty()
@@ -371,136 +884,243 @@ impl Proxy {
             match preread(body, self.config.server.header_read_timeout).await {
                 Ok(b) => b,
                 Err(PrereadError::Malformed) => {
-                    return refuse(
-                        StatusCode::BAD_REQUEST,
-                        "edgecache: malformed request body\n",
-                        true,
+                    return (
+                        respond::simple(
+                            StatusCode::BAD_REQUEST,
+                            "edgecache: malformed request body\n",
+                            true,
+                        ),
+                        Outcome_::local("refused"),
                     )
                 }
                 Err(PrereadError::TimedOut) => {
-                    return refuse(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "edgecache: request body too slow\n",
-                        true,
+                    return (
+                        respond::simple(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "edgecache: request body too slow\n",
+                            true,
+                        ),
+                        Outcome_::local("refused"),
                     )
                 }
             }
         };
         let mut up = Request::new(up_body);
-        *up.method_mut() = up_method.clone();
+        *up.method_mut() = method.clone();
         *up.uri_mut() = uri;
         *up.headers_mut() = up_headers;
-
-        let request_time = SystemTime::now();
         let sent_at = Instant::now();
         let result = origin.send(up).await;
         let origin_ms = sent_at.elapsed().as_secs_f64() * 1000.0;
+        let _ = site_idx;
         let resp = match result {
-            Ok(resp) => resp,
+            Ok(r) => r,
             Err(e) => {
                 tracing::warn!(origin = %origin.config.name, error = %ErrorChain(&e), "origin request failed");
                 return (
                     respond::origin_error(&e),
-                    Outcome {
-                        cache: "error",
-                        origin: Some(origin_index),
-                        origin_ms: Some(origin_ms),
-                    },
+                    Outcome_::origin("error", origin_index, origin_ms),
                 );
             }
         };
-        let response_time = SystemTime::now();
-        let (mut parts, body) = resp.into_parts();
-        remove_hop_by_hop(&mut parts.headers);
-        parts
+        let (mut rparts, rbody) = resp.into_parts();
+        remove_hop_by_hop(&mut rparts.headers);
+        rparts
             .headers
-            .append(header::VIA, self.via(parts.version).clone());
-        parts.version = Version::HTTP_11;
-
-        // RFC 9111 §4.4: a successful unsafe request invalidates what we hold for its URI.
-        if !method.is_safe() && (parts.status.is_success() || parts.status.is_redirection()) {
-            self.store.remove(hash);
-        }
-
-        let decision = match &key {
-            Some(_) => {
-                let resp_cc = CacheControl::from_headers(&parts.headers);
-                let facts = RequestFacts {
-                    method: &up_method,
-                    has_authorization,
-                    cache_control: &req_cc,
-                };
-                policy::storable(facts, parts.status, &parts.headers, &resp_cc, response_time)
-                    .and_then(|lifetime| {
-                        let too_large = parts
-                            .headers
-                            .get(header::CONTENT_LENGTH)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|s| s.parse::<u64>().ok())
-                            .is_some_and(|n| n > self.config.cache.max_object_size);
-                        if too_large {
-                            Err(NoStoreReason::TooLarge)
-                        } else {
-                            Ok(lifetime)
+            .append(header::VIA, self.via(rparts.version).clone());
+        rparts.version = Version::HTTP_11;
+        // RFC 9111 §4.4: a successful unsafe request invalidates the target URI and the same-host
+        // URIs named by Location and Content-Location.
+        if !method.is_safe() && (rparts.status.is_success() || rparts.status.is_redirection()) {
+            self.store.purge(
+                &PurgeTarget::Url {
+                    host,
+                    path_and_query: pq.as_str(),
+                },
+                false,
+            );
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                if let Some(target) = rparts
+                    .headers
+                    .get(&name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|s| s.parse::<Uri>().ok())
+                {
+                    let same_host = target.host().is_none_or(|h| h.eq_ignore_ascii_case(host));
+                    if let (true, Some(p)) = (same_host, target.path_and_query()) {
+                        if p.as_str().starts_with('/') {
+                            self.store.purge(
+                                &PurgeTarget::Url {
+                                    host,
+                                    path_and_query: p.as_str(),
+                                },
+                                false,
+                            );
                         }
-                    })
+                    }
+                }
             }
-            None => Err(NoStoreReason::Method),
-        };
-        let pending = match (decision, key) {
-            (Ok(lifetime), Some(key)) => {
-                let mut stored_headers = parts.headers.clone();
-                stored_headers.remove(header::AGE);
-                Some(PendingEntry {
-                    store: self.store.clone(),
-                    hash,
-                    key,
-                    vary: VaryKey::from_response(&parts.headers, &client_headers),
-                    status: parts.status,
-                    initial_age: policy::corrected_initial_age(
-                        &parts.headers,
-                        request_time,
-                        response_time,
-                    ),
-                    headers: stored_headers,
-                    response_time,
-                    lifetime,
-                    limit: self.config.cache.max_object_size,
-                })
-            }
-            _ => None,
-        };
-        let cache_status = match (&pending, decision) {
-            (Some(_), _) if client_forced => self.status.fwd_request_stored.clone(),
-            (Some(_), _) => self.status.miss_stored.clone(),
-            (None, Err(reason)) => self.status.not_stored(reason, client_forced),
-            (None, Ok(_)) => self.status.not_stored(NoStoreReason::Method, client_forced),
-        };
-        parts.headers.insert(CACHE_STATUS.clone(), cache_status);
-        let stored = pending.is_some();
-        let body = if head_as_get {
-            // The client asked for HEAD: fill the cache in the background, answer the head.
-            if let Some(p) = pending {
-                let fill = Body::stream(body, Some(p));
-                tokio::spawn(drain(fill));
-            }
+        }
+        rparts.headers = strip_cache_only(std::mem::take(&mut rparts.headers), &[]);
+        rparts.headers.insert(CACHE_STATUS.clone(), status);
+        let cache = if method.is_safe() { "bypass" } else { "pass" };
+        let body = if method == Method::HEAD {
             Body::empty()
         } else {
-            Body::stream(body, pending)
+            Body::stream(rbody)
         };
-        let outcome = Outcome {
-            cache: if stored { "miss" } else { "pass" },
-            origin: Some(origin_index),
-            origin_ms: Some(origin_ms),
-        };
-        (Response::from_parts(parts, body), outcome)
+        (
+            Response::from_parts(rparts, body),
+            Outcome_::origin(cache, origin_index, origin_ms),
+        )
     }
 
-    /// Builds a response from a stored entry; only `Age` and `Cache-Status` are added per hit.
-    fn hit(&self, entry: &Entry, head: bool, now: SystemTime) -> Response<Body> {
+    /// The HTTP `PURGE` method: removes every stored variant of the URL, from allowed networks.
+    fn purge_method(
+        &self,
+        req: &Request<Incoming>,
+        conn: ConnInfo,
+        host: &str,
+        pq: &str,
+    ) -> Answer {
+        let allowed = self
+            .config
+            .admin
+            .as_ref()
+            .is_some_and(|a| a.purge_allow.iter().any(|n| n.contains(&conn.peer.ip())));
+        if !allowed {
+            return (
+                respond::simple(
+                    StatusCode::FORBIDDEN,
+                    "edgecache: PURGE is not allowed from this address\n",
+                    false,
+                ),
+                Outcome_::local("refused"),
+            );
+        }
+        let soft = req
+            .headers()
+            .get("x-purge-soft")
+            .is_some_and(|v| v == "1" || v == "true");
+        let n = self.store.purge(
+            &PurgeTarget::Url {
+                host,
+                path_and_query: pq,
+            },
+            soft,
+        );
+        let mut resp = Response::new(Body::full(Bytes::from(format!("{{\"purged\":{n}}}\n"))));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        (resp, Outcome_::local("purge"))
+    }
+
+    fn trusted(&self, conn: ConnInfo) -> bool {
+        self.config
+            .server
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&conn.peer.ip()))
+    }
+
+    /// Answers from a stored response: preconditions (304/412), ranges (206/416), HEAD.
+    fn answer_from_entry(
+        &self,
+        entry: &Entry,
+        request: &HeaderMap,
+        head: bool,
+        now: SystemTime,
+        status: HeaderValue,
+    ) -> Response<Body> {
+        let age = HeaderValue::from(entry.age(now).as_secs());
+        let ok = entry.status == StatusCode::OK;
+        match policy::evaluate_preconditions(request, &entry.headers) {
+            Precondition::NotModified if ok || entry.headers.contains_key(header::ETAG) => {
+                return not_modified(&entry.headers, age, status);
+            }
+            Precondition::Failed => {
+                let mut r = respond::simple(
+                    StatusCode::PRECONDITION_FAILED,
+                    "edgecache: precondition failed\n",
+                    false,
+                );
+                r.headers_mut().insert(CACHE_STATUS.clone(), status);
+                return r;
+            }
+            Precondition::IgnoreRange => return self.whole(entry, head, age, status),
+            Precondition::NotModified | Precondition::Proceed => {}
+        }
+        if let (true, Some(r)) = (ok, request.get(header::RANGE).and_then(|v| v.to_str().ok())) {
+            let len = entry.body.len() as u64;
+            match range::parse(r, len) {
+                range::Ranges::Ignore => {}
+                range::Ranges::Unsatisfiable => {
+                    let mut resp = respond::simple(
+                        StatusCode::RANGE_NOT_SATISFIABLE,
+                        "edgecache: range not satisfiable\n",
+                        false,
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                        resp.headers_mut().insert(header::CONTENT_RANGE, v);
+                    }
+                    resp.headers_mut().insert(CACHE_STATUS.clone(), status);
+                    return resp;
+                }
+                range::Ranges::Satisfiable(ranges) => {
+                    let mut headers = entry.headers.clone();
+                    headers.insert(header::AGE, age);
+                    headers.insert(CACHE_STATUS.clone(), status);
+                    let body = if let [(first, last)] = ranges[..] {
+                        if let Ok(v) =
+                            HeaderValue::from_str(&range::content_range(first, last, len))
+                        {
+                            headers.insert(header::CONTENT_RANGE, v);
+                        }
+                        entry.body.slice(first as usize..=last as usize)
+                    } else {
+                        let ct = entry
+                            .headers
+                            .get(header::CONTENT_TYPE)
+                            .and_then(|v| v.to_str().ok());
+                        let b = range::multipart(&entry.body, &ranges, ct, &self.boundary);
+                        if let Ok(v) = HeaderValue::from_str(&format!(
+                            "multipart/byteranges; boundary={}",
+                            self.boundary
+                        )) {
+                            headers.insert(header::CONTENT_TYPE, v);
+                        }
+                        b
+                    };
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                    let mut resp = Response::new(if head {
+                        Body::empty()
+                    } else {
+                        Body::full(body)
+                    });
+                    *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+                    *resp.headers_mut() = headers;
+                    return resp;
+                }
+            }
+        }
+        self.whole(entry, head, age, status)
+    }
+
+    /// The whole stored response; only `Age` and `Cache-Status` are added per hit.
+    fn whole(
+        &self,
+        entry: &Entry,
+        head: bool,
+        age: HeaderValue,
+        status: HeaderValue,
+    ) -> Response<Body> {
         let mut headers = entry.headers.clone();
-        headers.insert(header::AGE, HeaderValue::from(entry.age(now).as_secs()));
-        headers.insert(CACHE_STATUS.clone(), self.status.hit.clone());
+        headers.insert(header::AGE, age);
+        headers.insert(CACHE_STATUS.clone(), status);
         let body = if head {
             Body::empty()
         } else {
@@ -511,19 +1131,213 @@ impl Proxy {
         *resp.headers_mut() = headers;
         resp
     }
+
+    /// Answers from a fill that is still arriving.
+    fn answer_from_fill(
+        &self,
+        head: &FillHead,
+        reader: Option<crate::cache::fill::FillReader>,
+        request: &HeaderMap,
+        head_only: bool,
+        status: HeaderValue,
+    ) -> Response<Body> {
+        if head.status == StatusCode::OK
+            && matches!(
+                policy::evaluate_preconditions(request, &head.headers),
+                Precondition::NotModified
+            )
+        {
+            return not_modified(&head.headers, HeaderValue::from_static("0"), status);
+        }
+        let mut headers = head.headers.clone();
+        headers.insert(CACHE_STATUS.clone(), status);
+        let body = match (head_only, reader) {
+            (false, Some(r)) => Body::fill(r),
+            _ => Body::empty(),
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = head.status;
+        *resp.headers_mut() = headers;
+        resp
+    }
 }
 
-/// Whether a stored entry satisfies the request's own freshness limits (RFC 9111 §5.2.1).
-fn acceptable(entry: &Entry, req_cc: &CacheControl, now: SystemTime) -> bool {
-    let age = entry.age(now).as_secs();
-    if !entry.is_fresh(now) {
-        return false;
+/// Publishes `Retry` if the leader goes away (client disconnect) before publishing.
+struct LeaderGuard<'a> {
+    proxy: &'a Proxy,
+    hash: u64,
+    fill: Arc<Fill>,
+    registered: bool,
+    armed: bool,
+}
+
+impl LeaderGuard<'_> {
+    fn publish(&mut self, outcome: Outcome) {
+        let streaming = matches!(outcome, Outcome::Streaming(_));
+        self.fill.publish(outcome);
+        if !streaming {
+            self.release();
+        }
     }
-    if req_cc.max_age.is_some_and(|m| age > m) {
-        return false;
+
+    fn release(&mut self) {
+        self.armed = false;
+        if self.registered {
+            self.proxy.fills.remove(self.hash, &self.fill);
+        }
     }
-    let left = entry.lifetime.as_secs().saturating_sub(age);
-    req_cc.min_fresh.is_none_or(|m| left >= m)
+}
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.fill.publish(Outcome::Retry);
+            self.release();
+        }
+    }
+}
+
+/// Reads an origin body into a fill, then stores it (stream-while-caching). Runs on its own
+/// task, so the object is completed for the cache even if every client leaves.
+struct Pump {
+    store: Store,
+    proxy: Arc<Proxy>,
+    hash: u64,
+    fill: Arc<Fill>,
+    registered: bool,
+    key: OwnedKey,
+    vary: VaryKey,
+    status: StatusCode,
+    headers: HeaderMap,
+    request_time: SystemTime,
+    response_time: SystemTime,
+    decision: StoreDecision,
+    tags: Box<[Box<str>]>,
+    limit: u64,
+    idle: Duration,
+    hit_for_miss: Duration,
+}
+
+impl Pump {
+    async fn run(self, mut body: Incoming) {
+        let mut abandoned = false;
+        let complete = loop {
+            let frame = match tokio::time::timeout(self.idle, body.frame()).await {
+                Err(_) => break false,
+                Ok(None) => break true,
+                Ok(Some(Err(_))) => break false,
+                Ok(Some(Ok(f))) => f,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            self.fill.push(data);
+            if !abandoned && self.fill.len() > self.limit {
+                // Too large to store after all: keep streaming to the readers we have, with the
+                // fetch held to their pace, and let new requests go their own way.
+                abandoned = true;
+                self.fill.abandon();
+                self.release();
+                self.store.mark_hit_for_miss(self.hash, self.hit_for_miss);
+            }
+            if abandoned && !self.fill.wait_for_readers(STREAM_WINDOW).await {
+                break false;
+            }
+        };
+        if complete && !abandoned {
+            if let Some(bytes) = self.fill.collect() {
+                let initial_age = policy::corrected_initial_age(
+                    &self.headers,
+                    self.request_time,
+                    self.response_time,
+                );
+                let entry = Entry::new(
+                    self.key.clone(),
+                    self.vary.clone(),
+                    self.status,
+                    self.headers.clone(),
+                    bytes,
+                    self.response_time,
+                    initial_age,
+                    self.decision.clone(),
+                    self.tags.clone(),
+                );
+                self.store.insert(self.hash, entry);
+            }
+        }
+        self.fill.finish(complete);
+        self.release();
+    }
+
+    fn release(&self) {
+        if self.registered {
+            self.proxy.fills.remove(self.hash, &self.fill);
+        }
+    }
+}
+
+/// A 304 built from stored headers (RFC 9110 §15.4.5).
+fn not_modified(stored: &HeaderMap, age: HeaderValue, status: HeaderValue) -> Response<Body> {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::NOT_MODIFIED;
+    let h = resp.headers_mut();
+    for name in &policy::NOT_MODIFIED_FIELDS {
+        for v in stored.get_all(name) {
+            h.append(name.clone(), v.clone());
+        }
+    }
+    for v in stored.get_all(header::VIA) {
+        h.append(header::VIA, v.clone());
+    }
+    h.insert(header::AGE, age);
+    h.insert(CACHE_STATUS.clone(), status);
+    resp
+}
+
+/// Purge tags from `Surrogate-Key` and `Cache-Tag` (space or comma separated).
+fn tags(headers: &HeaderMap) -> Box<[Box<str>]> {
+    let mut out: Vec<Box<str>> = Vec::new();
+    for name in ["surrogate-key", "cache-tag"] {
+        for v in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
+            for t in v.split([' ', ',']).map(str::trim).filter(|t| !t.is_empty()) {
+                if !out.iter().any(|o| **o == *t) {
+                    out.push(t.into());
+                }
+            }
+        }
+    }
+    out.into_boxed_slice()
+}
+
+/// Removes fields meant for this cache only, and `strip` (lowercase names).
+fn strip_cache_only(mut headers: HeaderMap, strip: &[Box<str>]) -> HeaderMap {
+    for name in CACHE_ONLY_FIELDS {
+        headers.remove(name);
+    }
+    for name in strip {
+        headers.remove(&**name);
+    }
+    headers
+}
+
+fn origin_uri(origin: &OriginClient, pq: PathAndQuery) -> Option<Uri> {
+    Uri::builder()
+        .scheme(origin.config.scheme.clone())
+        .authority(origin.config.authority.clone())
+        .path_and_query(pq)
+        .build()
+        .ok()
+}
+
+fn status_value(name: &str, rest: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("{name}; {rest}"))
+        .unwrap_or(HeaderValue::from_static("edgecache"))
+}
+
+/// Remaining freshness in seconds, negative when stale (RFC 9211 `ttl`).
+fn ttl(entry: &Entry, now: SystemTime) -> i64 {
+    let lifetime = entry.lifetime().as_secs() as i64;
+    lifetime - entry.age(now).as_secs() as i64
 }
 
 /// Bytes of a request body read before the origin is contacted (as nginx's
@@ -537,10 +1351,7 @@ enum PrereadError {
 }
 
 /// Reads up to [`PREREAD_BYTES`] of a request body, each frame within `timeout`.
-async fn preread(
-    mut body: Incoming,
-    timeout: std::time::Duration,
-) -> Result<UpstreamBody, PrereadError> {
+async fn preread(mut body: Incoming, timeout: Duration) -> Result<UpstreamBody, PrereadError> {
     let mut buf = bytes::BytesMut::new();
     while buf.len() < PREREAD_BYTES {
         if body.is_end_stream() {
@@ -560,15 +1371,6 @@ async fn preread(
         }
     }
     Ok(UpstreamBody::new(buf.freeze(), None, Some(body)))
-}
-
-/// Reads a body to its end (so a tee stores it), discarding the data.
-async fn drain(mut body: Body) {
-    while let Some(frame) = body.frame().await {
-        if frame.is_err() {
-            break;
-        }
-    }
 }
 
 /// Displays an error with its sources, `a: b: c`.

@@ -73,14 +73,8 @@ mod tests {
 
     fn table() -> SiteTable {
         SiteTable::new(&[
-            Site {
-                hosts: vec!["static.example.com".into()],
-                origin: 0,
-            },
-            Site {
-                hosts: vec!["*.example.com".into()],
-                origin: 0,
-            },
+            Site::new(vec!["static.example.com".into()], 0),
+            Site::new(vec!["*.example.com".into()], 0),
         ])
     }
 

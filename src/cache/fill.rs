@@ -1,0 +1,503 @@
+//! In-flight fills: concurrent misses for one key share one origin response.
+//!
+//! The first request for a key becomes the *leader* and fetches; later ones *follow* the same
+//! [`Fill`] and wait for its outcome. A storable response is published as a head plus a body
+//! that grows as the origin sends it; every follower reads it from the start at its own pace
+//! ([`FillReader`]), so all clients are served as bytes arrive, not when the transfer ends.
+//! An uncacheable response releases the followers at once to fetch for themselves.
+//!
+//! Written here rather than with a broadcast channel: readers that join late must replay from
+//! byte zero, and once a response turns out too large to store the retained bytes must be
+//! trimmed to what the slowest reader still needs (with the fetch slowed to match), so memory
+//! stays flat for bodies of any size.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::Notify;
+
+use super::entry::Entry;
+use super::key::VaryKey;
+
+/// The head of a storable response being filled.
+#[derive(Debug)]
+pub struct FillHead {
+    pub status: StatusCode,
+    /// Headers ready for clients (without `Cache-Status` and `Age`).
+    pub headers: HeaderMap,
+    pub vary: VaryKey,
+    pub content_length: Option<u64>,
+}
+
+/// What a fill turned into.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The leader has not heard from the origin yet.
+    Pending,
+    /// A storable response is arriving: read it with [`Fill::reader`].
+    Streaming(Arc<FillHead>),
+    /// The response may not be shared: fetch for yourself.
+    Uncacheable,
+    /// The stored response was revalidated (or is otherwise ready): serve it.
+    Ready(Arc<Entry>),
+    /// The origin failed with this status (502/504 for transport failures).
+    Failed(StatusCode),
+    /// The leader went away before an answer: join again.
+    Retry,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    outcome: Option<Outcome>,
+    chunks: VecDeque<Bytes>,
+    /// Offset of the first retained chunk.
+    base: u64,
+    /// Bytes received so far.
+    len: u64,
+    /// `Some(true)` complete, `Some(false)` aborted.
+    done: Option<bool>,
+    /// Not being stored: bytes every reader has passed may be dropped.
+    abandoned: bool,
+    /// Cursor of each reader (by id); `None` for a finished slot.
+    readers: Vec<Option<u64>>,
+    wakers: Vec<Option<Waker>>,
+}
+
+/// One in-flight origin response shared by every request for its key.
+#[derive(Debug, Default)]
+pub struct Fill {
+    state: Mutex<State>,
+    /// Woken when the outcome is set.
+    outcome_set: Notify,
+    /// Woken when a reader advances or leaves (the pump waits on it once abandoned).
+    progress: Notify,
+}
+
+impl Fill {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the state inconsistent in a way that
+        // matters more than losing the fill, so a poisoned lock is used as is.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the outcome (once) and wakes everyone waiting for it.
+    pub fn publish(&self, outcome: Outcome) {
+        {
+            let mut st = self.lock();
+            if st.outcome.is_some() {
+                return;
+            }
+            st.outcome = Some(outcome);
+        }
+        self.outcome_set.notify_waiters();
+    }
+
+    /// True once an outcome is set.
+    pub fn is_published(&self) -> bool {
+        self.lock().outcome.is_some()
+    }
+
+    /// Waits for the outcome. For a streaming outcome, a reader is registered at the same
+    /// moment, so no byte can be trimmed before it starts.
+    pub async fn wait(self: &Arc<Self>, want_reader: bool) -> (Outcome, Option<FillReader>) {
+        loop {
+            let notified = self.outcome_set.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = self.lock();
+                match &st.outcome {
+                    None => {}
+                    Some(Outcome::Streaming(head)) => {
+                        let head = head.clone();
+                        if st.abandoned && st.base > 0 {
+                            // Too late to replay from the start.
+                            return (Outcome::Uncacheable, None);
+                        }
+                        let reader = want_reader.then(|| self.register(&mut st));
+                        return (Outcome::Streaming(head), reader);
+                    }
+                    Some(other) => return (other.clone(), None),
+                }
+            }
+            notified.await;
+        }
+    }
+
+    fn register(self: &Arc<Self>, st: &mut State) -> FillReader {
+        let id = st.readers.len();
+        st.readers.push(Some(st.base));
+        st.wakers.push(None);
+        FillReader {
+            fill: self.clone(),
+            id,
+            pos: st.base,
+            done: false,
+        }
+    }
+
+    /// A reader from byte zero, for the leader after it publishes a streaming outcome.
+    pub fn reader(self: &Arc<Self>) -> Option<FillReader> {
+        let mut st = self.lock();
+        (st.base == 0).then(|| self.register(&mut st))
+    }
+
+    /// Appends body bytes and wakes readers.
+    pub fn push(&self, data: Bytes) {
+        let wakers = {
+            let mut st = self.lock();
+            st.len += data.len() as u64;
+            st.chunks.push_back(data);
+            take_wakers(&mut st)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Bytes received so far.
+    pub fn len(&self) -> u64 {
+        self.lock().len
+    }
+
+    /// True when no bytes were received.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Ends the body: `complete` false means the transfer was cut and readers get an error.
+    pub fn finish(&self, complete: bool) {
+        let wakers = {
+            let mut st = self.lock();
+            st.done = Some(complete);
+            take_wakers(&mut st)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+        self.outcome_set.notify_waiters();
+        self.progress.notify_waiters();
+    }
+
+    /// The whole body in one `Bytes` (no copy when it arrived in one chunk); `None` once bytes
+    /// were trimmed.
+    pub fn collect(&self) -> Option<Bytes> {
+        let mut st = self.lock();
+        if st.base != 0 {
+            return None;
+        }
+        let body = match st.chunks.len() {
+            0 => Bytes::new(),
+            1 => st.chunks[0].clone(),
+            _ => {
+                let mut buf = BytesMut::with_capacity(st.len as usize);
+                for c in &st.chunks {
+                    buf.extend_from_slice(c);
+                }
+                buf.freeze()
+            }
+        };
+        // Readers continue from the single copy, so the chunks are not held twice.
+        st.chunks.clear();
+        st.chunks.push_back(body.clone());
+        Some(body)
+    }
+
+    /// Stops keeping bytes for storage: from now on they are kept only until every reader has
+    /// passed them.
+    pub fn abandon(&self) {
+        let mut st = self.lock();
+        st.abandoned = true;
+        trim(&mut st);
+    }
+
+    /// Once abandoned, waits until readers are within `window` bytes of the fetch. Returns
+    /// false when no reader is left (the fetch can stop).
+    pub async fn wait_for_readers(&self, window: u64) -> bool {
+        loop {
+            let notified = self.progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.lock();
+                let active: Vec<u64> = st.readers.iter().flatten().copied().collect();
+                if active.is_empty() {
+                    return false;
+                }
+                let slowest = active.into_iter().min().unwrap_or(st.len);
+                if st.len - slowest <= window {
+                    return true;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until the body is complete (true) or aborted (false).
+    pub async fn wait_done(&self) -> bool {
+        loop {
+            let notified = self.outcome_set.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.lock();
+                match (&st.outcome, st.done) {
+                    (_, Some(done)) => return done,
+                    (Some(Outcome::Streaming(_)), None) | (None, None) => {}
+                    (Some(_), None) => return false,
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+fn take_wakers(st: &mut State) -> Vec<Waker> {
+    st.wakers.iter_mut().filter_map(Option::take).collect()
+}
+
+fn trim(st: &mut State) {
+    if !st.abandoned {
+        return;
+    }
+    let slowest = st.readers.iter().flatten().copied().min().unwrap_or(st.len);
+    while let Some(front) = st.chunks.front() {
+        let end = st.base + front.len() as u64;
+        if end > slowest {
+            break;
+        }
+        st.base = end;
+        st.chunks.pop_front();
+    }
+}
+
+/// A client's view of a fill's body, from byte zero, at its own pace.
+#[derive(Debug)]
+pub struct FillReader {
+    fill: Arc<Fill>,
+    id: usize,
+    pos: u64,
+    done: bool,
+}
+
+/// The body ended early: the origin's transfer was cut.
+#[derive(Debug, thiserror::Error)]
+#[error("the origin's response was cut off")]
+pub struct Aborted;
+
+impl Body for FillReader {
+    type Data = Bytes;
+    type Error = Aborted;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Aborted>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let fill = self.fill.clone();
+        let mut st = fill.lock();
+        if self.pos < st.len {
+            // Find the chunk holding `pos` and hand out the rest of it, without copying.
+            let mut offset = st.base;
+            let mut found = None;
+            for c in &st.chunks {
+                let end = offset + c.len() as u64;
+                if self.pos < end {
+                    found = Some(c.slice((self.pos - offset) as usize..));
+                    break;
+                }
+                offset = end;
+            }
+            let Some(data) = found else {
+                // Our bytes were trimmed: cannot happen while we are registered.
+                self.done = true;
+                return Poll::Ready(Some(Err(Aborted)));
+            };
+            self.pos += data.len() as u64;
+            let id = self.id;
+            if let Some(slot) = st.readers.get_mut(id) {
+                *slot = Some(self.pos);
+            }
+            trim(&mut st);
+            drop(st);
+            fill.progress.notify_waiters();
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        match st.done {
+            Some(true) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Some(false) => {
+                self.done = true;
+                Poll::Ready(Some(Err(Aborted)))
+            }
+            None => {
+                let id = self.id;
+                if let Some(w) = st.wakers.get_mut(id) {
+                    *w = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if self.done {
+            return true;
+        }
+        let st = self.fill.lock();
+        st.done == Some(true) && self.pos >= st.len
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let st = self.fill.lock();
+        if let (Some(Outcome::Streaming(head)), false) = (&st.outcome, self.done) {
+            if let Some(n) = head.content_length {
+                return SizeHint::with_exact(n.saturating_sub(self.pos));
+            }
+        }
+        SizeHint::default()
+    }
+}
+
+impl Drop for FillReader {
+    fn drop(&mut self) {
+        {
+            let mut st = self.fill.lock();
+            let id = self.id;
+            if let Some(slot) = st.readers.get_mut(id) {
+                *slot = None;
+            }
+            if let Some(w) = st.wakers.get_mut(id) {
+                *w = None;
+            }
+            trim(&mut st);
+        }
+        self.fill.progress.notify_waiters();
+    }
+}
+
+/// The map of in-flight fills by primary key.
+#[derive(Debug, Default)]
+pub struct Fills {
+    map: Mutex<HashMap<u64, Arc<Fill>>>,
+}
+
+impl Fills {
+    /// Joins the fill for `hash`, creating it if there is none. `true` means the caller created
+    /// it and must lead (fetch and publish).
+    pub fn join(&self, hash: u64) -> (Arc<Fill>, bool) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = map.get(&hash) {
+            return (f.clone(), false);
+        }
+        let f = Arc::new(Fill::default());
+        map.insert(hash, f.clone());
+        (f, true)
+    }
+
+    /// Removes `fill` from the map if it is still the one registered for `hash`.
+    pub fn remove(&self, hash: u64, fill: &Arc<Fill>) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&hash).is_some_and(|f| Arc::ptr_eq(f, fill)) {
+            map.remove(&hash);
+        }
+    }
+
+    /// Fills in flight.
+    pub fn len(&self) -> usize {
+        self.map.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// True when nothing is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn head() -> Outcome {
+        Outcome::Streaming(Arc::new(FillHead {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            vary: VaryKey::default(),
+            content_length: None,
+        }))
+    }
+
+    #[tokio::test]
+    async fn late_readers_replay_from_zero_and_all_see_every_byte() {
+        let fill = Arc::new(Fill::default());
+        fill.publish(head());
+        let early = fill.reader().expect("reader");
+        fill.push(Bytes::from_static(b"hello "));
+        let (_, late) = fill.wait(true).await;
+        fill.push(Bytes::from_static(b"world"));
+        fill.finish(true);
+        let a = early.collect().await.expect("body").to_bytes();
+        let b = late
+            .expect("reader")
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(&a[..], b"hello world");
+        assert_eq!(&b[..], b"hello world");
+        assert_eq!(fill.collect().as_deref(), Some(&b"hello world"[..]));
+    }
+
+    #[tokio::test]
+    async fn abandoned_fill_trims_what_readers_have_passed() {
+        let fill = Arc::new(Fill::default());
+        fill.publish(head());
+        let mut r = fill.reader().expect("reader");
+        fill.push(Bytes::from(vec![1u8; 100]));
+        fill.push(Bytes::from(vec![2u8; 100]));
+        fill.abandon();
+        let first = r
+            .frame()
+            .await
+            .expect("frame")
+            .expect("ok")
+            .into_data()
+            .expect("data");
+        assert_eq!(first.len(), 100);
+        assert_eq!(fill.lock().base, 100, "the first chunk was dropped");
+        assert!(fill.collect().is_none());
+        assert!(fill.wait_for_readers(100).await);
+        drop(r);
+        assert!(!fill.wait_for_readers(100).await, "no reader left");
+    }
+
+    #[tokio::test]
+    async fn aborted_transfer_is_an_error_for_readers() {
+        let fill = Arc::new(Fill::default());
+        fill.publish(head());
+        let r = fill.reader().expect("reader");
+        fill.push(Bytes::from_static(b"part"));
+        fill.finish(false);
+        assert!(r.collect().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn followers_wait_for_the_outcome() {
+        let fills = Fills::default();
+        let (a, lead) = fills.join(7);
+        assert!(lead);
+        let (b, lead2) = fills.join(7);
+        assert!(!lead2 && Arc::ptr_eq(&a, &b));
+        let waiter = tokio::spawn(async move { b.wait(false).await.0 });
+        a.publish(Outcome::Uncacheable);
+        assert!(matches!(waiter.await.expect("join"), Outcome::Uncacheable));
+        fills.remove(7, &a);
+        assert!(fills.is_empty());
+    }
+}
