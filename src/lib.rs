@@ -3,6 +3,7 @@
 //! [`start`] binds every configured listener and serves until [`Node::shutdown`]. See
 //! ARCHITECTURE.md for the module map and the path of a request.
 
+pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod demo;
@@ -31,6 +32,7 @@ use server::{conn::Builders, ConnTracker, Shared};
 pub struct Node {
     http: Vec<SocketAddr>,
     https: Vec<SocketAddr>,
+    admin: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     accept: JoinSet<()>,
     tracker: ConnTracker,
@@ -76,6 +78,25 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     for (l, tls) in listeners {
         accept.spawn(server::accept_loop(l, tls, shared.clone()));
     }
+    let mut admin_addr = None;
+    if let Some(admin) = &config.admin {
+        let addr = admin.listen;
+        let l = admin::bind(addr)
+            .await
+            .map_err(|source| Error::Bind { addr, source })?;
+        admin_addr = Some(
+            l.local_addr()
+                .map_err(|source| Error::Bind { addr, source })?,
+        );
+        let state = Arc::new(admin::AdminState {
+            config: admin.clone(),
+            proxy: proxy.clone(),
+            tracker: shared.tracker.clone(),
+            capacity: config.cache.memory,
+        });
+        accept.spawn(admin::serve(l, state, shared.shutdown.clone()));
+        tracing::info!(addr = %admin_addr.unwrap_or(addr), "admin listening (metrics, health, purge)");
+    }
     for a in &http {
         tracing::info!(addr = %a, "listening for HTTP");
     }
@@ -85,6 +106,7 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     Ok(Node {
         http,
         https,
+        admin: admin_addr,
         shutdown: tx,
         accept,
         tracker: shared.tracker,
@@ -102,6 +124,16 @@ impl Node {
     /// Bound HTTPS addresses, in configuration order.
     pub fn https_addrs(&self) -> &[SocketAddr] {
         &self.https
+    }
+
+    /// The bound admin address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// The request counters.
+    pub fn metrics(&self) -> &admin::metrics::Metrics {
+        self.proxy.metrics()
     }
 
     /// The node's cache store (for inspection in tests and admin).

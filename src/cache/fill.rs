@@ -59,6 +59,9 @@ struct State {
     base: u64,
     /// Bytes received so far.
     len: u64,
+    /// Bytes readers may see (the last bytes are held back until the object is stored, so a
+    /// client never finishes reading before the object is findable).
+    visible: u64,
     /// `Some(true)` complete, `Some(false)` aborted.
     done: Option<bool>,
     /// Not being stored: bytes every reader has passed may be dropped.
@@ -149,10 +152,22 @@ impl Fill {
 
     /// Appends body bytes and wakes readers.
     pub fn push(&self, data: Bytes) {
+        self.push_hidden(data);
+        self.reveal();
+    }
+
+    /// Appends body bytes that readers see only after [`Fill::reveal`] or [`Fill::finish`].
+    pub fn push_hidden(&self, data: Bytes) {
+        let mut st = self.lock();
+        st.len += data.len() as u64;
+        st.chunks.push_back(data);
+    }
+
+    /// Makes every received byte visible and wakes readers.
+    pub fn reveal(&self) {
         let wakers = {
             let mut st = self.lock();
-            st.len += data.len() as u64;
-            st.chunks.push_back(data);
+            st.visible = st.len;
             take_wakers(&mut st)
         };
         wakers.into_iter().for_each(Waker::wake);
@@ -173,6 +188,7 @@ impl Fill {
         let wakers = {
             let mut st = self.lock();
             st.done = Some(complete);
+            st.visible = st.len;
             take_wakers(&mut st)
         };
         wakers.into_iter().for_each(Waker::wake);
@@ -226,7 +242,7 @@ impl Fill {
                     return false;
                 }
                 let slowest = active.into_iter().min().unwrap_or(st.len);
-                if st.len - slowest <= window {
+                if st.len.saturating_sub(slowest) <= window {
                     return true;
                 }
             }
@@ -299,7 +315,7 @@ impl Body for FillReader {
         }
         let fill = self.fill.clone();
         let mut st = fill.lock();
-        if self.pos < st.len {
+        if self.pos < st.visible {
             // Find the chunk holding `pos` and hand out the rest of it, without copying.
             let mut offset = st.base;
             let mut found = None;
@@ -311,11 +327,15 @@ impl Body for FillReader {
                 }
                 offset = end;
             }
-            let Some(data) = found else {
+            let Some(mut data) = found else {
                 // Our bytes were trimmed: cannot happen while we are registered.
                 self.done = true;
                 return Poll::Ready(Some(Err(Aborted)));
             };
+            let visible_here = (st.visible - self.pos) as usize;
+            if data.len() > visible_here {
+                data.truncate(visible_here);
+            }
             self.pos += data.len() as u64;
             let id = self.id;
             if let Some(slot) = st.readers.get_mut(id) {
@@ -350,7 +370,7 @@ impl Body for FillReader {
             return true;
         }
         let st = self.fill.lock();
-        st.done == Some(true) && self.pos >= st.len
+        st.done == Some(true) && self.pos >= st.visible
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -251,7 +251,8 @@ pub struct Settings {
     pub default_stale_while_revalidate: Duration,
     /// Grace when the origin gives no `stale-if-error`.
     pub default_stale_if_error: Duration,
-    /// How long a stale response with a validator is kept for revalidation.
+    /// How long a response is kept past its freshness: for revalidation (when it has a
+    /// validator) and for clients that accept stale (`max-stale`).
     pub keep: Duration,
     /// Rule: lifetime that replaces the origin's.
     pub force_ttl: Option<Duration>,
@@ -430,12 +431,9 @@ pub fn storable(
         settings.default_stale_if_error,
         settings.stale_if_error,
     );
-    let keep = if has_validator {
-        settings.keep
-    } else {
-        Duration::ZERO
-    };
-    if lifetime.is_zero() && swr.is_zero() && sie.is_zero() && keep.is_zero() {
+    let keep = settings.keep;
+    // Stale on arrival with nothing to revalidate with and no stale window: no use.
+    if lifetime.is_zero() && !has_validator && swr.is_zero() && sie.is_zero() {
         return Err(NoStoreReason::NotFresh);
     }
     Ok(StoreDecision {

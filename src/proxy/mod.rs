@@ -99,6 +99,7 @@ impl Outcome_ {
 type Answer = (Response<Body>, Outcome_);
 
 /// Everything about one cacheable request that the fetch and respond steps need.
+#[derive(Clone)]
 struct Lookup {
     site: usize,
     hash: u64,
@@ -112,6 +113,9 @@ struct Lookup {
     /// The `Host` the client sent (with port), for forwarding.
     host_value: HeaderValue,
     conn: ConnInfo,
+    /// Answer with the whole object even if the client asked for a range (a fallback when the
+    /// object could not be stored to cut the range from).
+    ignore_range: bool,
 }
 
 /// Shared state of the request path.
@@ -122,6 +126,7 @@ pub struct Proxy {
     origin_names: Vec<Arc<str>>,
     store: Store,
     fills: Fills,
+    metrics: crate::admin::metrics::Metrics,
     name: String,
     hit: HeaderValue,
     via_11: HeaderValue,
@@ -157,6 +162,7 @@ impl Proxy {
             origins,
             store,
             fills: Fills::default(),
+            metrics: crate::admin::metrics::Metrics::default(),
             hit: status_value(&name, "hit"),
             via_11: via_value(Version::HTTP_11, &name),
             via_10: via_value(Version::HTTP_10, &name),
@@ -170,6 +176,11 @@ impl Proxy {
     /// The store this proxy reads and fills.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The request counters.
+    pub fn metrics(&self) -> &crate::admin::metrics::Metrics {
+        &self.metrics
     }
 
     /// Fetches in flight.
@@ -226,6 +237,11 @@ impl Proxy {
             })
         });
         let (mut resp, outcome) = self.serve(req, conn).await;
+        self.metrics.request(
+            outcome.cache,
+            resp.status().as_u16(),
+            outcome.origin.is_some(),
+        );
         if let Some(l) = &mut log {
             l.status = resp.status().as_u16();
             l.cache = outcome.cache;
@@ -420,6 +436,7 @@ impl Proxy {
             parts: Arc::new(req.into_parts().0),
             host_value,
             conn,
+            ignore_range: false,
         };
         self.fetch(lookup, stored).await
     }
@@ -505,6 +522,10 @@ impl Proxy {
             }
         }
         let fill = Arc::new(Fill::default());
+        let lookup = Lookup {
+            ignore_range: true,
+            ..lookup
+        };
         self.lead(&lookup, fill, false, stale).await
     }
 
@@ -753,7 +774,13 @@ impl Proxy {
         });
         guard.publish(Outcome::Streaming(fhead.clone()));
         guard.armed = false;
-        let reader = if lookup.head { None } else { fill.reader() };
+        let range = client.contains_key(header::RANGE) && !lookup.ignore_range;
+        let reader = if lookup.head || range {
+            None
+        } else {
+            fill.reader()
+        };
+        let done = range.then(|| fill.clone());
         let pump = Pump {
             store: self.store.clone(),
             proxy: self.clone(),
@@ -773,6 +800,31 @@ impl Proxy {
             hit_for_miss: site.cache.hit_for_miss,
         };
         tokio::spawn(pump.run(rbody));
+        if let Some(fill) = done {
+            // A range is cut from the stored object once it is complete.
+            if fill.wait_done().await {
+                let parts = KeyParts {
+                    https: lookup.key.https,
+                    host: &lookup.key.host,
+                    path_and_query: &lookup.key.path_and_query,
+                };
+                if let Some(e) =
+                    self.store
+                        .get(lookup.hash, &parts, lookup.extra.as_deref(), client)
+                {
+                    let status = self.cache_status(&format!("{client_status_base}; stored"));
+                    return (
+                        self.answer_from_entry(&e, client, lookup.head, SystemTime::now(), status),
+                        Outcome_::origin("miss", origin_index, origin_ms),
+                    );
+                }
+            }
+            let lookup = Lookup {
+                ignore_range: true,
+                ..lookup.clone()
+            };
+            return Box::pin(self.lead(&lookup, Arc::new(Fill::default()), false, None)).await;
+        }
         let status = self.cache_status(&format!(
             "{client_status_base}{}; stored",
             if stale.is_some() {
@@ -826,6 +878,7 @@ impl Proxy {
             parts: Arc::new(head.into_parts().0),
             host_value,
             conn,
+            ignore_range: true,
         };
         let proxy = self.clone();
         tokio::spawn(async move {
@@ -1231,6 +1284,13 @@ impl Pump {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
+            let last = body.is_end_stream();
+            if last && !abandoned && self.fill.len() + data.len() as u64 <= self.limit {
+                // The last bytes: store first, then let readers finish, so a client that has
+                // read everything always finds the object stored.
+                self.fill.push_hidden(data);
+                break true;
+            }
             self.fill.push(data);
             if !abandoned && self.fill.len() > self.limit {
                 // Too large to store after all: keep streaming to the readers we have, with the

@@ -4,6 +4,7 @@
 
 mod binary;
 mod cache;
+mod http_cache;
 mod serving;
 mod support;
 mod tls;

@@ -90,6 +90,8 @@ struct State {
     counts: Mutex<HashMap<String, usize>>,
     last_headers: Mutex<HashMap<String, HeaderMap>>,
     total: AtomicUsize,
+    not_modified: AtomicUsize,
+    completed: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 /// A running test origin. Requests to unknown paths get 404.
@@ -152,6 +154,22 @@ impl TestOrigin {
         self.state.total.load(Ordering::SeqCst)
     }
 
+    /// 304 answers given (to conditional requests matching a route's `ETag`).
+    pub fn not_modified(&self) -> usize {
+        self.state.not_modified.load(Ordering::SeqCst)
+    }
+
+    /// Generated bodies for `path` sent to the end.
+    pub fn completed(&self, path: &str) -> usize {
+        self.state
+            .completed
+            .lock()
+            .expect("lock")
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Headers of the last request for `path`.
     pub fn last_headers(&self, path: &str) -> HeaderMap {
         self.state
@@ -198,6 +216,35 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<TestBody> {
     if !route.delay.is_zero() {
         tokio::time::sleep(route.delay).await;
     }
+    // A real origin answers a matching If-None-Match with 304 and the same headers.
+    let etag = route
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("etag"))
+        .map(|(_, v)| v.clone());
+    let inm = req
+        .headers()
+        .get("if-none-match")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let (Some(etag), Some(inm)) = (etag, inm) {
+        if inm
+            .split(',')
+            .any(|t| t.trim().trim_start_matches("W/") == etag.trim_start_matches("W/"))
+            && route.status == StatusCode::OK
+        {
+            st.not_modified.fetch_add(1, Ordering::SeqCst);
+            let mut r = Response::new(TestBody::fixed(Bytes::new()));
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            for (k, v) in &route.headers {
+                r.headers_mut().append(
+                    HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                    HeaderValue::from_str(v).expect("value"),
+                );
+            }
+            return r;
+        }
+    }
     let mut resp = match route.body {
         RouteBody::Fixed(b) => Response::new(TestBody::fixed(b)),
         RouteBody::Generated {
@@ -206,7 +253,8 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<TestBody> {
             length,
             pause,
         } => {
-            let mut r = Response::new(TestBody::generated(chunk, chunks, pause));
+            let done = (st.completed.clone(), req.uri().path().to_owned());
+            let mut r = Response::new(TestBody::generated(chunk, chunks, pause, Some(done)));
             if length {
                 r.headers_mut().insert(
                     http::header::CONTENT_LENGTH,
@@ -226,6 +274,9 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<TestBody> {
     resp
 }
 
+/// Where a generated body reports that it was sent to the end.
+type Completion = (Arc<Mutex<HashMap<String, usize>>>, String);
+
 /// A body that is either fixed bytes or generated chunks with optional pauses.
 pub struct TestBody {
     fixed: Option<Bytes>,
@@ -234,6 +285,7 @@ pub struct TestBody {
     pause: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     exact: Option<u64>,
+    on_done: Option<Completion>,
 }
 
 impl TestBody {
@@ -246,10 +298,16 @@ impl TestBody {
             pause: Duration::ZERO,
             sleep: None,
             exact: Some(len),
+            on_done: None,
         }
     }
 
-    fn generated(chunk: usize, chunks: usize, pause: Duration) -> TestBody {
+    fn generated(
+        chunk: usize,
+        chunks: usize,
+        pause: Duration,
+        on_done: Option<Completion>,
+    ) -> TestBody {
         let data: Vec<u8> = (0..chunk).map(|i| (i % 251) as u8).collect();
         TestBody {
             fixed: None,
@@ -258,6 +316,7 @@ impl TestBody {
             pause,
             sleep: None,
             exact: None,
+            on_done,
         }
     }
 }
@@ -287,6 +346,11 @@ impl Body for TestBody {
             self.sleep = None;
         }
         self.left -= 1;
+        if self.left == 0 {
+            if let Some((map, path)) = self.on_done.take() {
+                *map.lock().expect("lock").entry(path).or_default() += 1;
+            }
+        }
         Poll::Ready(Some(Ok(Frame::data(self.chunk.clone()))))
     }
 

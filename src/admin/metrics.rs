@@ -1,0 +1,171 @@
+//! Metrics: fixed label sets counted in atomics (no lock, no allocation on the request path),
+//! rendered in the Prometheus text format by the admin listener.
+//!
+//! Written by hand rather than with a metrics crate: every label value is known at compile
+//! time, so a counter is an index into an array of atomics, and rendering is a few lines.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Cache results as they appear in the access log and the `result` label.
+pub const RESULTS: [&str; 10] = [
+    "hit",
+    "stale",
+    "miss",
+    "collapsed",
+    "revalidated",
+    "pass",
+    "bypass",
+    "error",
+    "refused",
+    "purge",
+];
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Counters shared by every request.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: [[AtomicU64; 5]; RESULTS.len()],
+    origin_requests: AtomicU64,
+    origin_errors: AtomicU64,
+    purged: AtomicU64,
+}
+
+/// Point-in-time values read from elsewhere when rendering.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub cache_objects: u64,
+    pub cache_bytes: u64,
+    pub cache_capacity_bytes: u64,
+    pub fills_in_flight: u64,
+    pub open_connections: u64,
+}
+
+impl Metrics {
+    /// Counts one answered request.
+    pub fn request(&self, result: &str, status: u16, used_origin: bool) {
+        let r = RESULTS
+            .iter()
+            .position(|x| *x == result)
+            .unwrap_or(RESULTS.len() - 2);
+        let c = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.requests[r][c].fetch_add(1, Ordering::Relaxed);
+        if used_origin {
+            self.origin_requests.fetch_add(1, Ordering::Relaxed);
+        }
+        if result == "error" {
+            self.origin_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts stored responses removed or marked stale by purges.
+    pub fn purged(&self, n: u64) {
+        self.purged.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Requests so far with this result (all status classes).
+    pub fn requests_with(&self, result: &str) -> u64 {
+        RESULTS
+            .iter()
+            .position(|x| *x == result)
+            .map(|r| {
+                self.requests[r]
+                    .iter()
+                    .map(|a| a.load(Ordering::Relaxed))
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, g: Gauges) -> String {
+        let mut s = String::with_capacity(4096);
+        let _ = writeln!(
+            s,
+            "# HELP edgecache_requests_total Requests answered, by cache result and status class."
+        );
+        let _ = writeln!(s, "# TYPE edgecache_requests_total counter");
+        for (r, name) in RESULTS.iter().enumerate() {
+            for (c, class) in CLASSES.iter().enumerate() {
+                let v = self.requests[r][c].load(Ordering::Relaxed);
+                if v > 0 {
+                    let _ = writeln!(
+                        s,
+                        "edgecache_requests_total{{result=\"{name}\",status=\"{class}\"}} {v}"
+                    );
+                }
+            }
+        }
+        let counters = [
+            (
+                "edgecache_origin_requests_total",
+                "Requests sent to origins.",
+                self.origin_requests.load(Ordering::Relaxed),
+            ),
+            (
+                "edgecache_origin_errors_total",
+                "Origin requests that failed (connect, timeout, reset).",
+                self.origin_errors.load(Ordering::Relaxed),
+            ),
+            (
+                "edgecache_purged_objects_total",
+                "Stored responses removed or marked stale by purges.",
+                self.purged.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        let gauges = [
+            ("edgecache_cache_objects", "URLs stored.", g.cache_objects),
+            (
+                "edgecache_cache_bytes",
+                "Bytes stored, as weighed against the capacity.",
+                g.cache_bytes,
+            ),
+            (
+                "edgecache_cache_capacity_bytes",
+                "The store's bound (cache.memory).",
+                g.cache_capacity_bytes,
+            ),
+            (
+                "edgecache_fills_in_flight",
+                "Origin fetches shared by collapsed requests.",
+                g.fills_in_flight,
+            ),
+            (
+                "edgecache_open_connections",
+                "Open client connections.",
+                g.open_connections,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_render_in_prometheus_format() {
+        let m = Metrics::default();
+        m.request("hit", 200, false);
+        m.request("miss", 200, true);
+        m.request("error", 502, true);
+        let text = m.render(Gauges {
+            cache_objects: 3,
+            ..Gauges::default()
+        });
+        assert!(text.contains("edgecache_requests_total{result=\"hit\",status=\"2xx\"} 1"));
+        assert!(text.contains("edgecache_requests_total{result=\"error\",status=\"5xx\"} 1"));
+        assert!(text.contains("edgecache_origin_requests_total 2"));
+        assert!(text.contains("edgecache_origin_errors_total 1"));
+        assert!(text.contains("edgecache_cache_objects 3"));
+        assert_eq!(m.requests_with("hit"), 1);
+    }
+}

@@ -1,0 +1,243 @@
+//! The admin listener (loopback by default): `/metrics` for Prometheus, `/healthz`, and
+//! `POST /purge` guarded by a bearer token. The data path never waits on it.
+
+pub mod metrics;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::cache::PurgeTarget;
+use crate::config::Admin as AdminConfig;
+use crate::proxy::Proxy;
+use crate::server::ConnTracker;
+use metrics::Gauges;
+
+/// What the admin endpoints read.
+pub struct AdminState {
+    pub config: AdminConfig,
+    pub proxy: Arc<Proxy>,
+    pub tracker: ConnTracker,
+    pub capacity: u64,
+}
+
+/// A purge request body: exactly one target, and `soft` to mark stale instead of removing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    url: Option<String>,
+    host: Option<String>,
+    prefix: Option<String>,
+    tag: Option<String>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    soft: bool,
+}
+
+/// Serves the admin endpoints on `listener` until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => break,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, req).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Binds the admin listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+fn text(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/metrics") => {
+            let store = state.proxy.store();
+            let gauges = Gauges {
+                cache_objects: store.entry_count(),
+                cache_bytes: store.weighted_size(),
+                cache_capacity_bytes: state.capacity,
+                fills_in_flight: state.proxy.fills_in_flight() as u64,
+                open_connections: state.tracker.open() as u64,
+            };
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                state.proxy.metrics().render(gauges),
+            )
+        }
+        (&Method::POST, "/purge") => purge(state, req).await,
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+async fn purge(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let Some(token) = &state.config.token else {
+        return text(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "purge is disabled: no admin token is configured\n",
+        );
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "a valid bearer token is required\n",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let body = match Limited::new(req.into_body(), 64 << 10).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                "could not read the request body\n",
+            )
+        }
+    };
+    let p: PurgeRequest = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("invalid purge request: {e}\n"),
+            )
+        }
+    };
+    let url_parts = p.url.as_deref().and_then(|u| u.parse::<http::Uri>().ok());
+    let target = match (&p, &url_parts) {
+        (
+            PurgeRequest {
+                url: Some(_),
+                host: None,
+                prefix: None,
+                tag: None,
+                all: false,
+                ..
+            },
+            Some(u),
+        ) => match (u.host(), u.path_and_query()) {
+            (Some(h), Some(pq)) => Some((h.to_ascii_lowercase(), pq.as_str().to_owned(), 0)),
+            _ => None,
+        },
+        (
+            PurgeRequest {
+                url: None,
+                host: Some(h),
+                prefix: Some(pre),
+                tag: None,
+                all: false,
+                ..
+            },
+            _,
+        ) => Some((h.to_ascii_lowercase(), pre.clone(), 1)),
+        (
+            PurgeRequest {
+                url: None,
+                host: None,
+                prefix: None,
+                tag: Some(t),
+                all: false,
+                ..
+            },
+            _,
+        ) => Some((String::new(), t.clone(), 2)),
+        (
+            PurgeRequest {
+                url: None,
+                host: None,
+                prefix: None,
+                tag: None,
+                all: true,
+                ..
+            },
+            _,
+        ) => Some((String::new(), String::new(), 3)),
+        _ => None,
+    };
+    let Some((host, arg, kind)) = target else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "give exactly one of {\"url\": \"https://host/path\"}, {\"host\": ..., \"prefix\": \"/path\"}, {\"tag\": ...}, {\"all\": true}\n",
+        );
+    };
+    let target = match kind {
+        0 => PurgeTarget::Url {
+            host: &host,
+            path_and_query: &arg,
+        },
+        1 => PurgeTarget::Prefix {
+            host: &host,
+            prefix: &arg,
+        },
+        2 => PurgeTarget::Tag(&arg),
+        _ => PurgeTarget::All,
+    };
+    let n = state.proxy.store().purge(&target, p.soft);
+    state.proxy.metrics().purged(n as u64);
+    tracing::info!(target = ?target, soft = p.soft, purged = n, "purge");
+    text(
+        StatusCode::OK,
+        "application/json",
+        format!("{{\"purged\":{n},\"soft\":{}}}\n", p.soft),
+    )
+}
+
+/// Compares secrets without an early exit, so response time does not reveal a prefix match.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
