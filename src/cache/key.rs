@@ -93,7 +93,7 @@ impl VaryKey {
                 if fields.iter().any(|(n, _)| *n == name) {
                     continue;
                 }
-                let value = normalised(request.get_all(&name).iter());
+                let value = vary_value(&name, request);
                 fields.push((name, value));
             }
         }
@@ -114,7 +114,7 @@ impl VaryKey {
     pub fn matches(&self, request: &HeaderMap, extra: Option<&str>) -> bool {
         self.extra.as_deref() == extra
             && self.fields.iter().all(|(name, stored)| {
-                let value = normalised(request.get_all(name).iter());
+                let value = vary_value(name, request);
                 value.as_deref() == stored.as_deref()
             })
     }
@@ -197,6 +197,24 @@ pub fn key_extra(
     Some(out.into_boxed_str())
 }
 
+/// A request's value for one `Vary` field. `Accept-Encoding` is a set of codings whose order
+/// and case carry no meaning, so it is lowercased and sorted: `gzip, br` and `BR,gzip` share
+/// a variant. Other fields keep their order (it can matter, as in `Accept-Language`).
+fn vary_value(name: &HeaderName, request: &HeaderMap) -> Option<Box<str>> {
+    let joined = normalised(request.get_all(name).iter())?;
+    if name != http::header::ACCEPT_ENCODING {
+        return Some(joined);
+    }
+    let mut codings: Vec<String> = joined
+        .split(',')
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty())
+        .collect();
+    codings.sort_unstable();
+    codings.dedup();
+    Some(codings.join(",").into_boxed_str())
+}
+
 /// Joins field lines with `,` and drops the optional whitespace around list items, so that
 /// `gzip, br` and `gzip,br` compare equal.
 fn normalised<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Option<Box<str>> {
@@ -259,6 +277,11 @@ mod tests {
         assert!(
             !key.matches(&HeaderMap::new(), None),
             "absent differs from present"
+        );
+        other.insert("accept-encoding", HeaderValue::from_static("BR, gzip"));
+        assert!(
+            key.matches(&other, None),
+            "order and case of codings do not matter"
         );
     }
 

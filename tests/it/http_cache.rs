@@ -178,7 +178,7 @@ async fn stale_if_error_serves_stale_when_the_origin_fails() {
 }
 
 #[tokio::test]
-async fn site_grace_covers_an_unreachable_origin() {
+async fn site_grace_covers_an_origin_error_and_an_origin_that_is_down() {
     let origin = TestOrigin::start().await;
     origin.route(
         "/g",
@@ -186,19 +186,140 @@ async fn site_grace_covers_an_unreachable_origin() {
             .header("cache-control", "max-age=5")
             .header("age", "5"),
     );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = closed_port();
-    // A proxy in front of a port we control: first the real origin, then nothing.
     let body = format!(
-        "[[origins]]\nname = \"o\"\nurl = \"{}\"\nconnect_timeout = \"500ms\"\n[[sites]]\nhosts = [\"site.test\"]\norigin = \"o\"\n[sites.cache]\nstale_if_error = \"1h\"\n",
-        origin.url()
+        "{}[sites.cache]\nstale_if_error = \"1h\"\n",
+        site(&origin, "site.test", "connect_timeout = \"500ms\"")
     );
-    let node = TestNode::start_in(dir, false, "", &body).await;
+    let node = TestNode::start("", &body).await;
     assert_eq!(&get(node.http, "site.test", "/g").await.body[..], b"kept");
     origin.route("/g", Route::ok("").status(500));
     let r = get(node.http, "site.test", "/g").await;
     assert_eq!(&r.body[..], b"kept", "a 500 is covered by the site's grace");
-    let _ = port;
+    origin.stop();
+    let r = get(node.http, "site.test", "/g").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], b"kept", "a refused connection is covered too");
+    let cs = r.header("cache-status").unwrap_or_default();
+    assert!(
+        cs.contains("fwd-status=502") && cs.contains("detail=stale-if-error"),
+        "{cs}"
+    );
+    // Without anything stored, the client sees the failure.
+    assert_eq!(
+        get(node.http, "site.test", "/never-stored").await.status,
+        502
+    );
+}
+
+#[tokio::test]
+async fn no_cache_responses_are_stored_but_revalidated_on_every_use() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/nc",
+        Route::ok("body")
+            .header("cache-control", "no-cache, max-age=600")
+            .header("etag", "\"n1\""),
+    );
+    let node = TestNode::start("", &site(&origin, "site.test", "")).await;
+    get(node.http, "site.test", "/nc").await;
+    for _ in 0..2 {
+        let r = get(node.http, "site.test", "/nc").await;
+        assert_eq!(&r.body[..], b"body");
+        assert_eq!(
+            r.header("cache-status"),
+            Some("edgecache; fwd=stale; fwd-status=304")
+        );
+    }
+    assert_eq!(origin.count("/nc"), 3);
+    assert_eq!(
+        origin.not_modified(),
+        2,
+        "the body came from the cache each time"
+    );
+}
+
+#[tokio::test]
+async fn set_cookie_responses_are_stored_only_when_the_site_opts_in_and_never_share_the_cookie() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/sc",
+        Route::ok("page")
+            .header("cache-control", "max-age=600")
+            .header("set-cookie", "session=alice"),
+    );
+    let body = format!(
+        "{}[sites.cache]\nstore_set_cookie = true\n",
+        site(&origin, "site.test", "")
+    );
+    let node = TestNode::start("", &body).await;
+    for _ in 0..3 {
+        let r = get(node.http, "site.test", "/sc").await;
+        assert_eq!(&r.body[..], b"page");
+        assert!(
+            r.header("set-cookie").is_none(),
+            "a stored cookie would leak to other users"
+        );
+    }
+    assert_eq!(origin.count("/sc"), 1);
+}
+
+#[tokio::test]
+async fn a_site_may_ignore_client_no_cache() {
+    let origin = TestOrigin::start().await;
+    origin.route("/i", Route::ok("i").header("cache-control", "max-age=600"));
+    let body = format!(
+        "{}[sites.cache]\nclient_no_cache = \"ignore\"\n",
+        site(&origin, "site.test", "")
+    );
+    let node = TestNode::start("", &body).await;
+    get(node.http, "site.test", "/i").await;
+    let r = send(
+        node.http,
+        request(
+            "GET",
+            "site.test",
+            "/i",
+            &[("cache-control", "no-cache"), ("pragma", "no-cache")],
+        ),
+    )
+    .await;
+    assert_eq!(r.header("cache-status"), Some("edgecache; hit"));
+    assert_eq!(origin.count("/i"), 1);
+}
+
+#[tokio::test]
+async fn an_aborted_origin_transfer_is_never_stored() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/cut",
+        Route::ok("")
+            .generated(4096, 4, false, Duration::from_millis(50))
+            .header("cache-control", "max-age=600")
+            .aborting(),
+    );
+    let node = TestNode::start("", &site(&origin, "site.test", "")).await;
+    for _ in 0..2 {
+        let (text, _) = raw(
+            node.http,
+            b"GET /cut HTTP/1.1\r\nHost: site.test\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "{}",
+            &text[..text.len().min(100)]
+        );
+        assert!(
+            !text.ends_with("0\r\n\r\n"),
+            "the cut body is not presented as complete"
+        );
+    }
+    assert_eq!(
+        origin.count("/cut"),
+        2,
+        "nothing was stored from the cut transfer"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -452,7 +573,7 @@ async fn vary_variants_are_kept_side_by_side() {
     );
     let node = TestNode::start("", &site(&origin, "site.test", "")).await;
     for _ in 0..3 {
-        for ae in ["gzip", "br", "br, gzip"] {
+        for ae in ["gzip", "br", "br, gzip", "gzip,br", "GZIP, BR"] {
             send(
                 node.http,
                 request("GET", "site.test", "/v", &[("accept-encoding", ae)]),

@@ -27,6 +27,8 @@ pub struct Route {
     pub body: RouteBody,
     /// Delay before the response head.
     pub delay: Duration,
+    /// Cut a generated body off with an error instead of ending it.
+    pub abort: bool,
 }
 
 #[derive(Clone)]
@@ -49,6 +51,7 @@ impl Route {
             headers: Vec::new(),
             body: RouteBody::Fixed(Bytes::from_static(body.as_bytes())),
             delay: Duration::ZERO,
+            abort: false,
         }
     }
 
@@ -59,6 +62,11 @@ impl Route {
 
     pub fn status(mut self, s: u16) -> Route {
         self.status = StatusCode::from_u16(s).expect("status");
+        self
+    }
+
+    pub fn aborting(mut self) -> Route {
+        self.abort = true;
         self
     }
 
@@ -99,6 +107,7 @@ struct State {
 pub struct TestOrigin {
     pub addr: SocketAddr,
     state: Arc<State>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl TestOrigin {
@@ -109,24 +118,39 @@ impl TestOrigin {
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(State::default());
         let st = state.clone();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut accept_stop = stopped.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = accept_stop.changed() => return,
+                };
+                let Ok((stream, _)) = accepted else {
                     continue;
                 };
                 let st = st.clone();
+                let mut conn_stop = stopped.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let st = st.clone();
                         async move { Ok::<_, Infallible>(answer(&st, req).await) }
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = conn_stop.changed() => {}
+                    }
                 });
             }
         });
-        TestOrigin { addr, state }
+        TestOrigin { addr, state, stop }
+    }
+
+    /// Stops listening and drops every open connection: the origin is down.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
     }
 
     pub fn route(&self, path: &str, route: Route) -> &Self {
@@ -254,7 +278,13 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<TestBody> {
             pause,
         } => {
             let done = (st.completed.clone(), req.uri().path().to_owned());
-            let mut r = Response::new(TestBody::generated(chunk, chunks, pause, Some(done)));
+            let mut r = Response::new(TestBody::generated(
+                chunk,
+                chunks,
+                pause,
+                Some(done),
+                route.abort,
+            ));
             if length {
                 r.headers_mut().insert(
                     http::header::CONTENT_LENGTH,
@@ -286,6 +316,7 @@ pub struct TestBody {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     exact: Option<u64>,
     on_done: Option<Completion>,
+    abort: bool,
 }
 
 impl TestBody {
@@ -299,6 +330,7 @@ impl TestBody {
             sleep: None,
             exact: Some(len),
             on_done: None,
+            abort: false,
         }
     }
 
@@ -307,6 +339,7 @@ impl TestBody {
         chunks: usize,
         pause: Duration,
         on_done: Option<Completion>,
+        abort: bool,
     ) -> TestBody {
         let data: Vec<u8> = (0..chunk).map(|i| (i % 251) as u8).collect();
         TestBody {
@@ -317,22 +350,27 @@ impl TestBody {
             sleep: None,
             exact: None,
             on_done,
+            abort,
         }
     }
 }
 
 impl Body for TestBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         if let Some(b) = self.fixed.take() {
             return Poll::Ready(Some(Ok(Frame::data(b))));
         }
         if self.left == 0 {
+            if self.abort {
+                self.abort = false;
+                return Poll::Ready(Some(Err(std::io::Error::other("origin aborted the body"))));
+            }
             return Poll::Ready(None);
         }
         if !self.pause.is_zero() {
@@ -355,7 +393,7 @@ impl Body for TestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.fixed.is_none() && self.left == 0
+        self.fixed.is_none() && self.left == 0 && !self.abort
     }
 
     fn size_hint(&self) -> SizeHint {
