@@ -196,24 +196,20 @@ impl Fill {
         self.progress.notify_waiters();
     }
 
-    /// The whole body in one `Bytes` (no copy when it arrived in one chunk); `None` once bytes
-    /// were trimmed.
+    /// The whole body in one exact-size `Bytes`; `None` once bytes were trimmed.
     pub fn collect(&self) -> Option<Bytes> {
         let mut st = self.lock();
         if st.base != 0 {
             return None;
         }
-        let body = match st.chunks.len() {
-            0 => Bytes::new(),
-            1 => st.chunks[0].clone(),
-            _ => {
-                let mut buf = BytesMut::with_capacity(st.len as usize);
-                for c in &st.chunks {
-                    buf.extend_from_slice(c);
-                }
-                buf.freeze()
-            }
-        };
+        // Always one exact-size copy: a chunk handed up by the connection may be a slice of a
+        // much larger read buffer, and storing the slice would pin the whole buffer for as long
+        // as the object lives. One memcpy per stored object is the price of honest memory use.
+        let mut buf = BytesMut::with_capacity(st.len as usize);
+        for c in &st.chunks {
+            buf.extend_from_slice(c);
+        }
+        let body = buf.freeze();
         // Readers continue from the single copy, so the chunks are not held twice.
         st.chunks.clear();
         st.chunks.push_back(body.clone());
