@@ -107,7 +107,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let weighed = node.store().weighted_size();
     let rss = rss_kib();
     let grown = (rss.saturating_sub(baseline)) << 10;
-    let body_bytes = stored * (kib as u64) << 10;
+    let body_bytes = (stored * kib as u64) << 10;
     println!("objects stored:        {stored} of {objects} ({kib} KiB each)");
     println!(
         "cached body bytes:     {:.1} MiB",
