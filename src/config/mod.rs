@@ -425,6 +425,28 @@ impl Config {
                 .map(|o| o.name.as_str())
                 .unwrap_or("?");
             let _ = writeln!(s, "  {}  ->  {}", site.hosts.join(", "), origin);
+            let c = &site.cache.settings;
+            let _ = writeln!(
+                s,
+                "    grace: stale-while-revalidate {:?}, stale-if-error {:?}, keep {:?}; {} path rule(s)",
+                c.default_stale_while_revalidate,
+                c.default_stale_if_error,
+                c.keep,
+                site.rules.len()
+            );
+        }
+        match &self.admin {
+            Some(a) => {
+                let _ = writeln!(
+                    s,
+                    "admin: {} (metrics, healthz; purge {})",
+                    a.listen,
+                    if a.token.is_some() { "enabled" } else { "disabled: no token" }
+                );
+            }
+            None => {
+                let _ = writeln!(s, "admin: off");
+            }
         }
         let _ = write!(
             s,
