@@ -141,6 +141,11 @@ impl Store {
             .cloned()
     }
 
+    /// True when anything (any variant) is stored under `hash`.
+    pub fn contains(&self, hash: u64) -> bool {
+        self.inner.contains_key(&hash)
+    }
+
     /// Stores an entry under `hash`, replacing the variant with the same `Vary` values.
     pub fn insert(&self, hash: u64, entry: Entry) {
         let entry = Arc::new(entry);

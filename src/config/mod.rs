@@ -441,7 +441,11 @@ impl Config {
                     s,
                     "admin: {} (metrics, healthz; purge {})",
                     a.listen,
-                    if a.token.is_some() { "enabled" } else { "disabled: no token" }
+                    if a.token.is_some() {
+                        "enabled"
+                    } else {
+                        "disabled: no token"
+                    }
                 );
             }
             None => {

@@ -116,6 +116,9 @@ struct Lookup {
     /// Answer with the whole object even if the client asked for a range (a fallback when the
     /// object could not be stored to cut the range from).
     ignore_range: bool,
+    /// RFC 9211 forward reason when nothing usable was stored: `fwd=uri-miss` (nothing for
+    /// the URL) or `fwd=vary-miss` (other variants only).
+    miss: &'static str,
 }
 
 /// Shared state of the request path.
@@ -425,6 +428,11 @@ impl Proxy {
             .map(|r| r.apply(&site.cache.settings))
             .unwrap_or_else(|| site.cache.settings.clone());
         let key = OwnedKey::new(&parts);
+        let miss = if stored.is_none() && self.store.contains(hash) {
+            "fwd=vary-miss"
+        } else {
+            "fwd=uri-miss"
+        };
         let lookup = Lookup {
             site: site_idx,
             hash,
@@ -437,6 +445,7 @@ impl Proxy {
             host_value,
             conn,
             ignore_range: false,
+            miss,
         };
         self.fetch(lookup, stored).await
     }
@@ -477,7 +486,8 @@ impl Proxy {
                                 self.store
                                     .get(lookup.hash, &parts, lookup.extra.as_deref(), h)
                             {
-                                let status = self.cache_status("fwd=miss; collapsed");
+                                let status =
+                                    self.cache_status(&format!("{}; collapsed", lookup.miss));
                                 return (
                                     self.answer_from_entry(&e, h, false, now, status),
                                     Outcome_::local("collapsed"),
@@ -486,7 +496,7 @@ impl Proxy {
                         }
                         break;
                     }
-                    let status = self.cache_status("fwd=miss; collapsed");
+                    let status = self.cache_status(&format!("{}; collapsed", lookup.miss));
                     return (
                         self.answer_from_fill(&fhead, reader, h, lookup.head, status),
                         Outcome_::local("collapsed"),
@@ -610,7 +620,7 @@ impl Proxy {
         } else if stale.is_some() {
             "fwd=stale"
         } else {
-            "fwd=miss"
+            lookup.miss
         };
 
         let resp = match result {
@@ -879,6 +889,7 @@ impl Proxy {
             host_value,
             conn,
             ignore_range: true,
+            miss: "fwd=stale",
         };
         let proxy = self.clone();
         tokio::spawn(async move {

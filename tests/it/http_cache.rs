@@ -33,7 +33,7 @@ async fn stale_entry_is_revalidated_and_a_304_refreshes_it_without_a_body() {
     let first = get(node.http, "site.test", "/r").await;
     assert_eq!(
         first.header("cache-status"),
-        Some("edgecache; fwd=miss; stored")
+        Some("edgecache; fwd=uri-miss; stored")
     );
     let second = get(node.http, "site.test", "/r").await;
     assert_eq!(second.status, 200);
@@ -450,7 +450,7 @@ async fn uncacheable_responses_release_waiters_and_skip_collapsing_afterwards() 
     let r = get(node.http, "site.test", "/nc").await;
     assert_eq!(
         r.header("cache-status"),
-        Some("edgecache; fwd=miss; detail=no-store")
+        Some("edgecache; fwd=uri-miss; detail=no-store")
     );
 }
 
@@ -556,7 +556,7 @@ async fn origin_partial_content_passes_through_uncached() {
         assert_eq!(r.status, 206);
         assert_eq!(
             r.header("cache-status"),
-            Some("edgecache; fwd=miss; detail=status")
+            Some("edgecache; fwd=uri-miss; detail=status")
         );
     }
     assert_eq!(origin.count("/p"), 2);
@@ -916,7 +916,7 @@ async fn client_max_stale_and_min_fresh() {
     let first = get(node.http, "site.test", "/ms").await;
     assert_eq!(
         first.header("cache-status"),
-        Some("edgecache; fwd=miss; stored")
+        Some("edgecache; fwd=uri-miss; stored")
     );
     let r = send(
         node.http,
