@@ -58,6 +58,15 @@ impl OwnedKey {
         }
     }
 
+    /// The borrowed form, for lookups.
+    pub fn parts(&self) -> KeyParts<'_> {
+        KeyParts {
+            https: self.https,
+            host: &self.host,
+            path_and_query: &self.path_and_query,
+        }
+    }
+
     pub fn matches(&self, parts: &KeyParts<'_>) -> bool {
         self.https == parts.https
             && *self.host == *parts.host

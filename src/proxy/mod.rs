@@ -476,23 +476,12 @@ impl Proxy {
                     }
                     if range {
                         // Ranges are cut from the stored object once it is complete.
-                        if fill.wait_done().await {
-                            let parts = KeyParts {
-                                https: lookup.key.https,
-                                host: &lookup.key.host,
-                                path_and_query: &lookup.key.path_and_query,
-                            };
-                            if let Some(e) =
-                                self.store
-                                    .get(lookup.hash, &parts, lookup.extra.as_deref(), h)
-                            {
-                                let status =
-                                    self.cache_status(&format!("{}; collapsed", lookup.miss));
-                                return (
-                                    self.answer_from_entry(&e, h, false, now, status),
-                                    Outcome_::local("collapsed"),
-                                );
-                            }
+                        if let Some(e) = self.stored_after(&fill, &lookup).await {
+                            let status = self.cache_status(&format!("{}; collapsed", lookup.miss));
+                            return (
+                                self.answer_from_entry(&e, h, false, now, status),
+                                Outcome_::local("collapsed"),
+                            );
                         }
                         break;
                     }
@@ -812,22 +801,12 @@ impl Proxy {
         tokio::spawn(pump.run(rbody));
         if let Some(fill) = done {
             // A range is cut from the stored object once it is complete.
-            if fill.wait_done().await {
-                let parts = KeyParts {
-                    https: lookup.key.https,
-                    host: &lookup.key.host,
-                    path_and_query: &lookup.key.path_and_query,
-                };
-                if let Some(e) =
-                    self.store
-                        .get(lookup.hash, &parts, lookup.extra.as_deref(), client)
-                {
-                    let status = self.cache_status(&format!("{client_status_base}; stored"));
-                    return (
-                        self.answer_from_entry(&e, client, lookup.head, SystemTime::now(), status),
-                        Outcome_::origin("miss", origin_index, origin_ms),
-                    );
-                }
+            if let Some(e) = self.stored_after(&fill, lookup).await {
+                let status = self.cache_status(&format!("{client_status_base}; stored"));
+                return (
+                    self.answer_from_entry(&e, client, lookup.head, SystemTime::now(), status),
+                    Outcome_::origin("miss", origin_index, origin_ms),
+                );
             }
             let lookup = Lookup {
                 ignore_range: true,
@@ -846,6 +825,20 @@ impl Proxy {
         (
             self.answer_from_fill(&fhead, reader, client, lookup.head, status),
             Outcome_::origin("miss", origin_index, origin_ms),
+        )
+    }
+
+    /// Waits for `fill` to complete and returns the entry it stored for `lookup`, if any.
+    async fn stored_after(&self, fill: &Fill, lookup: &Lookup) -> Option<Arc<Entry>> {
+        if !fill.wait_done().await {
+            return None;
+        }
+        let parts = lookup.key.parts();
+        self.store.get(
+            lookup.hash,
+            &parts,
+            lookup.extra.as_deref(),
+            &lookup.parts.headers,
         )
     }
 

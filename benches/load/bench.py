@@ -1,0 +1,369 @@
+#!/usr/bin/env python3
+"""Side-by-side load benchmark: edgecache vs nginx proxy_cache vs Varnish, in one run.
+
+Every server gets the same single worker pinned to CPU 0; the origin and the load generator
+(oha, with wrk as a second client at small sizes) share CPU 1. Each case runs after a warm-up
+that fills every cache, in several interleaved rounds; every figure printed is the median of
+the rounds. Speed only counts as a ratio measured here, side by side: absolute numbers from a
+shared machine mean little.
+
+Run from the repository root (as root, so missing packages can be installed):
+    python3 benches/load/bench.py            # BENCH_SECONDS=8 BENCH_ROUNDS=3 by default
+It stops only the processes it started.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+CONNS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
+SERVER_CPU, CLIENT_CPU = "0", "1"
+SIZES = [("1k", 1 << 10), ("16k", 16 << 10), ("256k", 256 << 10), ("1m", 1 << 20)]
+PORTS = {
+    "origin": 18000,
+    "edgecache": 18080, "edgecache-tls": 18443, "edgecache-admin": 18090,
+    "nginx": 18081, "nginx-tls": 18444,
+    "varnish": 18082, "varnish-admin": 18083,
+}
+HOST = "bench.test"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+started = []
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def need(cmd, install):
+    if shutil.which(cmd):
+        return
+    log(f"installing {cmd} ...")
+    install()
+    if not shutil.which(cmd) and not os.path.exists(os.path.expanduser(f"~/.cargo/bin/{cmd}")):
+        sys.exit(f"{cmd} is not available")
+
+
+def apt(*pkgs):
+    def go():
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *pkgs], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    return go
+
+
+def setup_tools():
+    need("nginx", apt("nginx-light"))
+    need("varnishd", apt("varnish"))
+    need("wrk", apt("wrk"))
+    need("openssl", apt("openssl"))
+    os.environ["PATH"] = os.path.expanduser("~/.cargo/bin") + ":" + os.environ["PATH"]
+    need("oha", lambda: subprocess.run(["cargo", "install", "oha", "--locked"], check=True))
+    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "edgecache"], cwd=ROOT, check=True)
+
+
+def spawn(name, argv, cpu, env=None, **kw):
+    p = subprocess.Popen(["taskset", "-c", cpu, *argv], env=env, stdout=subprocess.DEVNULL,
+                         stderr=open(os.path.join(WORK, f"{name}.err"), "w"), start_new_session=True, **kw)
+    started.append((name, p))
+    return p
+
+
+def wait_port(port, timeout=30):
+    deadline = time.time() + timeout
+    import socket
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listening on {port}; see {WORK}/*.err")
+
+
+def stop_all():
+    for name, p in reversed(started):
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for name, p in started:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def tree(pid):
+    """pid and all its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            kids = open(f"/proc/{p}/task/{p}/children").read().split()
+        except OSError:
+            kids = []
+        todo.extend(int(k) for k in kids)
+    return out
+
+
+def cpu_seconds(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError):
+            pass
+    return total / CLK_TCK
+
+
+def peak_rss_mib(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            for line in open(f"/proc/{p}/status"):
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def prepare():
+    www = os.path.join(WORK, "www")
+    os.makedirs(www)
+    for name, size in SIZES:
+        write(os.path.join(www, name), "x" * size)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-keyout", f"{WORK}/key.pem", "-out", f"{WORK}/cert.pem", "-days", "2",
+                    "-subj", f"/CN={HOST}", "-addext", f"subjectAltName=DNS:{HOST},IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    common = f"""pid {WORK}/%s.pid;
+error_log {WORK}/%s.nginx.log warn;
+worker_processes 1;
+events {{ worker_connections 8192; multi_accept on; }}
+"""
+    write(f"{WORK}/origin.conf", (common % ("origin", "origin")) + f"""
+http {{
+  access_log {WORK}/origin.access.log;
+  sendfile on; tcp_nopush on; keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{PORTS['origin']} reuseport backlog=4096;
+    root {www};
+    default_type application/octet-stream;
+    add_header Cache-Control "public, max-age=3600";
+    location /miss/ {{ rewrite ^ /1k break; }}
+    location /cold/ {{ limit_rate 8m; rewrite ^ /1m break; }}
+  }}
+}}
+""")
+    write(f"{WORK}/nginx.conf", (common % ("nginx", "nginx")) + f"""
+http {{
+  access_log off;
+  sendfile on; tcp_nopush on; tcp_nodelay on;
+  keepalive_requests 1000000; keepalive_timeout 75s;
+  proxy_cache_path /dev/shm/edgecache-bench-nginx levels=1:2 keys_zone=c:128m max_size=2g inactive=1h use_temp_path=off;
+  upstream origin {{ server 127.0.0.1:{PORTS['origin']}; keepalive 128; }}
+  ssl_protocols TLSv1.2 TLSv1.3;
+  ssl_session_cache shared:ssl:10m;
+  server {{
+    listen 127.0.0.1:{PORTS['nginx']} reuseport backlog=4096;
+    listen 127.0.0.1:{PORTS['nginx-tls']} ssl http2 reuseport backlog=4096;
+    ssl_certificate {WORK}/cert.pem; ssl_certificate_key {WORK}/key.pem;
+    location / {{
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_cache c;
+      proxy_cache_key $scheme$host$request_uri;
+      proxy_cache_valid 200 1h;
+      proxy_cache_lock on;
+      proxy_cache_lock_timeout 30s;
+      proxy_buffers 64 16k;
+    }}
+  }}
+}}
+""")
+    write(f"{WORK}/default.vcl", f"""vcl 4.1;
+backend origin {{ .host = "127.0.0.1"; .port = "{PORTS['origin']}"; }}
+""")
+    write(f"{WORK}/edgecache.toml", f"""
+[server]
+http = ["127.0.0.1:{PORTS['edgecache']}"]
+https = ["127.0.0.1:{PORTS['edgecache-tls']}"]
+workers = 1
+max_connections = 20000
+[[tls.certificates]]
+hosts = ["{HOST}", "127.0.0.1"]
+cert = "{WORK}/cert.pem"
+key = "{WORK}/key.pem"
+[cache]
+memory = "2GiB"
+max_object_size = "4MiB"
+[[origins]]
+name = "origin"
+url = "http://127.0.0.1:{PORTS['origin']}"
+max_idle_connections = 128
+[[sites]]
+hosts = ["{HOST}", "127.0.0.1", "localhost"]
+origin = "origin"
+""")
+
+
+def start_servers():
+    pids = {}
+    spawn("origin", ["nginx", "-c", f"{WORK}/origin.conf", "-g", "daemon off;"], CLIENT_CPU)
+    wait_port(PORTS["origin"])
+    env = {**os.environ, "RUST_LOG": "warn"}
+    pids["edgecache"] = spawn("edgecache", [f"{ROOT}/target/release/edgecache", "run", "--config",
+                                            f"{WORK}/edgecache.toml"], SERVER_CPU, env=env).pid
+    pids["nginx"] = spawn("nginx", ["nginx", "-c", f"{WORK}/nginx.conf", "-g", "daemon off;"], SERVER_CPU).pid
+    os.makedirs(f"{WORK}/varnish", mode=0o755)
+    pids["varnish"] = spawn("varnish", ["varnishd", "-F", "-j", "none", "-n", f"{WORK}/varnish",
+                                        "-a", f"127.0.0.1:{PORTS['varnish']}", "-T", f"127.0.0.1:{PORTS['varnish-admin']}",
+                                        "-f", f"{WORK}/default.vcl", "-s", "malloc,2G",
+                                        "-p", "thread_pools=1", "-p", "thread_pool_min=100",
+                                        "-p", "thread_pool_max=2000"], SERVER_CPU).pid
+    for p in ("edgecache", "edgecache-tls", "nginx", "nginx-tls", "varnish"):
+        wait_port(PORTS[p])
+    return pids
+
+
+def url(server, path, tls=False):
+    port = PORTS[f"{server}-tls" if tls else server]
+    scheme = "https" if tls else "http"
+    return f"{scheme}://127.0.0.1:{port}{path}"
+
+
+def oha(target, seconds, conns, http2=False, extra=()):
+    argv = ["taskset", "-c", CLIENT_CPU, "oha", "--no-tui", "--output-format", "json", "-z", f"{seconds}s",
+            "-c", str(conns), "-H", f"Host: {HOST}", "--insecure", *extra]
+    if http2:
+        argv += ["--http2", "-p", "8"]
+    out = subprocess.run([*argv, target], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"oha failed: {out.stderr}")
+    j = json.loads(out.stdout)
+    s = j.get("summary", {})
+    pct = j.get("latencyPercentiles", {})
+    errors = sum(j.get("errorDistribution", {}).values())
+    codes = j.get("statusCodeDistribution", {})
+    bad = sum(v for k, v in codes.items() if not k.startswith("2"))
+    return {"rps": s.get("requestsPerSec", 0.0), "p50": pct.get("p50", 0) * 1000, "p99": pct.get("p99", 0) * 1000,
+            "p999": pct.get("p99.9", 0) * 1000, "errors": errors + bad}
+
+
+def measure(server, pid, target, http2=False, extra=(), seconds=None):
+    before = cpu_seconds(pid)
+    r = oha(target, seconds or SECONDS, CONNS, http2, extra)
+    cpu = cpu_seconds(pid) - before
+    r["cpu"] = cpu
+    r["per_cpu_s"] = r["rps"] * (seconds or SECONDS) / cpu if cpu > 0 else 0.0
+    return r
+
+
+def coalescing(server, pid, round_no):
+    path = f"/cold/{server}-{round_no}-{time.time_ns()}"
+    subprocess.run(["taskset", "-c", CLIENT_CPU, "oha", "--no-tui", "-n", "1000", "-c", "1000",
+                    "-H", f"Host: {HOST}", url(server, path)], capture_output=True)
+    time.sleep(0.5)
+    with open(f"{WORK}/origin.access.log") as f:
+        return sum(1 for line in f if path in line)
+
+
+def main():
+    global WORK
+    setup_tools()
+    WORK = tempfile.mkdtemp(prefix="edgecache-bench-")
+    os.chmod(WORK, 0o755)
+    prepare()
+    pids = start_servers()
+    servers = ["edgecache", "nginx", "varnish"]
+    cases = [(f"hit {n} h1", f"/{n}", False, False, servers) for n, _ in SIZES]
+    cases += [(f"hit {n} tls1.3 h1", f"/{n}", True, False, ["edgecache", "nginx"]) for n in ("1k", "16k", "256k")]
+    cases += [(f"hit {n} tls h2", f"/{n}", True, True, ["edgecache", "nginx"]) for n in ("1k", "16k")]
+    results = {}
+    try:
+        log("warming up ...")
+        for name, path, tls, h2, which in cases:
+            for s in which:
+                oha(url(s, path, tls), 1, 8, h2)
+        for rnd in range(ROUNDS):
+            log(f"round {rnd + 1}/{ROUNDS}")
+            for name, path, tls, h2, which in cases:
+                order = which[rnd % len(which):] + which[:rnd % len(which)]
+                for s in order:
+                    results.setdefault((name, s), []).append(measure(s, pids[s], url(s, path, tls), h2))
+            for s in servers:
+                target = url(s, f"/miss/{rnd}/") + "[0-9]{5}"
+                r = measure(s, pids[s], target, extra=("--rand-regex-url",))
+                results.setdefault(("miss 100k urls 1k", s), []).append(r)
+                results.setdefault(("coalesce 1000 cold", s), []).append({"origin_requests": coalescing(s, pids[s], rnd)})
+    finally:
+        rss = {s: peak_rss_mib(pids[s]) for s in servers}
+        stop_all()
+    report(results, rss)
+
+
+def med(rows, key):
+    vals = [r[key] for r in rows if key in r]
+    return statistics.median(vals) if vals else 0.0
+
+
+def report(results, rss):
+    names = []
+    for (name, _s) in results:
+        if name not in names:
+            names.append(name)
+    print(f"\nedgecache vs nginx proxy_cache vs Varnish: {ROUNDS} rounds x {SECONDS}s, {CONNS} connections, "
+          f"servers on CPU {SERVER_CPU} (1 worker), oha on CPU {CLIENT_CPU}; medians. {time.strftime('%Y-%m-%d')}, "
+          f"{os.cpu_count()} cores")
+    print(f"{'case':<22} {'server':<10} {'req/s':>9} {'req/cpu-s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7}")
+    for name in names:
+        if name.startswith("coalesce"):
+            for s in ("edgecache", "nginx", "varnish"):
+                rows = results.get((name, s))
+                if rows:
+                    counts = [r["origin_requests"] for r in rows]
+                    print(f"{name:<22} {s:<10} origin requests per 1000 cold requests: {counts}")
+            continue
+        for s in ("edgecache", "nginx", "varnish"):
+            rows = results.get((name, s))
+            if not rows:
+                continue
+            print(f"{name:<22} {s:<10} {med(rows, 'rps'):>9.0f} {med(rows, 'per_cpu_s'):>10.0f} {med(rows, 'p50'):>8.2f} "
+                  f"{med(rows, 'p99'):>8.2f} {med(rows, 'p999'):>9.2f} {int(med(rows, 'errors')):>7}")
+        ec = results.get((name, "edgecache"))
+        for peer in ("nginx", "varnish"):
+            pr = results.get((name, peer))
+            if ec and pr and med(pr, "rps") > 0:
+                print(f"{'':<22} edgecache/{peer}: req/s x{med(ec, 'rps') / med(pr, 'rps'):.2f}, "
+                      f"req/cpu-s x{med(ec, 'per_cpu_s') / max(med(pr, 'per_cpu_s'), 1e-9):.2f}, "
+                      f"p99 x{med(ec, 'p99') / max(med(pr, 'p99'), 1e-9):.2f}")
+    print("peak RSS MiB: " + ", ".join(f"{s} {v:.0f}" for s, v in rss.items()))
+
+
+if __name__ == "__main__":
+    WORK = ""
+    try:
+        main()
+    except KeyboardInterrupt:
+        stop_all()
