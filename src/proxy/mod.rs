@@ -632,6 +632,18 @@ impl Proxy {
                         Outcome_::origin("stale", origin_index, origin_ms),
                     );
                 }
+                if stale.is_some() {
+                    // RFC 9111 §5.2.2.2: a stored response that may not be served stale and
+                    // cannot be revalidated is answered with 504, never reused.
+                    return (
+                        respond::simple(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "edgecache: the stored response could not be revalidated\n",
+                            false,
+                        ),
+                        Outcome_::origin("error", origin_index, origin_ms),
+                    );
+                }
                 return (
                     respond::origin_error(&e),
                     Outcome_::origin("error", origin_index, origin_ms),
@@ -738,15 +750,19 @@ impl Proxy {
             Ok(d) => d,
             Err(reason) => {
                 guard.publish(Outcome::Uncacheable);
-                if !matches!(
-                    reason,
-                    NoStoreReason::RequestNoStore | NoStoreReason::Authorization
-                ) {
+                // Errors are not a property of the URL: keep collapsing so a failing origin is
+                // not hit by every waiting client at once.
+                if !rparts.status.is_server_error()
+                    && !matches!(
+                        reason,
+                        NoStoreReason::RequestNoStore | NoStoreReason::Authorization
+                    )
+                {
                     self.store
                         .mark_hit_for_miss(lookup.hash, site.cache.hit_for_miss);
                 }
-                if stale.is_some() {
-                    // The origin's current answer supersedes what we held.
+                if stale.is_some() && !rparts.status.is_server_error() {
+                    // The origin's current answer supersedes what we held (a 5xx does not: §4.3.3).
                     self.store.remove(lookup.hash);
                 }
                 rparts.headers.insert(

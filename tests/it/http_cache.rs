@@ -175,6 +175,12 @@ async fn stale_if_error_serves_stale_when_the_origin_fails() {
     );
     let m = get(node.http, "site.test", "/m").await;
     assert_eq!(m.status, 503, "must-revalidate forbids serving stale");
+    origin.stop();
+    let m = get(node.http, "site.test", "/m").await;
+    assert_eq!(
+        m.status, 504,
+        "a response that must be revalidated and cannot be is a 504"
+    );
 }
 
 #[tokio::test]
