@@ -148,7 +148,13 @@ impl Store {
 
     /// Stores an entry under `hash`, replacing the variant with the same `Vary` values.
     pub fn insert(&self, hash: u64, entry: Entry) {
+        self.insert_shared(hash, entry);
+    }
+
+    /// Like [`Store::insert`], returning the stored entry.
+    pub fn insert_shared(&self, hash: u64, entry: Entry) -> Arc<Entry> {
         let entry = Arc::new(entry);
+        let stored = entry.clone();
         let now = SystemTime::now();
         let mut variants: Vec<Arc<Entry>> = match self.inner.get(&hash) {
             Some(old) => old
@@ -165,8 +171,12 @@ impl Store {
             variants.remove(0);
         }
         variants.push(entry);
-        self.hit_for_miss.invalidate(&hash);
+        // A write to moka costs more than a read; most inserts have no marker to clear.
+        if self.hit_for_miss.contains_key(&hash) {
+            self.hit_for_miss.invalidate(&hash);
+        }
         self.inner.insert(hash, Arc::new(Object { variants }));
+        stored
     }
 
     /// Removes every variant stored under `hash`.

@@ -60,6 +60,10 @@ const CONDITIONAL_FIELDS: [HeaderName; 6] = [
     header::RANGE,
 ];
 
+/// Objects up to this size (by `Content-Length`) are read whole by the leader before it
+/// answers, instead of being streamed through a fill.
+const SMALL_OBJECT: u64 = 64 << 10;
+
 /// Once a response is too large to store, the fetch runs at most this far ahead of the slowest
 /// client reading it.
 const STREAM_WINDOW: u64 = 1 << 20;
@@ -492,7 +496,11 @@ impl Proxy {
                     );
                 }
                 Outcome::Ready(entry) => {
-                    let status = self.cache_status("fwd=stale; fwd-status=304; collapsed");
+                    let status = if stale.is_some() {
+                        self.cache_status("fwd=stale; collapsed")
+                    } else {
+                        self.cache_status(&format!("{}; collapsed", lookup.miss))
+                    };
                     return (
                         self.answer_from_entry(&entry, h, lookup.head, now, status),
                         Outcome_::local("collapsed"),
@@ -781,6 +789,60 @@ impl Proxy {
             }
         };
         let vary = VaryKey::from_response(&rparts.headers, client).with_extra(lookup.extra.clone());
+        if content_length.is_some_and(|n| n <= SMALL_OBJECT) {
+            // A small object is read whole before anyone is answered: followers are then
+            // served from the stored entry, with no streaming machinery per request.
+            let mut body = rbody;
+            let mut buf = bytes::BytesMut::with_capacity(content_length.unwrap_or(0) as usize);
+            let complete = loop {
+                match tokio::time::timeout(origin.config.timeout, body.frame()).await {
+                    Ok(None) => break true,
+                    Ok(Some(Ok(frame))) => {
+                        if let Some(d) = frame.data_ref() {
+                            buf.extend_from_slice(d);
+                        }
+                    }
+                    _ => break false,
+                }
+            };
+            if !complete || buf.len() as u64 != content_length.unwrap_or(0) {
+                guard.publish(Outcome::Failed(StatusCode::BAD_GATEWAY));
+                return (
+                    respond::simple(
+                        StatusCode::BAD_GATEWAY,
+                        "edgecache: the origin's response was cut off\n",
+                        false,
+                    ),
+                    Outcome_::origin("error", origin_index, origin_ms),
+                );
+            }
+            let initial_age =
+                policy::corrected_initial_age(&rparts.headers, request_time, response_time);
+            let entry = Entry::new(
+                lookup.key.clone(),
+                vary,
+                rparts.status,
+                rparts.headers,
+                buf.freeze(),
+                response_time,
+                initial_age,
+                decision,
+                tags,
+            );
+            let entry = self.store.insert_shared(lookup.hash, entry);
+            guard.publish(Outcome::Ready(entry.clone()));
+            let status = self.cache_status(&format!(
+                "{client_status_base}{}; stored",
+                if stale.is_some() {
+                    "; fwd-status=200"
+                } else {
+                    ""
+                }
+            ));
+            let resp =
+                self.answer_from_entry(&entry, client, lookup.head, SystemTime::now(), status);
+            return (resp, Outcome_::origin("miss", origin_index, origin_ms));
+        }
         let fhead = Arc::new(FillHead {
             status: rparts.status,
             headers: rparts.headers.clone(),

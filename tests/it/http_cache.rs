@@ -391,7 +391,7 @@ async fn collapsed_clients_receive_the_body_as_it_arrives() {
     origin.route(
         "/slow",
         Route::ok("")
-            .generated(1024, 10, true, Duration::from_millis(200))
+            .generated(16 << 10, 10, true, Duration::from_millis(200))
             .header("cache-control", "max-age=60"),
     );
     let node = TestNode::start("", &site(&origin, "site.test", "")).await;
@@ -425,9 +425,9 @@ async fn collapsed_clients_receive_the_body_as_it_arrives() {
     let rest = body.collect().await.expect("rest").to_bytes();
     assert_eq!(
         first.into_data().map(|d| d.len()).unwrap_or(0) + rest.len(),
-        10 * 1024
+        10 * (16 << 10)
     );
-    assert_eq!(leader.await.expect("leader").body.len(), 10 * 1024);
+    assert_eq!(leader.await.expect("leader").body.len(), 10 * (16 << 10));
     assert_eq!(origin.count("/slow"), 1);
 }
 
@@ -951,4 +951,29 @@ async fn client_max_stale_and_min_fresh() {
     )
     .await;
     assert_eq!(origin.count("/mf"), 2, "not fresh enough for the client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_objects_are_collapsed_too() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/small",
+        Route::ok("tiny body")
+            .header("cache-control", "max-age=60")
+            .delay(Duration::from_millis(300)),
+    );
+    let node = TestNode::start("", &site(&origin, "site.test", "")).await;
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let addr = node.http;
+        tasks.push(tokio::spawn(async move {
+            get(addr, "site.test", "/small").await
+        }));
+    }
+    for t in tasks {
+        let r = t.await.expect("task");
+        assert_eq!(&r.body[..], b"tiny body");
+        assert_eq!(r.header("content-length"), Some("9"));
+    }
+    assert_eq!(origin.count("/small"), 1);
 }
