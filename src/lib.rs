@@ -8,6 +8,7 @@ pub mod cache;
 pub mod config;
 pub mod demo;
 mod error;
+pub mod geo;
 pub mod origin;
 pub mod proxy;
 pub mod server;

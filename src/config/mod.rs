@@ -31,6 +31,57 @@ pub struct Config {
     pub sites: Vec<Site>,
     /// `[admin]`; `None` when the section is absent (no admin listener).
     pub admin: Option<Admin>,
+    /// `[[pools]]`, plus one single-origin pool per site that names `origin` directly.
+    pub pools: Vec<Pool>,
+    /// `[geo]`: where clients are.
+    pub geo: Geo,
+}
+
+/// `[[pools]]`: an ordered group of origins chosen among by latency and health.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    pub name: String,
+    /// Indexes into [`Config::origins`].
+    pub origins: Vec<usize>,
+    /// When the pool's best latency is over this, the next pool of the route is preferred.
+    pub spill_latency: Option<Duration>,
+}
+
+/// `[geo]`.
+#[derive(Clone, Debug, Default)]
+pub struct Geo {
+    /// A country-code header set by a trusted hop in front of us (e.g. `CF-IPCountry`).
+    pub header: Option<http::HeaderName>,
+    /// Peers whose `X-Forwarded-For` and country header are believed (together with
+    /// `server.trusted_proxies`).
+    pub trusted_proxies: Vec<IpNet>,
+    /// CIDR table, checked before the header.
+    pub networks: Vec<(IpNet, crate::geo::Code)>,
+}
+
+/// `[[sites.routes]]`: which pools serve clients from where.
+#[derive(Clone, Debug)]
+pub struct Route {
+    /// `None` matches every client (the default route).
+    pub matcher: Option<RouteMatch>,
+    /// Indexes into [`Config::pools`], in preference order.
+    pub pools: Vec<usize>,
+}
+
+/// A route's `match`: any listed continent, country or network.
+#[derive(Clone, Debug, Default)]
+pub struct RouteMatch {
+    pub continents: Vec<crate::geo::Code>,
+    pub countries: Vec<crate::geo::Code>,
+    pub cidrs: Vec<IpNet>,
+}
+
+impl RouteMatch {
+    pub fn matches(&self, loc: &crate::geo::Location) -> bool {
+        loc.continent.is_some_and(|c| self.continents.contains(&c))
+            || loc.country.is_some_and(|c| self.countries.contains(&c))
+            || self.cidrs.iter().any(|n| n.contains(&loc.ip))
+    }
 }
 
 /// `[admin]`: the loopback listener for metrics, health and purge.
@@ -159,6 +210,10 @@ pub struct Origin {
     pub ca: Vec<CertificateDer<'static>>,
     /// Idle keep-alive connections kept per origin (default 256).
     pub max_idle_connections: usize,
+    /// A label for operators (e.g. `eu`); pools decide routing.
+    pub region: Option<String>,
+    /// Relative share of traffic among equally fast origins (default 1).
+    pub weight: u32,
 }
 
 /// `[[sites]]`: host names we serve and where their misses go.
@@ -166,8 +221,10 @@ pub struct Origin {
 pub struct Site {
     /// Lowercase names: exact, `*.example.com`, or `*` (catch-all).
     pub hosts: Vec<String>,
-    /// Index into [`Config::origins`].
+    /// The first origin of the default route (for summaries).
     pub origin: usize,
+    /// `[[sites.routes]]`, first match wins; the last route serves clients no route matches.
+    pub routes: Vec<Route>,
     /// `[sites.cache]`: keys and defaults.
     pub cache: SiteCache,
     /// `[[sites.rules]]`: per-path overrides, first match wins.
@@ -180,9 +237,18 @@ impl Site {
         Site {
             hosts,
             origin,
+            routes: Vec::new(),
             cache: SiteCache::default(),
             rules: Vec::new(),
         }
+    }
+
+    /// The route for a client at `loc`: the first that matches, else the last.
+    pub fn route(&self, loc: &crate::geo::Location) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| r.matcher.as_ref().is_none_or(|m| m.matches(loc)))
+            .or_else(|| self.routes.last())
     }
 
     /// The first rule matching `path`.

@@ -21,6 +21,10 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) sites: Vec<RawSite>,
     pub(crate) admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub(crate) pools: Vec<RawPool>,
+    #[serde(default)]
+    pub(crate) geo: RawGeo,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,13 +89,61 @@ pub(crate) struct RawOrigin {
     pub(crate) timeout: Option<Duration>,
     pub(crate) ca: Option<Spanned<String>>,
     pub(crate) max_idle_connections: Option<usize>,
+    pub(crate) region: Option<String>,
+    pub(crate) weight: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPool {
+    pub(crate) name: Spanned<String>,
+    pub(crate) origins: Spanned<Vec<Spanned<String>>>,
+    pub(crate) spill_latency: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGeo {
+    pub(crate) header: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) trusted_proxies: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) networks: Vec<RawNetwork>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNetwork {
+    pub(crate) cidr: Spanned<String>,
+    pub(crate) country: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    #[serde(rename = "match")]
+    pub(crate) matcher: Option<RawMatch>,
+    pub(crate) pools: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMatch {
+    #[serde(default)]
+    pub(crate) continents: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) countries: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) cidrs: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSite {
     pub(crate) hosts: Spanned<Vec<Spanned<String>>>,
-    pub(crate) origin: Spanned<String>,
+    pub(crate) origin: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) routes: Vec<RawRoute>,
     #[serde(default)]
     pub(crate) cache: RawSiteCache,
     #[serde(default)]

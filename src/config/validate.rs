@@ -15,8 +15,8 @@ use toml::Spanned;
 
 use super::raw::{RawConfig, Size};
 use super::{
-    Admin, Cache, Certificate, ClientNoCache, Config, Diagnostic, Error, Origin, PathMatch,
-    QueryMode, Rule, Server, Site, SiteCache, Tls,
+    Admin, Cache, Certificate, ClientNoCache, Config, Diagnostic, Error, Geo, Origin, PathMatch,
+    Pool, QueryMode, Route, RouteMatch, Rule, Server, Site, SiteCache, Tls,
 };
 
 /// Collects diagnostics against one file's text.
@@ -358,7 +358,20 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
             timeout: std::time::Duration::from_secs(30),
             ca,
             max_idle_connections: o.max_idle_connections.unwrap_or(256),
+            region: o.region.clone(),
+            weight: 1,
         };
+        if let Some(w) = &o.weight {
+            if *w.get_ref() == 0 || *w.get_ref() > 1000 {
+                ck.error(
+                    w.span(),
+                    format!("{key}.weight"),
+                    "must be between 1 and 1000",
+                );
+            } else {
+                origin.weight = *w.get_ref();
+            }
+        }
         positive(
             ck,
             &format!("{key}.connect_timeout"),
@@ -374,6 +387,45 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
         origin_index.insert(name.clone(), origins.len());
         origins.push(origin);
     }
+
+    let mut pools: Vec<Pool> = Vec::new();
+    let mut pool_index: HashMap<String, usize> = HashMap::new();
+    for (i, p) in raw.pools.iter().enumerate() {
+        let key = format!("pools[{i}]");
+        if pool_index.contains_key(p.name.get_ref()) {
+            ck.error(
+                p.name.span(),
+                format!("{key}.name"),
+                format!("pool {:?} is defined twice", p.name.get_ref()),
+            );
+            continue;
+        }
+        let mut members = Vec::new();
+        for o in p.origins.get_ref() {
+            match origin_index.get(o.get_ref()) {
+                Some(&idx) => members.push(idx),
+                None => ck.error(
+                    o.span(),
+                    format!("{key}.origins"),
+                    format!("origin {:?} is not defined", o.get_ref()),
+                ),
+            }
+        }
+        if p.origins.get_ref().is_empty() {
+            ck.error(
+                p.origins.span(),
+                format!("{key}.origins"),
+                "a pool needs at least one origin",
+            );
+        }
+        pool_index.insert(p.name.get_ref().clone(), pools.len());
+        pools.push(Pool {
+            name: p.name.get_ref().clone(),
+            origins: members,
+            spill_latency: p.spill_latency.as_ref().map(|d| d.get_ref().0),
+        });
+    }
+    let geo = geo(ck, &raw.geo);
 
     let mut sites = Vec::new();
     let mut seen_hosts: HashMap<String, usize> = HashMap::new();
@@ -402,39 +454,81 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
                 Err(m) => ck.error(h.span(), format!("{key}.hosts"), m),
             }
         }
-        match origin_index.get(s.origin.get_ref()) {
-            Some(&origin) => {
-                let cache = site_cache(ck, &key, &s.cache);
-                let rules = s
-                    .rules
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(j, r)| rule(ck, &format!("{key}.rules[{j}]"), r))
-                    .collect();
-                sites.push(Site {
-                    hosts,
-                    origin,
-                    cache,
-                    rules,
-                })
-            }
-            None => {
-                let known: Vec<&str> = origins.iter().map(|o| o.name.as_str()).collect();
+        let routes: Vec<Route> = match (&s.origin, s.routes.is_empty()) {
+            (Some(o), true) => match origin_index.get(o.get_ref()) {
+                Some(&origin) => {
+                    // `origin = "name"` is the one-origin case: a pool of its own.
+                    pools.push(Pool {
+                        name: format!("origin:{}", o.get_ref()),
+                        origins: vec![origin],
+                        spill_latency: None,
+                    });
+                    vec![Route {
+                        matcher: None,
+                        pools: vec![pools.len() - 1],
+                    }]
+                }
+                None => {
+                    let known: Vec<&str> = origins.iter().map(|o| o.name.as_str()).collect();
+                    ck.error(
+                        o.span(),
+                        format!("{key}.origin"),
+                        format!(
+                            "origin {:?} is not defined (known origins: {})",
+                            o.get_ref(),
+                            if known.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    );
+                    continue;
+                }
+            },
+            (Some(o), false) => {
                 ck.error(
-                    s.origin.span(),
+                    o.span(),
                     format!("{key}.origin"),
-                    format!(
-                        "origin {:?} is not defined (known origins: {})",
-                        s.origin.get_ref(),
-                        if known.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            known.join(", ")
-                        }
-                    ),
+                    "give either origin or [[sites.routes]], not both",
                 );
+                continue;
             }
-        }
+            (None, true) => {
+                ck.error(
+                    s.hosts.span(),
+                    key.clone(),
+                    "a site needs origin = \"name\" or [[sites.routes]]",
+                );
+                continue;
+            }
+            (None, false) => s
+                .routes
+                .iter()
+                .enumerate()
+                .filter_map(|(j, r)| route(ck, &format!("{key}.routes[{j}]"), r, &pool_index))
+                .collect(),
+        };
+        let origin = routes
+            .last()
+            .and_then(|r| r.pools.first())
+            .and_then(|p| pools.get(*p))
+            .and_then(|p| p.origins.first().copied())
+            .unwrap_or(0);
+        let cache = site_cache(ck, &key, &s.cache);
+        let rules = s
+            .rules
+            .iter()
+            .enumerate()
+            .filter_map(|(j, r)| rule(ck, &format!("{key}.rules[{j}]"), r))
+            .collect();
+        sites.push(Site {
+            hosts,
+            origin,
+            routes,
+            cache,
+            rules,
+        });
     }
     if raw.sites.is_empty() {
         ck.errors.push(Diagnostic {
@@ -451,6 +545,8 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
     Config {
         source: ck.file.to_owned(),
         admin,
+        pools,
+        geo,
         server,
         tls,
         cache,
@@ -512,6 +608,115 @@ fn admin(ck: &mut Checker<'_>, raw: &super::raw::RawAdmin) -> Admin {
         token,
         purge_allow,
     }
+}
+
+fn geo(ck: &mut Checker<'_>, raw: &super::raw::RawGeo) -> Geo {
+    let mut g = Geo::default();
+    if let Some(h) = &raw.header {
+        match http::HeaderName::from_bytes(h.get_ref().as_bytes()) {
+            Ok(n) => g.header = Some(n),
+            Err(_) => ck.error(
+                h.span(),
+                "geo.header",
+                format!("{:?} is not a header name", h.get_ref()),
+            ),
+        }
+    }
+    for p in &raw.trusted_proxies {
+        match parse_cidr(p.get_ref()) {
+            Some(n) => g.trusted_proxies.push(n),
+            None => ck.error(
+                p.span(),
+                "geo.trusted_proxies",
+                format!("{:?} is not an IP address or CIDR block", p.get_ref()),
+            ),
+        }
+    }
+    for (i, n) in raw.networks.iter().enumerate() {
+        let net = parse_cidr(n.cidr.get_ref());
+        let country = crate::geo::code(n.country.get_ref().as_bytes());
+        match (net, country) {
+            (Some(net), Some(c)) => g.networks.push((net, c)),
+            (None, _) => ck.error(
+                n.cidr.span(),
+                format!("geo.networks[{i}].cidr"),
+                format!("{:?} is not a CIDR block", n.cidr.get_ref()),
+            ),
+            (_, None) => ck.error(
+                n.country.span(),
+                format!("geo.networks[{i}].country"),
+                "must be a two-letter country code",
+            ),
+        }
+    }
+    g
+}
+
+fn route(
+    ck: &mut Checker<'_>,
+    key: &str,
+    raw: &super::raw::RawRoute,
+    pool_index: &HashMap<String, usize>,
+) -> Option<Route> {
+    let mut pools = Vec::new();
+    for p in raw.pools.get_ref() {
+        match pool_index.get(p.get_ref()) {
+            Some(&i) => pools.push(i),
+            None => ck.error(
+                p.span(),
+                format!("{key}.pools"),
+                format!("pool {:?} is not defined", p.get_ref()),
+            ),
+        }
+    }
+    if raw.pools.get_ref().is_empty() {
+        ck.error(
+            raw.pools.span(),
+            format!("{key}.pools"),
+            "a route needs at least one pool",
+        );
+    }
+    let matcher = raw.matcher.as_ref().map(|m| {
+        let mut out = RouteMatch::default();
+        for c in &m.continents {
+            match crate::geo::code(c.get_ref().as_bytes()) {
+                Some(code) if crate::geo::CONTINENTS.iter().any(|x| x.as_bytes() == code) => {
+                    out.continents.push(code)
+                }
+                _ => ck.error(
+                    c.span(),
+                    format!("{key}.match.continents"),
+                    format!(
+                        "{:?} is not one of {}",
+                        c.get_ref(),
+                        crate::geo::CONTINENTS.join(", ")
+                    ),
+                ),
+            }
+        }
+        for c in &m.countries {
+            match crate::geo::code(c.get_ref().as_bytes()) {
+                Some(code) => out.countries.push(code),
+                None => ck.error(
+                    c.span(),
+                    format!("{key}.match.countries"),
+                    "must be two-letter country codes",
+                ),
+            }
+        }
+        for c in &m.cidrs {
+            match parse_cidr(c.get_ref()) {
+                Some(n) => out.cidrs.push(n),
+                None => ck.error(
+                    c.span(),
+                    format!("{key}.match.cidrs"),
+                    format!("{:?} is not a CIDR block", c.get_ref()),
+                ),
+            }
+        }
+        out
+    });
+    Some(Route { matcher, pools })
 }
 
 fn site_cache(ck: &mut Checker<'_>, key: &str, raw: &super::raw::RawSiteCache) -> SiteCache {

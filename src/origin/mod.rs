@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::Origin;
 
 mod body;
+pub mod select;
 
 pub use body::UpstreamBody;
 

@@ -33,6 +33,7 @@ use crate::cache::{
     CacheControl, Entry, KeyParts, NoStoreReason, OwnedKey, PurgeTarget, Store, VaryKey,
 };
 use crate::config::{ClientNoCache, Config, QueryMode, Site};
+use crate::origin::select::{PoolView, Selector};
 use crate::origin::{self, OriginClient, UpstreamBody};
 use crate::telemetry::{self, AccessLog};
 use body::Body;
@@ -133,6 +134,8 @@ pub struct Proxy {
     origin_names: Vec<Arc<str>>,
     store: Store,
     fills: Fills,
+    locator: crate::geo::Locator,
+    selector: Selector,
     metrics: crate::admin::metrics::Metrics,
     name: String,
     hit: HeaderValue,
@@ -169,6 +172,18 @@ impl Proxy {
             origins,
             store,
             fills: Fills::default(),
+            locator: crate::geo::Locator::new(
+                config.geo.networks.clone(),
+                config.geo.header.clone(),
+                config
+                    .server
+                    .trusted_proxies
+                    .iter()
+                    .chain(&config.geo.trusted_proxies)
+                    .copied()
+                    .collect(),
+            ),
+            selector: Selector::new(config.origins.iter().map(|o| o.weight).collect()),
             metrics: crate::admin::metrics::Metrics::default(),
             hit: status_value(&name, "hit"),
             via_11: via_value(Version::HTTP_11, &name),
@@ -553,8 +568,7 @@ impl Proxy {
             armed: true,
         };
         let site = &self.config.sites[lookup.site];
-        let origin_index = site.origin;
-        let origin = &self.origins[origin_index];
+        let candidates = self.candidates(lookup.site, lookup.conn, &lookup.parts.headers);
         let client = &lookup.parts.headers;
 
         // origin_fetch: a whole-object GET; our own validators when revalidating.
@@ -580,21 +594,24 @@ impl Proxy {
             trusted,
             self.via(lookup.parts.version),
         );
-        up_headers.insert(
-            header::HOST,
-            origin
-                .config
-                .host_header
-                .clone()
-                .unwrap_or_else(|| lookup.host_value.clone()),
-        );
         let pq = lookup
             .parts
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let Some(uri) = origin_uri(origin, pq) else {
+        let request_time = SystemTime::now();
+        let Some((origin_index, origin_ms, result)) = self
+            .send_failover(
+                &candidates,
+                &Method::GET,
+                &pq,
+                up_headers,
+                &lookup.host_value,
+                None,
+            )
+            .await
+        else {
             return (
                 respond::simple(
                     StatusCode::BAD_REQUEST,
@@ -604,13 +621,7 @@ impl Proxy {
                 Outcome_::local("refused"),
             );
         };
-        let mut up = Request::new(UpstreamBody::empty());
-        *up.uri_mut() = uri;
-        *up.headers_mut() = up_headers;
-        let request_time = SystemTime::now();
-        let sent_at = Instant::now();
-        let result = origin.send(up).await;
-        let origin_ms = sent_at.elapsed().as_secs_f64() * 1000.0;
+        let origin = &self.origins[origin_index];
         let now = SystemTime::now();
         let client_status_base = if lookup.forced {
             "fwd=request"
@@ -906,6 +917,104 @@ impl Proxy {
         )
     }
 
+    /// Origins for a miss, best first: the site's route for where the client is, its pools in
+    /// order, each origin by latency and health (see `origin::select`).
+    fn candidates(&self, site: usize, conn: ConnInfo, headers: &HeaderMap) -> Vec<usize> {
+        let site = &self.config.sites[site];
+        let loc = self.locator.locate(conn.peer.ip(), headers);
+        let Some(route) = site.route(&loc) else {
+            return vec![site.origin];
+        };
+        let views: Vec<PoolView<'_>> = route
+            .pools
+            .iter()
+            .filter_map(|&p| self.config.pools.get(p))
+            .map(|p| PoolView {
+                origins: &p.origins,
+                spill_latency: p.spill_latency,
+            })
+            .collect();
+        let out = self.selector.candidates(&views, Instant::now());
+        if out.is_empty() {
+            vec![site.origin]
+        } else {
+            out
+        }
+    }
+
+    /// Sends a request to the first candidate, and once more to the next one when the
+    /// connection could not be made (nothing reached the origin). `body` is `None` for an
+    /// empty body; a request with a body is sent once. Returns the origin used, the time to
+    /// its response head in milliseconds, and the result; `None` for an invalid target.
+    async fn send_failover(
+        &self,
+        candidates: &[usize],
+        method: &Method,
+        pq: &PathAndQuery,
+        headers: HeaderMap,
+        host: &HeaderValue,
+        mut body: Option<UpstreamBody>,
+    ) -> Option<(usize, f64, Result<Response<Incoming>, origin::Error>)> {
+        let tries = if body.is_some() { 1 } else { 2 };
+        let mut last = None;
+        for (attempt, &index) in candidates.iter().take(tries).enumerate() {
+            let origin = self.origins.get(index)?;
+            let uri = origin_uri(origin, pq.clone())?;
+            let mut up = Request::new(body.take().unwrap_or_else(UpstreamBody::empty));
+            *up.method_mut() = method.clone();
+            *up.uri_mut() = uri;
+            let mut h = headers.clone();
+            h.insert(
+                header::HOST,
+                origin
+                    .config
+                    .host_header
+                    .clone()
+                    .unwrap_or_else(|| host.clone()),
+            );
+            *up.headers_mut() = h;
+            let stats = self.selector.stats(index);
+            if let Some(s) = stats {
+                s.inflight
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let sent_at = Instant::now();
+            let result = origin.send(up).await;
+            let elapsed = sent_at.elapsed();
+            if let Some(s) = stats {
+                s.inflight
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let ms = elapsed.as_secs_f64() * 1000.0;
+            match &result {
+                Ok(r) if !r.status().is_server_error() => {
+                    self.selector.success(index, elapsed, Instant::now())
+                }
+                Ok(_) => {
+                    self.note_failure(index);
+                }
+                Err(e) => {
+                    self.note_failure(index);
+                    if e.is_connect() && attempt + 1 < tries && candidates.len() > attempt + 1 {
+                        tracing::warn!(origin = %origin.config.name, error = %ErrorChain(e), "origin unreachable, trying the next one");
+                        last = Some((index, ms, result));
+                        continue;
+                    }
+                }
+            }
+            return Some((index, ms, result));
+        }
+        last
+    }
+
+    fn note_failure(&self, index: usize) {
+        if self.selector.failure(index, Instant::now()) {
+            if let Some(o) = self.origins.get(index) {
+                tracing::warn!(origin = %o.config.name, "origin ejected after repeated failures");
+            }
+        }
+    }
+
     /// Waits for `fill` to complete and returns the entry it stored for `lookup`, if any.
     async fn stored_after(&self, fill: &Fill, lookup: &Lookup) -> Option<Arc<Entry>> {
         if !fill.wait_done().await {
@@ -980,8 +1089,8 @@ impl Proxy {
         host_value: HeaderValue,
         status: HeaderValue,
     ) -> Answer {
-        let origin_index = site.origin;
-        let origin = &self.origins[origin_index];
+        let candidates = self.candidates(site_idx, conn, req.headers());
+        let _ = site;
         let method = req.method().clone();
         let pq = req
             .uri()
@@ -999,25 +1108,12 @@ impl Proxy {
             trusted,
             self.via(parts.version),
         );
-        up_headers.insert(
-            header::HOST,
-            origin.config.host_header.clone().unwrap_or(host_value),
-        );
-        let Some(uri) = origin_uri(origin, pq.clone()) else {
-            return (
-                respond::simple(
-                    StatusCode::BAD_REQUEST,
-                    "edgecache: invalid request target\n",
-                    true,
-                ),
-                Outcome_::local("refused"),
-            );
-        };
+        // Only a request without a body to replay may be retried on another origin.
         let up_body = if body.is_end_stream() {
-            UpstreamBody::empty()
+            None
         } else {
             match preread(body, self.config.server.header_read_timeout).await {
-                Ok(b) => b,
+                Ok(b) => Some(b),
                 Err(PrereadError::Malformed) => {
                     return (
                         respond::simple(
@@ -1040,14 +1136,26 @@ impl Proxy {
                 }
             }
         };
-        let mut up = Request::new(up_body);
-        *up.method_mut() = method.clone();
-        *up.uri_mut() = uri;
-        *up.headers_mut() = up_headers;
-        let sent_at = Instant::now();
-        let result = origin.send(up).await;
-        let origin_ms = sent_at.elapsed().as_secs_f64() * 1000.0;
-        let _ = site_idx;
+        let retry_ok = up_body.is_none() && method.is_idempotent();
+        let attempts = if retry_ok {
+            &candidates[..]
+        } else {
+            &candidates[..candidates.len().min(1)]
+        };
+        let Some((origin_index, origin_ms, result)) = self
+            .send_failover(attempts, &method, &pq, up_headers, &host_value, up_body)
+            .await
+        else {
+            return (
+                respond::simple(
+                    StatusCode::BAD_REQUEST,
+                    "edgecache: invalid request target\n",
+                    true,
+                ),
+                Outcome_::local("refused"),
+            );
+        };
+        let origin = &self.origins[origin_index];
         let resp = match result {
             Ok(r) => r,
             Err(e) => {

@@ -1,0 +1,388 @@
+//! Choosing an origin for a miss: among the route's pools in preference order, the first pool
+//! with a healthy origin is used (or the next one when its best latency is over
+//! `spill_latency`); inside it, power of two choices on a peak-EWMA latency cost weighted by
+//! in-flight requests and `weight`. Origins that fail repeatedly are ejected for a back-off
+//! that grows on repeat; one success after it brings them back.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Decay of the latency average: old samples weigh 1/e after this long.
+const DECAY: Duration = Duration::from_secs(10);
+/// Consecutive failures that eject an origin.
+const EJECT_AFTER: u32 = 5;
+/// First ejection; doubled on each repeat, capped.
+const EJECT_BASE: Duration = Duration::from_secs(5);
+const EJECT_MAX: Duration = Duration::from_secs(300);
+/// Costs closer than this are treated as equal (hysteresis against flapping).
+const TIE: f64 = 0.05;
+
+/// A peak-sensitive exponentially weighted moving average of time to first byte: a slower
+/// sample raises it at once, faster samples bring it down gradually.
+#[derive(Debug, Clone, Copy)]
+pub struct PeakEwma {
+    /// Microseconds; zero until the first sample.
+    value: f64,
+    stamp: Option<Instant>,
+}
+
+impl PeakEwma {
+    pub const fn new() -> PeakEwma {
+        PeakEwma {
+            value: 0.0,
+            stamp: None,
+        }
+    }
+
+    pub fn observe(&mut self, sample: Duration, now: Instant) {
+        let s = sample.as_secs_f64() * 1e6;
+        match self.stamp {
+            None => self.value = s,
+            Some(_) if s > self.value => self.value = s,
+            Some(t) => {
+                let elapsed = now.saturating_duration_since(t).as_secs_f64();
+                let w = (-elapsed / DECAY.as_secs_f64()).exp();
+                self.value = self.value * w + s * (1.0 - w);
+            }
+        }
+        self.stamp = Some(now);
+    }
+
+    /// Microseconds (zero before any sample).
+    pub fn get(&self) -> f64 {
+        self.value
+    }
+}
+
+impl Default for PeakEwma {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Live state of one origin, updated by every request to it.
+#[derive(Debug, Default)]
+pub struct OriginStats {
+    ewma: Mutex<PeakEwma>,
+    pub inflight: AtomicU32,
+    failures: AtomicU32,
+    ejections: AtomicU32,
+    /// Milliseconds since the selector's epoch until which the origin is ejected.
+    ejected_until: AtomicU64,
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl OriginStats {
+    pub fn latency_us(&self) -> f64 {
+        self.ewma.lock().map(|e| e.get()).unwrap_or(0.0)
+    }
+
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+}
+
+/// A pool as the selector sees it.
+#[derive(Debug, Clone)]
+pub struct PoolView<'a> {
+    pub origins: &'a [usize],
+    pub spill_latency: Option<Duration>,
+}
+
+/// The selector: per-origin state and a cheap pseudo-random source for two choices.
+#[derive(Debug)]
+pub struct Selector {
+    stats: Vec<OriginStats>,
+    weights: Vec<u32>,
+    epoch: Instant,
+    seed: AtomicU64,
+}
+
+impl Selector {
+    pub fn new(weights: Vec<u32>) -> Selector {
+        let stats = weights.iter().map(|_| OriginStats::default()).collect();
+        let seed =
+            std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
+        Selector {
+            stats,
+            weights,
+            epoch: Instant::now(),
+            seed: AtomicU64::new(seed | 1),
+        }
+    }
+
+    pub fn stats(&self, origin: usize) -> Option<&OriginStats> {
+        self.stats.get(origin)
+    }
+
+    fn now_ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// True when the origin is not ejected at `now`.
+    pub fn is_up(&self, origin: usize, now: Instant) -> bool {
+        self.stats
+            .get(origin)
+            .is_some_and(|s| s.ejected_until.load(Ordering::Relaxed) <= self.now_ms(now))
+    }
+
+    fn random(&self) -> u64 {
+        // xorshift64*: quality is ample for picking two of a few origins.
+        let mut x = self.seed.load(Ordering::Relaxed);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.seed.store(x, Ordering::Relaxed);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn cost(&self, origin: usize) -> f64 {
+        let s = &self.stats[origin];
+        let lat = s.latency_us().max(1.0);
+        let inflight = f64::from(s.inflight.load(Ordering::Relaxed)) + 1.0;
+        lat * inflight / f64::from(self.weights[origin].max(1))
+    }
+
+    fn weighted_pick(&self, candidates: &[usize]) -> usize {
+        let total: u64 = candidates
+            .iter()
+            .map(|&o| u64::from(self.weights[o].max(1)))
+            .sum();
+        let mut r = self.random() % total.max(1);
+        for &o in candidates {
+            let w = u64::from(self.weights[o].max(1));
+            if r < w {
+                return o;
+            }
+            r -= w;
+        }
+        candidates[0]
+    }
+
+    /// Origins to try, best first: the chosen origin of the first usable pool, then the rest
+    /// of that pool by cost, then the following pools. Never empty while any pool has origins:
+    /// when everything is ejected, the first pool is tried anyway.
+    pub fn candidates(&self, pools: &[PoolView<'_>], now: Instant) -> Vec<usize> {
+        let mut out: Vec<usize> = Vec::new();
+        let mut first_done = false;
+        for (i, pool) in pools.iter().enumerate() {
+            let mut up: Vec<usize> = pool
+                .origins
+                .iter()
+                .copied()
+                .filter(|&o| self.is_up(o, now))
+                .collect();
+            if up.is_empty() {
+                continue;
+            }
+            let more_pools = i + 1 < pools.len();
+            if let (Some(limit), true) = (pool.spill_latency, more_pools) {
+                let best = up
+                    .iter()
+                    .map(|&o| self.stats[o].latency_us())
+                    .fold(f64::INFINITY, f64::min);
+                if best > limit.as_secs_f64() * 1e6 && best.is_finite() {
+                    // Over its spill latency: keep it only as a fallback.
+                    up.sort_by(|&a, &b| self.cost(a).total_cmp(&self.cost(b)));
+                    push_unique(&mut out, up);
+                    continue;
+                }
+            }
+            if !first_done {
+                first_done = true;
+                let a = self.weighted_pick(&up);
+                let others: Vec<usize> = up.iter().copied().filter(|&o| o != a).collect();
+                let chosen = if others.is_empty() {
+                    a
+                } else {
+                    let b = self.weighted_pick(&others);
+                    let (ca, cb) = (self.cost(a), self.cost(b));
+                    if cb < ca * (1.0 - TIE) {
+                        b
+                    } else if ca < cb * (1.0 - TIE) {
+                        a
+                    } else if self.weights[b] > self.weights[a] {
+                        b
+                    } else {
+                        a.min(b)
+                    }
+                };
+                let mut rest: Vec<usize> = up.iter().copied().filter(|&o| o != chosen).collect();
+                rest.sort_by(|&x, &y| self.cost(x).total_cmp(&self.cost(y)));
+                let fallback_first = !out.is_empty();
+                let mut front = vec![chosen];
+                front.extend(rest);
+                if fallback_first {
+                    // Spilled pools came before: the healthy pool goes first.
+                    let spilled = std::mem::take(&mut out);
+                    out = front;
+                    push_unique(&mut out, spilled);
+                } else {
+                    out.extend(front);
+                }
+            } else {
+                up.sort_by(|&x, &y| self.cost(x).total_cmp(&self.cost(y)));
+                push_unique(&mut out, up);
+            }
+        }
+        if out.is_empty() {
+            if let Some(p) = pools.first() {
+                out.extend(p.origins.iter().copied());
+            }
+        }
+        out
+    }
+
+    /// Records a response head from `origin` after `latency`.
+    pub fn success(&self, origin: usize, latency: Duration, now: Instant) {
+        if let Some(s) = self.stats.get(origin) {
+            s.requests.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut e) = s.ewma.lock() {
+                e.observe(latency, now);
+            }
+            s.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a failure (connect error, reset, timeout or 5xx); ejects after a run of them.
+    /// Returns true when this failure ejected the origin.
+    pub fn failure(&self, origin: usize, now: Instant) -> bool {
+        let Some(s) = self.stats.get(origin) else {
+            return false;
+        };
+        s.requests.fetch_add(1, Ordering::Relaxed);
+        s.errors.fetch_add(1, Ordering::Relaxed);
+        let n = s.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < EJECT_AFTER {
+            return false;
+        }
+        s.failures.store(0, Ordering::Relaxed);
+        let times = s.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let backoff = EJECT_BASE.saturating_mul(1 << times).min(EJECT_MAX);
+        s.ejected_until
+            .store(self.now_ms(now + backoff), Ordering::Relaxed);
+        true
+    }
+}
+
+fn push_unique(out: &mut Vec<usize>, items: Vec<usize>) {
+    for o in items {
+        if !out.contains(&o) {
+            out.push(o);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pools(p: &[&[usize]]) -> Vec<Vec<usize>> {
+        p.iter().map(|x| x.to_vec()).collect()
+    }
+
+    fn views(p: &[Vec<usize>]) -> Vec<PoolView<'_>> {
+        p.iter()
+            .map(|o| PoolView {
+                origins: o,
+                spill_latency: None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peak_ewma_rises_at_once_and_decays_gradually() {
+        let mut e = PeakEwma::new();
+        let t = Instant::now();
+        e.observe(Duration::from_millis(5), t);
+        e.observe(Duration::from_millis(40), t + Duration::from_millis(10));
+        assert_eq!(e.get().round(), 40_000.0, "a slow sample counts at once");
+        e.observe(Duration::from_millis(5), t + Duration::from_secs(1));
+        assert!(
+            e.get() > 30_000.0,
+            "one fast sample a second later barely lowers it: {}",
+            e.get()
+        );
+        e.observe(Duration::from_millis(5), t + Duration::from_secs(60));
+        assert!(
+            e.get() < 6_000.0,
+            "a minute later the fast samples dominate: {}",
+            e.get()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_faster_origin_wins_and_ties_do_not_flap() {
+        let s = Selector::new(vec![1, 1]);
+        let now = Instant::now();
+        s.success(0, Duration::from_millis(40), now);
+        s.success(1, Duration::from_millis(5), now);
+        let p = pools(&[&[0, 1]]);
+        for _ in 0..50 {
+            assert_eq!(s.candidates(&views(&p), now), vec![1, 0]);
+        }
+        let t = Selector::new(vec![1, 1]);
+        t.success(0, Duration::from_millis(10), now);
+        t.success(1, Duration::from_micros(10_200), now);
+        let firsts: std::collections::HashSet<usize> =
+            (0..50).map(|_| t.candidates(&views(&p), now)[0]).collect();
+        assert_eq!(firsts.len(), 1, "within 5% the choice is stable");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_eject_and_the_next_pool_serves() {
+        let s = Selector::new(vec![1, 1, 1]);
+        let now = Instant::now();
+        let p = pools(&[&[0, 1], &[2]]);
+        for _ in 0..EJECT_AFTER {
+            s.failure(0, now);
+            s.failure(1, now);
+        }
+        assert!(!s.is_up(0, now) && !s.is_up(1, now));
+        assert_eq!(s.candidates(&views(&p), now), vec![2]);
+        let later = now + EJECT_BASE + Duration::from_millis(1);
+        assert!(s.is_up(0, later), "back after the back-off");
+        // A second ejection lasts twice as long.
+        for _ in 0..EJECT_AFTER {
+            s.failure(0, later);
+        }
+        assert!(!s.is_up(0, later + EJECT_BASE + Duration::from_millis(1)));
+        assert!(s.is_up(0, later + EJECT_BASE * 2 + Duration::from_millis(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn everything_down_still_tries_the_first_pool() {
+        let s = Selector::new(vec![1, 1]);
+        let now = Instant::now();
+        for _ in 0..EJECT_AFTER {
+            s.failure(0, now);
+            s.failure(1, now);
+        }
+        assert_eq!(s.candidates(&views(&pools(&[&[0], &[1]])), now), vec![0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spill_latency_moves_traffic_to_the_next_pool() {
+        let s = Selector::new(vec![1, 1]);
+        let now = Instant::now();
+        s.success(0, Duration::from_millis(200), now);
+        s.success(1, Duration::from_millis(20), now);
+        let a = [0usize];
+        let b = [1usize];
+        let v = vec![
+            PoolView {
+                origins: &a,
+                spill_latency: Some(Duration::from_millis(100)),
+            },
+            PoolView {
+                origins: &b,
+                spill_latency: None,
+            },
+        ];
+        assert_eq!(s.candidates(&v, now), vec![1, 0]);
+    }
+}
