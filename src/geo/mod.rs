@@ -33,7 +33,7 @@ impl Locator {
         header: Option<HeaderName>,
         trusted: Vec<IpNet>,
     ) -> Locator {
-        networks.sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()));
+        networks.sort_by_key(|n| std::cmp::Reverse(n.0.prefix_len()));
         Locator {
             networks,
             header,

@@ -51,9 +51,17 @@ impl PeakEwma {
         self.stamp = Some(now);
     }
 
-    /// Microseconds (zero before any sample).
-    pub fn get(&self) -> f64 {
-        self.value
+    /// Microseconds (zero before any sample), decayed by the time since the last sample: an
+    /// origin that has not been chosen for a while looks cheaper and gets probed again, so a
+    /// recovered or newly fast origin is noticed.
+    pub fn get(&self, now: Instant) -> f64 {
+        match self.stamp {
+            None => 0.0,
+            Some(t) => {
+                let elapsed = now.saturating_duration_since(t).as_secs_f64();
+                self.value * (-elapsed / DECAY.as_secs_f64()).exp()
+            }
+        }
     }
 }
 
@@ -77,8 +85,9 @@ pub struct OriginStats {
 }
 
 impl OriginStats {
-    pub fn latency_us(&self) -> f64 {
-        self.ewma.lock().map(|e| e.get()).unwrap_or(0.0)
+    /// Current latency estimate in microseconds.
+    pub fn latency_us(&self, now: Instant) -> f64 {
+        self.ewma.lock().map(|e| e.get(now)).unwrap_or(0.0)
     }
 
     pub fn ejections(&self) -> u32 {
@@ -140,9 +149,9 @@ impl Selector {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    fn cost(&self, origin: usize) -> f64 {
+    fn cost(&self, origin: usize, now: Instant) -> f64 {
         let s = &self.stats[origin];
-        let lat = s.latency_us().max(1.0);
+        let lat = s.latency_us(now).max(1.0);
         let inflight = f64::from(s.inflight.load(Ordering::Relaxed)) + 1.0;
         lat * inflight / f64::from(self.weights[origin].max(1))
     }
@@ -183,11 +192,11 @@ impl Selector {
             if let (Some(limit), true) = (pool.spill_latency, more_pools) {
                 let best = up
                     .iter()
-                    .map(|&o| self.stats[o].latency_us())
+                    .map(|&o| self.stats[o].latency_us(now))
                     .fold(f64::INFINITY, f64::min);
                 if best > limit.as_secs_f64() * 1e6 && best.is_finite() {
                     // Over its spill latency: keep it only as a fallback.
-                    up.sort_by(|&a, &b| self.cost(a).total_cmp(&self.cost(b)));
+                    up.sort_by(|&a, &b| self.cost(a, now).total_cmp(&self.cost(b, now)));
                     push_unique(&mut out, up);
                     continue;
                 }
@@ -200,7 +209,7 @@ impl Selector {
                     a
                 } else {
                     let b = self.weighted_pick(&others);
-                    let (ca, cb) = (self.cost(a), self.cost(b));
+                    let (ca, cb) = (self.cost(a, now), self.cost(b, now));
                     if cb < ca * (1.0 - TIE) {
                         b
                     } else if ca < cb * (1.0 - TIE) {
@@ -212,7 +221,7 @@ impl Selector {
                     }
                 };
                 let mut rest: Vec<usize> = up.iter().copied().filter(|&o| o != chosen).collect();
-                rest.sort_by(|&x, &y| self.cost(x).total_cmp(&self.cost(y)));
+                rest.sort_by(|&x, &y| self.cost(x, now).total_cmp(&self.cost(y, now)));
                 let fallback_first = !out.is_empty();
                 let mut front = vec![chosen];
                 front.extend(rest);
@@ -225,7 +234,7 @@ impl Selector {
                     out.extend(front);
                 }
             } else {
-                up.sort_by(|&x, &y| self.cost(x).total_cmp(&self.cost(y)));
+                up.sort_by(|&x, &y| self.cost(x, now).total_cmp(&self.cost(y, now)));
                 push_unique(&mut out, up);
             }
         }
@@ -299,20 +308,25 @@ mod tests {
         let mut e = PeakEwma::new();
         let t = Instant::now();
         e.observe(Duration::from_millis(5), t);
-        e.observe(Duration::from_millis(40), t + Duration::from_millis(10));
-        assert_eq!(e.get().round(), 40_000.0, "a slow sample counts at once");
-        e.observe(Duration::from_millis(5), t + Duration::from_secs(1));
+        let at = t + Duration::from_millis(10);
+        e.observe(Duration::from_millis(40), at);
+        assert_eq!(e.get(at).round(), 40_000.0, "a slow sample counts at once");
+        let at = t + Duration::from_secs(1);
+        e.observe(Duration::from_millis(5), at);
         assert!(
-            e.get() > 30_000.0,
+            e.get(at) > 30_000.0,
             "one fast sample a second later barely lowers it: {}",
-            e.get()
+            e.get(at)
         );
-        e.observe(Duration::from_millis(5), t + Duration::from_secs(60));
+        let at = t + Duration::from_secs(60);
+        e.observe(Duration::from_millis(5), at);
         assert!(
-            e.get() < 6_000.0,
+            e.get(at) < 6_000.0,
             "a minute later the fast samples dominate: {}",
-            e.get()
+            e.get(at)
         );
+        let later = e.get(at + Duration::from_secs(30));
+        assert!(later < e.get(at) / 10.0, "unsampled, it decays toward zero");
     }
 
     #[tokio::test(start_paused = true)]
