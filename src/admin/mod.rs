@@ -106,6 +106,11 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             )
         }
         (&Method::POST, "/purge") => purge(state, req).await,
+        (&Method::GET, "/origins") => text(
+            StatusCode::OK,
+            "application/json",
+            state.proxy.origins_json(),
+        ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }

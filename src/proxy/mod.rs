@@ -205,6 +205,36 @@ impl Proxy {
         &self.metrics
     }
 
+    /// Each origin's state for `GET /origins`: up or ejected, latency estimate, in-flight
+    /// requests, requests, errors and ejections.
+    pub fn origins_json(&self) -> String {
+        let now = Instant::now();
+        let list: Vec<serde_json::Value> = self
+            .origins
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let s = self.selector.stats(i);
+                let load = |f: fn(&origin::select::OriginStats) -> u64| s.map(f).unwrap_or(0);
+                serde_json::json!({
+                    "name": o.config.name,
+                    "url": format!("{}://{}", o.config.scheme, o.config.authority),
+                    "region": o.config.region,
+                    "weight": o.config.weight,
+                    "state": if self.selector.is_up(i, now) { "up" } else { "ejected" },
+                    "latency_ms": s.map(|s| (s.latency_us(now) / 10.0).round() / 100.0).unwrap_or(0.0),
+                    "in_flight": load(|s| u64::from(s.inflight.load(std::sync::atomic::Ordering::Relaxed))),
+                    "requests": load(|s| s.requests.load(std::sync::atomic::Ordering::Relaxed)),
+                    "errors": load(|s| s.errors.load(std::sync::atomic::Ordering::Relaxed)),
+                    "ejections": load(|s| u64::from(s.ejections())),
+                })
+            })
+            .collect();
+        let mut text = serde_json::to_string_pretty(&list).unwrap_or_else(|_| "[]".to_owned());
+        text.push('\n');
+        text
+    }
+
     /// Fetches in flight.
     pub fn fills_in_flight(&self) -> usize {
         self.fills.len()

@@ -167,7 +167,7 @@ async fn an_origin_returning_errors_is_ejected_and_comes_back() {
     let body = format!(
         "[[origins]]\nname = \"bad\"\nurl = \"{}\"\n[[origins]]\nname = \"good\"\nurl = \"{}\"\n\
          [[pools]]\nname = \"p\"\norigins = [\"bad\", \"good\"]\n\
-         [[sites]]\nhosts = [\"site.test\"]\n[[sites.routes]]\npools = [\"p\"]\n",
+         [[sites]]\nhosts = [\"site.test\"]\n[[sites.routes]]\npools = [\"p\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n",
         bad.url(),
         good.url()
     );
@@ -180,6 +180,23 @@ async fn an_origin_returning_errors_is_ejected_and_comes_back() {
         bad_before <= 6,
         "ejected after a run of failures, reached {bad_before} times"
     );
+    // The admin listener shows it.
+    let admin = node.node().admin_addr().expect("admin");
+    let (text, _) = raw(
+        admin,
+        b"GET /origins HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let json = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let list: serde_json::Value = serde_json::from_str(json).expect("origins JSON");
+    let bad_state = list
+        .as_array()
+        .and_then(|a| a.iter().find(|o| o["name"] == "bad"))
+        .expect("bad listed");
+    assert_eq!(bad_state["state"], "ejected", "{bad_state}");
+    assert!(bad_state["ejections"].as_u64() >= Some(1));
+    assert!(bad_state["errors"].as_u64() >= Some(5));
     // Healed: after the back-off it is tried again and, answering well, stays in.
     bad.route(
         "/where",
