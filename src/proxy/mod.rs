@@ -307,12 +307,6 @@ impl Proxy {
     }
 
     async fn serve(self: &Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Answer {
-        let refuse = |status, msg, close| {
-            (
-                respond::simple(status, msg, close),
-                Outcome_::local("refused"),
-            )
-        };
         let h = req.headers();
         // RFC 9112 §6.3: both framings at once is how request smuggling starts; refuse and close.
         // hyper's HTTP/1 parser already drops the length and closes after the response, so this
@@ -642,13 +636,10 @@ impl Proxy {
             )
             .await
         else {
-            return (
-                respond::simple(
-                    StatusCode::BAD_REQUEST,
-                    "edgecache: invalid request target\n",
-                    true,
-                ),
-                Outcome_::local("refused"),
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "edgecache: invalid request target\n",
+                true,
             );
         };
         let origin = &self.origins[origin_index];
@@ -1145,23 +1136,17 @@ impl Proxy {
             match preread(body, self.config.server.header_read_timeout).await {
                 Ok(b) => Some(b),
                 Err(PrereadError::Malformed) => {
-                    return (
-                        respond::simple(
-                            StatusCode::BAD_REQUEST,
-                            "edgecache: malformed request body\n",
-                            true,
-                        ),
-                        Outcome_::local("refused"),
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        "edgecache: malformed request body\n",
+                        true,
                     )
                 }
                 Err(PrereadError::TimedOut) => {
-                    return (
-                        respond::simple(
-                            StatusCode::REQUEST_TIMEOUT,
-                            "edgecache: request body too slow\n",
-                            true,
-                        ),
-                        Outcome_::local("refused"),
+                    return refuse(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "edgecache: request body too slow\n",
+                        true,
                     )
                 }
             }
@@ -1176,13 +1161,10 @@ impl Proxy {
             .send_failover(attempts, &method, &pq, up_headers, &host_value, up_body)
             .await
         else {
-            return (
-                respond::simple(
-                    StatusCode::BAD_REQUEST,
-                    "edgecache: invalid request target\n",
-                    true,
-                ),
-                Outcome_::local("refused"),
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "edgecache: invalid request target\n",
+                true,
             );
         };
         let origin = &self.origins[origin_index];
@@ -1262,13 +1244,10 @@ impl Proxy {
             .as_ref()
             .is_some_and(|a| a.purge_allow.iter().any(|n| n.contains(&conn.peer.ip())));
         if !allowed {
-            return (
-                respond::simple(
-                    StatusCode::FORBIDDEN,
-                    "edgecache: PURGE is not allowed from this address\n",
-                    false,
-                ),
-                Outcome_::local("refused"),
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "edgecache: PURGE is not allowed from this address\n",
+                false,
             );
         }
         let soft = req
@@ -1554,6 +1533,14 @@ impl Pump {
             self.proxy.fills.remove(self.hash, &self.fill);
         }
     }
+}
+
+/// A refusal made here (4xx, or 5xx that no origin produced), for the access log as "refused".
+fn refuse(status: StatusCode, message: &'static str, close: bool) -> Answer {
+    (
+        respond::simple(status, message, close),
+        Outcome_::local("refused"),
+    )
 }
 
 /// A 304 built from stored headers (RFC 9110 §15.4.5).
