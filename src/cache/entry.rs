@@ -145,6 +145,13 @@ impl Entry {
         !self.decision.must_revalidate && self.staleness(now) <= self.decision.stale_if_error
     }
 
+    /// True when the entry may be served stale because no origin can be reached
+    /// (RFC 9111 §4.2.4): not when it must be revalidated (`must-revalidate`,
+    /// `proxy-revalidate`, `no-cache`).
+    pub fn usable_when_disconnected(&self) -> bool {
+        !self.decision.must_revalidate && !self.decision.always_revalidate
+    }
+
     /// True when a conditional request can validate this entry.
     pub fn has_validator(&self) -> bool {
         self.headers.contains_key(header::ETAG) || self.headers.contains_key(header::LAST_MODIFIED)

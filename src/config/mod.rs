@@ -491,6 +491,36 @@ impl Config {
                 .map(|o| o.name.as_str())
                 .unwrap_or("?");
             let _ = writeln!(s, "  {}  ->  {}", site.hosts.join(", "), origin);
+            let named_routes = site.routes.len() > 1
+                || site.routes.iter().any(|r| {
+                    r.pools.iter().any(|&p| {
+                        self.pools
+                            .get(p)
+                            .is_some_and(|p| !p.name.starts_with("origin:"))
+                    })
+                });
+            if named_routes {
+                for r in &site.routes {
+                    let pools: Vec<&str> = r
+                        .pools
+                        .iter()
+                        .filter_map(|&p| self.pools.get(p))
+                        .map(|p| p.name.as_str())
+                        .collect();
+                    let when = match &r.matcher {
+                        None => "default".to_owned(),
+                        Some(m) => {
+                            let code =
+                                |c: &crate::geo::Code| String::from_utf8_lossy(c).into_owned();
+                            let mut parts: Vec<String> = m.continents.iter().map(code).collect();
+                            parts.extend(m.countries.iter().map(code));
+                            parts.extend(m.cidrs.iter().map(|n| n.to_string()));
+                            parts.join(" ")
+                        }
+                    };
+                    let _ = writeln!(s, "    route {when}: pools {}", pools.join(" > "));
+                }
+            }
             let c = &site.cache.settings;
             let _ = writeln!(
                 s,
@@ -500,6 +530,15 @@ impl Config {
                 c.keep,
                 site.rules.len()
             );
+        }
+        for p in self.pools.iter().filter(|p| !p.name.starts_with("origin:")) {
+            let names: Vec<&str> = p
+                .origins
+                .iter()
+                .filter_map(|&o| self.origins.get(o))
+                .map(|o| o.name.as_str())
+                .collect();
+            let _ = writeln!(s, "pool {}: {}", p.name, names.join(", "));
         }
         match &self.admin {
             Some(a) => {

@@ -1002,6 +1002,46 @@ mod tests {
     }
 
     #[test]
+    fn routes_pools_and_geo_are_checked() {
+        let base = "[[origins]]\nname = \"a\"\nurl = \"http://x:1\"\n[[pools]]\nname = \"p\"\norigins = [\"a\", \"zz\"]\n";
+        let e = errors(&format!(
+            "{base}[[sites]]\nhosts = [\"h\"]\n[[sites.routes]]\nmatch = {{ continents = [\"XX\"] }}\npools = [\"p\", \"q\"]\n[geo]\nheader = \"bad header\"\n"
+        ));
+        assert!(
+            e.iter()
+                .any(|e| e
+                    .starts_with("t.toml:6:17: pools[0].origins: origin \"zz\" is not defined")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.contains("sites[0].routes[0].match.continents: \"XX\" is not one of")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.contains("sites[0].routes[0].pools: pool \"q\" is not defined")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.contains("geo.header: \"bad header\" is not a header name")),
+            "{e:?}"
+        );
+        let e = errors(&format!(
+            "{base}[[sites]]\nhosts = [\"h\"]\norigin = \"a\"\n[[sites.routes]]\npools = [\"p\"]\n"
+        ));
+        assert!(
+            e.iter()
+                .any(|e| e.contains("give either origin or [[sites.routes]]")),
+            "{e:?}"
+        );
+        let e =
+            errors("[[origins]]\nname = \"a\"\nurl = \"http://x:1\"\n[[sites]]\nhosts = [\"h\"]\n");
+        assert!(e.iter().any(|e| e.contains("a site needs origin")), "{e:?}");
+    }
+
+    #[test]
     fn host_patterns() {
         assert_eq!(
             host_pattern("Static.Example.COM", false),

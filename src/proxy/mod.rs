@@ -672,6 +672,19 @@ impl Proxy {
                         Outcome_::origin("stale", origin_index, origin_ms),
                     );
                 }
+                // Every candidate origin refused the connection: the cache is disconnected, and
+                // RFC 9111 §4.2.4 lets it serve what it has unless told it must revalidate.
+                if let Some(s) = stale
+                    .as_ref()
+                    .filter(|s| e.is_connect() && s.usable_when_disconnected())
+                {
+                    let status = self
+                        .cache_status("hit; fwd=stale; fwd-status=502; detail=origin-unreachable");
+                    return (
+                        self.answer_from_entry(s, client, lookup.head, now, status),
+                        Outcome_::origin("stale", origin_index, origin_ms),
+                    );
+                }
                 if stale.is_some() {
                     // RFC 9111 §5.2.2.2: a stored response that may not be served stale and
                     // cannot be revalidated is answered with 504, never reused.

@@ -212,3 +212,56 @@ async fn an_origin_returning_errors_is_ejected_and_comes_back() {
         "the origin came back after its back-off"
     );
 }
+
+#[tokio::test]
+async fn when_every_origin_is_down_stored_content_is_served() {
+    let (eu, us) = regional_origins().await;
+    eu.route(
+        "/page",
+        Route::ok("kept")
+            .header("cache-control", "max-age=1")
+            .header("age", "1"),
+    );
+    us.route(
+        "/page",
+        Route::ok("kept")
+            .header("cache-control", "max-age=1")
+            .header("age", "1"),
+    );
+    eu.route(
+        "/strict",
+        Route::ok("strict")
+            .header("cache-control", "max-age=1, must-revalidate")
+            .header("age", "1"),
+    );
+    us.route(
+        "/strict",
+        Route::ok("strict")
+            .header("cache-control", "max-age=1, must-revalidate")
+            .header("age", "1"),
+    );
+    let node = TestNode::start("", &two_regions(&eu.url(), &us.url(), "")).await;
+    assert_eq!(
+        &get(node.http, "site.test", "/page").await.body[..],
+        b"kept"
+    );
+    get(node.http, "site.test", "/strict").await;
+    eu.stop();
+    us.stop();
+    let r = get(node.http, "site.test", "/page").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], b"kept");
+    assert!(r
+        .header("cache-status")
+        .is_some_and(|c| c.contains("detail=origin-unreachable")));
+    assert_eq!(
+        get(node.http, "site.test", "/strict").await.status,
+        504,
+        "must-revalidate is never served stale"
+    );
+    assert_eq!(
+        get(node.http, "site.test", "/never").await.status,
+        502,
+        "nothing stored: 502"
+    );
+}
