@@ -32,7 +32,7 @@ use crate::cache::policy::{self, Precondition, RequestFacts, Reuse, Settings, St
 use crate::cache::{
     CacheControl, Entry, KeyParts, NoStoreReason, OwnedKey, PurgeTarget, Store, VaryKey,
 };
-use crate::config::{ClientNoCache, Config, QueryMode, Site};
+use crate::config::{ClientNoCache, Config, QueryMode};
 use crate::origin::select::{PoolView, Selector};
 use crate::origin::{self, OriginClient, UpstreamBody};
 use crate::telemetry::{self, AccessLog};
@@ -388,7 +388,7 @@ impl Proxy {
             let status = self.cache_status(detail);
             let host = host.into_owned();
             return self
-                .pass(req, conn, site, site_idx, &host, host_value, status)
+                .pass(req, conn, site_idx, &host, host_value, status)
                 .await;
         }
 
@@ -1112,19 +1112,16 @@ impl Proxy {
     }
 
     /// Forwards a request that the cache does not handle (other methods, bypass rules).
-    #[allow(clippy::too_many_arguments)]
     async fn pass(
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
-        site: &Site,
         site_idx: usize,
         host: &str,
         host_value: HeaderValue,
         status: HeaderValue,
     ) -> Answer {
         let candidates = self.candidates(site_idx, conn, req.headers());
-        let _ = site;
         let method = req.method().clone();
         let pq = req
             .uri()
