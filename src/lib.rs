@@ -79,6 +79,7 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     for (l, tls) in listeners {
         accept.spawn(server::accept_loop(l, tls, shared.clone()));
     }
+    proxy.spawn_health_checks(&mut accept, &shared.shutdown);
     let mut admin_addr = None;
     if let Some(admin) = &config.admin {
         let addr = admin.listen;

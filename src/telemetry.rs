@@ -52,6 +52,8 @@ pub struct AccessLog {
     pub cache: &'static str,
     pub origin: Option<Arc<str>>,
     pub origin_ms: Option<f64>,
+    /// The geo route (`[[sites.routes]]` name) that chose the origin.
+    pub route: Option<Arc<str>>,
     pub aborted: bool,
 }
 
@@ -72,6 +74,7 @@ impl AccessLog {
             cache = self.cache,
             origin = self.origin.as_deref().unwrap_or("-"),
             origin_ms = self.origin_ms.map(|m| (m * 1000.0).round() / 1000.0),
+            route = self.route.as_deref().unwrap_or("-"),
             complete = complete && !self.aborted,
             "request"
         );

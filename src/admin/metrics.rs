@@ -30,6 +30,8 @@ pub struct Metrics {
     origin_requests: AtomicU64,
     origin_errors: AtomicU64,
     purged: AtomicU64,
+    retries: AtomicU64,
+    retries_refused: AtomicU64,
 }
 
 /// Point-in-time values read from elsewhere when rendering.
@@ -56,6 +58,15 @@ impl Metrics {
         }
         if result == "error" {
             self.origin_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a retry on another origin, or one the retry budget refused.
+    pub fn retry(&self, granted: bool) {
+        if granted {
+            self.retries.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.retries_refused.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -107,6 +118,16 @@ impl Metrics {
                 "edgecache_origin_errors_total",
                 "Origin requests that failed (connect, timeout, reset).",
                 self.origin_errors.load(Ordering::Relaxed),
+            ),
+            (
+                "edgecache_origin_retries_total",
+                "Requests sent again to another origin after a failed connection.",
+                self.retries.load(Ordering::Relaxed),
+            ),
+            (
+                "edgecache_origin_retries_refused_total",
+                "Retries not made because the retry budget was spent.",
+                self.retries_refused.load(Ordering::Relaxed),
             ),
             (
                 "edgecache_purged_objects_total",

@@ -35,6 +35,90 @@ pub struct Config {
     pub pools: Vec<Pool>,
     /// `[geo]`: where clients are.
     pub geo: Geo,
+    /// `[retries]`: the retry budget.
+    pub retries: Retries,
+    /// `[dns]`: how origin host names are resolved.
+    pub dns: Dns,
+}
+
+/// `[retries]`: an idempotent request whose origin connection failed before any response byte
+/// is retried once on another origin, while retries stay within `budget` × requests (over the
+/// last ten seconds) plus `min_per_second`.
+#[derive(Clone, Debug)]
+pub struct Retries {
+    /// Retries allowed as a fraction of origin requests (default 0.2; 0 turns retries off
+    /// beyond `min_per_second`).
+    pub budget: f64,
+    /// Retries always allowed per second, so a quiet node still retries (default 10).
+    pub min_per_second: u32,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries {
+            budget: 0.2,
+            min_per_second: 10,
+        }
+    }
+}
+
+/// `[dns]`: origin host names are resolved by edgecache itself and re-resolved as their
+/// records' TTL expires.
+#[derive(Clone, Debug)]
+pub struct Dns {
+    /// Name servers to ask; empty means the system's (`/etc/resolv.conf`).
+    pub servers: Vec<SocketAddr>,
+    /// Answers are kept at least this long (default 1 s) and at most `max_ttl` (default 5 min),
+    /// whatever their TTL says.
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Dns {
+            servers: Vec::new(),
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Active health checks of one origin (`[health]` defaults, `[origins.health]` overrides).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Path (and query) requested with `GET` (default `/`).
+    pub path: http::uri::PathAndQuery,
+    /// Time between checks (default 5 s).
+    pub interval: Duration,
+    /// A check without a response head in this time failed (default 2 s).
+    pub timeout: Duration,
+    /// Statuses that pass (default 200).
+    pub expect_status: Vec<u16>,
+    /// Consecutive passes that bring a down origin up (default 2).
+    pub rise: u32,
+    /// Consecutive failures that take an up origin down (default 3).
+    pub fall: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            path: http::uri::PathAndQuery::from_static("/"),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            expect_status: vec![200],
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// A client certificate presented to an `https` origin that asks for one (mTLS).
+#[derive(Debug)]
+pub struct ClientAuth {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: rustls::pki_types::PrivateKeyDer<'static>,
 }
 
 /// `[[pools]]`: an ordered group of origins chosen among by latency and health.
@@ -62,6 +146,8 @@ pub struct Geo {
 /// `[[sites.routes]]`: which pools serve clients from where.
 #[derive(Clone, Debug)]
 pub struct Route {
+    /// `name`, or the route's place in the file (`sites[0].routes[1]`); shown in the access log.
+    pub name: std::sync::Arc<str>,
     /// `None` matches every client (the default route).
     pub matcher: Option<RouteMatch>,
     /// Indexes into [`Config::pools`], in preference order.
@@ -214,6 +300,13 @@ pub struct Origin {
     pub region: Option<String>,
     /// Relative share of traffic among equally fast origins (default 1).
     pub weight: u32,
+    /// Active health checks; `None` leaves health to passive detection alone.
+    pub health: Option<HealthCheck>,
+    /// Connections open to the origin at most (idle ones included); a request that needs one
+    /// more waits up to `connect_timeout` for one to free up, then tries the next origin.
+    pub max_connections: Option<usize>,
+    /// Client certificate for mTLS to an `https` origin.
+    pub client_auth: Option<Arc<ClientAuth>>,
 }
 
 /// `[[sites]]`: host names we serve and where their misses go.

@@ -25,6 +25,43 @@ pub(crate) struct RawConfig {
     pub(crate) pools: Vec<RawPool>,
     #[serde(default)]
     pub(crate) geo: RawGeo,
+    pub(crate) health: Option<Spanned<RawHealth>>,
+    #[serde(default)]
+    pub(crate) retries: RawRetries,
+    #[serde(default)]
+    pub(crate) dns: RawDns,
+}
+
+/// `[health]` and `[origins.health]`: active health checks. Every field is optional; an
+/// origin's section overrides the defaults from `[health]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealth {
+    pub(crate) enabled: Option<bool>,
+    pub(crate) path: Option<Spanned<String>>,
+    pub(crate) interval: Option<Duration>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) expect_status: Option<Spanned<Vec<Spanned<u16>>>>,
+    pub(crate) rise: Option<Spanned<u32>>,
+    pub(crate) fall: Option<Spanned<u32>>,
+}
+
+/// `[retries]`: the retry budget.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetries {
+    pub(crate) budget: Option<Spanned<f64>>,
+    pub(crate) min_per_second: Option<Spanned<u32>>,
+}
+
+/// `[dns]`: how origin host names are resolved.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDns {
+    #[serde(default)]
+    pub(crate) servers: Vec<Spanned<String>>,
+    pub(crate) min_ttl: Option<Duration>,
+    pub(crate) max_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +128,10 @@ pub(crate) struct RawOrigin {
     pub(crate) max_idle_connections: Option<usize>,
     pub(crate) region: Option<String>,
     pub(crate) weight: Option<Spanned<u32>>,
+    pub(crate) health: Option<Spanned<RawHealth>>,
+    pub(crate) max_connections: Option<Spanned<usize>>,
+    pub(crate) client_cert: Option<Spanned<String>>,
+    pub(crate) client_key: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +162,7 @@ pub(crate) struct RawNetwork {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRoute {
+    pub(crate) name: Option<Spanned<String>>,
     #[serde(rename = "match")]
     pub(crate) matcher: Option<RawMatch>,
     pub(crate) pools: Spanned<Vec<Spanned<String>>>,

@@ -16,8 +16,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::Origin;
+use limit::Limited;
 
 mod body;
+pub mod health;
+pub mod limit;
+pub mod retry;
 pub mod select;
 
 pub use body::UpstreamBody;
@@ -31,6 +35,8 @@ pub enum Error {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    #[error("origin {origin}: all {limit} connections are busy")]
+    Saturated { origin: String, limit: usize },
     #[error("origin {origin} sent no response head within {timeout:?}")]
     Timeout { origin: String, timeout: Duration },
     #[error("request to origin {origin}: {source}")]
@@ -48,9 +54,21 @@ pub enum Error {
 }
 
 impl Error {
-    /// True when no connection could be made (nothing reached the origin).
+    /// True when no connection could be made (nothing reached the origin), including when
+    /// the origin is at its connection limit.
     pub fn is_connect(&self) -> bool {
-        matches!(self, Error::Connect { .. })
+        matches!(self, Error::Connect { .. } | Error::Saturated { .. })
+    }
+
+    /// True when the origin was not tried because every connection it may have is busy
+    /// (not a sign that it is unwell).
+    pub fn is_saturated(&self) -> bool {
+        matches!(self, Error::Saturated { .. })
+    }
+
+    /// True when a connection was made but broke before a response head came back.
+    pub fn is_broken(&self) -> bool {
+        matches!(self, Error::Request { .. })
     }
 
     /// True when the origin accepted the request but did not answer in time.
@@ -62,7 +80,7 @@ impl Error {
 /// A configured origin with its connection pool.
 pub struct OriginClient {
     pub config: Origin,
-    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    client: Client<Limited<HttpsConnector<HttpConnector>>, UpstreamBody>,
 }
 
 impl OriginClient {
@@ -83,8 +101,16 @@ impl OriginClient {
                 origin: config.name.clone(),
                 source,
             })?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let tls = match &config.client_auth {
+            Some(auth) => tls
+                .with_client_auth_cert(auth.chain.clone(), auth.key.clone_key())
+                .map_err(|source| Error::Tls {
+                    origin: config.name.clone(),
+                    source,
+                })?,
+            None => tls.with_no_client_auth(),
+        };
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -96,6 +122,7 @@ impl OriginClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
+        let connector = Limited::new(connector, config.max_connections, config.connect_timeout);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(config.max_idle_connections)
@@ -105,6 +132,14 @@ impl OriginClient {
         Ok(OriginClient { config, client })
     }
 
+    /// Sends a request with no deadline and no error mapping (health checks bound it).
+    pub(crate) async fn request(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        self.client.request(req).await
+    }
+
     /// Sends a request whose URI already names this origin; waits at most `timeout` for the
     /// response head. The body then streams with no overall deadline.
     pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, Error> {
@@ -112,6 +147,10 @@ impl OriginClient {
             Err(_) => Err(Error::Timeout {
                 origin: self.config.name.clone(),
                 timeout: self.config.timeout,
+            }),
+            Ok(Err(source)) if saturated(&source).is_some() => Err(Error::Saturated {
+                origin: self.config.name.clone(),
+                limit: saturated(&source).map_or(0, |s| s.limit),
             }),
             Ok(Err(source)) if source.is_connect() => Err(Error::Connect {
                 origin: self.config.name.clone(),
@@ -124,4 +163,16 @@ impl OriginClient {
             Ok(Ok(resp)) => Ok(resp),
         }
     }
+}
+
+/// The connection-limit error somewhere in `e`'s chain of causes.
+fn saturated<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a limit::Saturated> {
+    let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(s) = err.downcast_ref::<limit::Saturated>() {
+            return Some(s);
+        }
+        cur = err.source();
+    }
+    None
 }

@@ -4,7 +4,7 @@
 //! in-flight requests and `weight`. Origins that fail repeatedly are ejected for a back-off
 //! that grows on repeat; one success after it brings them back.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -71,10 +71,29 @@ impl Default for PeakEwma {
     }
 }
 
+/// What active health checks say about an origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Up,
+    Down,
+}
+
+/// Active-check bookkeeping of one origin (touched once per check, never per request).
+#[derive(Debug, Default)]
+struct Checks {
+    passes: u32,
+    failures: u32,
+    total: u64,
+    last: Option<super::health::CheckResult>,
+}
+
 /// Live state of one origin, updated by every request to it.
 #[derive(Debug, Default)]
 pub struct OriginStats {
     ewma: Mutex<PeakEwma>,
+    /// Set by active checks after `fall` failures, cleared after `rise` passes.
+    down: AtomicBool,
+    checks: Mutex<Checks>,
     pub inflight: AtomicU32,
     failures: AtomicU32,
     ejections: AtomicU32,
@@ -92,6 +111,19 @@ impl OriginStats {
 
     pub fn ejections(&self) -> u32 {
         self.ejections.load(Ordering::Relaxed)
+    }
+
+    /// True when active checks have taken the origin out of rotation.
+    pub fn checked_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    /// Checks run so far and the last one's result.
+    pub fn last_check(&self) -> (u64, Option<super::health::CheckResult>) {
+        self.checks
+            .lock()
+            .map(|c| (c.total, c.last.clone()))
+            .unwrap_or((0, None))
     }
 }
 
@@ -132,11 +164,60 @@ impl Selector {
         now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
-    /// True when the origin is not ejected at `now`.
+    /// True when the origin is neither marked down by its checks nor ejected at `now`.
     pub fn is_up(&self, origin: usize, now: Instant) -> bool {
+        self.stats.get(origin).is_some_and(|s| {
+            !s.down.load(Ordering::Relaxed)
+                && s.ejected_until.load(Ordering::Relaxed) <= self.now_ms(now)
+        })
+    }
+
+    /// True when the origin is ejected by passive detection at `now`.
+    pub fn is_ejected(&self, origin: usize, now: Instant) -> bool {
         self.stats
             .get(origin)
-            .is_some_and(|s| s.ejected_until.load(Ordering::Relaxed) <= self.now_ms(now))
+            .is_some_and(|s| s.ejected_until.load(Ordering::Relaxed) > self.now_ms(now))
+    }
+
+    /// Records an active check. An answered check feeds the latency average; `fall` failures
+    /// in a row mark the origin down and `rise` passes in a row mark it up again (which also
+    /// ends a passive ejection). Returns the change, if any.
+    pub fn check_result(
+        &self,
+        origin: usize,
+        result: super::health::CheckResult,
+        rise: u32,
+        fall: u32,
+    ) -> Option<Health> {
+        let s = self.stats.get(origin)?;
+        if result.status.is_some() {
+            if let Ok(mut e) = s.ewma.lock() {
+                e.observe(result.latency, result.at);
+            }
+        }
+        let mut c = s.checks.lock().ok()?;
+        c.total += 1;
+        let passed = result.passed;
+        c.last = Some(result);
+        let down = s.down.load(Ordering::Relaxed);
+        if passed {
+            c.passes = c.passes.saturating_add(1);
+            c.failures = 0;
+            if down && c.passes >= rise {
+                s.down.store(false, Ordering::Relaxed);
+                s.failures.store(0, Ordering::Relaxed);
+                s.ejected_until.store(0, Ordering::Relaxed);
+                return Some(Health::Up);
+            }
+        } else {
+            c.failures = c.failures.saturating_add(1);
+            c.passes = 0;
+            if !down && c.failures >= fall {
+                s.down.store(true, Ordering::Relaxed);
+                return Some(Health::Down);
+            }
+        }
+        None
     }
 
     fn random(&self) -> u64 {

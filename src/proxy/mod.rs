@@ -65,6 +65,10 @@ const CONDITIONAL_FIELDS: [HeaderName; 6] = [
 /// answers, instead of being streamed through a fill.
 const SMALL_OBJECT: u64 = 64 << 10;
 
+/// Origins tried at most for one request when connections fail (nginx's
+/// `proxy_next_upstream_tries`).
+const MAX_ATTEMPTS: usize = 4;
+
 /// Once a response is too large to store, the fetch runs at most this far ahead of the slowest
 /// client reading it.
 const STREAM_WINDOW: u64 = 1 << 20;
@@ -81,6 +85,8 @@ struct Outcome_ {
     cache: &'static str,
     origin: Option<usize>,
     origin_ms: Option<f64>,
+    /// The geo route that chose the origin.
+    route: Option<Arc<str>>,
 }
 
 impl Outcome_ {
@@ -89,6 +95,7 @@ impl Outcome_ {
             cache,
             origin: None,
             origin_ms: None,
+            route: None,
         }
     }
 
@@ -97,6 +104,7 @@ impl Outcome_ {
             cache,
             origin: Some(origin),
             origin_ms: Some(ms),
+            route: None,
         }
     }
 }
@@ -136,6 +144,7 @@ pub struct Proxy {
     fills: Fills,
     locator: crate::geo::Locator,
     selector: Selector,
+    retry_budget: origin::retry::RetryBudget,
     metrics: crate::admin::metrics::Metrics,
     name: String,
     hit: HeaderValue,
@@ -184,6 +193,7 @@ impl Proxy {
                     .collect(),
             ),
             selector: Selector::new(config.origins.iter().map(|o| o.weight).collect()),
+            retry_budget: origin::retry::RetryBudget::new(&config.retries),
             metrics: crate::admin::metrics::Metrics::default(),
             hit: status_value(&name, "hit"),
             via_11: via_value(Version::HTTP_11, &name),
@@ -221,7 +231,30 @@ impl Proxy {
                     "url": format!("{}://{}", o.config.scheme, o.config.authority),
                     "region": o.config.region,
                     "weight": o.config.weight,
-                    "state": if self.selector.is_up(i, now) { "up" } else { "ejected" },
+                    "state": if s.is_some_and(|s| s.checked_down()) {
+                        "down"
+                    } else if self.selector.is_ejected(i, now) {
+                        "ejected"
+                    } else {
+                        "up"
+                    },
+                    "health": o.config.health.as_ref().map(|h| {
+                        let (checks, last) = s.map(|s| s.last_check()).unwrap_or((0, None));
+                        serde_json::json!({
+                            "path": h.path.as_str(),
+                            "interval_ms": h.interval.as_millis() as u64,
+                            "rise": h.rise,
+                            "fall": h.fall,
+                            "checks": checks,
+                            "last_check": last.map(|c| serde_json::json!({
+                                "passed": c.passed,
+                                "status": c.status.map(|st| st.as_u16()),
+                                "latency_ms": (c.latency.as_secs_f64() * 100_000.0).round() / 100.0,
+                                "error": c.error,
+                                "seconds_ago": (now.saturating_duration_since(c.at).as_secs_f64() * 10.0).round() / 10.0,
+                            })),
+                        })
+                    }),
                     "latency_ms": s.map(|s| (s.latency_us(now) / 10.0).round() / 100.0).unwrap_or(0.0),
                     "in_flight": load(|s| u64::from(s.inflight.load(std::sync::atomic::Ordering::Relaxed))),
                     "requests": load(|s| s.requests.load(std::sync::atomic::Ordering::Relaxed)),
@@ -233,6 +266,27 @@ impl Proxy {
         let mut text = serde_json::to_string_pretty(&list).unwrap_or_else(|_| "[]".to_owned());
         text.push('\n');
         text
+    }
+
+    /// Starts the active health checks of every origin that has them; each task ends when
+    /// `shutdown` turns true.
+    pub fn spawn_health_checks(
+        self: &Arc<Self>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        shutdown: &tokio::sync::watch::Receiver<bool>,
+    ) {
+        for (i, o) in self.origins.iter().enumerate() {
+            let Some(check) = o.config.health.clone() else {
+                continue;
+            };
+            let proxy = self.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                if let Some(client) = proxy.origins.get(i) {
+                    origin::health::run(client, &proxy.selector, i, &check, shutdown).await;
+                }
+            });
+        }
     }
 
     /// Fetches in flight.
@@ -285,6 +339,7 @@ impl Proxy {
                 cache: "-",
                 origin: None,
                 origin_ms: None,
+                route: None,
                 aborted: false,
             })
         });
@@ -301,6 +356,7 @@ impl Proxy {
                 .origin
                 .and_then(|i| self.origin_names.get(i).cloned());
             l.origin_ms = outcome.origin_ms;
+            l.route = outcome.route;
         }
         resp.body_mut().set_log(log);
         resp
@@ -584,6 +640,22 @@ impl Proxy {
         registered: bool,
         stale: Option<Arc<Entry>>,
     ) -> Answer {
+        let (candidates, route) = self.candidates(lookup.site, lookup.conn, &lookup.parts.headers);
+        let (resp, mut outcome) = self
+            .lead_with(lookup, fill, registered, stale, &candidates)
+            .await;
+        outcome.route = route;
+        (resp, outcome)
+    }
+
+    async fn lead_with(
+        self: &Arc<Self>,
+        lookup: &Lookup,
+        fill: Arc<Fill>,
+        registered: bool,
+        stale: Option<Arc<Entry>>,
+        candidates: &[usize],
+    ) -> Answer {
         let mut guard = LeaderGuard {
             proxy: self,
             hash: lookup.hash,
@@ -592,7 +664,6 @@ impl Proxy {
             armed: true,
         };
         let site = &self.config.sites[lookup.site];
-        let candidates = self.candidates(lookup.site, lookup.conn, &lookup.parts.headers);
         let client = &lookup.parts.headers;
 
         // origin_fetch: a whole-object GET; our own validators when revalidating.
@@ -627,7 +698,7 @@ impl Proxy {
         let request_time = SystemTime::now();
         let Some((origin_index, origin_ms, result)) = self
             .send_failover(
-                &candidates,
+                candidates,
                 &Method::GET,
                 &pq,
                 up_headers,
@@ -658,6 +729,8 @@ impl Proxy {
                 tracing::warn!(origin = %origin.config.name, error = %ErrorChain(&e), "origin request failed");
                 let code = if e.is_timeout() {
                     StatusCode::GATEWAY_TIMEOUT
+                } else if e.is_saturated() {
+                    StatusCode::SERVICE_UNAVAILABLE
                 } else {
                     StatusCode::BAD_GATEWAY
                 };
@@ -952,12 +1025,17 @@ impl Proxy {
     }
 
     /// Origins for a miss, best first: the site's route for where the client is, its pools in
-    /// order, each origin by latency and health (see `origin::select`).
-    fn candidates(&self, site: usize, conn: ConnInfo, headers: &HeaderMap) -> Vec<usize> {
+    /// order, each origin by latency and health (see `origin::select`); and the route's name.
+    fn candidates(
+        &self,
+        site: usize,
+        conn: ConnInfo,
+        headers: &HeaderMap,
+    ) -> (Vec<usize>, Option<Arc<str>>) {
         let site = &self.config.sites[site];
         let loc = self.locator.locate(conn.peer.ip(), headers);
         let Some(route) = site.route(&loc) else {
-            return vec![site.origin];
+            return (vec![site.origin], None);
         };
         let views: Vec<PoolView<'_>> = route
             .pools
@@ -969,17 +1047,20 @@ impl Proxy {
             })
             .collect();
         let out = self.selector.candidates(&views, Instant::now());
+        let name = Some(route.name.clone());
         if out.is_empty() {
-            vec![site.origin]
+            (vec![site.origin], name)
         } else {
-            out
+            (out, name)
         }
     }
 
-    /// Sends a request to the first candidate, and once more to the next one when the
-    /// connection could not be made (nothing reached the origin). `body` is `None` for an
-    /// empty body; a request with a body is sent once. Returns the origin used, the time to
-    /// its response head in milliseconds, and the result; `None` for an invalid target.
+    /// Sends a request to the first candidate. A bodiless idempotent request is sent again to
+    /// the next candidate when nothing came back: after a failed connection (down the list, up
+    /// to [`MAX_ATTEMPTS`] in all) or once after a connection that broke before the response
+    /// head; each retry is taken from the retry budget. A request with a body is sent once.
+    /// Returns the origin used, the time to its response head in milliseconds, and the
+    /// result; `None` for an invalid target.
     async fn send_failover(
         &self,
         candidates: &[usize],
@@ -989,9 +1070,20 @@ impl Proxy {
         host: &HeaderValue,
         mut body: Option<UpstreamBody>,
     ) -> Option<(usize, f64, Result<Response<Incoming>, origin::Error>)> {
-        let tries = if body.is_some() { 1 } else { 2 };
+        let retryable = body.is_none() && method.is_idempotent();
+        let attempts = candidates.len().min(MAX_ATTEMPTS);
+        self.retry_budget.request(Instant::now());
         let mut last = None;
-        for (attempt, &index) in candidates.iter().take(tries).enumerate() {
+        let mut broken_retried = false;
+        for (attempt, &index) in candidates.iter().take(attempts).enumerate() {
+            if attempt > 0 {
+                if !self.retry_budget.try_retry(Instant::now()) {
+                    self.metrics.retry(false);
+                    tracing::debug!("retry budget spent: not retrying");
+                    break;
+                }
+                self.metrics.retry(true);
+            }
             let origin = self.origins.get(index)?;
             let uri = origin_uri(origin, pq.clone())?;
             let mut up = Request::new(body.take().unwrap_or_else(UpstreamBody::empty));
@@ -1028,9 +1120,15 @@ impl Proxy {
                     self.note_failure(index);
                 }
                 Err(e) => {
-                    self.note_failure(index);
-                    if e.is_connect() && attempt + 1 < tries && candidates.len() > attempt + 1 {
-                        tracing::warn!(origin = %origin.config.name, error = %ErrorChain(e), "origin unreachable, trying the next one");
+                    if !e.is_saturated() {
+                        self.note_failure(index);
+                    }
+                    let again = retryable
+                        && attempt + 1 < attempts
+                        && (e.is_connect() || (e.is_broken() && !broken_retried));
+                    if again {
+                        broken_retried |= !e.is_connect();
+                        tracing::warn!(origin = %origin.config.name, error = %ErrorChain(e), "no answer from origin, trying the next one");
                         last = Some((index, ms, result));
                         continue;
                     }
@@ -1121,7 +1219,23 @@ impl Proxy {
         host_value: HeaderValue,
         status: HeaderValue,
     ) -> Answer {
-        let candidates = self.candidates(site_idx, conn, req.headers());
+        let (candidates, route) = self.candidates(site_idx, conn, req.headers());
+        let (resp, mut outcome) = self
+            .pass_with(req, conn, host, host_value, status, &candidates)
+            .await;
+        outcome.route = route;
+        (resp, outcome)
+    }
+
+    async fn pass_with(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        host: &str,
+        host_value: HeaderValue,
+        status: HeaderValue,
+        candidates: &[usize],
+    ) -> Answer {
         let method = req.method().clone();
         let pq = req
             .uri()
@@ -1163,7 +1277,7 @@ impl Proxy {
         };
         let retry_ok = up_body.is_none() && method.is_idempotent();
         let attempts = if retry_ok {
-            &candidates[..]
+            candidates
         } else {
             &candidates[..candidates.len().min(1)]
         };

@@ -23,12 +23,19 @@ pub(crate) fn simple(status: StatusCode, message: &'static str, close: bool) -> 
     resp
 }
 
-/// The answer for a failed origin request: 504 when it timed out, 502 otherwise.
+/// The answer for a failed origin request: 504 when it timed out, 503 when every origin was
+/// at its connection limit, 502 otherwise.
 pub(crate) fn origin_error(e: &origin::Error) -> Response<Body> {
     if e.is_timeout() {
         simple(
             StatusCode::GATEWAY_TIMEOUT,
             "edgecache: the origin did not answer in time\n",
+            false,
+        )
+    } else if e.is_saturated() {
+        simple(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "edgecache: every origin is at its connection limit\n",
             false,
         )
     } else if e.is_connect() {

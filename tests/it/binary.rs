@@ -99,6 +99,8 @@ fn certificate_not_matching_its_key_is_reported() {
 struct Proc {
     child: Child,
     http: SocketAddr,
+    /// Every line it wrote to stderr so far.
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -110,16 +112,20 @@ impl Drop for Proc {
 }
 
 fn spawn(origin: &TestOrigin, server_extra: &str) -> Proc {
+    spawn_with(&site(origin, "site.test", ""), server_extra, &[])
+}
+
+fn spawn_with(body: &str, server_extra: &str, args: &[&str]) -> Proc {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("edgecache.toml");
     let text = format!(
-        "[server]\nhttp = [\"127.0.0.1:0\"]\nworkers = 2\n{server_extra}\n[cache]\nmax_object_size = \"8MiB\"\n{}",
-        site(origin, "site.test", "")
+        "[server]\nhttp = [\"127.0.0.1:0\"]\nworkers = 2\n{server_extra}\n[cache]\nmax_object_size = \"8MiB\"\n{body}"
     );
     std::fs::write(&path, text).expect("write config");
     let mut child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(&path)
+        .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -129,14 +135,19 @@ fn spawn(origin: &TestOrigin, server_extra: &str) -> Proc {
     // The bound address is in the "listening for HTTP" log line.
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = lines.clone();
     std::thread::spawn(move || {
         let mut sent = false;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            kept.lock().expect("lock").push(line.clone());
             if !sent && line.contains("listening for HTTP") {
+                // `addr=127.0.0.1:port` in text logs, `"addr":"127.0.0.1:port"` in JSON.
                 if let Some(addr) = line
                     .split("addr=")
                     .nth(1)
-                    .and_then(|s| s.split_whitespace().next())
+                    .or_else(|| line.split("\"addr\":").nth(1))
+                    .and_then(|s| s.split([' ', ',']).next())
                 {
                     let clean: String = addr
                         .chars()
@@ -157,8 +168,56 @@ fn spawn(origin: &TestOrigin, server_extra: &str) -> Proc {
             .trim_start_matches(|c: char| !c.is_ascii_digit())
             .parse()
             .expect("address"),
+        lines,
         _dir: dir,
     }
+}
+
+#[tokio::test]
+async fn each_request_has_an_access_log_line_naming_origin_and_route() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/page",
+        Route::ok("page").header("cache-control", "max-age=60"),
+    );
+    let body = format!(
+        "[[origins]]\nname = \"eu-1\"\nurl = \"{}\"\n[[pools]]\nname = \"eu\"\norigins = [\"eu-1\"]\n\
+         [[sites]]\nhosts = [\"site.test\"]\n[[sites.routes]]\nname = \"everyone\"\npools = [\"eu\"]\n",
+        origin.url()
+    );
+    let p = spawn_with(&body, "", &["--log-format", "json"]);
+    assert_eq!(get(p.http, "site.test", "/page?x=1").await.status, 200);
+    assert_eq!(get(p.http, "site.test", "/page?x=1").await.status, 200);
+    let access = |p: &Proc| -> Vec<serde_json::Value> {
+        p.lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "edgecache::access")
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while access(&p).len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lines = access(&p);
+    assert_eq!(lines.len(), 2, "one line per request: {lines:?}");
+    let miss = &lines[0];
+    assert_eq!(miss["host"], "site.test");
+    assert_eq!(miss["method"], "GET");
+    assert_eq!(miss["path"], "/page?x=1");
+    assert_eq!(miss["status"], 200);
+    assert_eq!(miss["bytes"], 4);
+    assert_eq!(miss["cache"], "miss");
+    assert_eq!(miss["origin"], "eu-1");
+    assert_eq!(miss["route"], "everyone");
+    assert_eq!(miss["client"], "127.0.0.1");
+    assert!(miss["origin_ms"].is_number());
+    let hit = &lines[1];
+    assert_eq!(hit["cache"], "hit");
+    assert_eq!(hit["origin"], "-", "a hit reaches no origin");
+    assert_eq!(hit["route"], "-");
 }
 
 fn rss_kib(pid: u32) -> u64 {

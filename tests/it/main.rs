@@ -5,6 +5,7 @@
 mod binary;
 mod cache;
 mod http_cache;
+mod origins;
 mod routing;
 mod serving;
 mod support;

@@ -181,19 +181,7 @@ async fn an_origin_returning_errors_is_ejected_and_comes_back() {
         "ejected after a run of failures, reached {bad_before} times"
     );
     // The admin listener shows it.
-    let admin = node.node().admin_addr().expect("admin");
-    let (text, _) = raw(
-        admin,
-        b"GET /origins HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
-    let json = text.split("\r\n\r\n").nth(1).unwrap_or_default();
-    let list: serde_json::Value = serde_json::from_str(json).expect("origins JSON");
-    let bad_state = list
-        .as_array()
-        .and_then(|a| a.iter().find(|o| o["name"] == "bad"))
-        .expect("bad listed");
+    let bad_state = origin_state(&node, "bad").await;
     assert_eq!(bad_state["state"], "ejected", "{bad_state}");
     assert!(bad_state["ejections"].as_u64() >= Some(1));
     assert!(bad_state["errors"].as_u64() >= Some(5));
@@ -263,5 +251,257 @@ async fn when_every_origin_is_down_stored_content_is_served() {
         get(node.http, "site.test", "/never").await.status,
         502,
         "nothing stored: 502"
+    );
+}
+
+/// One origin's entry in the admin listener's `GET /origins`.
+async fn origin_state(node: &TestNode, name: &str) -> serde_json::Value {
+    let admin = node.node().admin_addr().expect("admin listener configured");
+    let (text, _) = raw(
+        admin,
+        b"GET /origins HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let json = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let list: serde_json::Value = serde_json::from_str(json).expect("origins JSON");
+    list.as_array()
+        .and_then(|a| a.iter().find(|o| o["name"] == name))
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} not listed in {list}"))
+}
+
+fn health_config(eu1: &str, eu2: &str, us: &str) -> String {
+    format!(
+        "[geo]\n[[geo.networks]]\ncidr = \"127.0.0.0/8\"\ncountry = \"DE\"\n\
+         [health]\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 3\nfall = 2\n\
+         [[origins]]\nname = \"eu-1\"\nurl = \"{eu1}\"\nconnect_timeout = \"500ms\"\n\
+         [[origins]]\nname = \"eu-2\"\nurl = \"{eu2}\"\nconnect_timeout = \"500ms\"\n\
+         [[origins]]\nname = \"us-1\"\nurl = \"{us}\"\nconnect_timeout = \"500ms\"\n\
+         [origins.health]\ninterval = \"1s\"\ntimeout = \"1s\"\n\
+         [[pools]]\nname = \"eu\"\norigins = [\"eu-1\", \"eu-2\"]\n[[pools]]\nname = \"us\"\norigins = [\"us-1\"]\n\
+         [[sites]]\nhosts = [\"site.test\"]\n\
+         [[sites.routes]]\nname = \"europe\"\nmatch = {{ continents = [\"EU\"] }}\npools = [\"eu\", \"us\"]\n\
+         [[sites.routes]]\npools = [\"us\"]\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n"
+    )
+}
+
+fn regional(body: &'static str) -> Route {
+    Route::ok(body).header("cache-control", "no-store")
+}
+
+#[tokio::test]
+async fn health_checks_take_a_dead_pool_out_and_bring_it_back_after_rise_passes() {
+    let eu1 = TestOrigin::start().await;
+    let eu2 = TestOrigin::start().await;
+    let us = TestOrigin::start().await;
+    for o in [&eu1, &eu2] {
+        o.route("/where", regional("eu"))
+            .route("/healthz", Route::ok("ok"));
+    }
+    us.route("/where", regional("us"))
+        .route("/healthz", Route::ok("ok"));
+    let node = TestNode::start("", &health_config(&eu1.url(), &eu2.url(), &us.url())).await;
+    for _ in 0..10 {
+        assert_eq!(answer(&node, &[]).await, "eu");
+    }
+    // Checks run on their own, with their own interval per origin, and report latency.
+    assert!(
+        eventually(Duration::from_secs(5), || eu1.count("/healthz") >= 2).await,
+        "eu-1 is checked every 100ms"
+    );
+    let state = origin_state(&node, "eu-1").await;
+    assert_eq!(state["state"], "up", "{state}");
+    assert_eq!(state["health"]["path"], "/healthz");
+    assert_eq!(state["health"]["last_check"]["passed"], true, "{state}");
+    assert_eq!(state["health"]["last_check"]["status"], 200);
+    assert_eq!(
+        origin_state(&node, "us-1").await["health"]["interval_ms"],
+        1000
+    );
+
+    // Four clients keep asking while the whole primary pool dies.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let stop = stop.clone();
+        let addr = node.http;
+        clients.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0usize, 0usize);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = send(addr, request("GET", "site.test", "/where", &[])).await;
+                if r.status.is_server_error() {
+                    failed += 1;
+                } else {
+                    ok += 1;
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let eu_addrs = (eu1.addr, eu2.addr);
+    eu1.stop();
+    eu2.stop();
+    let served_by_us = us.count("/where");
+    assert!(
+        eventually(Duration::from_secs(5), || us.count("/where")
+            >= served_by_us + 50)
+        .await,
+        "the next pool takes the traffic"
+    );
+    // Active checks mark both down.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline
+        && (origin_state(&node, "eu-1").await["state"] != "down"
+            || origin_state(&node, "eu-2").await["state"] != "down")
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let state = origin_state(&node, "eu-1").await;
+    assert_eq!(state["state"], "down", "{state}");
+    assert_eq!(state["health"]["last_check"]["passed"], false);
+    assert!(
+        state["health"]["last_check"]["error"].is_string(),
+        "{state}"
+    );
+
+    // Restarted on their old ports: traffic comes back, but only after `rise` passed checks.
+    let eu1 = TestOrigin::start_on(eu_addrs.0).await;
+    let eu2 = TestOrigin::start_on(eu_addrs.1).await;
+    for o in [&eu1, &eu2] {
+        o.route("/where", regional("eu"))
+            .route("/healthz", Route::ok("ok"));
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            eu1.count("/where") + eu2.count("/where") >= 20
+        })
+        .await,
+        "traffic returns to the primary pool"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut failed = 0;
+    for c in clients {
+        let (ok, f) = c.await.expect("client task");
+        assert!(ok > 0);
+        failed += f;
+    }
+    assert!(
+        failed <= 4,
+        "no 5xx beyond the 4 requests in flight at the kill, got {failed}"
+    );
+    for o in [&eu1, &eu2] {
+        let log = o.log();
+        if let Some(first) = log.iter().position(|p| p == "/where") {
+            let checks_before = log[..first].iter().filter(|p| *p == "/healthz").count();
+            assert!(
+                checks_before >= 3,
+                "traffic came back after {checks_before} passed checks (rise = 3): {log:?}"
+            );
+        }
+    }
+    assert_eq!(origin_state(&node, "eu-1").await["state"], "up");
+}
+
+/// An origin that accepts connections and closes them at once, without answering; counts
+/// the connections it took.
+async fn black_hole() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    (format!("http://{addr}"), accepted)
+}
+
+async fn metric(node: &TestNode, name: &str) -> u64 {
+    let admin = node.node().admin_addr().expect("admin listener configured");
+    let (text, _) = raw(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn pair(a: &str, b: &str, extra: &str) -> String {
+    format!(
+        "{extra}\n[[origins]]\nname = \"a\"\nurl = \"{a}\"\n[[origins]]\nname = \"b\"\nurl = \"{b}\"\n\
+         [[pools]]\nname = \"p\"\norigins = [\"a\", \"b\"]\n\
+         [[sites]]\nhosts = [\"site.test\"]\n[[sites.routes]]\npools = [\"p\"]\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n"
+    )
+}
+
+#[tokio::test]
+async fn a_connection_broken_before_the_answer_is_retried_on_another_origin() {
+    let (hole, accepted) = black_hole().await;
+    let good = TestOrigin::start().await;
+    good.route("/where", regional("good"));
+    let node = TestNode::start("", &pair(&hole, &good.url(), "")).await;
+    for _ in 0..20 {
+        let r = send(node.http, request("GET", "site.test", "/where", &[])).await;
+        assert_eq!(r.status, 200, "the retry answers");
+        assert_eq!(&r.body[..], b"good");
+    }
+    let broken = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(broken >= 1, "the broken origin was tried");
+    assert_eq!(
+        metric(&node, "edgecache_origin_retries_total").await,
+        broken as u64
+    );
+    // A POST is never sent twice.
+    let (hole, accepted) = black_hole().await;
+    let node = TestNode::start("", &pair(&hole, &hole, "")).await;
+    let r = send(node.http, request("POST", "site.test", "/where", &[])).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn the_retry_budget_holds_during_a_full_outage() {
+    let (a, a_accepted) = black_hole().await;
+    let (b, b_accepted) = black_hole().await;
+    let node = TestNode::start(
+        "",
+        &pair(&a, &b, "[retries]\nbudget = 0.1\nmin_per_second = 1\n"),
+    )
+    .await;
+    let requests = 100;
+    for i in 0..requests {
+        let r = send(
+            node.http,
+            request("GET", "site.test", &format!("/down/{i}"), &[]),
+        )
+        .await;
+        assert_eq!(r.status, 502);
+    }
+    let reached = a_accepted.load(std::sync::atomic::Ordering::SeqCst)
+        + b_accepted.load(std::sync::atomic::Ordering::SeqCst);
+    let retries = metric(&node, "edgecache_origin_retries_total").await;
+    let refused = metric(&node, "edgecache_origin_retries_refused_total").await;
+    // 10% of 100 requests plus 1 per second over at most ten seconds.
+    assert!(
+        retries <= 20,
+        "retries within budget, got {retries} (refused {refused})"
+    );
+    assert!(retries >= 10, "the budget was used: {retries}");
+    assert!(refused >= 50, "most retries refused: {refused}");
+    assert_eq!(
+        reached as u64,
+        requests + retries,
+        "origins saw each request once plus the budgeted retries"
     );
 }

@@ -98,6 +98,11 @@ struct State {
     counts: Mutex<HashMap<String, usize>>,
     last_headers: Mutex<HashMap<String, HeaderMap>>,
     total: AtomicUsize,
+    open: AtomicUsize,
+    max_open: AtomicUsize,
+    tls_failures: AtomicUsize,
+    /// Paths in the order they arrived.
+    log: Mutex<Vec<String>>,
     not_modified: AtomicUsize,
     completed: Arc<Mutex<HashMap<String, usize>>>,
 }
@@ -112,14 +117,28 @@ pub struct TestOrigin {
 
 impl TestOrigin {
     pub async fn start() -> TestOrigin {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind test origin");
+        Self::start_on("127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// Starts on `addr` (to restart a stopped origin on its old port).
+    pub async fn start_on(addr: SocketAddr) -> TestOrigin {
+        Self::listen(addr, None).await
+    }
+
+    /// Starts an HTTPS origin with this TLS configuration (certificate, client verification,
+    /// ALPN).
+    pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> TestOrigin {
+        Self::listen("127.0.0.1:0".parse().expect("addr"), Some(tls)).await
+    }
+
+    async fn listen(addr: SocketAddr, tls: Option<Arc<rustls::ServerConfig>>) -> TestOrigin {
+        let listener = TcpListener::bind(addr).await.expect("bind test origin");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(State::default());
         let st = state.clone();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut accept_stop = stopped.clone();
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -130,22 +149,35 @@ impl TestOrigin {
                     continue;
                 };
                 let st = st.clone();
-                let mut conn_stop = stopped.clone();
+                let conn_stop = stopped.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let st = st.clone();
-                        async move { Ok::<_, Infallible>(answer(&st, req).await) }
-                    });
-                    let builder = auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = conn_stop.changed() => {}
+                    let open = st.open.fetch_add(1, Ordering::SeqCst) + 1;
+                    st.max_open.fetch_max(open, Ordering::SeqCst);
+                    match acceptor {
+                        None => serve(stream, st.clone(), conn_stop).await,
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(tls) => serve(tls, st.clone(), conn_stop).await,
+                            Err(_) => {
+                                st.tls_failures.fetch_add(1, Ordering::SeqCst);
+                            }
+                        },
                     }
+                    st.open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
         TestOrigin { addr, state, stop }
+    }
+
+    /// Most connections that were open at once.
+    pub fn max_open(&self) -> usize {
+        self.state.max_open.load(Ordering::SeqCst)
+    }
+
+    /// TLS handshakes that failed.
+    pub fn tls_failures(&self) -> usize {
+        self.state.tls_failures.load(Ordering::SeqCst)
     }
 
     /// Stops listening and drops every open connection: the origin is down.
@@ -171,6 +203,11 @@ impl TestOrigin {
             .get(path)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Paths (with query) of every request received, in order.
+    pub fn log(&self) -> Vec<String> {
+        self.state.log.lock().expect("lock").clone()
     }
 
     /// Requests received in all.
@@ -210,6 +247,22 @@ impl TestOrigin {
     }
 }
 
+async fn serve<S>(stream: S, st: Arc<State>, mut stop: tokio::sync::watch::Receiver<bool>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let st = st.clone();
+        async move { Ok::<_, Infallible>(answer(&st, req).await) }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::select! {
+        _ = conn => {}
+        _ = stop.changed() => {}
+    }
+}
+
 async fn answer(st: &State, req: Request<Incoming>) -> Response<TestBody> {
     let pq = req
         .uri()
@@ -217,6 +270,7 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<TestBody> {
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
     st.total.fetch_add(1, Ordering::SeqCst);
+    st.log.lock().expect("lock").push(pq.clone());
     *st.counts
         .lock()
         .expect("lock")

@@ -1,0 +1,214 @@
+//! The origin side: HTTPS origins verified against a configured CA, client certificates
+//! (mTLS), and per-origin connection limits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::support::*;
+
+/// A test certificate authority and what it signs.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("CA");
+        Ca { cert, key }
+    }
+
+    /// A leaf for `names` with `usage`; returns (cert PEM, key PEM, cert DER, key DER).
+    fn issue(
+        &self,
+        names: &[&str],
+        usage: ExtendedKeyUsagePurpose,
+    ) -> (
+        String,
+        String,
+        CertificateDer<'static>,
+        PrivateKeyDer<'static>,
+    ) {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("sign");
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (cert.pem(), key.serialize_pem(), cert.der().clone(), key_der)
+    }
+}
+
+/// An HTTPS origin for `localhost` signed by `server_ca`; with `client_ca`, it demands a
+/// client certificate signed by that CA.
+async fn https_origin(server_ca: &Ca, client_ca: Option<&Ca>) -> TestOrigin {
+    let (_, _, cert, key) = server_ca.issue(&["localhost"], ExtendedKeyUsagePurpose::ServerAuth);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions");
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.cert.der().clone()).expect("root");
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .expect("verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(vec![cert], key)
+        .expect("server cert");
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let origin = TestOrigin::start_tls(Arc::new(config)).await;
+    origin.route(
+        "/secure",
+        Route::ok("over tls").header("cache-control", "no-store"),
+    );
+    origin
+}
+
+fn https_site(origin: &TestOrigin, extra: &str) -> String {
+    format!(
+        "[[origins]]\nname = \"tls\"\nurl = \"https://localhost:{}\"\nca = \"ca.pem\"\n{extra}\n\
+         [[sites]]\nhosts = [\"site.test\"]\norigin = \"tls\"\n",
+        origin.addr.port()
+    )
+}
+
+#[tokio::test]
+async fn an_https_origin_is_verified_against_the_configured_ca() {
+    let ca = Ca::new("edgecache test server CA");
+    let origin = https_origin(&ca, None).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).expect("write ca");
+    let node = TestNode::start_in(dir, false, "", &https_site(&origin, "")).await;
+    let r = get(node.http, "site.test", "/secure").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], b"over tls");
+
+    // Signed by another CA: not trusted, nothing forwarded.
+    let other = Ca::new("someone else");
+    let origin = https_origin(&other, None).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).expect("write ca");
+    let node = TestNode::start_in(dir, false, "", &https_site(&origin, "")).await;
+    assert_eq!(get(node.http, "site.test", "/secure").await.status, 502);
+    assert_eq!(
+        origin.total(),
+        0,
+        "no request over an unverified connection"
+    );
+}
+
+#[tokio::test]
+async fn a_client_certificate_is_presented_to_an_origin_that_demands_one() {
+    let server_ca = Ca::new("edgecache test server CA");
+    let client_ca = Ca::new("edgecache test client CA");
+    let origin = https_origin(&server_ca, Some(&client_ca)).await;
+
+    // Without a client certificate the origin refuses the handshake.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("ca.pem"), server_ca.cert.pem()).expect("write ca");
+    let node = TestNode::start_in(dir, false, "", &https_site(&origin, "")).await;
+    assert_eq!(get(node.http, "site.test", "/secure").await.status, 502);
+    assert_eq!(origin.total(), 0);
+    assert!(origin.tls_failures() >= 1);
+
+    // With one signed by the CA it trusts, requests go through.
+    let (cert_pem, key_pem, _, _) =
+        client_ca.issue(&["edge.test"], ExtendedKeyUsagePurpose::ClientAuth);
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("ca.pem"), server_ca.cert.pem()).expect("write ca");
+    std::fs::write(dir.path().join("client.pem"), cert_pem).expect("write");
+    std::fs::write(dir.path().join("client.key"), key_pem).expect("write");
+    let node = TestNode::start_in(
+        dir,
+        false,
+        "",
+        &https_site(
+            &origin,
+            "client_cert = \"client.pem\"\nclient_key = \"client.key\"",
+        ),
+    )
+    .await;
+    let r = get(node.http, "site.test", "/secure").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], b"over tls");
+    assert_eq!(origin.count("/secure"), 1);
+}
+
+#[tokio::test]
+async fn an_origin_never_gets_more_connections_than_its_limit() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/slow",
+        Route::ok("slow")
+            .header("cache-control", "no-store")
+            .delay(Duration::from_millis(150)),
+    );
+    let body = format!(
+        "[[origins]]\nname = \"o\"\nurl = \"{}\"\nmax_connections = 2\nconnect_timeout = \"5s\"\n\
+         [[sites]]\nhosts = [\"site.test\"]\norigin = \"o\"\n",
+        origin.url()
+    );
+    let node = TestNode::start("", &body).await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let addr = node.http;
+        tasks.push(tokio::spawn(async move {
+            get(addr, "site.test", &format!("/slow?{i}")).await.status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), 200, "queued requests are answered");
+    }
+    assert_eq!(origin.total(), 8);
+    assert!(
+        origin.max_open() <= 2,
+        "at most 2 connections at once, saw {}",
+        origin.max_open()
+    );
+    assert!(origin.max_open() >= 1);
+
+    // A request that cannot get a connection within connect_timeout gets 503, and the busy
+    // origin is not counted as failing.
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/slow",
+        Route::ok("slow")
+            .header("cache-control", "no-store")
+            .delay(Duration::from_secs(2)),
+    );
+    let body = format!(
+        "[[origins]]\nname = \"o\"\nurl = \"{}\"\nmax_connections = 1\nconnect_timeout = \"100ms\"\n\
+         [[sites]]\nhosts = [\"site.test\"]\norigin = \"o\"\n",
+        origin.url()
+    );
+    let node = TestNode::start("", &body).await;
+    let addr = node.http;
+    let first = tokio::spawn(async move { get(addr, "site.test", "/slow?a").await.status });
+    assert!(eventually(Duration::from_secs(5), || origin.total() == 1).await);
+    let r = get(node.http, "site.test", "/slow?b").await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(first.await.expect("task"), 200);
+    assert_eq!(origin.total(), 1);
+}
