@@ -47,6 +47,7 @@ fn bench(c: &mut Criterion) {
         networks,
         Some(HeaderName::from_static("cf-ipcountry")),
         vec!["127.0.0.1/32".parse().expect("net")],
+        None,
     );
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -62,6 +63,40 @@ fn bench(c: &mut Criterion) {
     let empty = HeaderMap::new();
     c.bench_function("geo_locate_direct_256_networks", |bch| {
         bch.iter(|| black_box(locator.locate(black_box(direct), &empty)))
+    });
+
+    // A GeoIP2-shaped country database with 20,000 networks, as a real one is looked up.
+    let mut writer = mmdb_writer::Writer::new("GeoIP2-Country");
+    for i in 0..20_000u32 {
+        let net: ipnet::IpNet = format!("{}.{}.{}.0/24", 1 + i / 65_536, (i / 256) % 256, i % 256)
+            .parse()
+            .expect("net");
+        let country = if i % 2 == 0 { "DE" } else { "US" };
+        let continent = if i % 2 == 0 { "EU" } else { "NA" };
+        writer
+            .insert_value(
+                net,
+                mmdb_writer::Value::map([
+                    (
+                        "country",
+                        mmdb_writer::Value::map([("iso_code", mmdb_writer::Value::from(country))]),
+                    ),
+                    (
+                        "continent",
+                        mmdb_writer::Value::map([("code", mmdb_writer::Value::from(continent))]),
+                    ),
+                ]),
+            )
+            .expect("insert");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("country.mmdb");
+    std::fs::write(&path, writer.to_bytes().expect("mmdb")).expect("write");
+    let db = std::sync::Arc::new(edgecache::geo::Database::open(&path).expect("open"));
+    let locator = Locator::new(Vec::new(), None, Vec::new(), Some(db));
+    let client = "1.2.3.4".parse().expect("ip");
+    c.bench_function("geo_locate_mmdb_20k_networks", |bch| {
+        bch.iter(|| black_box(locator.locate(black_box(client), &empty)))
     });
 }
 

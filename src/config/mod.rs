@@ -134,6 +134,8 @@ pub struct Pool {
 /// `[geo]`.
 #[derive(Clone, Debug, Default)]
 pub struct Geo {
+    /// A MaxMind-format database, loaded at start (after the CIDR table and the header).
+    pub database: Option<Arc<crate::geo::Database>>,
     /// A country-code header set by a trusted hop in front of us (e.g. `CF-IPCountry`).
     pub header: Option<http::HeaderName>,
     /// Peers whose `X-Forwarded-For` and country header are believed (together with
@@ -570,11 +572,28 @@ impl Config {
         );
         let _ = writeln!(s, "origins:");
         for o in &self.origins {
-            let _ = writeln!(
+            let _ = write!(
                 s,
                 "  {:<12} {}://{}  connect {:?}, response {:?}",
                 o.name, o.scheme, o.authority, o.connect_timeout, o.timeout
             );
+            if let Some(h) = &o.health {
+                let _ = write!(
+                    s,
+                    "; checked: GET {} every {:?} (rise {}, fall {})",
+                    h.path, h.interval, h.rise, h.fall
+                );
+            }
+            if let Some(m) = o.max_connections {
+                let _ = write!(s, "; at most {m} connections");
+            }
+            if o.client_auth.is_some() {
+                let _ = write!(s, "; client certificate");
+            }
+            let _ = writeln!(s);
+        }
+        if let Some(db) = &self.geo.database {
+            let _ = writeln!(s, "geo database: {} ({})", db.path().display(), db.kind());
         }
         let _ = writeln!(s, "sites:");
         for site in &self.sites {
@@ -611,7 +630,12 @@ impl Config {
                             parts.join(" ")
                         }
                     };
-                    let _ = writeln!(s, "    route {when}: pools {}", pools.join(" > "));
+                    let _ = writeln!(
+                        s,
+                        "    route {} ({when}): pools {}",
+                        r.name,
+                        pools.join(" > ")
+                    );
                 }
             }
             let c = &site.cache.settings;

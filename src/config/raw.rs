@@ -145,6 +145,7 @@ pub(crate) struct RawPool {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawGeo {
+    pub(crate) database: Option<Spanned<String>>,
     pub(crate) header: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) trusted_proxies: Vec<Spanned<String>>,

@@ -460,7 +460,7 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
             spill_latency: p.spill_latency.as_ref().map(|d| d.get_ref().0),
         });
     }
-    let geo = geo(ck, &raw.geo);
+    let geo = geo(ck, &raw.geo, base);
 
     let mut sites = Vec::new();
     let mut seen_hosts: HashMap<String, usize> = HashMap::new();
@@ -922,8 +922,19 @@ fn dns(ck: &mut Checker<'_>, raw: &super::raw::RawDns) -> Dns {
     d
 }
 
-fn geo(ck: &mut Checker<'_>, raw: &super::raw::RawGeo) -> Geo {
+fn geo(ck: &mut Checker<'_>, raw: &super::raw::RawGeo, base: &Path) -> Geo {
     let mut g = Geo::default();
+    if let Some(d) = &raw.database {
+        let path = base.join(d.get_ref());
+        match crate::geo::Database::open(&path) {
+            Ok(db) => g.database = Some(Arc::new(db)),
+            Err(e) => ck.error(
+                d.span(),
+                "geo.database",
+                format!("cannot use {} as a MaxMind database: {e}", path.display()),
+            ),
+        }
+    }
     if let Some(h) = &raw.header {
         match http::HeaderName::from_bytes(h.get_ref().as_bytes()) {
             Ok(n) => g.header = Some(n),

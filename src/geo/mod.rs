@@ -1,8 +1,11 @@
-//! Where a client is: its address (from the socket, or `X-Forwarded-For` walked right to left
-//! through trusted proxies), and its country and continent (from the configured CIDR table,
-//! then a country header set by a trusted hop). Pure lookups: no I/O, no clock.
+//! Where a client is: its address (from the socket, or `X-Forwarded-For` / `Forwarded` walked
+//! right to left through trusted proxies), and its country and continent (from the configured
+//! CIDR table, then a country header set by a trusted hop, then a MaxMind-format database).
+//! Pure lookups: no I/O, no clock.
 
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
@@ -18,6 +21,101 @@ pub struct Location {
     pub continent: Option<Code>,
 }
 
+/// A MaxMind DB (`.mmdb`) file: MaxMind's GeoIP2/GeoLite2 Country or City, DB-IP's, or any
+/// database with the flat `country_code` schema (such as ip-location-db's).
+///
+/// The file is read into memory rather than mapped: mapping needs `unsafe`, and a file that is
+/// overwritten in place while mapped (a plain `cp` of a new release over the old one) makes
+/// every later lookup fault the whole process. A country database is a few megabytes, and a
+/// new file takes effect on restart with no window in which it is half-written.
+pub struct Database {
+    path: PathBuf,
+    reader: maxminddb::Reader<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("path", &self.path)
+            .field("type", &self.reader.metadata().database_type)
+            .finish()
+    }
+}
+
+/// The fields edgecache reads from a record, borrowed from the database's bytes (no
+/// allocation per lookup); every other field is skipped.
+#[derive(serde::Deserialize)]
+struct Record<'a> {
+    #[serde(borrow, default)]
+    country: Option<IsoCode<'a>>,
+    #[serde(borrow, default)]
+    registered_country: Option<IsoCode<'a>>,
+    #[serde(borrow, default)]
+    continent: Option<ContinentCode<'a>>,
+    /// The flat schema of ip-location-db and similar databases.
+    #[serde(borrow, default)]
+    country_code: Option<&'a str>,
+}
+
+#[derive(serde::Deserialize)]
+struct IsoCode<'a> {
+    #[serde(borrow, default)]
+    iso_code: Option<&'a str>,
+}
+
+#[derive(serde::Deserialize)]
+struct ContinentCode<'a> {
+    #[serde(borrow, default)]
+    code: Option<&'a str>,
+}
+
+impl Database {
+    /// Reads and checks a database file.
+    pub fn open(path: &Path) -> Result<Database, String> {
+        let reader = maxminddb::Reader::open_readfile(path).map_err(|e| e.to_string())?;
+        if reader.metadata().ip_version != 4 && reader.metadata().ip_version != 6 {
+            return Err(format!(
+                "unsupported ip_version {}",
+                reader.metadata().ip_version
+            ));
+        }
+        Ok(Database {
+            path: path.to_owned(),
+            reader,
+        })
+    }
+
+    /// The database's own name for what it holds (e.g. `GeoIP2-Country`).
+    pub fn kind(&self) -> &str {
+        &self.reader.metadata().database_type
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Country and continent of `ip`, as far as the database knows them.
+    pub fn lookup(&self, ip: IpAddr) -> (Option<Code>, Option<Code>) {
+        let Ok(found) = self.reader.lookup(ip) else {
+            return (None, None);
+        };
+        let Ok(Some(rec)) = found.decode::<Record<'_>>() else {
+            return (None, None);
+        };
+        let country = rec
+            .country
+            .and_then(|c| c.iso_code)
+            .or(rec.country_code)
+            .or_else(|| rec.registered_country.and_then(|c| c.iso_code))
+            .and_then(|c| code(c.as_bytes()));
+        let continent = rec
+            .continent
+            .and_then(|c| c.code)
+            .and_then(|c| code(c.as_bytes()));
+        (country, continent)
+    }
+}
+
 /// Locates clients from the configured sources.
 #[derive(Debug, Clone, Default)]
 pub struct Locator {
@@ -25,6 +123,7 @@ pub struct Locator {
     networks: Vec<(IpNet, Code)>,
     header: Option<HeaderName>,
     trusted: Vec<IpNet>,
+    database: Option<Arc<Database>>,
 }
 
 impl Locator {
@@ -32,12 +131,14 @@ impl Locator {
         mut networks: Vec<(IpNet, Code)>,
         header: Option<HeaderName>,
         trusted: Vec<IpNet>,
+        database: Option<Arc<Database>>,
     ) -> Locator {
         networks.sort_by_key(|n| std::cmp::Reverse(n.0.prefix_len()));
         Locator {
             networks,
             header,
             trusted,
+            database,
         }
     }
 
@@ -63,14 +164,21 @@ impl Locator {
                 country = headers.get(h).and_then(|v| code(v.as_bytes()));
             }
         }
+        let mut continent = None;
+        if country.is_none() {
+            if let Some(db) = &self.database {
+                (country, continent) = db.lookup(ip);
+            }
+        }
         Location {
             ip,
             country,
-            continent: country.and_then(continent_of),
+            continent: continent.or_else(|| country.and_then(continent_of)),
         }
     }
 
-    /// The first address, from the right of `X-Forwarded-For`, that is not a trusted proxy.
+    /// The first address, from the right of `X-Forwarded-For` (or, without it, of the
+    /// `for=` parameters of `Forwarded`, RFC 7239), that is not a trusted proxy.
     fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let mut hops: Vec<IpAddr> = Vec::new();
         for v in headers
@@ -86,6 +194,25 @@ impl Locator {
                 }
             }
         }
+        if hops.is_empty() {
+            for v in headers
+                .get_all(http::header::FORWARDED)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+            {
+                for element in v.split(',') {
+                    let node = element.split(';').find_map(|pair| {
+                        let (k, v) = pair.split_once('=')?;
+                        k.trim().eq_ignore_ascii_case("for").then(|| v.trim())
+                    });
+                    match node.and_then(forwarded_node) {
+                        Some(ip) => hops.push(ip),
+                        // `unknown`, an obfuscated name or garbage: nothing left of it holds.
+                        None => hops.clear(),
+                    }
+                }
+            }
+        }
         for ip in hops.into_iter().rev() {
             if !self.is_trusted(ip) {
                 return ip;
@@ -93,6 +220,21 @@ impl Locator {
         }
         peer
     }
+}
+
+/// The address of a `Forwarded` node: `192.0.2.1`, `"192.0.2.1:8080"`, `"[2001:db8::1]:443"`.
+fn forwarded_node(text: &str) -> Option<IpAddr> {
+    let t = text.trim_matches('"');
+    if let Some(rest) = t.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok();
+    }
+    t.parse().ok().or_else(|| {
+        t.rsplit_once(':')?
+            .0
+            .parse::<std::net::Ipv4Addr>()
+            .ok()
+            .map(IpAddr::V4)
+    })
 }
 
 /// Parses a two-letter code (case-insensitive).
@@ -141,6 +283,7 @@ mod tests {
             ],
             Some(HeaderName::from_static("cf-ipcountry")),
             vec!["10.0.0.0/8".parse().expect("net")],
+            None,
         )
     }
 
@@ -201,6 +344,40 @@ mod tests {
             None,
         );
         check("10.1.2.3", &[("cf-ipcountry", "XXX")], "10.1.2.3", None);
+    }
+
+    #[test]
+    fn forwarded_header_when_there_is_no_x_forwarded_for() {
+        check(
+            "10.1.2.3",
+            &[("forwarded", "for=203.0.113.9;proto=https, for=10.0.0.7")],
+            "203.0.113.9",
+            Some(b"DE"),
+        );
+        check(
+            "10.1.2.3",
+            &[("forwarded", "for=\"203.0.113.9:4711\"")],
+            "203.0.113.9",
+            Some(b"DE"),
+        );
+        check(
+            "10.1.2.3",
+            &[("forwarded", "For=\"[2001:db8::1]:443\"")],
+            "2001:db8::1",
+            None,
+        );
+        check(
+            "10.1.2.3",
+            &[("forwarded", "for=203.0.113.9, for=unknown")],
+            "10.1.2.3",
+            None,
+        );
+        check(
+            "198.51.100.1",
+            &[("forwarded", "for=203.0.113.9")],
+            "198.51.100.1",
+            None,
+        );
     }
 
     #[test]

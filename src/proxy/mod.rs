@@ -191,6 +191,7 @@ impl Proxy {
                     .chain(&config.geo.trusted_proxies)
                     .copied()
                     .collect(),
+                config.geo.database.clone(),
             ),
             selector: Selector::new(config.origins.iter().map(|o| o.weight).collect()),
             retry_budget: origin::retry::RetryBudget::new(&config.retries),

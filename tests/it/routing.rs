@@ -505,3 +505,119 @@ async fn the_retry_budget_holds_during_a_full_outage() {
         "origins saw each request once plus the budgeted retries"
     );
 }
+
+/// A MaxMind-format database written now: GeoIP2's nested schema (`country.iso_code`,
+/// `continent.code`) or the flat `country_code` of ip-location-db.
+fn write_mmdb(path: &std::path::Path, flat: bool, entries: &[(&str, &str, &str)]) {
+    use mmdb_writer::Value;
+    let mut w = mmdb_writer::Writer::new(if flat {
+        "geo-whois-asn-country"
+    } else {
+        "GeoIP2-Country"
+    });
+    for (net, country, continent) in entries {
+        let value = if flat {
+            Value::map([("country_code", Value::from(*country))])
+        } else {
+            Value::map([
+                ("country", Value::map([("iso_code", Value::from(*country))])),
+                ("continent", Value::map([("code", Value::from(*continent))])),
+            ])
+        };
+        w.insert_value(net.parse::<ipnet::IpNet>().expect("net"), value)
+            .expect("insert");
+    }
+    std::fs::write(path, w.to_bytes().expect("mmdb")).expect("write mmdb");
+}
+
+async fn node_with_database(
+    dir: tempfile::TempDir,
+    geo_extra: &str,
+) -> (TestNode, TestOrigin, TestOrigin) {
+    let (eu, us) = regional_origins().await;
+    let geo = format!(
+        "[geo]\ndatabase = \"country.mmdb\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n{geo_extra}"
+    );
+    let node = TestNode::start_in(dir, false, "", &two_regions(&eu.url(), &us.url(), &geo)).await;
+    (node, eu, us)
+}
+
+#[tokio::test]
+async fn a_maxmind_database_places_clients() {
+    for flat in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_mmdb(
+            &dir.path().join("country.mmdb"),
+            flat,
+            &[
+                ("203.0.113.0/24", "DE", "EU"),
+                ("198.51.100.0/24", "US", "NA"),
+                ("2001:db8:1::/48", "NG", "AF"),
+                ("192.0.2.0/24", "US", "NA"),
+            ],
+        );
+        let extra = "[[geo.networks]]\ncidr = \"192.0.2.0/24\"\ncountry = \"FR\"\n";
+        let (node, _eu, _us) = node_with_database(dir, extra).await;
+        let from = |ip: &'static str| [("x-forwarded-for", ip)];
+        assert_eq!(
+            answer(&node, &from("203.0.113.7")).await,
+            "eu",
+            "flat={flat}"
+        );
+        assert_eq!(
+            answer(&node, &from("198.51.100.7")).await,
+            "us",
+            "flat={flat}"
+        );
+        assert_eq!(
+            answer(&node, &from("2001:db8:1::9")).await,
+            "eu",
+            "Africa via IPv6, flat={flat}"
+        );
+        assert_eq!(
+            answer(&node, &from("192.0.2.1")).await,
+            "eu",
+            "the CIDR table is checked before the database"
+        );
+        assert_eq!(
+            answer(&node, &from("100.64.0.1")).await,
+            "us",
+            "not in the database: the default route"
+        );
+    }
+}
+
+#[tokio::test]
+async fn maxminds_own_test_database_is_read() {
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-data/GeoIP2-Country-Test.mmdb");
+    assert!(
+        source.exists(),
+        "{} is missing: run scripts/test, which fetches it",
+        source.display()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(&source, dir.path().join("country.mmdb")).expect("copy");
+    let (node, eu, us) = node_with_database(dir, "").await;
+    let from = |ip: &'static str| [("x-forwarded-for", ip)];
+    // Values from MaxMind's source data for this file.
+    assert_eq!(answer(&node, &from("81.2.69.160")).await, "eu", "GB");
+    assert_eq!(answer(&node, &from("89.160.20.115")).await, "eu", "SE");
+    assert_eq!(
+        answer(&node, &from("216.160.83.57")).await,
+        "us",
+        "US: countries = [\"US\"]"
+    );
+    assert_eq!(
+        answer(&node, &from("2001:218::1")).await,
+        "us",
+        "JP: the default route"
+    );
+    assert_eq!(
+        answer(&node, &from("2a02:d180::1")).await,
+        "eu",
+        "DE over IPv6"
+    );
+    assert_eq!(eu.count("/where"), 3);
+    assert_eq!(us.count("/where"), 2);
+}
