@@ -19,6 +19,7 @@ use crate::config::Origin;
 use limit::Limited;
 
 mod body;
+pub mod dns;
 pub mod health;
 pub mod limit;
 pub mod retry;
@@ -45,6 +46,8 @@ pub enum Error {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    #[error(transparent)]
+    Dns(#[from] dns::SetupError),
     #[error("build TLS client for origin {origin}: {source}")]
     Tls {
         origin: String,
@@ -80,12 +83,13 @@ impl Error {
 /// A configured origin with its connection pool.
 pub struct OriginClient {
     pub config: Origin,
-    client: Client<Limited<HttpsConnector<HttpConnector>>, UpstreamBody>,
+    client: Client<Limited<HttpsConnector<HttpConnector<dns::Resolver>>>, UpstreamBody>,
 }
 
 impl OriginClient {
-    /// Builds the pool for one origin. Nothing is connected until the first request.
-    pub fn new(config: Origin) -> Result<OriginClient, Error> {
+    /// Builds the pool for one origin, resolving its name through `resolver`. Nothing is
+    /// connected until the first request.
+    pub fn new(config: Origin, resolver: dns::Resolver) -> Result<OriginClient, Error> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         for ca in &config.ca {
@@ -111,7 +115,7 @@ impl OriginClient {
                 })?,
             None => tls.with_no_client_auth(),
         };
-        let mut http = HttpConnector::new();
+        let mut http = HttpConnector::new_with_resolver(resolver);
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));

@@ -157,10 +157,15 @@ pub struct Proxy {
 impl Proxy {
     /// Builds the request path for a validated configuration and a store.
     pub fn new(config: Arc<Config>, store: Store) -> Result<Proxy, origin::Error> {
+        let names_used = config.origins.iter().any(|o| {
+            o.authority.host().parse::<std::net::IpAddr>().is_err()
+                && !o.authority.host().starts_with('[')
+        });
+        let resolver = origin::dns::Resolver::new(&config.dns, names_used)?;
         let origins = config
             .origins
             .iter()
-            .map(|o| OriginClient::new(o.clone()))
+            .map(|o| OriginClient::new(o.clone(), resolver.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         let name = config.server.via_name.clone();
         let boundary = format!(

@@ -1,8 +1,11 @@
 //! The origin side: HTTPS origins verified against a configured CA, client certificates
 //! (mTLS), and per-origin connection limits.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
 
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
@@ -211,4 +214,91 @@ async fn an_origin_never_gets_more_connections_than_its_limit() {
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(first.await.expect("task"), 200);
     assert_eq!(origin.total(), 1);
+}
+
+/// Two origins on the same port of 127.0.0.2 and 127.0.0.3, as two addresses of one name.
+async fn twin_origins() -> (TestOrigin, TestOrigin) {
+    for _ in 0..50 {
+        let Ok(a) = std::net::TcpListener::bind("127.0.0.2:0") else {
+            continue;
+        };
+        let port = a.local_addr().expect("addr").port();
+        if std::net::TcpListener::bind(("127.0.0.3", port)).is_err() {
+            continue;
+        }
+        drop(a);
+        let a = TestOrigin::start_on(SocketAddr::from(([127, 0, 0, 2], port))).await;
+        let b = TestOrigin::start_on(SocketAddr::from(([127, 0, 0, 3], port))).await;
+        // Every answer closes its connection, so each request connects (and resolves) anew.
+        a.route(
+            "/who",
+            Route::ok("a")
+                .header("cache-control", "no-store")
+                .header("connection", "close"),
+        );
+        b.route(
+            "/who",
+            Route::ok("b")
+                .header("cache-control", "no-store")
+                .header("connection", "close"),
+        );
+        return (a, b);
+    }
+    panic!("no port free on both 127.0.0.2 and 127.0.0.3");
+}
+
+fn named_origin(dns: &TestDns, port: u16) -> String {
+    format!(
+        "[dns]\nservers = [\"{}\"]\nmin_ttl = \"0s\"\n\
+         [[origins]]\nname = \"named\"\nurl = \"http://origin.edgecache.test:{port}\"\nhost_header = \"site.test\"\n\
+         [[sites]]\nhosts = [\"site.test\"]\norigin = \"named\"\n",
+        dns.addr
+    )
+}
+
+#[tokio::test]
+async fn an_origin_name_is_resolved_again_when_its_ttl_runs_out() {
+    let (a, b) = twin_origins().await;
+    let dns = TestDns::start(&[Ipv4Addr::new(127, 0, 0, 2)], 1).await;
+    let node = TestNode::start("", &named_origin(&dns, a.addr.port())).await;
+    for _ in 0..5 {
+        let r = get(node.http, "site.test", "/who").await;
+        assert_eq!((r.status, &r.body[..]), (StatusCode::OK, &b"a"[..]));
+    }
+    assert_eq!(b.total(), 0);
+    let asked = dns.queries();
+    assert!(
+        (1..5).contains(&asked),
+        "answers are cached for their TTL: {asked} queries for 5 connections"
+    );
+    // The record changes; once the 1 s TTL has passed, new connections go to the new address
+    // without a restart (the old origin is still up).
+    dns.set(&[Ipv4Addr::new(127, 0, 0, 3)]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut moved = false;
+    while Instant::now() < deadline {
+        let r = get(node.http, "site.test", "/who").await;
+        assert_eq!(r.status, 200);
+        if &r.body[..] == b"b" {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(moved, "traffic followed the new address");
+    assert!(dns.queries() > asked, "the name was asked again");
+
+    // A name with both addresses: both are used.
+    dns.set(&[Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3)]);
+    let (a0, b0) = (a.total(), b.total());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && (a.total() < a0 + 5 || b.total() < b0 + 5) {
+        assert_eq!(get(node.http, "site.test", "/who").await.status, 200);
+    }
+    assert!(
+        a.total() >= a0 + 5 && b.total() >= b0 + 5,
+        "both addresses take connections: a +{}, b +{}",
+        a.total() - a0,
+        b.total() - b0
+    );
 }

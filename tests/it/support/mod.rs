@@ -1,5 +1,6 @@
 //! Test support: a real origin, a real node, real TLS, and small clients.
 
+pub mod dns;
 pub mod origin;
 
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub use dns::TestDns;
 pub use origin::{Route, TestOrigin};
 
 /// A certificate made for a test, written to files in `dir`.
