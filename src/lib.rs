@@ -143,6 +143,12 @@ impl Node {
         self.proxy.store()
     }
 
+    /// Reads `[geo] database` again (what SIGHUP does): lookups use the new file from now on;
+    /// on error the one in use stays. `Ok(None)` when no database is configured.
+    pub fn reload_geo_database(&self) -> Result<Option<String>, String> {
+        self.proxy.reload_geo()
+    }
+
     /// Open client connections.
     pub fn open_connections(&self) -> usize {
         self.tracker.open()

@@ -72,7 +72,7 @@ fn main() -> ExitCode {
                 let node = edgecache::start(config)
                     .await
                     .map_err(|e| Box::new(e) as BoxError)?;
-                wait_for_signal().await;
+                wait_for_signal(Some(&node)).await;
                 tracing::info!("shutting down");
                 node.shutdown().await;
                 Ok(())
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
                     .map_err(|e| Box::new(e) as BoxError)?;
                 let (h, s) = (node.http_addrs()[0], node.https_addrs()[0]);
                 println!("{}", edgecache::demo::instructions(h, s, origin));
-                wait_for_signal().await;
+                wait_for_signal(None).await;
                 node.shutdown().await;
                 Ok(())
             })
@@ -141,25 +141,35 @@ fn report(e: &(dyn std::error::Error + 'static)) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT. SIGHUP meanwhile reads the geo database again (`node`).
+async fn wait_for_signal(node: Option<&edgecache::Node>) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = ctrl_c.await;
+            return;
+        };
+        tokio::pin!(ctrl_c);
+        loop {
+            tokio::select! {
+                _ = &mut ctrl_c => return,
+                _ = term.recv() => return,
+                _ = hup.recv() => match node.map(|n| n.reload_geo_database()) {
+                    Some(Ok(Some(db))) => tracing::info!(database = %db, "geo database reloaded"),
+                    Some(Ok(None)) | None => tracing::info!("SIGHUP: no geo database to reload"),
+                    Some(Err(e)) => tracing::error!(error = %e, "geo database reload failed; keeping the one in use"),
+                },
+            }
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = node;
         let _ = ctrl_c.await;
     }
 }

@@ -2,13 +2,16 @@
 """Side-by-side load benchmark: edgecache vs nginx proxy_cache vs Varnish, in one run.
 
 Every server gets the same single worker pinned to CPU 0; the origin and the load generator
-(oha, with wrk as a second client at small sizes) share CPU 1. Each case runs after a warm-up
-that fills every cache, in several interleaved rounds; every figure printed is the median of
-the rounds. Speed only counts as a ratio measured here, side by side: absolute numbers from a
-shared machine mean little.
+(oha, and wrk as a second client for the small hits, where one core of oha is the bottleneck)
+share CPU 1. Beside the three caches, "ceiling" is a bare hyper server answering the same bytes
+from memory (examples/ceiling.rs): the most a hyper-based server gets on this core. Each case
+runs after a warm-up that fills every cache, in several interleaved rounds; every figure
+printed is the median of the rounds. Speed only counts as a ratio measured here, side by side:
+absolute numbers from a shared machine mean little.
 
 Run from the repository root (as root, so missing packages can be installed):
     python3 benches/load/bench.py            # BENCH_SECONDS=8 BENCH_ROUNDS=3 by default
+    BENCH_PROFILE=1 python3 benches/load/bench.py   # also: perf profile of edgecache's 1 KiB hits
 It stops only the processes it started.
 """
 
@@ -30,6 +33,7 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CONNS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 # Run only the cases whose name contains this (e.g. "h2", "miss", "tls").
 ONLY = os.environ.get("BENCH_ONLY", "")
+PROFILE = os.environ.get("BENCH_PROFILE", "") not in ("", "0")
 SERVER_CPU, CLIENT_CPU = "0", "1"
 SIZES = [("1k", 1 << 10), ("16k", 16 << 10), ("256k", 256 << 10), ("1m", 1 << 20)]
 PORTS = {
@@ -37,6 +41,7 @@ PORTS = {
     "edgecache": 18080, "edgecache-tls": 18443, "edgecache-admin": 18090,
     "nginx": 18081, "nginx-tls": 18444,
     "varnish": 18082, "varnish-admin": 18083,
+    "ceiling": 18084,
 }
 HOST = "bench.test"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -71,7 +76,10 @@ def setup_tools():
     need("openssl", apt("openssl"))
     os.environ["PATH"] = os.path.expanduser("~/.cargo/bin") + ":" + os.environ["PATH"]
     need("oha", lambda: subprocess.run(["cargo", "install", "oha", "--locked"], check=True))
-    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "edgecache"], cwd=ROOT, check=True)
+    if PROFILE:
+        need("perf", apt("linux-perf"))
+    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "edgecache", "--example", "ceiling"],
+                   cwd=ROOT, check=True)
 
 
 def spawn(name, argv, cpu, env=None, **kw):
@@ -244,7 +252,9 @@ def start_servers():
                                         "-f", f"{WORK}/default.vcl", "-s", "malloc,2G",
                                         "-p", "thread_pools=1", "-p", "thread_pool_min=100",
                                         "-p", "thread_pool_max=2000"], SERVER_CPU).pid
-    for p in ("edgecache", "edgecache-tls", "nginx", "nginx-tls", "varnish"):
+    pids["ceiling"] = spawn("ceiling", [f"{ROOT}/target/release/examples/ceiling", f"127.0.0.1:{PORTS['ceiling']}",
+                                        os.path.join(WORK, "www"), "1"], SERVER_CPU).pid
+    for p in ("edgecache", "edgecache-tls", "nginx", "nginx-tls", "varnish", "ceiling"):
         wait_port(PORTS[p])
     return pids
 
@@ -276,9 +286,37 @@ def oha(target, seconds, conns, http2=False, extra=()):
             "p999": pct.get("p99.9", 0) * 1000, "errors": errors + bad}
 
 
-def measure(server, pid, target, http2=False, extra=(), seconds=None):
+def wrk(target, seconds, conns):
+    """wrk: one thread on the client core; req/s and latency percentiles from its report."""
+    out = subprocess.run(["taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency",
+                          "-H", "Connection: keep-alive", target], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"wrk failed: {out.stderr}")
+    text = out.stdout
+
+    def ms(label):
+        m = re.search(rf"^\s*{re.escape(label)}\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+        if not m:
+            return 0.0
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    n_err = int(errors.group(1)) if errors else 0
+    if sock:
+        n_err += sum(int(x) for x in sock.groups())
+    # wrk prints 50/75/90/99%; its p99.9 is not reported.
+    return {"rps": float(rps.group(1)) if rps else 0.0, "p50": ms("50%"), "p99": ms("99%"), "p999": 0.0,
+            "errors": n_err}
+
+
+def measure(server, pid, target, http2=False, extra=(), seconds=None, client="oha"):
     before = cpu_seconds(pid)
-    r = oha(target, seconds or SECONDS, CONNS, http2, extra)
+    if client == "wrk":
+        r = wrk(target, seconds or SECONDS, CONNS)
+    else:
+        r = oha(target, seconds or SECONDS, CONNS, http2, extra)
     cpu = cpu_seconds(pid) - before
     r["cpu"] = cpu
     r["per_cpu_s"] = r["rps"] * (seconds or SECONDS) / cpu if cpu > 0 else 0.0
@@ -302,31 +340,52 @@ def main():
     prepare()
     pids = start_servers()
     servers = ["edgecache", "nginx", "varnish"]
-    cases = [(f"hit {n} h1", f"/{n}", False, False, servers) for n, _ in SIZES]
-    cases += [(f"hit {n} tls1.3 h1", f"/{n}", True, False, ["edgecache", "nginx"]) for n in ("1k", "16k", "256k")]
-    cases += [(f"hit {n} tls h2", f"/{n}", True, True, ["edgecache", "nginx"]) for n in ("1k", "16k")]
+    hits = servers + ["ceiling"]
+    # (name, path, tls, h2, servers, client)
+    cases = [(f"hit {n} h1", f"/{n}", False, False, hits, "oha") for n, _ in SIZES]
+    cases += [(f"hit {n} h1 wrk", f"/{n}", False, False, hits, "wrk") for n in ("1k", "16k")]
+    cases += [(f"hit {n} tls1.3 h1", f"/{n}", True, False, ["edgecache", "nginx"], "oha") for n in ("1k", "16k", "256k")]
+    cases += [(f"hit {n} tls h2", f"/{n}", True, True, ["edgecache", "nginx"], "oha") for n in ("1k", "16k")]
     cases = [c for c in cases if ONLY in c[0]]
     results = {}
     try:
         log("warming up ...")
-        for name, path, tls, h2, which in cases:
+        for name, path, tls, h2, which, _client in cases:
             for s in which:
                 oha(url(s, path, tls), 1, 8, h2)
         for rnd in range(ROUNDS):
             log(f"round {rnd + 1}/{ROUNDS}")
-            for name, path, tls, h2, which in cases:
+            for name, path, tls, h2, which, client in cases:
                 order = which[rnd % len(which):] + which[:rnd % len(which)]
                 for s in order:
-                    results.setdefault((name, s), []).append(measure(s, pids[s], url(s, path, tls), h2))
+                    r = measure(s, pids[s], url(s, path, tls), h2, client=client)
+                    results.setdefault((name, s), []).append(r)
             for s in servers if ONLY in "miss 100k urls 1k" else []:
                 target = url(s, f"/miss/{rnd}/") + "[0-9]{5}"
                 r = measure(s, pids[s], target, extra=("--rand-regex-url",))
                 results.setdefault(("miss 100k urls 1k", s), []).append(r)
                 results.setdefault(("coalesce 1000 cold", s), []).append({"origin_requests": coalescing(s, pids[s], rnd)})
+        if PROFILE:
+            profile(pids["edgecache"])
     finally:
         rss = {s: peak_rss_mib(pids[s]) for s in servers}
         stop_all()
     report(results, rss)
+
+
+def profile(pid):
+    """Where edgecache's CPU goes on 1 KiB hits: perf samples while oha loads it."""
+    data = os.path.join(WORK, "perf.data")
+    rec = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(pid), "-o", data],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    oha(url("edgecache", "/1k"), SECONDS, CONNS)
+    rec.send_signal(signal.SIGINT)
+    rec.wait(timeout=60)
+    out = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "dso,symbol", "--stdio",
+                          "--percent-limit", "0.7", "-g", "none"], capture_output=True, text=True)
+    lines = [l for l in out.stdout.splitlines() if l.strip() and not l.startswith("#")]
+    print("\nperf: edgecache, 1 KiB hits over HTTP/1.1 (self time, symbols over 0.7%):")
+    print("\n".join(lines[:45]))
 
 
 def med(rows, key):
@@ -351,14 +410,14 @@ def report(results, rss):
                     counts = [r["origin_requests"] for r in rows]
                     print(f"{name:<22} {s:<10} origin requests per 1000 cold requests: {counts}")
             continue
-        for s in ("edgecache", "nginx", "varnish"):
+        for s in ("edgecache", "nginx", "varnish", "ceiling"):
             rows = results.get((name, s))
             if not rows:
                 continue
             print(f"{name:<22} {s:<10} {med(rows, 'rps'):>9.0f} {med(rows, 'per_cpu_s'):>10.0f} {med(rows, 'p50'):>8.2f} "
                   f"{med(rows, 'p99'):>8.2f} {med(rows, 'p999'):>9.2f} {int(med(rows, 'errors')):>7}")
         ec = results.get((name, "edgecache"))
-        for peer in ("nginx", "varnish"):
+        for peer in ("nginx", "varnish", "ceiling"):
             pr = results.get((name, peer))
             if ec and pr and med(pr, "rps") > 0:
                 print(f"{'':<22} edgecache/{peer}: req/s x{med(ec, 'rps') / med(pr, 'rps'):.2f}, "

@@ -99,11 +99,9 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
                 fills_in_flight: state.proxy.fills_in_flight() as u64,
                 open_connections: state.tracker.open() as u64,
             };
-            text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                state.proxy.metrics().render(gauges),
-            )
+            let mut body = state.proxy.metrics().render(gauges);
+            state.proxy.render_origin_metrics(&mut body);
+            text(StatusCode::OK, "text/plain; version=0.0.4", body)
         }
         (&Method::POST, "/purge") => purge(state, req).await,
         (&Method::GET, "/origins") => text(

@@ -116,6 +116,41 @@ impl Database {
     }
 }
 
+/// The database in use, replaced whole by [`DatabaseSlot::reload`] (SIGHUP): lookups in flight
+/// keep the one they started with.
+#[derive(Debug)]
+pub struct DatabaseSlot {
+    current: std::sync::RwLock<Arc<Database>>,
+}
+
+impl DatabaseSlot {
+    pub fn new(db: Arc<Database>) -> DatabaseSlot {
+        DatabaseSlot {
+            current: std::sync::RwLock::new(db),
+        }
+    }
+
+    /// The database lookups use now.
+    pub fn get(&self) -> Arc<Database> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Reads the file again; on success later lookups use it, on failure the old one stays.
+    pub fn reload(&self) -> Result<Arc<Database>, String> {
+        let path = self.get().path().to_owned();
+        let fresh =
+            Arc::new(Database::open(&path).map_err(|e| format!("{}: {e}", path.display()))?);
+        match self.current.write() {
+            Ok(mut g) => *g = fresh.clone(),
+            Err(poisoned) => *poisoned.into_inner() = fresh.clone(),
+        }
+        Ok(fresh)
+    }
+}
+
 /// Locates clients from the configured sources.
 #[derive(Debug, Clone, Default)]
 pub struct Locator {
@@ -123,7 +158,7 @@ pub struct Locator {
     networks: Vec<(IpNet, Code)>,
     header: Option<HeaderName>,
     trusted: Vec<IpNet>,
-    database: Option<Arc<Database>>,
+    database: Option<Arc<DatabaseSlot>>,
 }
 
 impl Locator {
@@ -138,8 +173,13 @@ impl Locator {
             networks,
             header,
             trusted,
-            database,
+            database: database.map(|d| Arc::new(DatabaseSlot::new(d))),
         }
+    }
+
+    /// The database slot, when one is configured.
+    pub fn database(&self) -> Option<&DatabaseSlot> {
+        self.database.as_deref()
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
@@ -166,8 +206,8 @@ impl Locator {
         }
         let mut continent = None;
         if country.is_none() {
-            if let Some(db) = &self.database {
-                (country, continent) = db.lookup(ip);
+            if let Some(slot) = &self.database {
+                (country, continent) = slot.get().lookup(ip);
             }
         }
         Location {

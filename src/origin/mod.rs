@@ -80,6 +80,21 @@ impl Error {
     }
 }
 
+/// The trust anchors for `https` origins: the system's store (`/etc/ssl/certs` and the like,
+/// so a CA an operator installed there is trusted) plus the Mozilla set compiled in (so a slim
+/// container without a CA bundle still verifies public origins). Loaded once at start.
+pub fn system_roots() -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let found = rustls_native_certs::load_native_certs();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    for e in found.errors {
+        tracing::debug!(error = %e, "skipping part of the system's CA store");
+    }
+    tracing::debug!(system = added, "trust anchors for https origins loaded");
+    roots
+}
+
 /// A configured origin with its connection pool.
 pub struct OriginClient {
     pub config: Origin,
@@ -89,9 +104,12 @@ pub struct OriginClient {
 impl OriginClient {
     /// Builds the pool for one origin, resolving its name through `resolver`. Nothing is
     /// connected until the first request.
-    pub fn new(config: Origin, resolver: dns::Resolver) -> Result<OriginClient, Error> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    pub fn new(
+        config: Origin,
+        resolver: dns::Resolver,
+        system_roots: &rustls::RootCertStore,
+    ) -> Result<OriginClient, Error> {
+        let mut roots = system_roots.clone();
         for ca in &config.ca {
             roots.add(ca.clone()).map_err(|source| Error::Tls {
                 origin: config.name.clone(),

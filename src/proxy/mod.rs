@@ -162,10 +162,19 @@ impl Proxy {
                 && !o.authority.host().starts_with('[')
         });
         let resolver = origin::dns::Resolver::new(&config.dns, names_used)?;
+        let roots = if config
+            .origins
+            .iter()
+            .any(|o| o.scheme == http::uri::Scheme::HTTPS)
+        {
+            origin::system_roots()
+        } else {
+            rustls::RootCertStore::empty()
+        };
         let origins = config
             .origins
             .iter()
-            .map(|o| OriginClient::new(o.clone(), resolver.clone()))
+            .map(|o| OriginClient::new(o.clone(), resolver.clone(), &roots))
             .collect::<Result<Vec<_>, _>>()?;
         let name = config.server.via_name.clone();
         let boundary = format!(
@@ -272,6 +281,81 @@ impl Proxy {
         let mut text = serde_json::to_string_pretty(&list).unwrap_or_else(|_| "[]".to_owned());
         text.push('\n');
         text
+    }
+
+    /// Per-origin series for `/metrics`: up (1, or 0 when down by its checks or ejected),
+    /// latency estimate, in-flight, requests, errors, ejections.
+    pub fn render_origin_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = Instant::now();
+        type Series = (&'static str, &'static str, &'static str);
+        let series: [Series; 6] = [
+            (
+                "edgecache_origin_up",
+                "gauge",
+                "1 when the origin is in rotation, 0 when down by its health checks or ejected.",
+            ),
+            (
+                "edgecache_origin_latency_seconds",
+                "gauge",
+                "Peak-EWMA time to first byte.",
+            ),
+            (
+                "edgecache_origin_in_flight",
+                "gauge",
+                "Requests waiting for the origin's answer.",
+            ),
+            (
+                "edgecache_origin_responses_total",
+                "counter",
+                "Origin requests answered or failed, by origin.",
+            ),
+            (
+                "edgecache_origin_failures_total",
+                "counter",
+                "Origin requests that failed (connect, reset, timeout, 5xx), by origin.",
+            ),
+            (
+                "edgecache_origin_ejections_total",
+                "counter",
+                "Times passive detection ejected the origin.",
+            ),
+        ];
+        for (i, (name, kind, help)) in series.iter().enumerate() {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (o, client) in self.origins.iter().enumerate() {
+                let Some(st) = self.selector.stats(o) else {
+                    continue;
+                };
+                let value = match i {
+                    0 => f64::from(u8::from(self.selector.is_up(o, now))),
+                    1 => st.latency_us(now) / 1e6,
+                    2 => f64::from(st.inflight.load(Relaxed)),
+                    3 => st.requests.load(Relaxed) as f64,
+                    4 => st.errors.load(Relaxed) as f64,
+                    _ => f64::from(st.ejections()),
+                };
+                let label = client
+                    .config
+                    .name
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                let _ = writeln!(out, "{name}{{origin=\"{label}\"}} {value}");
+            }
+        }
+    }
+
+    /// Reads the geo database file again (SIGHUP). `Ok(None)` when none is configured; on
+    /// error the database in use stays.
+    pub fn reload_geo(&self) -> Result<Option<String>, String> {
+        match self.locator.database() {
+            None => Ok(None),
+            Some(slot) => slot
+                .reload()
+                .map(|db| Some(format!("{} ({})", db.path().display(), db.kind()))),
+        }
     }
 
     /// Starts the active health checks of every origin that has them; each task ends when

@@ -330,3 +330,85 @@ async fn sigterm_drains_an_in_flight_download_then_exits() {
     };
     assert!(exit.success(), "{exit:?}");
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_geo_database() {
+    let eu = TestOrigin::start().await;
+    eu.route(
+        "/where",
+        Route::ok("eu").header("cache-control", "no-store"),
+    );
+    let us = TestOrigin::start().await;
+    us.route(
+        "/where",
+        Route::ok("us").header("cache-control", "no-store"),
+    );
+    let geo_dir = tempfile::tempdir().expect("tempdir");
+    let db = geo_dir.path().join("country.mmdb");
+    write_mmdb(&db, false, &[("203.0.113.0/24", "DE", "EU")]);
+    let body = format!(
+        "[geo]\ndatabase = \"{}\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
+         [[origins]]\nname = \"eu-1\"\nurl = \"{}\"\n[[origins]]\nname = \"us-1\"\nurl = \"{}\"\n\
+         [[pools]]\nname = \"eu\"\norigins = [\"eu-1\"]\n[[pools]]\nname = \"us\"\norigins = [\"us-1\"]\n\
+         [[sites]]\nhosts = [\"site.test\"]\n\
+         [[sites.routes]]\nmatch = {{ continents = [\"EU\"] }}\npools = [\"eu\"]\n\
+         [[sites.routes]]\npools = [\"us\"]\n",
+        db.display(),
+        eu.url(),
+        us.url()
+    );
+    let p = spawn_with(&body, "", &[]);
+    let whence = || async {
+        let r = send(
+            p.http,
+            request(
+                "GET",
+                "site.test",
+                "/where",
+                &[("x-forwarded-for", "203.0.113.9")],
+            ),
+        )
+        .await;
+        String::from_utf8_lossy(&r.body).into_owned()
+    };
+    assert_eq!(whence().await, "eu");
+    let hup = |pid: u32| {
+        let ok = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "signal sent");
+    };
+    let logged = |p: &Proc, what: &str| {
+        p.lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|l| l.contains(what))
+    };
+
+    // The network moves to the US in a new release of the file.
+    write_mmdb(&db, false, &[("203.0.113.0/24", "US", "NA")]);
+    assert_eq!(whence().await, "eu", "nothing changes before the signal");
+    hup(p.child.id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !logged(&p, "geo database reloaded") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(logged(&p, "geo database reloaded"));
+    assert_eq!(whence().await, "us");
+
+    // A broken file is refused and the one in use stays.
+    std::fs::write(&db, b"not a database").expect("write");
+    hup(p.child.id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !logged(&p, "reload failed") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(logged(
+        &p,
+        "geo database reload failed; keeping the one in use"
+    ));
+    assert_eq!(whence().await, "us");
+}

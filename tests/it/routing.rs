@@ -183,6 +183,16 @@ async fn an_origin_returning_errors_is_ejected_and_comes_back() {
     // The admin listener shows it.
     let bad_state = origin_state(&node, "bad").await;
     assert_eq!(bad_state["state"], "ejected", "{bad_state}");
+    // And the metrics an operator scrapes.
+    assert_eq!(
+        metric(&node, "edgecache_origin_up{origin=\"good\"}").await,
+        1
+    );
+    assert!(metric(&node, "edgecache_origin_failures_total{origin=\"bad\"}").await >= 5);
+    assert_eq!(
+        metric(&node, "edgecache_origin_ejections_total{origin=\"bad\"}").await,
+        1
+    );
     assert!(bad_state["ejections"].as_u64() >= Some(1));
     assert!(bad_state["errors"].as_u64() >= Some(5));
     // Healed: after the back-off it is tried again and, answering well, stays in.
@@ -504,30 +514,6 @@ async fn the_retry_budget_holds_during_a_full_outage() {
         requests + retries,
         "origins saw each request once plus the budgeted retries"
     );
-}
-
-/// A MaxMind-format database written now: GeoIP2's nested schema (`country.iso_code`,
-/// `continent.code`) or the flat `country_code` of ip-location-db.
-fn write_mmdb(path: &std::path::Path, flat: bool, entries: &[(&str, &str, &str)]) {
-    use mmdb_writer::Value;
-    let mut w = mmdb_writer::Writer::new(if flat {
-        "geo-whois-asn-country"
-    } else {
-        "GeoIP2-Country"
-    });
-    for (net, country, continent) in entries {
-        let value = if flat {
-            Value::map([("country_code", Value::from(*country))])
-        } else {
-            Value::map([
-                ("country", Value::map([("iso_code", Value::from(*country))])),
-                ("continent", Value::map([("code", Value::from(*continent))])),
-            ])
-        };
-        w.insert_value(net.parse::<ipnet::IpNet>().expect("net"), value)
-            .expect("insert");
-    }
-    std::fs::write(path, w.to_bytes().expect("mmdb")).expect("write mmdb");
 }
 
 async fn node_with_database(

@@ -268,3 +268,30 @@ pub fn closed_port() -> SocketAddr {
     drop(l);
     a
 }
+
+/// A MaxMind-format database written now: GeoIP2's nested schema (`country.iso_code`,
+/// `continent.code`) or the flat `country_code` of ip-location-db. Written beside `path` and
+/// renamed into place, as an operator's update would be.
+pub fn write_mmdb(path: &std::path::Path, flat: bool, entries: &[(&str, &str, &str)]) {
+    use mmdb_writer::Value;
+    let mut w = mmdb_writer::Writer::new(if flat {
+        "geo-whois-asn-country"
+    } else {
+        "GeoIP2-Country"
+    });
+    for (net, country, continent) in entries {
+        let value = if flat {
+            Value::map([("country_code", Value::from(*country))])
+        } else {
+            Value::map([
+                ("country", Value::map([("iso_code", Value::from(*country))])),
+                ("continent", Value::map([("code", Value::from(*continent))])),
+            ])
+        };
+        w.insert_value(net.parse::<ipnet::IpNet>().expect("net"), value)
+            .expect("insert");
+    }
+    let part = path.with_extension("part");
+    std::fs::write(&part, w.to_bytes().expect("mmdb")).expect("write mmdb");
+    std::fs::rename(&part, path).expect("rename mmdb");
+}
