@@ -44,6 +44,9 @@ PORTS = {
     "ceiling": 18084,
 }
 HOST = "bench.test"
+NGINX_CACHE = "/dev/shm/edgecache-bench-nginx"
+# Part of every miss URL, so that no run finds what an earlier one stored.
+RUN_ID = str(time.time_ns())
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 started = []
 
@@ -157,6 +160,8 @@ def write(path, text):
 
 
 def prepare():
+    # nginx keeps its cache on tmpfs between runs: start empty, or "misses" would be hits.
+    shutil.rmtree(NGINX_CACHE, ignore_errors=True)
     www = os.path.join(WORK, "www")
     os.makedirs(www)
     for name, size in SIZES:
@@ -189,7 +194,7 @@ http {{
   access_log off;
   sendfile on; tcp_nopush on; tcp_nodelay on;
   keepalive_requests 1000000; keepalive_timeout 75s;
-  proxy_cache_path /dev/shm/edgecache-bench-nginx levels=1:2 keys_zone=c:128m max_size=2g inactive=1h use_temp_path=off;
+  proxy_cache_path {NGINX_CACHE} levels=1:2 keys_zone=c:128m max_size=2g inactive=1h use_temp_path=off;
   upstream origin {{ server 127.0.0.1:{PORTS['origin']}; keepalive 128; }}
   ssl_protocols TLSv1.2 TLSv1.3;
   ssl_session_cache shared:ssl:10m;
@@ -361,7 +366,7 @@ def main():
                     r = measure(s, pids[s], url(s, path, tls), h2, client=client)
                     results.setdefault((name, s), []).append(r)
             for s in servers if ONLY in "miss 100k urls 1k" else []:
-                target = url(s, f"/miss/{rnd}/") + "[0-9]{5}"
+                target = url(s, f"/miss/{RUN_ID}/{rnd}/") + "[0-9]{5}"
                 r = measure(s, pids[s], target, extra=("--rand-regex-url",))
                 results.setdefault(("miss 100k urls 1k", s), []).append(r)
                 results.setdefault(("coalesce 1000 cold", s), []).append({"origin_requests": coalescing(s, pids[s], rnd)})
@@ -376,7 +381,7 @@ def main():
 def profile(pid):
     """Where edgecache's CPU goes on 1 KiB hits: perf samples while oha loads it."""
     data = os.path.join(WORK, "perf.data")
-    rec = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(pid), "-o", data],
+    rec = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(pid), "-o", data],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     oha(url("edgecache", "/1k"), SECONDS, CONNS)
     rec.send_signal(signal.SIGINT)

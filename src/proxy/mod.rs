@@ -533,9 +533,10 @@ impl Proxy {
             };
             let status = self.cache_status(detail);
             let host = host.into_owned();
-            return self
-                .pass(req, conn, site_idx, &host, host_value, status)
-                .await;
+            // Boxed, like the fetch below: the forwarding futures are large, and keeping them
+            // out of line keeps the per-request future (moved into hyper's dispatcher on
+            // every request) small for the hit path.
+            return Box::pin(self.pass(req, conn, site_idx, &host, host_value, status)).await;
         }
 
         // cache_lookup
@@ -636,7 +637,7 @@ impl Proxy {
             ignore_range: false,
             miss,
         };
-        self.fetch(lookup, stored).await
+        Box::pin(self.fetch(lookup, stored)).await
     }
 
     /// Fetches for a cacheable request: collapsed with other requests for the same key unless

@@ -73,7 +73,7 @@ pub async fn serve(
     let activity = Arc::new(AtomicU64::new(0));
     match tls {
         None => {
-            let io = Tracked::new(stream, activity.clone(), epoch);
+            let io = Tracked::new(stream, activity.clone());
             drive(
                 io,
                 info,
@@ -106,7 +106,7 @@ pub async fn serve(
             } else {
                 &builders.auto
             };
-            let io = Tracked::new(tls_stream, activity.clone(), epoch);
+            let io = Tracked::new(tls_stream, activity.clone());
             drive(
                 io,
                 info,
@@ -145,9 +145,13 @@ async fn drive<I>(
     if draining {
         conn.as_mut().graceful_shutdown();
     }
+    // Idle detection without a clock read per I/O: the stream counts its reads and writes,
+    // and a timer looks at the count four times per idle_timeout. A connection is closed once
+    // the count has not moved for idle_timeout (so at most a quarter late).
+    let tick = (idle_timeout / 4).max(Duration::from_millis(1));
+    let mut seen = activity.load(Ordering::Relaxed);
+    let mut quiet_since = epoch;
     loop {
-        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-        let idle_deadline = epoch + last + idle_timeout;
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
@@ -161,9 +165,12 @@ async fn drive<I>(
                     conn.as_mut().graceful_shutdown();
                 }
             }
-            _ = tokio::time::sleep_until(idle_deadline), if !draining => {
-                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-                if Instant::now() >= epoch + last + idle_timeout {
+            _ = tokio::time::sleep(tick), if !draining => {
+                let count = activity.load(Ordering::Relaxed);
+                if count != seen {
+                    seen = count;
+                    quiet_since = Instant::now();
+                } else if quiet_since.elapsed() >= idle_timeout {
                     tracing::debug!(peer = %info.peer, "closing idle connection");
                     // Lets an in-flight response finish, then closes.
                     draining = true;
@@ -174,25 +181,22 @@ async fn drive<I>(
     }
 }
 
-/// An I/O stream that records when it last moved bytes, for the idle timeout.
+/// An I/O stream that counts the reads and writes that moved bytes, for the idle timeout.
 struct Tracked<S> {
     inner: S,
     activity: Arc<AtomicU64>,
-    epoch: Instant,
 }
 
 impl<S> Tracked<S> {
-    fn new(inner: S, activity: Arc<AtomicU64>, epoch: Instant) -> Self {
-        Tracked {
-            inner,
-            activity,
-            epoch,
-        }
+    fn new(inner: S, activity: Arc<AtomicU64>) -> Self {
+        Tracked { inner, activity }
     }
 
+    /// Counts one read or write. Only this stream writes the counter, so a plain load and
+    /// store (no locked instruction) is enough.
     fn touch(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.activity.store(ms, Ordering::Relaxed);
+        let n = self.activity.load(Ordering::Relaxed);
+        self.activity.store(n.wrapping_add(1), Ordering::Relaxed);
     }
 }
 
