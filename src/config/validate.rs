@@ -337,29 +337,10 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
             },
             None => None,
         };
-        let mut ca = Vec::new();
-        if let Some(path) = &o.ca {
-            let p = base.join(path.get_ref());
-            match std::fs::read(&p) {
-                Ok(pem) => {
-                    let certs: Result<Vec<_>, _> =
-                        rustls_pemfile::certs(&mut pem.as_slice()).collect();
-                    match certs {
-                        Ok(c) if !c.is_empty() => ca = c,
-                        _ => ck.error(
-                            path.span(),
-                            format!("{key}.ca"),
-                            format!("{} holds no PEM certificate", p.display()),
-                        ),
-                    }
-                }
-                Err(e) => ck.error(
-                    path.span(),
-                    format!("{key}.ca"),
-                    format!("cannot read {}: {e}", p.display()),
-                ),
-            }
-        }
+        let ca =
+            o.ca.as_ref()
+                .and_then(|path| pem_certs(ck, path, &format!("{key}.ca"), base))
+                .unwrap_or_default();
         let client_auth = client_auth(ck, &key, o, base, &scheme);
         let mut origin = Origin {
             name: name.clone(),
@@ -788,50 +769,16 @@ fn client_auth(
         return None;
     }
     let cert_path = base.join(cert.get_ref());
+    let chain = pem_certs(ck, cert, &format!("{key}.client_cert"), base)?;
     let key_path = base.join(pkey.get_ref());
-    let chain = match std::fs::read(&cert_path) {
-        Ok(pem) => {
-            match rustls_pemfile::certs(&mut pem.as_slice()).collect::<Result<Vec<_>, _>>() {
-                Ok(c) if !c.is_empty() => c,
-                _ => {
-                    ck.error(
-                        cert.span(),
-                        format!("{key}.client_cert"),
-                        format!("{} holds no PEM certificate", cert_path.display()),
-                    );
-                    return None;
-                }
-            }
-        }
-        Err(e) => {
-            ck.error(
-                cert.span(),
-                format!("{key}.client_cert"),
-                format!("cannot read {}: {e}", cert_path.display()),
-            );
-            return None;
-        }
-    };
-    let private = match std::fs::read(&key_path) {
-        Ok(pem) => match rustls_pemfile::private_key(&mut pem.as_slice()) {
-            Ok(Some(k)) => k,
-            _ => {
-                ck.error(
-                    pkey.span(),
-                    format!("{key}.client_key"),
-                    format!("{} holds no PEM private key", key_path.display()),
-                );
-                return None;
-            }
-        },
-        Err(e) => {
-            ck.error(
-                pkey.span(),
-                format!("{key}.client_key"),
-                format!("cannot read {}: {e}", key_path.display()),
-            );
-            return None;
-        }
+    let pem = read_named(ck, pkey, &format!("{key}.client_key"), base)?;
+    let Ok(Some(private)) = rustls_pemfile::private_key(&mut pem.as_slice()) else {
+        ck.error(
+            pkey.span(),
+            format!("{key}.client_key"),
+            format!("{} holds no PEM private key", key_path.display()),
+        );
+        return None;
     };
     let signing = rustls::crypto::ring::sign::any_supported_type(&private);
     match signing {
@@ -862,6 +809,52 @@ fn client_auth(
         chain,
         key: private,
     }))
+}
+
+/// The bytes of a file named in the configuration (relative to it); a failure is reported
+/// against the name's position.
+fn read_named(
+    ck: &mut Checker<'_>,
+    name: &Spanned<String>,
+    key: &str,
+    base: &Path,
+) -> Option<Vec<u8>> {
+    let path = base.join(name.get_ref());
+    match std::fs::read(&path) {
+        Ok(bytes) => Some(bytes),
+        Err(e) => {
+            ck.error(
+                name.span(),
+                key,
+                format!("cannot read {}: {e}", path.display()),
+            );
+            None
+        }
+    }
+}
+
+/// The PEM certificates (at least one) of a file named in the configuration.
+fn pem_certs(
+    ck: &mut Checker<'_>,
+    name: &Spanned<String>,
+    key: &str,
+    base: &Path,
+) -> Option<Vec<CertificateDer<'static>>> {
+    let pem = read_named(ck, name, key, base)?;
+    match rustls_pemfile::certs(&mut pem.as_slice()).collect::<Result<Vec<_>, _>>() {
+        Ok(c) if !c.is_empty() => Some(c),
+        _ => {
+            ck.error(
+                name.span(),
+                key,
+                format!(
+                    "{} holds no PEM certificate",
+                    base.join(name.get_ref()).display()
+                ),
+            );
+            None
+        }
+    }
 }
 
 fn retries(ck: &mut Checker<'_>, raw: &super::raw::RawRetries) -> Retries {

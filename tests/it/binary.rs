@@ -333,16 +333,7 @@ async fn sigterm_drains_an_in_flight_download_then_exits() {
 
 #[tokio::test]
 async fn sighup_reloads_the_geo_database() {
-    let eu = TestOrigin::start().await;
-    eu.route(
-        "/where",
-        Route::ok("eu").header("cache-control", "no-store"),
-    );
-    let us = TestOrigin::start().await;
-    us.route(
-        "/where",
-        Route::ok("us").header("cache-control", "no-store"),
-    );
+    let (eu, us) = regional_origins().await;
     let geo_dir = tempfile::tempdir().expect("tempdir");
     let db = geo_dir.path().join("country.mmdb");
     write_mmdb(&db, false, &[("203.0.113.0/24", "DE", "EU")]);

@@ -23,20 +23,6 @@ async fn answer(node: &TestNode, headers: &[(&str, &str)]) -> String {
     String::from_utf8_lossy(&r.body).into_owned()
 }
 
-async fn regional_origins() -> (TestOrigin, TestOrigin) {
-    let eu = TestOrigin::start().await;
-    eu.route(
-        "/where",
-        Route::ok("eu").header("cache-control", "no-store"),
-    );
-    let us = TestOrigin::start().await;
-    us.route(
-        "/where",
-        Route::ok("us").header("cache-control", "no-store"),
-    );
-    (eu, us)
-}
-
 #[tokio::test]
 async fn clients_reach_their_regions_pool() {
     let (eu, us) = regional_origins().await;

@@ -295,3 +295,18 @@ pub fn write_mmdb(path: &std::path::Path, flat: bool, entries: &[(&str, &str, &s
     std::fs::write(&part, w.to_bytes().expect("mmdb")).expect("write mmdb");
     std::fs::rename(&part, path).expect("rename mmdb");
 }
+
+/// Two origins answering `/where` with `eu` and `us` (not storable), for routing tests.
+pub async fn regional_origins() -> (TestOrigin, TestOrigin) {
+    let eu = TestOrigin::start().await;
+    eu.route(
+        "/where",
+        Route::ok("eu").header("cache-control", "no-store"),
+    );
+    let us = TestOrigin::start().await;
+    us.route(
+        "/where",
+        Route::ok("us").header("cache-control", "no-store"),
+    );
+    (eu, us)
+}
