@@ -4,10 +4,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::key::{OwnedKey, VaryKey};
 use super::policy::{self, StoreDecision, StoredFacts};
+
+/// RFC 9211 `Cache-Status`.
+pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// One stored response (one `Vary` variant of a URL). Immutable once stored except for the
 /// soft-purge mark; a refresh stores a new entry sharing the same body.
@@ -17,7 +20,9 @@ pub struct Entry {
     pub vary: VaryKey,
     pub status: StatusCode,
     /// Response headers ready for a client: hop-by-hop and stripped fields removed, `Via`
-    /// added, no `Age`, `Content-Length` exact.
+    /// added, `Content-Length` exact, and `Age` and `Cache-Status` present with placeholder
+    /// values that every answer replaces. With both fields already in the map, a hit's clone
+    /// takes them over in place: no growth of the cloned map, no rehash (see [`prepare`]).
     pub headers: HeaderMap,
     /// The whole body, shared by every client that reads it.
     pub body: Bytes,
@@ -47,7 +52,7 @@ impl Entry {
         tags: Box<[Box<str>]>,
     ) -> Entry {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        let headers = detach(&headers);
+        let headers = prepare(&headers);
         Entry {
             key,
             vary,
@@ -175,18 +180,109 @@ impl Entry {
     }
 }
 
-/// Copies header names and values into their own allocations. Values parsed by hyper are
+/// The stored form of response headers.
+///
+/// Names and values are copied into their own allocations. Values parsed by hyper are
 /// slices of the connection's read buffer, which usually holds the start of the body too;
 /// keeping those slices in a long-lived entry would pin the whole buffer (measured: about
 /// 20 KiB per 16 KiB object) for as long as the object is stored.
-fn detach(headers: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(headers.len());
+///
+/// `Age` and `Cache-Status` are set to placeholders (an origin's own values are replaced,
+/// as every answer from the cache does anyway). `HeaderMap::clone` keeps exactly the
+/// entries it has, so adding these two per hit made every clone grow its entry vector (and,
+/// past three quarters of its index table, rehash); replacing a value never does.
+fn prepare(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len() + 2);
     for (name, value) in headers {
+        if name == header::AGE || name == CACHE_STATUS {
+            continue;
+        }
         let name =
             http::HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
         let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
         copy.set_sensitive(value.is_sensitive());
         out.append(name, copy);
     }
+    out.insert(header::AGE, HeaderValue::from_static("0"));
+    out.insert(CACHE_STATUS.clone(), HeaderValue::from_static("edgecache"));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::key::KeyParts;
+
+    fn entry(headers: HeaderMap) -> Entry {
+        let parts = KeyParts {
+            https: false,
+            host: "a.test",
+            path_and_query: "/x",
+        };
+        let decision = StoreDecision {
+            lifetime: Duration::from_secs(60),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            always_revalidate: false,
+            must_revalidate: false,
+            keep: Duration::ZERO,
+            strip: Vec::new(),
+        };
+        Entry::new(
+            OwnedKey::new(&parts),
+            VaryKey::default(),
+            StatusCode::OK,
+            headers,
+            Bytes::from_static(b"hello"),
+            SystemTime::now(),
+            Duration::ZERO,
+            decision,
+            Box::new([]),
+        )
+    }
+
+    #[test]
+    fn stored_headers_hold_one_age_and_one_cache_status_to_replace() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.insert(header::AGE, HeaderValue::from_static("50"));
+        h.append(&CACHE_STATUS, HeaderValue::from_static("upstream; hit"));
+        h.append(&CACHE_STATUS, HeaderValue::from_static("other; fwd=miss"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        let e = entry(h);
+        assert_eq!(e.headers.get_all(header::AGE).iter().count(), 1);
+        assert_eq!(e.headers.get_all(&CACHE_STATUS).iter().count(), 1);
+        assert_eq!(
+            e.headers[header::CONTENT_LENGTH],
+            "5",
+            "length is the stored body's"
+        );
+        assert_eq!(e.headers[header::CONTENT_TYPE], "text/plain");
+
+        // What a hit does: the clone keeps its size when both values are replaced.
+        let mut hit = e.headers.clone();
+        let len = hit.len();
+        hit.insert(header::AGE, HeaderValue::from(7u64));
+        hit.insert(
+            CACHE_STATUS.clone(),
+            HeaderValue::from_static("edgecache; hit"),
+        );
+        assert_eq!(hit.len(), len);
+        assert_eq!(hit[header::AGE], "7");
+        assert_eq!(hit[&CACHE_STATUS], "edgecache; hit");
+    }
+
+    #[test]
+    fn a_refresh_keeps_the_placeholders_single() {
+        let e = entry(HeaderMap::new());
+        let r = e.refreshed(
+            e.headers.clone(),
+            SystemTime::now(),
+            Duration::ZERO,
+            e.decision.clone(),
+        );
+        assert_eq!(r.headers.get_all(header::AGE).iter().count(), 1);
+        assert_eq!(r.headers.get_all(&CACHE_STATUS).iter().count(), 1);
+        assert_eq!(r.body, e.body);
+    }
 }

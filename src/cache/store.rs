@@ -12,7 +12,7 @@ use moka::sync::Cache;
 use moka::Expiry;
 
 use super::entry::Entry;
-use super::key::{KeyHasher, KeyParts};
+use super::key::{KeyHasher, KeyParts, PrehashedKey};
 
 /// Variants of one URL kept side by side at most; the oldest goes first.
 const MAX_VARIANTS: usize = 16;
@@ -42,9 +42,9 @@ impl Object {
 /// Shared cache storage. Cloning is cheap and shares the same store.
 #[derive(Clone)]
 pub struct Store {
-    inner: Cache<u64, Arc<Object>>,
+    inner: Cache<u64, Arc<Object>, PrehashedKey>,
     /// URLs recently found uncacheable, with how long to remember it.
-    hit_for_miss: Cache<u64, Duration>,
+    hit_for_miss: Cache<u64, Duration, PrehashedKey>,
     hasher: KeyHasher,
 }
 
@@ -107,11 +107,11 @@ impl Store {
             .max_capacity(capacity_bytes)
             .weigher(|_: &u64, v: &Arc<Object>| v.weight())
             .expire_after(ObjectExpiry)
-            .build();
+            .build_with_hasher(PrehashedKey);
         let hit_for_miss = Cache::builder()
             .max_capacity(100_000)
             .expire_after(MarkerExpiry)
-            .build();
+            .build_with_hasher(PrehashedKey);
         Store {
             inner,
             hit_for_miss,

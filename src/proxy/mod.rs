@@ -12,8 +12,12 @@ mod respond;
 pub mod sites;
 
 use std::borrow::Cow;
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -40,8 +44,7 @@ use body::Body;
 use headers::{forward_request_headers, remove_hop_by_hop, via_value};
 use sites::{host_without_port, SiteTable};
 
-/// RFC 9211 `Cache-Status`.
-pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+pub use crate::cache::entry::CACHE_STATUS;
 
 /// Response fields that steer this cache and are not passed to clients.
 const CACHE_ONLY_FIELDS: [&str; 4] = [
@@ -110,6 +113,52 @@ impl Outcome_ {
 }
 
 type Answer = (Response<Body>, Outcome_);
+
+/// What [`Proxy::serve`] decided: an answer now (hits, refusals, purges), or work that
+/// has to wait for an origin.
+// The answer travels by value: boxing it, as the lint suggests, would allocate on every hit.
+#[allow(clippy::large_enum_variant)]
+enum Served {
+    Now(Answer),
+    Later(Pin<Box<dyn Future<Output = Answer> + Send>>),
+}
+
+/// The future [`Proxy::handle`] returns, in the shape hyper's service wants. A hit is
+/// already answered when it is made; a miss or a forwarded request holds the boxed upstream
+/// work.
+pub struct Handling(HandlingState);
+
+enum HandlingState {
+    Ready(Option<Response<Body>>),
+    Waiting {
+        fut: Pin<Box<dyn Future<Output = Answer> + Send>>,
+        proxy: Arc<Proxy>,
+        log: Option<Box<AccessLog>>,
+    },
+    Done,
+}
+
+impl Future for Handling {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let answer = match &mut self.0 {
+            HandlingState::Ready(resp) => match resp.take() {
+                Some(r) => return Poll::Ready(Ok(r)),
+                None => return Poll::Pending,
+            },
+            HandlingState::Waiting { fut, .. } => match fut.as_mut().poll(cx) {
+                Poll::Ready(answer) => answer,
+                Poll::Pending => return Poll::Pending,
+            },
+            HandlingState::Done => return Poll::Pending,
+        };
+        match std::mem::replace(&mut self.0, HandlingState::Done) {
+            HandlingState::Waiting { proxy, log, .. } => Poll::Ready(Ok(proxy.finish(answer, log))),
+            _ => Poll::Pending,
+        }
+    }
+}
 
 /// Everything about one cacheable request that the fetch and respond steps need.
 #[derive(Clone)]
@@ -397,15 +446,15 @@ impl Proxy {
     }
 
     /// Answers one request. Never fails: errors become 4xx/5xx responses.
-    pub async fn handle(
-        self: &Arc<Self>,
-        req: Request<Incoming>,
-        conn: ConnInfo,
-    ) -> Response<Body> {
-        let start = Instant::now();
-        let mut log = telemetry::access_log_enabled().then(|| {
+    ///
+    /// Everything up to an answer from the cache runs synchronously, in this call; only a
+    /// request that must go upstream returns a future with work left (boxed, so the future
+    /// hyper keeps per request stays a few words for hits).
+    pub fn handle(self: &Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Handling {
+        // The clock is read for the access log only.
+        let log = telemetry::access_log_enabled().then(|| {
             Box::new(AccessLog {
-                start,
+                start: Instant::now(),
                 client: conn.peer.ip(),
                 method: req.method().clone(),
                 version: req.version(),
@@ -433,7 +482,22 @@ impl Proxy {
                 aborted: false,
             })
         });
-        let (mut resp, outcome) = self.serve(req, conn).await;
+        match self.serve(req, conn) {
+            Served::Now(answer) => Handling(HandlingState::Ready(Some(self.finish(answer, log)))),
+            Served::Later(fut) => Handling(HandlingState::Waiting {
+                fut,
+                proxy: self.clone(),
+                log,
+            }),
+        }
+    }
+
+    /// Counts the answer and attaches its access-log record (written when the body ends).
+    fn finish(
+        &self,
+        (mut resp, outcome): Answer,
+        mut log: Option<Box<AccessLog>>,
+    ) -> Response<Body> {
         self.metrics.request(
             outcome.cache,
             resp.status().as_u16(),
@@ -452,35 +516,35 @@ impl Proxy {
         resp
     }
 
-    async fn serve(self: &Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Answer {
+    fn serve(self: &Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Served {
         let h = req.headers();
         // RFC 9112 §6.3: both framings at once is how request smuggling starts; refuse and close.
         // hyper's HTTP/1 parser already drops the length and closes after the response, so this
         // guards any path (or future parser) that hands us both.
         if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
-            return refuse(
+            return Served::Now(refuse(
                 StatusCode::BAD_REQUEST,
                 "edgecache: Content-Length and Transfer-Encoding together\n",
                 true,
-            );
+            ));
         }
         if req.method() == Method::CONNECT {
-            return refuse(
+            return Served::Now(refuse(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "edgecache: CONNECT is not supported\n",
                 false,
-            );
+            ));
         }
         let Some(pq) = req
             .uri()
             .path_and_query()
             .filter(|p| p.as_str().starts_with('/'))
         else {
-            return refuse(
+            return Served::Now(refuse(
                 StatusCode::BAD_REQUEST,
                 "edgecache: the request target must be a path\n",
                 true,
-            );
+            ));
         };
         // The target's authority (absolute-form, HTTP/2 :authority) takes precedence over Host.
         let authority = match req.uri().authority() {
@@ -490,17 +554,21 @@ impl Proxy {
                 match (hosts.next().and_then(|v| v.to_str().ok()), hosts.next()) {
                     (Some(v), None) => v,
                     _ => {
-                        return refuse(
+                        return Served::Now(refuse(
                             StatusCode::BAD_REQUEST,
                             "edgecache: exactly one Host header is required\n",
                             true,
-                        )
+                        ))
                     }
                 }
             }
         };
         let Some(host) = host_without_port(authority).filter(|_| !authority.contains('@')) else {
-            return refuse(StatusCode::BAD_REQUEST, "edgecache: invalid Host\n", true);
+            return Served::Now(refuse(
+                StatusCode::BAD_REQUEST,
+                "edgecache: invalid Host\n",
+                true,
+            ));
         };
         let host: Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
             Cow::Owned(host.to_ascii_lowercase())
@@ -509,19 +577,20 @@ impl Proxy {
         };
         let Some(site_idx) = self.sites.find(&host) else {
             // Never an open proxy: an unknown host reaches no origin.
-            return refuse(
+            return Served::Now(refuse(
                 StatusCode::MISDIRECTED_REQUEST,
                 "edgecache: this host is not served here\n",
                 false,
-            );
+            ));
         };
         let site = &self.config.sites[site_idx];
+        // The `Host` sent upstream; built only where a request goes upstream, not per hit.
         let host_value =
-            HeaderValue::from_str(authority).unwrap_or(HeaderValue::from_static("invalid"));
+            || HeaderValue::from_str(authority).unwrap_or(HeaderValue::from_static("invalid"));
 
         if req.method().as_str() == "PURGE" {
             let host = host.into_owned();
-            return self.purge_method(&req, conn, &host, pq.as_str());
+            return Served::Now(self.purge_method(&req, conn, &host, pq.as_str()));
         }
         let rule = site.rule(req.uri().path());
         let cache_method = req.method() == Method::GET || req.method() == Method::HEAD;
@@ -536,7 +605,12 @@ impl Proxy {
             // Boxed, like the fetch below: the forwarding futures are large, and keeping them
             // out of line keeps the per-request future (moved into hyper's dispatcher on
             // every request) small for the hit path.
-            return Box::pin(self.pass(req, conn, site_idx, &host, host_value, status)).await;
+            let host_value = host_value();
+            let this = self.clone();
+            return Served::Later(Box::pin(async move {
+                this.pass(req, conn, site_idx, &host, host_value, status)
+                    .await
+            }));
         }
 
         // cache_lookup
@@ -573,18 +647,18 @@ impl Proxy {
         if let Some(entry) = &stored {
             match policy::reuse(&entry.facts(now), &req_cc, forced) {
                 Reuse::Fresh => {
-                    return (
+                    return Served::Now((
                         self.answer_from_entry(entry, h, head, now, self.hit.clone()),
                         Outcome_::local("hit"),
-                    )
+                    ))
                 }
                 Reuse::StaleAccepted => {
                     let status = self
                         .cache_status(&format!("hit; ttl={}; detail=max-stale", ttl(entry, now)));
-                    return (
+                    return Served::Now((
                         self.answer_from_entry(entry, h, head, now, status),
                         Outcome_::local("stale"),
-                    );
+                    ));
                 }
                 Reuse::StaleWhileRevalidate => {
                     let status = self.cache_status(&format!(
@@ -599,20 +673,20 @@ impl Proxy {
                         &parts,
                         extra.clone(),
                         hash,
-                        host_value,
+                        host_value(),
                         entry.clone(),
                     );
-                    return (resp, Outcome_::local("stale"));
+                    return Served::Now((resp, Outcome_::local("stale")));
                 }
                 Reuse::Revalidate => {}
             }
         }
         if req_cc.only_if_cached && stored.is_none() {
-            return refuse(
+            return Served::Now(refuse(
                 StatusCode::GATEWAY_TIMEOUT,
                 "edgecache: not cached (only-if-cached)\n",
                 false,
-            );
+            ));
         }
         let settings = rule
             .map(|r| r.apply(&site.cache.settings))
@@ -631,13 +705,14 @@ impl Proxy {
             settings,
             forced,
             head,
+            host_value: host_value(),
             parts: Arc::new(req.into_parts().0),
-            host_value,
             conn,
             ignore_range: false,
             miss,
         };
-        Box::pin(self.fetch(lookup, stored)).await
+        let this = self.clone();
+        Served::Later(Box::pin(async move { this.fetch(lookup, stored).await }))
     }
 
     /// Fetches for a cacheable request: collapsed with other requests for the same key unless

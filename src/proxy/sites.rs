@@ -1,16 +1,42 @@
 //! Matching a request's host to a configured site: exact names, `*.suffix` wildcards, and an
 //! explicit `*` catch-all. A host that matches nothing is never forwarded.
 
-use std::collections::HashMap;
-
 use crate::config::Site;
 
 /// Host name lookup table built once from the configuration.
+///
+/// Names are kept sorted and found by binary search: the table is small and fixed, and a
+/// handful of byte comparisons cost less per request than hashing the host (SipHash) did.
 #[derive(Debug, Default)]
 pub struct SiteTable {
-    exact: HashMap<String, usize>,
-    wildcard: HashMap<String, usize>,
+    exact: Names,
+    wildcard: Names,
     catch_all: Option<usize>,
+}
+
+/// Sorted (name, site index) pairs. Validation refuses a name served twice; were one given
+/// twice anyway, the later site would win, as a map insert does.
+#[derive(Debug, Default)]
+struct Names(Vec<(Box<str>, usize)>);
+
+impl Names {
+    fn insert(&mut self, name: &str, site: usize) {
+        match self.0.binary_search_by(|(n, _)| (**n).cmp(name)) {
+            Ok(i) => self.0[i].1 = site,
+            Err(i) => self.0.insert(i, (name.into(), site)),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<usize> {
+        self.0
+            .binary_search_by(|(n, _)| (**n).cmp(name))
+            .ok()
+            .map(|i| self.0[i].1)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl SiteTable {
@@ -21,9 +47,9 @@ impl SiteTable {
                 if h == "*" {
                     t.catch_all = Some(i);
                 } else if let Some(suffix) = h.strip_prefix("*.") {
-                    t.wildcard.insert(suffix.to_owned(), i);
+                    t.wildcard.insert(suffix, i);
                 } else {
-                    t.exact.insert(h.clone(), i);
+                    t.exact.insert(h, i);
                 }
             }
         }
@@ -33,14 +59,14 @@ impl SiteTable {
     /// The site serving `host` (lowercase, without port). A wildcard matches one or more
     /// leading labels; the longest matching suffix wins.
     pub fn find(&self, host: &str) -> Option<usize> {
-        if let Some(&i) = self.exact.get(host) {
+        if let Some(i) = self.exact.get(host) {
             return Some(i);
         }
         if !self.wildcard.is_empty() {
             let mut rest = host;
             while let Some(dot) = rest.find('.') {
                 rest = &rest[dot + 1..];
-                if let Some(&i) = self.wildcard.get(rest) {
+                if let Some(i) = self.wildcard.get(rest) {
                     return Some(i);
                 }
             }
@@ -86,6 +112,27 @@ mod tests {
         assert_eq!(t.find("a.b.example.com"), Some(1));
         assert_eq!(t.find("example.com"), None);
         assert_eq!(t.find("evil.com"), None);
+    }
+
+    #[test]
+    fn many_names_in_any_order() {
+        let names: Vec<String> = (0..50).rev().map(|i| format!("h{i}.test")).collect();
+        let sites: Vec<Site> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Site::new(vec![n.clone(), format!("*.w{i}.test")], 0))
+            .collect();
+        let t = SiteTable::new(&sites);
+        for (i, n) in names.iter().enumerate() {
+            assert_eq!(t.find(n), Some(i), "{n}");
+            assert_eq!(t.find(&format!("a.b.w{i}.test")), Some(i));
+        }
+        assert_eq!(t.find("h50.test"), None);
+        assert_eq!(
+            t.find("w1.test"),
+            None,
+            "a wildcard needs a label before it"
+        );
     }
 
     #[test]

@@ -340,6 +340,112 @@ async fn h2c_prior_knowledge_on_the_plain_port() {
     assert_eq!(&r.body[..], b"over h2c");
 }
 
+/// A stream whose first write sends at most `first` bytes and then holds further writes back
+/// for `pause`, so the peer receives the start of what we send on its own.
+struct SplitFirstWrite {
+    inner: tokio::net::TcpStream,
+    first: Option<usize>,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    delay: Duration,
+}
+
+impl tokio::io::AsyncRead for SplitFirstWrite {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SplitFirstWrite {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Some(first) = self.first.take() {
+            let n = buf.len().min(first);
+            let res = std::pin::Pin::new(&mut self.inner).poll_write(cx, &buf[..n]);
+            let delay = self.delay;
+            self.pause = Some(Box::pin(tokio::time::sleep(delay)));
+            return res;
+        }
+        if let Some(p) = self.pause.as_mut() {
+            if std::future::Future::poll(p.as_mut(), cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
+            self.pause = None;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn h2c_preface_arriving_in_pieces_is_still_http2() {
+    let origin = TestOrigin::start().await;
+    origin.route("/", Route::ok("split preface"));
+    let node = TestNode::start("", &site(&origin, "site.test", "")).await;
+    let stream = tokio::net::TcpStream::connect(node.http)
+        .await
+        .expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    // "PRI *" alone first: the node must wait for the rest instead of taking it for HTTP/1.
+    let io = SplitFirstWrite {
+        inner: stream,
+        first: Some(5),
+        pause: None,
+        delay: Duration::from_millis(200),
+    };
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri("http://site.test/")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let r = read(sender.send_request(req).await.expect("response")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.version, http::Version::HTTP_2);
+    assert_eq!(&r.body[..], b"split preface");
+    assert_eq!(origin.count("/"), 1);
+}
+
+#[tokio::test]
+async fn a_stalled_h2c_preface_is_cut_at_the_header_timeout() {
+    let origin = TestOrigin::start().await;
+    let node = TestNode::start(
+        "header_read_timeout = \"300ms\"",
+        &site(&origin, "site.test", ""),
+    )
+    .await;
+    let started = Instant::now();
+    let (text, closed) = raw(node.http, b"PRI * HTTP/2", Duration::from_secs(10)).await;
+    assert!(closed, "the connection was closed");
+    assert!(text.is_empty(), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(origin.total(), 0);
+}
+
 #[tokio::test]
 async fn graceful_shutdown_finishes_an_in_flight_download() {
     let origin = TestOrigin::start().await;
