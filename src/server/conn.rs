@@ -3,9 +3,9 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -162,32 +162,31 @@ impl Conns<'_> {
             + 'static,
         S::Future: Send + 'static,
     {
-        let idle = self.builders.idle_timeout;
         if h2 {
             let conn = self.builders.http2.serve_connection(io, service);
-            drive(
-                conn,
-                |c| c.graceful_shutdown(),
-                idle,
-                &self.activity,
-                self.epoch,
-                self.peer,
-                shutdown,
-            )
-            .await
+            self.drive(conn, |c| c.graceful_shutdown(), shutdown).await
         } else {
             let conn = self.builders.http1.serve_connection(io, service);
-            drive(
-                conn,
-                |c| c.graceful_shutdown(),
-                idle,
-                &self.activity,
-                self.epoch,
-                self.peer,
-                shutdown,
-            )
-            .await
+            self.drive(conn, |c| c.graceful_shutdown(), shutdown).await
         }
+    }
+
+    async fn drive<C, D>(&self, conn: C, drain: D, shutdown: &mut watch::Receiver<bool>)
+    where
+        C: std::future::Future<Output = Result<(), hyper::Error>>,
+        D: FnMut(Pin<&mut C>),
+    {
+        let idle = self.builders.idle_timeout;
+        drive(
+            conn,
+            drain,
+            idle,
+            &self.activity,
+            self.epoch,
+            self.peer,
+            shutdown,
+        )
+        .await
     }
 }
 
@@ -206,43 +205,138 @@ async fn drive<C, D>(
     D: FnMut(Pin<&mut C>),
 {
     tokio::pin!(conn);
-    let mut draining = *shutdown.borrow();
-    if draining {
-        drain(conn.as_mut());
+    if !*shutdown.borrow() {
+        // Idle detection without a clock read per I/O: the stream counts its reads and
+        // writes, and a timer looks at the count four times per idle_timeout. A connection is
+        // closed once the count has not moved for idle_timeout (so at most a quarter late).
+        let tick = (idle_timeout / 4).max(Duration::from_millis(1));
+        let guard = async {
+            let mut seen = activity.load(Ordering::Relaxed);
+            let mut quiet_since = epoch;
+            loop {
+                tokio::select! {
+                    biased;
+                    changed = shutdown.changed() => {
+                        if changed.is_err() || *shutdown.borrow() {
+                            return;
+                        }
+                    }
+                    _ = tokio::time::sleep(tick) => {
+                        let count = activity.load(Ordering::Relaxed);
+                        if count != seen {
+                            seen = count;
+                            quiet_since = Instant::now();
+                        } else if quiet_since.elapsed() >= idle_timeout {
+                            tracing::debug!(peer = %peer, "closing idle connection");
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::pin!(guard);
+        if let Some(res) = Guarded::new(conn.as_mut(), guard).await {
+            if let Err(e) = res {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            }
+            return;
+        }
     }
-    // Idle detection without a clock read per I/O: the stream counts its reads and writes,
-    // and a timer looks at the count four times per idle_timeout. A connection is closed once
-    // the count has not moved for idle_timeout (so at most a quarter late).
-    let tick = (idle_timeout / 4).max(Duration::from_millis(1));
-    let mut seen = activity.load(Ordering::Relaxed);
-    let mut quiet_since = epoch;
-    loop {
-        tokio::select! {
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
-                }
-                return;
+    // Lets an in-flight response finish, then closes.
+    drain(conn.as_mut());
+    if let Err(e) = conn.await {
+        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Polls a connection until it ends (`Some(result)`) or its guard completes (`None`).
+///
+/// The guard (shutdown signal, idle tick) is polled only after it has woken the task itself:
+/// a `select!` over the three would poll the watch channel and the timer on every wake of
+/// the connection, once or twice per request. The guard is given its own waker, which notes
+/// that it fired and wakes the connection's task.
+struct Guarded<'a, C, G> {
+    conn: Pin<&'a mut C>,
+    guard: Pin<&'a mut G>,
+    signal: Arc<GuardSignal>,
+    /// The task waker last handed to `signal`, to notice when the task's waker changes
+    /// without taking the lock on every poll.
+    task: Option<Waker>,
+}
+
+/// The guard's waker: remembers that the guard woke, then wakes the connection's task.
+struct GuardSignal {
+    woken: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+impl Wake for GuardSignal {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        let task = match self.task.lock() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        if let Some(t) = task {
+            t.wake();
+        }
+    }
+}
+
+impl<'a, C, G> Guarded<'a, C, G> {
+    fn new(conn: Pin<&'a mut C>, guard: Pin<&'a mut G>) -> Self {
+        Guarded {
+            conn,
+            guard,
+            // Woken at the start, so the guard's first poll registers its timer and watch.
+            signal: Arc::new(GuardSignal {
+                woken: AtomicBool::new(true),
+                task: Mutex::new(None),
+            }),
+            task: None,
+        }
+    }
+}
+
+impl<C, G> std::future::Future for Guarded<'_, C, G>
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>>,
+    G: std::future::Future<Output = ()>,
+{
+    type Output = Option<Result<(), hyper::Error>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Poll::Ready(res) = this.conn.as_mut().poll(cx) {
+            return Poll::Ready(Some(res));
+        }
+        if !this.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+            let waker = cx.waker().clone();
+            match this.signal.task.lock() {
+                Ok(mut t) => *t = Some(waker.clone()),
+                Err(poisoned) => *poisoned.into_inner() = Some(waker.clone()),
             }
-            changed = shutdown.changed(), if !draining => {
-                if changed.is_err() || *shutdown.borrow() {
-                    draining = true;
-                    drain(conn.as_mut());
-                }
-            }
-            _ = tokio::time::sleep(tick), if !draining => {
-                let count = activity.load(Ordering::Relaxed);
-                if count != seen {
-                    seen = count;
-                    quiet_since = Instant::now();
-                } else if quiet_since.elapsed() >= idle_timeout {
-                    tracing::debug!(peer = %peer, "closing idle connection");
-                    // Lets an in-flight response finish, then closes.
-                    draining = true;
-                    drain(conn.as_mut());
-                }
+            this.task = Some(waker);
+        }
+        // A relaxed look first: the swap (a locked instruction) only when it is likely set.
+        if this.signal.woken.load(Ordering::Relaxed)
+            && this.signal.woken.swap(false, Ordering::Acquire)
+        {
+            let waker = Waker::from(this.signal.clone());
+            if this
+                .guard
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_ready()
+            {
+                return Poll::Ready(None);
             }
         }
+        Poll::Pending
     }
 }
 

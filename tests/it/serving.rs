@@ -315,6 +315,25 @@ async fn request_bodies_stream_to_the_origin() {
     assert_eq!(origin.last_headers("/upload")["content-length"], "100000");
 }
 
+/// One GET over HTTP/2 with prior knowledge on `io`.
+async fn h2c_get<I>(io: I, uri: &str) -> Got
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(uri)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    read(sender.send_request(req).await.expect("response")).await
+}
+
 #[tokio::test]
 async fn h2c_prior_knowledge_on_the_plain_port() {
     let origin = TestOrigin::start().await;
@@ -323,18 +342,7 @@ async fn h2c_prior_knowledge_on_the_plain_port() {
     let stream = tokio::net::TcpStream::connect(node.http)
         .await
         .expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .expect("h2c handshake");
-    tokio::spawn(conn);
-    let req = http::Request::builder()
-        .uri("http://site.test/")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .expect("request");
-    let r = read(sender.send_request(req).await.expect("response")).await;
+    let r = h2c_get(stream, "http://site.test/").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.version, http::Version::HTTP_2);
     assert_eq!(&r.body[..], b"over h2c");
@@ -412,18 +420,7 @@ async fn h2c_preface_arriving_in_pieces_is_still_http2() {
         pause: None,
         delay: Duration::from_millis(200),
     };
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(io),
-    )
-    .await
-    .expect("h2c handshake");
-    tokio::spawn(conn);
-    let req = http::Request::builder()
-        .uri("http://site.test/")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .expect("request");
-    let r = read(sender.send_request(req).await.expect("response")).await;
+    let r = h2c_get(io, "http://site.test/").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.version, http::Version::HTTP_2);
     assert_eq!(&r.body[..], b"split preface");
