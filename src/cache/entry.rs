@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::key::{OwnedKey, VaryKey};
@@ -182,26 +182,40 @@ impl Entry {
 
 /// The stored form of response headers.
 ///
-/// Names and values are copied into their own allocations. Values parsed by hyper are
-/// slices of the connection's read buffer, which usually holds the start of the body too;
-/// keeping those slices in a long-lived entry would pin the whole buffer (measured: about
-/// 20 KiB per 16 KiB object) for as long as the object is stored.
+/// Values are copied into one buffer of their own, each value a slice of it. Values parsed
+/// by hyper are slices of the connection's read buffer, which usually holds the start of the
+/// body too; keeping those slices in a long-lived entry would pin the whole buffer (measured:
+/// about 20 KiB per 16 KiB object) for as long as the object is stored. One buffer rather
+/// than a copy per value is one allocation instead of a dozen, and the values are already
+/// shared, so a hit's clone only counts a reference (a value copied into its own `Vec`
+/// allocates again the first time it is cloned). Names are owned by `HeaderName` already
+/// (the parser copies custom names), so they are kept.
 ///
 /// `Age` and `Cache-Status` are set to placeholders (an origin's own values are replaced,
 /// as every answer from the cache does anyway). `HeaderMap::clone` keeps exactly the
 /// entries it has, so adding these two per hit made every clone grow its entry vector (and,
 /// past three quarters of its index table, rehash); replacing a value never does.
 fn prepare(headers: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(headers.len() + 2);
-    for (name, value) in headers {
-        if name == header::AGE || name == CACHE_STATUS {
-            continue;
-        }
-        let name =
-            http::HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
-        let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+    let kept = |name: &HeaderName| name != header::AGE && name != CACHE_STATUS;
+    let total = headers
+        .iter()
+        .filter(|(n, _)| kept(n))
+        .map(|(_, v)| v.len())
+        .sum();
+    let mut buf = BytesMut::with_capacity(total);
+    for (_, v) in headers.iter().filter(|(n, _)| kept(n)) {
+        buf.extend_from_slice(v.as_bytes());
+    }
+    let values = buf.freeze();
+    let mut out = HeaderMap::with_capacity(headers.keys_len() + 2);
+    let mut at = 0;
+    for (name, value) in headers.iter().filter(|(n, _)| kept(n)) {
+        let end = at + value.len();
+        let mut copy =
+            HeaderValue::from_maybe_shared(values.slice(at..end)).unwrap_or_else(|_| value.clone());
+        at = end;
         copy.set_sensitive(value.is_sensitive());
-        out.append(name, copy);
+        out.append(name.clone(), copy);
     }
     out.insert(header::AGE, HeaderValue::from_static("0"));
     out.insert(CACHE_STATUS.clone(), HeaderValue::from_static("edgecache"));

@@ -6,9 +6,31 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// True for the fixed hop-by-hop fields (the ones `Connection` names are checked apart).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name.as_str().starts_with("proxy-")
+}
+
 /// Removes hop-by-hop fields (RFC 9110 §7.6.1): `Connection` and every field it names,
 /// `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, and all `Proxy-*` fields.
+///
+/// One look at the field names first: most messages carry none of these, and removing by
+/// name costs a hash and a probe per name even when the field is absent.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -20,26 +42,15 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         for name in named {
             headers.remove(name);
         }
-        headers.remove(header::CONNECTION);
     }
-    for name in [
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    remove_where(headers, is_hop_by_hop);
+}
+
+/// Removes every field whose name satisfies `doomed`.
+fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    let names: Vec<HeaderName> = headers.keys().filter(|k| doomed(k)).cloned().collect();
+    for name in names {
         headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    if headers.keys().any(|k| k.as_str().starts_with("proxy-")) {
-        let proxy: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| k.as_str().starts_with("proxy-"))
-            .cloned()
-            .collect();
-        for name in proxy {
-            headers.remove(name);
-        }
     }
 }
 
@@ -70,35 +81,27 @@ pub fn forward_request_headers(
     via: &HeaderValue,
 ) {
     remove_hop_by_hop(headers);
-    for name in ALWAYS_DROPPED {
-        headers.remove(*name);
-    }
     let prior_xff = if trusted {
-        combined(headers, "x-forwarded-for")
+        combined(headers, &X_FORWARDED_FOR)
     } else {
         None
     };
     let prior_proto = trusted
-        .then(|| headers.get("x-forwarded-proto").cloned())
+        .then(|| headers.get(&X_FORWARDED_PROTO).cloned())
         .flatten();
     let prior_host = trusted
-        .then(|| headers.get("x-forwarded-host").cloned())
+        .then(|| headers.get(&X_FORWARDED_HOST).cloned())
         .flatten();
-    if !trusted {
-        headers.remove(header::FORWARDED);
-    }
-    if headers
-        .keys()
-        .any(|k| k.as_str().starts_with("x-forwarded-"))
-    {
-        let names: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| k.as_str().starts_with("x-forwarded-"))
-            .cloned()
-            .collect();
-        for n in names {
-            headers.remove(n);
-        }
+    // Dropped whoever sent them, or (Forwarded) unless a trusted proxy did; X-Forwarded-*
+    // are rebuilt below from what was kept.
+    let doomed = |k: &HeaderName| {
+        let n = k.as_str();
+        (matches!(n.as_bytes().first(), Some(b'x' | b't')) && ALWAYS_DROPPED.contains(&n))
+            || n.starts_with("x-forwarded-")
+            || (!trusted && k == header::FORWARDED)
+    };
+    if headers.keys().any(doomed) {
+        remove_where(headers, doomed);
     }
     let peer_text = peer.to_string();
     let xff = match prior_xff {
@@ -106,22 +109,22 @@ pub fn forward_request_headers(
         _ => peer_text,
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO.clone(),
         prior_proto
             .unwrap_or_else(|| HeaderValue::from_static(if https { "https" } else { "http" })),
     );
     headers.insert(
-        "x-forwarded-host",
+        X_FORWARDED_HOST.clone(),
         prior_host.unwrap_or_else(|| host.clone()),
     );
     headers.append(header::VIA, via.clone());
 }
 
 /// Joins all field lines of `name` with `, `.
-fn combined(headers: &HeaderMap, name: &str) -> Option<String> {
+fn combined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     let mut out = String::new();
     for v in headers.get_all(name) {
         let Ok(s) = v.to_str() else { continue };

@@ -197,6 +197,8 @@ pub struct Proxy {
     metrics: crate::admin::metrics::Metrics,
     name: String,
     hit: HeaderValue,
+    /// `Cache-Status` values for the common miss answers, made once (see `miss_status`).
+    miss_statuses: [HeaderValue; 4],
     via_11: HeaderValue,
     via_10: HeaderValue,
     via_2: HeaderValue,
@@ -260,6 +262,12 @@ impl Proxy {
             retry_budget: origin::retry::RetryBudget::new(&config.retries),
             metrics: crate::admin::metrics::Metrics::default(),
             hit: status_value(&name, "hit"),
+            miss_statuses: [
+                status_value(&name, "fwd=uri-miss; stored"),
+                status_value(&name, "fwd=vary-miss; stored"),
+                status_value(&name, "fwd=uri-miss; collapsed"),
+                status_value(&name, "fwd=vary-miss; collapsed"),
+            ],
             via_11: via_value(Version::HTTP_11, &name),
             via_10: via_value(Version::HTTP_10, &name),
             via_2: via_value(Version::HTTP_2, &name),
@@ -443,6 +451,23 @@ impl Proxy {
 
     fn cache_status(&self, rest: &str) -> HeaderValue {
         status_value(&self.name, rest)
+    }
+
+    /// `Cache-Status` for a miss: `{base}; stored` (the leader) or `{base}; collapsed` (a
+    /// follower), from the prepared values when `base` is a plain URI or Vary miss.
+    fn miss_status(&self, base: &str, collapsed: bool) -> HeaderValue {
+        let prepared = match (base, collapsed) {
+            ("fwd=uri-miss", false) => Some(0),
+            ("fwd=vary-miss", false) => Some(1),
+            ("fwd=uri-miss", true) => Some(2),
+            ("fwd=vary-miss", true) => Some(3),
+            _ => None,
+        };
+        match prepared {
+            Some(i) => self.miss_statuses[i].clone(),
+            None if collapsed => self.cache_status(&format!("{base}; collapsed")),
+            None => self.cache_status(&format!("{base}; stored")),
+        }
     }
 
     /// Answers one request. Never fails: errors become 4xx/5xx responses.
@@ -742,7 +767,7 @@ impl Proxy {
                     if range {
                         // Ranges are cut from the stored object once it is complete.
                         if let Some(e) = self.stored_after(&fill, &lookup).await {
-                            let status = self.cache_status(&format!("{}; collapsed", lookup.miss));
+                            let status = self.miss_status(lookup.miss, true);
                             return (
                                 self.answer_from_entry(&e, h, false, now, status),
                                 Outcome_::local("collapsed"),
@@ -750,7 +775,7 @@ impl Proxy {
                         }
                         break;
                     }
-                    let status = self.cache_status(&format!("{}; collapsed", lookup.miss));
+                    let status = self.miss_status(lookup.miss, true);
                     return (
                         self.answer_from_fill(&fhead, reader, h, lookup.head, status),
                         Outcome_::local("collapsed"),
@@ -760,7 +785,7 @@ impl Proxy {
                     let status = if stale.is_some() {
                         self.cache_status("fwd=stale; collapsed")
                     } else {
-                        self.cache_status(&format!("{}; collapsed", lookup.miss))
+                        self.miss_status(lookup.miss, true)
                     };
                     return (
                         self.answer_from_entry(&entry, h, lookup.head, now, status),
@@ -1115,14 +1140,11 @@ impl Proxy {
             );
             let entry = self.store.insert_shared(lookup.hash, entry);
             guard.publish(Outcome::Ready(entry.clone()));
-            let status = self.cache_status(&format!(
-                "{client_status_base}{}; stored",
-                if stale.is_some() {
-                    "; fwd-status=200"
-                } else {
-                    ""
-                }
-            ));
+            let status = if stale.is_some() {
+                self.cache_status(&format!("{client_status_base}; fwd-status=200; stored"))
+            } else {
+                self.miss_status(client_status_base, false)
+            };
             let resp =
                 self.answer_from_entry(&entry, client, lookup.head, SystemTime::now(), status);
             return (resp, Outcome_::origin("miss", origin_index, origin_ms));
@@ -1164,7 +1186,7 @@ impl Proxy {
         if let Some(fill) = done {
             // A range is cut from the stored object once it is complete.
             if let Some(e) = self.stored_after(&fill, lookup).await {
-                let status = self.cache_status(&format!("{client_status_base}; stored"));
+                let status = self.miss_status(client_status_base, false);
                 return (
                     self.answer_from_entry(&e, client, lookup.head, SystemTime::now(), status),
                     Outcome_::origin("miss", origin_index, origin_ms),
@@ -1176,14 +1198,11 @@ impl Proxy {
             };
             return Box::pin(self.lead(&lookup, Arc::new(Fill::default()), false, None)).await;
         }
-        let status = self.cache_status(&format!(
-            "{client_status_base}{}; stored",
-            if stale.is_some() {
-                "; fwd-status=200"
-            } else {
-                ""
-            }
-        ));
+        let status = if stale.is_some() {
+            self.cache_status(&format!("{client_status_base}; fwd-status=200; stored"))
+        } else {
+            self.miss_status(client_status_base, false)
+        };
         (
             self.answer_from_fill(&fhead, reader, client, lookup.head, status),
             Outcome_::origin("miss", origin_index, origin_ms),
