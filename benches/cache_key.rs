@@ -32,15 +32,7 @@ fn bench(c: &mut Criterion) {
                 bytes::Bytes::from_static(b"x"),
                 SystemTime::now(),
                 Duration::ZERO,
-                StoreDecision {
-                    lifetime: Duration::from_secs(3600),
-                    stale_while_revalidate: Duration::ZERO,
-                    stale_if_error: Duration::ZERO,
-                    always_revalidate: false,
-                    must_revalidate: false,
-                    keep: Duration::ZERO,
-                    strip: Vec::new(),
-                },
+                StoreDecision::fresh_for(Duration::from_secs(3600)),
                 Box::new([]),
             ),
         );

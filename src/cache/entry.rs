@@ -233,15 +233,7 @@ mod tests {
             host: "a.test",
             path_and_query: "/x",
         };
-        let decision = StoreDecision {
-            lifetime: Duration::from_secs(60),
-            stale_while_revalidate: Duration::ZERO,
-            stale_if_error: Duration::ZERO,
-            always_revalidate: false,
-            must_revalidate: false,
-            keep: Duration::ZERO,
-            strip: Vec::new(),
-        };
+        let decision = StoreDecision::fresh_for(Duration::from_secs(60));
         Entry::new(
             OwnedKey::new(&parts),
             VaryKey::default(),

@@ -303,6 +303,20 @@ pub struct StoreDecision {
 }
 
 impl StoreDecision {
+    /// Fresh for `lifetime`, then gone: no stale use, no revalidation duties, nothing
+    /// stripped (what a plain `max-age` response gets).
+    pub fn fresh_for(lifetime: Duration) -> StoreDecision {
+        StoreDecision {
+            lifetime,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            always_revalidate: false,
+            must_revalidate: false,
+            keep: Duration::ZERO,
+            strip: Vec::new(),
+        }
+    }
+
     /// How long the store should keep the response after it arrived.
     pub fn retention(&self) -> Duration {
         self.lifetime
