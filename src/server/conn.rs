@@ -171,81 +171,61 @@ impl Conns<'_> {
         }
     }
 
+    /// Runs a hyper connection to its end, closing it gracefully (`drain`) on shutdown or
+    /// once it has been idle for `idle_timeout`.
     async fn drive<C, D>(&self, conn: C, drain: D, shutdown: &mut watch::Receiver<bool>)
     where
         C: std::future::Future<Output = Result<(), hyper::Error>>,
-        D: FnMut(Pin<&mut C>),
+        D: FnOnce(Pin<&mut C>),
     {
-        let idle = self.builders.idle_timeout;
-        drive(
-            conn,
-            drain,
-            idle,
-            &self.activity,
-            self.epoch,
-            self.peer,
-            shutdown,
-        )
-        .await
-    }
-}
-
-/// Runs a hyper connection to its end, closing it gracefully (`drain`) on shutdown or once
-/// it has been idle for `idle_timeout`.
-async fn drive<C, D>(
-    conn: C,
-    mut drain: D,
-    idle_timeout: Duration,
-    activity: &AtomicU64,
-    epoch: Instant,
-    peer: std::net::SocketAddr,
-    shutdown: &mut watch::Receiver<bool>,
-) where
-    C: std::future::Future<Output = Result<(), hyper::Error>>,
-    D: FnMut(Pin<&mut C>),
-{
-    tokio::pin!(conn);
-    if !*shutdown.borrow() {
-        // Idle detection without a clock read per I/O: the stream counts its reads and
-        // writes, and a timer looks at the count four times per idle_timeout. A connection is
-        // closed once the count has not moved for idle_timeout (so at most a quarter late).
-        let tick = (idle_timeout / 4).max(Duration::from_millis(1));
-        let guard = async {
-            let mut seen = activity.load(Ordering::Relaxed);
-            let mut quiet_since = epoch;
-            loop {
-                tokio::select! {
-                    biased;
-                    changed = shutdown.changed() => {
-                        if changed.is_err() || *shutdown.borrow() {
-                            return;
+        tokio::pin!(conn);
+        let idle_timeout = self.builders.idle_timeout;
+        let ended = if *shutdown.borrow() {
+            None
+        } else {
+            // Idle detection without a clock read per I/O: the stream counts its reads and
+            // writes, and a timer looks at the count four times per idle_timeout. A
+            // connection is closed once the count has not moved for idle_timeout (so at most
+            // a quarter late).
+            let tick = (idle_timeout / 4).max(Duration::from_millis(1));
+            let guard = async {
+                let mut seen = self.activity.load(Ordering::Relaxed);
+                let mut quiet_since = self.epoch;
+                loop {
+                    tokio::select! {
+                        biased;
+                        changed = shutdown.changed() => {
+                            if changed.is_err() || *shutdown.borrow() {
+                                return;
+                            }
                         }
-                    }
-                    _ = tokio::time::sleep(tick) => {
-                        let count = activity.load(Ordering::Relaxed);
-                        if count != seen {
-                            seen = count;
-                            quiet_since = Instant::now();
-                        } else if quiet_since.elapsed() >= idle_timeout {
-                            tracing::debug!(peer = %peer, "closing idle connection");
-                            return;
+                        _ = tokio::time::sleep(tick) => {
+                            let count = self.activity.load(Ordering::Relaxed);
+                            if count != seen {
+                                seen = count;
+                                quiet_since = Instant::now();
+                            } else if quiet_since.elapsed() >= idle_timeout {
+                                tracing::debug!(peer = %self.peer, "closing idle connection");
+                                return;
+                            }
                         }
                     }
                 }
+            };
+            tokio::pin!(guard);
+            Guarded::new(conn.as_mut(), guard).await
+        };
+        let res = match ended {
+            Some(res) => res,
+            None => {
+                // Lets an in-flight response finish, then closes.
+                drain(conn.as_mut());
+                conn.await
             }
         };
-        tokio::pin!(guard);
-        if let Some(res) = Guarded::new(conn.as_mut(), guard).await {
-            if let Err(e) = res {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
-            }
-            return;
+        if let Err(e) = res {
+            tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
         }
-    }
-    // Lets an in-flight response finish, then closes.
-    drain(conn.as_mut());
-    if let Err(e) = conn.await {
-        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
     }
 }
 
