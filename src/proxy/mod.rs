@@ -470,6 +470,16 @@ impl Proxy {
         }
     }
 
+    /// `Cache-Status` for a response just stored: with `fwd-status=200` when it replaced a
+    /// stale entry that the origin did not validate.
+    fn stored_status(&self, base: &str, replaced_stale: bool) -> HeaderValue {
+        if replaced_stale {
+            self.cache_status(&format!("{base}; fwd-status=200; stored"))
+        } else {
+            self.miss_status(base, false)
+        }
+    }
+
     /// Answers one request. Never fails: errors become 4xx/5xx responses.
     ///
     /// Everything up to an answer from the cache runs synchronously, in this call; only a
@@ -627,9 +637,8 @@ impl Proxy {
             };
             let status = self.cache_status(detail);
             let host = host.into_owned();
-            // Boxed, like the fetch below: the forwarding futures are large, and keeping them
-            // out of line keeps the per-request future (moved into hyper's dispatcher on
-            // every request) small for the hit path.
+            // Boxed, like the fetch below: only work that waits for an origin becomes a
+            // future; everything before it (and every hit) runs in this call.
             let host_value = host_value();
             let this = self.clone();
             return Served::Later(Box::pin(async move {
@@ -989,25 +998,21 @@ impl Proxy {
                     policy::storable(facts, s.status, &headers, &lookup.settings, response_time);
                 let initial_age =
                     policy::corrected_initial_age(&rparts.headers, request_time, response_time);
-                let entry = Arc::new(s.refreshed(
+                let stored_ok = decision.is_ok();
+                let refreshed = s.refreshed(
                     strip_cache_only(headers, &[]),
                     response_time,
                     initial_age,
-                    decision.clone().unwrap_or_else(|_| s.decision.clone()),
-                ));
-                match decision {
-                    Ok(_) => self.store.insert(
-                        lookup.hash,
-                        Entry::refreshed(
-                            &entry,
-                            entry.headers.clone(),
-                            response_time,
-                            initial_age,
-                            entry.decision.clone(),
-                        ),
-                    ),
-                    Err(_) => self.store.remove(lookup.hash),
-                }
+                    decision.unwrap_or_else(|_| s.decision.clone()),
+                );
+                // The refreshed entry is built once: stored and answered from when storable,
+                // otherwise answered from and the old one removed.
+                let entry = if stored_ok {
+                    self.store.insert_shared(lookup.hash, refreshed)
+                } else {
+                    self.store.remove(lookup.hash);
+                    Arc::new(refreshed)
+                };
                 guard.publish(Outcome::Ready(entry.clone()));
                 let status = self.cache_status(&format!("{client_status_base}; fwd-status=304"));
                 return (
@@ -1140,11 +1145,7 @@ impl Proxy {
             );
             let entry = self.store.insert_shared(lookup.hash, entry);
             guard.publish(Outcome::Ready(entry.clone()));
-            let status = if stale.is_some() {
-                self.cache_status(&format!("{client_status_base}; fwd-status=200; stored"))
-            } else {
-                self.miss_status(client_status_base, false)
-            };
+            let status = self.stored_status(client_status_base, stale.is_some());
             let resp =
                 self.answer_from_entry(&entry, client, lookup.head, SystemTime::now(), status);
             return (resp, Outcome_::origin("miss", origin_index, origin_ms));
@@ -1198,11 +1199,7 @@ impl Proxy {
             };
             return Box::pin(self.lead(&lookup, Arc::new(Fill::default()), false, None)).await;
         }
-        let status = if stale.is_some() {
-            self.cache_status(&format!("{client_status_base}; fwd-status=200; stored"))
-        } else {
-            self.miss_status(client_status_base, false)
-        };
+        let status = self.stored_status(client_status_base, stale.is_some());
         (
             self.answer_from_fill(&fhead, reader, client, lookup.head, status),
             Outcome_::origin("miss", origin_index, origin_ms),
