@@ -49,7 +49,7 @@ PORTS = {
     "edgecache": 18080, "edgecache-tls": 18443, "edgecache-admin": 18090,
     "nginx": 18081, "nginx-tls": 18444,
     "varnish": 18082, "varnish-admin": 18083,
-    "ceiling": 18084,
+    "ceiling": 18084, "ceiling-h2": 18085,
 }
 HOST = "bench.test"
 NGINX_CACHE = "/dev/shm/edgecache-bench-nginx"
@@ -267,12 +267,18 @@ def start_servers():
                                         "-p", "thread_pool_max=2000"], SERVER_CPU).pid
     pids["ceiling"] = spawn("ceiling", [f"{ROOT}/target/release/examples/ceiling", f"127.0.0.1:{PORTS['ceiling']}",
                                         os.path.join(WORK, "www"), "1"], SERVER_CPU).pid
-    for p in ("edgecache", "edgecache-tls", "nginx", "nginx-tls", "varnish", "ceiling"):
+    # The same bare server speaking HTTP/2 (prior knowledge): what hyper's HTTP/2 gets on this core.
+    pids["ceiling-h2"] = spawn("ceiling-h2", [f"{ROOT}/target/release/examples/ceiling",
+                                              f"127.0.0.1:{PORTS['ceiling-h2']}", os.path.join(WORK, "www"), "1", "h2"],
+                               SERVER_CPU).pid
+    for p in ("edgecache", "edgecache-tls", "nginx", "nginx-tls", "varnish", "ceiling", "ceiling-h2"):
         wait_port(PORTS[p])
     return pids
 
 
-def url(server, path, tls=False):
+def url(server, path, tls=False, h2=False):
+    if server == "ceiling" and h2:
+        server = "ceiling-h2"
     port = PORTS[f"{server}-tls" if tls else server]
     scheme = "https" if tls else "http"
     return f"{scheme}://127.0.0.1:{port}{path}"
@@ -365,6 +371,9 @@ def main():
     cases += [(f"hit {n} h1 wrk", f"/{n}", False, False, hits, "wrk") for n in ("1k", "16k")]
     cases += [(f"hit {n} tls1.3 h1", f"/{n}", True, False, ["edgecache", "nginx"], "oha") for n in ("1k", "16k", "256k")]
     cases += [(f"hit {n} tls h2", f"/{n}", True, True, ["edgecache", "nginx"], "oha") for n in ("1k", "16k")]
+    # HTTP/2 without TLS (prior knowledge) against the bare hyper server: hyper's own HTTP/2
+    # cost on this core, beside what edgecache adds to it (nginx serves h2c only on a port of its own).
+    cases += [("hit 1k h2c", "/1k", False, True, ["edgecache", "ceiling"], "oha")]
     # Latency at equal load: the closed-loop runs above saturate the client as soon as a
     # server outruns it, so their percentiles include the client's own queueing; here every
     # server gets the same offered rate, with oha's coordinated-omission correction.
@@ -375,13 +384,14 @@ def main():
         log("warming up ...")
         for name, path, tls, h2, which, _client in cases:
             for s in which:
-                oha(url(s, path, tls), 1, 8, h2)
+                oha(url(s, path, tls, h2), 1, 8, h2)
         for rnd in range(ROUNDS):
             log(f"round {rnd + 1}/{ROUNDS}")
             for name, path, tls, h2, which, client in cases:
                 order = which[rnd % len(which):] + which[:rnd % len(which)]
                 for s in order:
-                    r = measure(s, pids[s], url(s, path, tls), h2, client=client)
+                    pid = pids["ceiling-h2" if s == "ceiling" and h2 else s]
+                    r = measure(s, pid, url(s, path, tls, h2), h2, client=client)
                     results.setdefault((name, s), []).append(r)
             for s in servers if ONLY in "miss 100k urls 1k" else []:
                 # 100,000 requests drawn from ten million URLs: all but about 0.5% are distinct,
