@@ -11,6 +11,48 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// Ages below this are answered from `AGE_DIGITS`, without allocating.
+const STATIC_AGES: usize = 10_000;
+
+/// "0000" to "9999", four digits each, built at compile time: an `Age` value is a slice of
+/// it with the leading zeros skipped, a `'static` `HeaderValue` that needs no allocation to
+/// make, clone or drop. `HeaderValue::from(u64)` allocates a buffer on every hit.
+static AGE_DIGITS: [u8; 4 * STATIC_AGES] = {
+    let mut t = [0u8; 4 * STATIC_AGES];
+    let mut n = 0;
+    while n < STATIC_AGES {
+        t[4 * n] = b'0' + (n / 1000) as u8;
+        t[4 * n + 1] = b'0' + (n / 100 % 10) as u8;
+        t[4 * n + 2] = b'0' + (n / 10 % 10) as u8;
+        t[4 * n + 3] = b'0' + (n % 10) as u8;
+        n += 1;
+    }
+    t
+};
+
+/// The `Age` field's value for `secs` seconds.
+pub fn age_value(secs: u64) -> HeaderValue {
+    if let Ok(n) = usize::try_from(secs) {
+        if n < STATIC_AGES {
+            let digits = if n >= 1000 {
+                4
+            } else if n >= 100 {
+                3
+            } else if n >= 10 {
+                2
+            } else {
+                1
+            };
+            let end = 4 * n + 4;
+            let text: &'static [u8] = &AGE_DIGITS[end - digits..end];
+            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from_static(text)) {
+                return v;
+            }
+        }
+    }
+    HeaderValue::from(secs)
+}
+
 /// True for the fixed hop-by-hop fields (the ones `Connection` names are checked apart).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
@@ -152,6 +194,34 @@ pub fn via_value(version: Version, name: &str) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn age_values_match_decimal_formatting() {
+        for secs in [
+            0,
+            1,
+            9,
+            10,
+            42,
+            99,
+            100,
+            999,
+            1000,
+            3600,
+            9999,
+            10_000,
+            86_400,
+            u64::MAX,
+        ] {
+            assert_eq!(age_value(secs), secs.to_string().as_str(), "{secs}");
+        }
+        for secs in 0..STATIC_AGES as u64 {
+            assert_eq!(
+                age_value(secs).to_str().ok(),
+                Some(secs.to_string().as_str())
+            );
+        }
+    }
 
     fn map(list: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

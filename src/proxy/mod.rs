@@ -553,10 +553,29 @@ impl Proxy {
 
     fn serve(self: &Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Served {
         let h = req.headers();
+        // One pass over the field names for the fields asked about below: a request has a
+        // handful of fields, and comparing a standard name is comparing a byte, where each
+        // `contains_key` hashes the name and probes the map.
+        let (mut chunked, mut length, mut has_cc, mut has_pragma) = (false, false, false, false);
+        let (mut host_field, mut host_fields) = (None, 0u32);
+        for (name, value) in h {
+            if name == header::HOST {
+                host_field = Some(value);
+                host_fields += 1;
+            } else if name == header::TRANSFER_ENCODING {
+                chunked = true;
+            } else if name == header::CONTENT_LENGTH {
+                length = true;
+            } else if name == header::CACHE_CONTROL {
+                has_cc = true;
+            } else if name == header::PRAGMA {
+                has_pragma = true;
+            }
+        }
         // RFC 9112 §6.3: both framings at once is how request smuggling starts; refuse and close.
         // hyper's HTTP/1 parser already drops the length and closes after the response, so this
         // guards any path (or future parser) that hands us both.
-        if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        if chunked && length {
             return Served::Now(refuse(
                 StatusCode::BAD_REQUEST,
                 "edgecache: Content-Length and Transfer-Encoding together\n",
@@ -584,19 +603,16 @@ impl Proxy {
         // The target's authority (absolute-form, HTTP/2 :authority) takes precedence over Host.
         let authority = match req.uri().authority() {
             Some(a) => a.as_str(),
-            None => {
-                let mut hosts = h.get_all(header::HOST).iter();
-                match (hosts.next().and_then(|v| v.to_str().ok()), hosts.next()) {
-                    (Some(v), None) => v,
-                    _ => {
-                        return Served::Now(refuse(
-                            StatusCode::BAD_REQUEST,
-                            "edgecache: exactly one Host header is required\n",
-                            true,
-                        ))
-                    }
+            None => match (host_field.and_then(|v| v.to_str().ok()), host_fields) {
+                (Some(v), 1) => v,
+                _ => {
+                    return Served::Now(refuse(
+                        StatusCode::BAD_REQUEST,
+                        "edgecache: exactly one Host header is required\n",
+                        true,
+                    ))
                 }
-            }
+            },
         };
         let Some(host) = host_without_port(authority).filter(|_| !authority.contains('@')) else {
             return Served::Now(refuse(
@@ -648,14 +664,15 @@ impl Proxy {
         }
 
         // cache_lookup
-        let req_cc = if h.contains_key(header::CACHE_CONTROL) {
+        let req_cc = if has_cc {
             CacheControl::from_headers(h)
         } else {
             CacheControl::default()
         };
         let asked_fresh = req_cc.no_cache
             || req_cc.max_age == Some(0)
-            || (!h.contains_key(header::CACHE_CONTROL)
+            || (!has_cc
+                && has_pragma
                 && h.get(header::PRAGMA)
                     .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"no-cache")));
         let forced = asked_fresh && site.cache.client_no_cache == ClientNoCache::Revalidate;
@@ -1594,7 +1611,7 @@ impl Proxy {
         now: SystemTime,
         status: HeaderValue,
     ) -> Response<Body> {
-        let age = HeaderValue::from(entry.age(now).as_secs());
+        let age = headers::age_value(entry.age(now).as_secs());
         let ok = entry.status == StatusCode::OK;
         match policy::evaluate_preconditions(request, &entry.headers) {
             Precondition::NotModified if ok || entry.headers.contains_key(header::ETAG) => {
@@ -1677,8 +1694,10 @@ impl Proxy {
         status: HeaderValue,
     ) -> Response<Body> {
         let mut headers = entry.headers.clone();
-        headers.insert(header::AGE, age);
-        headers.insert(CACHE_STATUS.clone(), status);
+        // The stored map holds both fields already (placeholders): replacing a value in place
+        // skips the capacity check and the old value's return that `insert` does.
+        set(&mut headers, header::AGE, age);
+        set(&mut headers, CACHE_STATUS.clone(), status);
         let body = if head {
             Body::empty()
         } else {
@@ -1865,6 +1884,17 @@ fn not_modified(stored: &HeaderMap, age: HeaderValue, status: HeaderValue) -> Re
     h.insert(header::AGE, age);
     h.insert(CACHE_STATUS.clone(), status);
     resp
+}
+
+/// Sets a field that a stored map holds exactly once (`Age` and `Cache-Status`, which
+/// `cache::entry::prepare` puts there as placeholders); inserts it where it is missing.
+fn set(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
+    match headers.get_mut(&name) {
+        Some(v) => *v = value,
+        None => {
+            headers.insert(name, value);
+        }
+    }
 }
 
 /// Purge tags from `Surrogate-Key` and `Cache-Tag` (space or comma separated).

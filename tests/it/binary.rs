@@ -118,8 +118,13 @@ fn spawn(origin: &TestOrigin, server_extra: &str) -> Proc {
 fn spawn_with(body: &str, server_extra: &str, args: &[&str]) -> Proc {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("edgecache.toml");
+    let workers = if server_extra.contains("workers") {
+        ""
+    } else {
+        "workers = 2\n"
+    };
     let text = format!(
-        "[server]\nhttp = [\"127.0.0.1:0\"]\nworkers = 2\n{server_extra}\n[cache]\nmax_object_size = \"8MiB\"\n{body}"
+        "[server]\nhttp = [\"127.0.0.1:0\"]\n{workers}{server_extra}\n[cache]\nmax_object_size = \"8MiB\"\n{body}"
     );
     std::fs::write(&path, text).expect("write config");
     let mut child = Command::new(BIN)
@@ -317,6 +322,76 @@ async fn sigterm_drains_an_in_flight_download_then_exits() {
     let r = download.await.expect("download");
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), 30 * (64 << 10));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = p.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "edgecache did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+}
+
+/// `workers = 1` runs the binary on a single-thread runtime: 600 HTTP/2 streams at once (more
+/// runnable tasks than a worker's own queue holds) for one cold object all get the whole body
+/// from one origin request, and SIGTERM still ends the process cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_serves_600_concurrent_http2_streams_from_one_origin_request() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/cold",
+        Route::ok("")
+            .generated(16 << 10, 4, false, Duration::ZERO)
+            .header("cache-control", "max-age=60")
+            .delay(Duration::from_millis(300)),
+    );
+    let mut p = spawn(&origin, "workers = 1\nh2_max_concurrent_streams = 200");
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let stream = tokio::net::TcpStream::connect(p.http)
+            .await
+            .expect("connect");
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2c handshake");
+        tokio::spawn(conn);
+        for _ in 0..150 {
+            let mut sender = sender.clone();
+            tasks.push(tokio::spawn(async move {
+                let req = http::Request::builder()
+                    .uri("http://site.test/cold")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .expect("request");
+                read(sender.send_request(req).await.expect("response")).await
+            }));
+        }
+    }
+    for t in tasks {
+        let r = t.await.expect("stream");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.version, http::Version::HTTP_2);
+        assert_eq!(r.body.len(), 4 * (16 << 10), "whole body");
+    }
+    assert_eq!(
+        origin.count("/cold"),
+        1,
+        "one origin request for 600 streams"
+    );
+    let r = get(p.http, "site.test", "/cold").await;
+    assert_eq!(r.header("cache-status"), Some("edgecache; hit"));
+
+    let status = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(20);
     let exit = loop {
         if let Some(s) = p.child.try_wait().expect("wait") {
