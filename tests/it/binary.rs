@@ -294,6 +294,30 @@ async fn a_100_mib_body_streams_through_with_flat_memory() {
     }
 }
 
+fn sigterm(p: &Proc) {
+    let status = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// Waits (at most 20 s) for the process to exit, and asserts it exited successfully.
+async fn assert_exits_cleanly(p: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = p.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "edgecache did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_an_in_flight_download_then_exits() {
     let origin = TestOrigin::start().await;
@@ -314,26 +338,11 @@ async fn sigterm_drains_an_in_flight_download_then_exits() {
     let addr = p.http;
     let download = tokio::spawn(async move { get(addr, "site.test", "/dl").await });
     assert!(eventually(Duration::from_secs(5), || origin.count("/dl") == 1).await);
-    let status = Command::new("kill")
-        .args(["-TERM", &p.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    sigterm(&p);
     let r = download.await.expect("download");
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), 30 * (64 << 10));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let exit = loop {
-        if let Some(s) = p.child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "edgecache did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(exit.success(), "{exit:?}");
+    assert_exits_cleanly(&mut p).await;
 }
 
 /// `workers = 1` runs the binary on a single-thread runtime: 600 HTTP/2 streams at once (more
@@ -350,31 +359,8 @@ async fn one_worker_serves_600_concurrent_http2_streams_from_one_origin_request(
             .delay(Duration::from_millis(300)),
     );
     let mut p = spawn(&origin, "workers = 1\nh2_max_concurrent_streams = 200");
-    let mut tasks = Vec::new();
-    for _ in 0..4 {
-        let stream = tokio::net::TcpStream::connect(p.http)
-            .await
-            .expect("connect");
-        let (sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2c handshake");
-        tokio::spawn(conn);
-        for _ in 0..150 {
-            let mut sender = sender.clone();
-            tasks.push(tokio::spawn(async move {
-                let req = http::Request::builder()
-                    .uri("http://site.test/cold")
-                    .body(http_body_util::Empty::<bytes::Bytes>::new())
-                    .expect("request");
-                read(sender.send_request(req).await.expect("response")).await
-            }));
-        }
-    }
-    for t in tasks {
-        let r = t.await.expect("stream");
+    let answers = h2c_concurrent(p.http, 4, 150, "http://site.test/cold").await;
+    for r in answers {
         assert_eq!(r.status, 200);
         assert_eq!(r.version, http::Version::HTTP_2);
         assert_eq!(r.body.len(), 4 * (16 << 10), "whole body");
@@ -387,23 +373,8 @@ async fn one_worker_serves_600_concurrent_http2_streams_from_one_origin_request(
     let r = get(p.http, "site.test", "/cold").await;
     assert_eq!(r.header("cache-status"), Some("edgecache; hit"));
 
-    let status = Command::new("kill")
-        .args(["-TERM", &p.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let exit = loop {
-        if let Some(s) = p.child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "edgecache did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(exit.success(), "{exit:?}");
+    sigterm(&p);
+    assert_exits_cleanly(&mut p).await;
 }
 
 #[tokio::test]

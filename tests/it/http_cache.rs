@@ -343,32 +343,9 @@ async fn a_thousand_concurrent_misses_make_one_origin_request() {
         &site(&origin, "site.test", ""),
     )
     .await;
-    let mut tasks = Vec::new();
-    for _ in 0..10 {
-        let stream = tokio::net::TcpStream::connect(node.http)
-            .await
-            .expect("connect");
-        let (sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2c");
-        tokio::spawn(conn);
-        for _ in 0..100 {
-            let mut sender = sender.clone();
-            tasks.push(tokio::spawn(async move {
-                let req = http::Request::builder()
-                    .uri("http://site.test/cold")
-                    .body(http_body_util::Empty::<bytes::Bytes>::new())
-                    .expect("request");
-                read(sender.send_request(req).await.expect("response")).await
-            }));
-        }
-    }
+    let answers = h2c_concurrent(node.http, 10, 100, "http://site.test/cold").await;
     let mut collapsed = 0;
-    for t in tasks {
-        let r = t.await.expect("task");
+    for r in answers {
         assert_eq!(r.status, 200);
         assert_eq!(r.body.len(), 16 * (16 << 10), "full body");
         if r.header("cache-status")

@@ -152,6 +152,40 @@ pub async fn send(addr: SocketAddr, req: Request<Empty<Bytes>>) -> Got {
     read(resp).await
 }
 
+/// `streams` concurrent GETs for `uri` on each of `connections` HTTP/2 connections (prior
+/// knowledge) to `addr`; the answers in the order the streams were opened.
+pub async fn h2c_concurrent(
+    addr: SocketAddr,
+    connections: usize,
+    streams: usize,
+    uri: &'static str,
+) -> Vec<Got> {
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("h2c handshake");
+        tokio::spawn(conn);
+        for _ in 0..streams {
+            let mut sender = sender.clone();
+            tasks.push(tokio::spawn(async move {
+                let req = Request::builder()
+                    .uri(uri)
+                    .body(Empty::<Bytes>::new())
+                    .expect("request");
+                read(sender.send_request(req).await.expect("response")).await
+            }));
+        }
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.expect("stream task"));
+    }
+    out
+}
+
 pub async fn read(resp: http::Response<hyper::body::Incoming>) -> Got {
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
