@@ -24,6 +24,9 @@ pub struct Entry {
     /// values that every answer replaces. With both fields already in the map, a hit's clone
     /// takes them over in place: no growth of the cloned map, no rehash (see [`prepare`]).
     pub headers: HeaderMap,
+    /// `Cache-Status` as the origin sent it (caches behind us), members joined by ", ":
+    /// every answer puts ours after it (RFC 9211 §2: caches preserve the existing value).
+    pub upstream_status: Option<HeaderValue>,
     /// The whole body, shared by every client that reads it.
     pub body: Bytes,
     /// When the response arrived (RFC 9111 `response_time`).
@@ -52,12 +55,14 @@ impl Entry {
         tags: Box<[Box<str>]>,
     ) -> Entry {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        let upstream_status = upstream_status(&headers);
         let headers = prepare(&headers);
         Entry {
             key,
             vary,
             status,
             headers,
+            upstream_status,
             body,
             response_time,
             initial_age,
@@ -75,7 +80,13 @@ impl Entry {
         initial_age: Duration,
         decision: StoreDecision,
     ) -> Entry {
-        Entry::new(
+        // The stored map's placeholder is still there unless the 304 brought the origin's own
+        // `Cache-Status`; a placeholder is not an upstream cache's word.
+        let brought = headers
+            .get_all(&CACHE_STATUS)
+            .iter()
+            .any(|v| v.as_bytes() != PLACEHOLDER_STATUS.as_bytes());
+        let mut e = Entry::new(
             self.key.clone(),
             self.vary.clone(),
             self.status,
@@ -85,7 +96,11 @@ impl Entry {
             initial_age,
             decision,
             self.tags.clone(),
-        )
+        );
+        if !brought {
+            e.upstream_status = self.upstream_status.clone();
+        }
+        e
     }
 
     /// Bytes this entry costs the store: body, header names and values, and a fixed overhead
@@ -195,6 +210,29 @@ impl Entry {
 /// as every answer from the cache does anyway). `HeaderMap::clone` keeps exactly the
 /// entries it has, so adding these two per hit made every clone grow its entry vector (and,
 /// past three quarters of its index table, rehash); replacing a value never does.
+/// The `Cache-Status` members a response arrived with, in order, as one value; `None`
+/// when it had none (or only the placeholder of a stored map).
+pub fn upstream_status(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut joined: Option<Vec<u8>> = None;
+    for v in headers.get_all(&CACHE_STATUS) {
+        let v = v.as_bytes();
+        if v.is_empty() || v == PLACEHOLDER_STATUS.as_bytes() {
+            continue;
+        }
+        match &mut joined {
+            Some(j) => {
+                j.extend_from_slice(b", ");
+                j.extend_from_slice(v);
+            }
+            None => joined = Some(v.to_vec()),
+        }
+    }
+    joined.and_then(|j| HeaderValue::from_bytes(&j).ok())
+}
+
+/// The stored map's `Cache-Status` value until an answer sets the real one.
+const PLACEHOLDER_STATUS: &str = "edgecache";
+
 fn prepare(headers: &HeaderMap) -> HeaderMap {
     let kept = |name: &HeaderName| name != header::AGE && name != CACHE_STATUS;
     let total = headers
@@ -218,7 +256,10 @@ fn prepare(headers: &HeaderMap) -> HeaderMap {
         out.append(name.clone(), copy);
     }
     out.insert(header::AGE, HeaderValue::from_static("0"));
-    out.insert(CACHE_STATUS.clone(), HeaderValue::from_static("edgecache"));
+    out.insert(
+        CACHE_STATUS.clone(),
+        HeaderValue::from_static(PLACEHOLDER_STATUS),
+    );
     out
 }
 
@@ -259,6 +300,11 @@ mod tests {
         assert_eq!(e.headers.get_all(header::AGE).iter().count(), 1);
         assert_eq!(e.headers.get_all(&CACHE_STATUS).iter().count(), 1);
         assert_eq!(
+            e.upstream_status.as_ref().map(|v| v.as_bytes()),
+            Some(&b"upstream; hit, other; fwd=miss"[..]),
+            "the caches behind us, kept in order"
+        );
+        assert_eq!(
             e.headers[header::CONTENT_LENGTH],
             "5",
             "length is the stored body's"
@@ -290,5 +336,23 @@ mod tests {
         assert_eq!(r.headers.get_all(header::AGE).iter().count(), 1);
         assert_eq!(r.headers.get_all(&CACHE_STATUS).iter().count(), 1);
         assert_eq!(r.body, e.body);
+        assert_eq!(
+            r.upstream_status, None,
+            "the placeholder is not an upstream cache"
+        );
+
+        let mut h = HeaderMap::new();
+        h.insert(&CACHE_STATUS, HeaderValue::from_static("shield; hit"));
+        let e = entry(h);
+        let r = e.refreshed(
+            e.headers.clone(),
+            SystemTime::now(),
+            Duration::ZERO,
+            e.decision.clone(),
+        );
+        assert_eq!(
+            r.upstream_status, e.upstream_status,
+            "kept over a 304 without one"
+        );
     }
 }

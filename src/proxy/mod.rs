@@ -44,6 +44,7 @@ use body::Body;
 use headers::{forward_request_headers, remove_hop_by_hop, via_value};
 use sites::{host_without_port, SiteTable};
 
+use crate::cache::entry::upstream_status;
 pub use crate::cache::entry::CACHE_STATUS;
 
 /// Response fields that steer this cache and are not passed to clients.
@@ -1104,10 +1105,10 @@ impl Proxy {
                     // The origin's current answer supersedes what we held (a 5xx does not: §4.3.3).
                     self.store.remove(lookup.hash);
                 }
-                rparts.headers.insert(
-                    CACHE_STATUS.clone(),
-                    self.cache_status(&format!("{client_status_base}; detail={}", reason.as_str())),
-                );
+                let ours =
+                    self.cache_status(&format!("{client_status_base}; detail={}", reason.as_str()));
+                let status = chain_status(upstream_status(&rparts.headers).as_ref(), ours);
+                rparts.headers.insert(CACHE_STATUS.clone(), status);
                 let body = if lookup.head {
                     Body::empty()
                 } else {
@@ -1540,6 +1541,7 @@ impl Proxy {
             }
         }
         rparts.headers = strip_cache_only(std::mem::take(&mut rparts.headers), &[]);
+        let status = chain_status(upstream_status(&rparts.headers).as_ref(), status);
         rparts.headers.insert(CACHE_STATUS.clone(), status);
         let cache = if method.is_safe() { "bypass" } else { "pass" };
         let body = if method == Method::HEAD {
@@ -1611,6 +1613,7 @@ impl Proxy {
         now: SystemTime,
         status: HeaderValue,
     ) -> Response<Body> {
+        let status = chain_status(entry.upstream_status.as_ref(), status);
         let age = headers::age_value(entry.age(now).as_secs());
         let ok = entry.status == StatusCode::OK;
         match policy::evaluate_preconditions(request, &entry.headers) {
@@ -1718,6 +1721,7 @@ impl Proxy {
         head_only: bool,
         status: HeaderValue,
     ) -> Response<Body> {
+        let status = chain_status(upstream_status(&head.headers).as_ref(), status);
         if head.status == StatusCode::OK
             && matches!(
                 policy::evaluate_preconditions(request, &head.headers),
@@ -1930,6 +1934,19 @@ fn origin_uri(origin: &OriginClient, pq: PathAndQuery) -> Option<Uri> {
         .path_and_query(pq)
         .build()
         .ok()
+}
+
+/// Our `Cache-Status` member after those of the caches behind us, when there are any
+/// (RFC 9211 §2); our value alone, with no allocation, when there are none.
+fn chain_status(upstream: Option<&HeaderValue>, ours: HeaderValue) -> HeaderValue {
+    let Some(up) = upstream else {
+        return ours;
+    };
+    let mut v = Vec::with_capacity(up.len() + 2 + ours.len());
+    v.extend_from_slice(up.as_bytes());
+    v.extend_from_slice(b", ");
+    v.extend_from_slice(ours.as_bytes());
+    HeaderValue::from_bytes(&v).unwrap_or(ours)
 }
 
 fn status_value(name: &str, rest: &str) -> HeaderValue {

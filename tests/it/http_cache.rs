@@ -25,6 +25,58 @@ async fn admin_post(addr: std::net::SocketAddr, token: Option<&str>, json: &str)
     raw(addr, req.as_bytes(), Duration::from_secs(5)).await
 }
 
+/// RFC 9211 §2: a cache adds its member after those already in `Cache-Status`, so an
+/// operator sees the whole chain (here an origin shield behind edgecache).
+#[tokio::test]
+async fn cache_status_from_caches_behind_us_is_kept_with_ours_last() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/small",
+        Route::ok("small")
+            .header("cache-control", "max-age=60")
+            .header("cache-status", "shield; hit; ttl=50"),
+    );
+    origin.route(
+        "/large",
+        Route::ok("")
+            .generated(64 << 10, 4, true, Duration::ZERO)
+            .header("cache-control", "max-age=60")
+            .header("cache-status", "shield; fwd=uri-miss; stored"),
+    );
+    origin.route(
+        "/private",
+        Route::ok("mine")
+            .header("cache-control", "no-store")
+            .header("cache-status", "shield; fwd=uri-miss"),
+    );
+    let node = TestNode::start("", &site(&origin, "site.test", "")).await;
+    for (path, upstream) in [
+        ("/small", "shield; hit; ttl=50"),
+        ("/large", "shield; fwd=uri-miss; stored"),
+    ] {
+        let miss = get(node.http, "site.test", path).await;
+        assert_eq!(
+            miss.header("cache-status").map(str::to_owned),
+            Some(format!("{upstream}, edgecache; fwd=uri-miss; stored")),
+            "{path}"
+        );
+        let hit = get(node.http, "site.test", path).await;
+        assert_eq!(
+            hit.header("cache-status").map(str::to_owned),
+            Some(format!("{upstream}, edgecache; hit")),
+            "{path}"
+        );
+        assert_eq!(origin.count(path), 1, "{path}: the second was a hit");
+    }
+    let large = get(node.http, "site.test", "/large").await;
+    assert_eq!(large.body.len(), 4 * (64 << 10));
+    let private = get(node.http, "site.test", "/private").await;
+    assert_eq!(
+        private.header("cache-status"),
+        Some("shield; fwd=uri-miss, edgecache; fwd=uri-miss; detail=no-store")
+    );
+}
+
 #[tokio::test]
 async fn stale_entry_is_revalidated_and_a_304_refreshes_it_without_a_body() {
     let origin = TestOrigin::start().await;
