@@ -9,7 +9,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
 /// Parsed `Cache-Control` directives (request or response). Unknown directives are ignored.
@@ -335,11 +335,18 @@ pub fn heuristically_cacheable(status: StatusCode) -> bool {
     )
 }
 
+/// Fields for this cache only (not forwarded to clients), as names built at compile time:
+/// looking a field up by `&str` parses the name on every call.
+pub static CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
+pub static SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-control");
+pub static SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
+pub static CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
+
 /// The directives this cache obeys: `CDN-Cache-Control` (RFC 9213), else `Surrogate-Control`,
 /// else `Cache-Control`. When a targeted field is used, `Cache-Control` and `Expires` are
 /// ignored; the boolean says so.
 pub fn response_directives(headers: &HeaderMap) -> (CacheControl, bool) {
-    for name in ["cdn-cache-control", "surrogate-control"] {
+    for name in [&CDN_CACHE_CONTROL, &SURROGATE_CONTROL] {
         if headers
             .get(name)
             .is_some_and(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace))

@@ -48,11 +48,12 @@ use crate::cache::entry::upstream_status;
 pub use crate::cache::entry::CACHE_STATUS;
 
 /// Response fields that steer this cache and are not passed to clients.
-const CACHE_ONLY_FIELDS: [&str; 4] = [
-    "cdn-cache-control",
-    "surrogate-control",
-    "surrogate-key",
-    "cache-tag",
+/// Fields meant for this cache only, removed before a response reaches a client.
+static CACHE_ONLY_FIELDS: [&HeaderName; 4] = [
+    &policy::CDN_CACHE_CONTROL,
+    &policy::SURROGATE_CONTROL,
+    &policy::SURROGATE_KEY,
+    &policy::CACHE_TAG,
 ];
 
 /// Request fields that would make the origin answer with less than the whole object.
@@ -1904,7 +1905,7 @@ fn set(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
 /// Purge tags from `Surrogate-Key` and `Cache-Tag` (space or comma separated).
 fn tags(headers: &HeaderMap) -> Box<[Box<str>]> {
     let mut out: Vec<Box<str>> = Vec::new();
-    for name in ["surrogate-key", "cache-tag"] {
+    for name in [&policy::SURROGATE_KEY, &policy::CACHE_TAG] {
         for v in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
             for t in v.split([' ', ',']).map(str::trim).filter(|t| !t.is_empty()) {
                 if !out.iter().any(|o| **o == *t) {
@@ -1918,8 +1919,11 @@ fn tags(headers: &HeaderMap) -> Box<[Box<str>]> {
 
 /// Removes fields meant for this cache only, and `strip` (lowercase names).
 fn strip_cache_only(mut headers: HeaderMap, strip: &[Box<str>]) -> HeaderMap {
-    for name in CACHE_ONLY_FIELDS {
-        headers.remove(name);
+    // One look at the names first: most responses carry none of these.
+    if headers.keys().any(|n| CACHE_ONLY_FIELDS.contains(&n)) {
+        for name in CACHE_ONLY_FIELDS {
+            headers.remove(name);
+        }
     }
     for name in strip {
         headers.remove(&**name);
