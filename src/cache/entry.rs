@@ -80,12 +80,6 @@ impl Entry {
         initial_age: Duration,
         decision: StoreDecision,
     ) -> Entry {
-        // The stored map's placeholder is still there unless the 304 brought the origin's own
-        // `Cache-Status`; a placeholder is not an upstream cache's word.
-        let brought = headers
-            .get_all(&CACHE_STATUS)
-            .iter()
-            .any(|v| v.as_bytes() != PLACEHOLDER_STATUS.as_bytes());
         let mut e = Entry::new(
             self.key.clone(),
             self.vary.clone(),
@@ -97,7 +91,9 @@ impl Entry {
             decision,
             self.tags.clone(),
         );
-        if !brought {
+        // A 304 without the origin's own `Cache-Status` (the merged map holds only our
+        // placeholder) leaves the chain as it was.
+        if e.upstream_status.is_none() {
             e.upstream_status = self.upstream_status.clone();
         }
         e
@@ -195,21 +191,6 @@ impl Entry {
     }
 }
 
-/// The stored form of response headers.
-///
-/// Values are copied into one buffer of their own, each value a slice of it. Values parsed
-/// by hyper are slices of the connection's read buffer, which usually holds the start of the
-/// body too; keeping those slices in a long-lived entry would pin the whole buffer (measured:
-/// about 20 KiB per 16 KiB object) for as long as the object is stored. One buffer rather
-/// than a copy per value is one allocation instead of a dozen, and the values are already
-/// shared, so a hit's clone only counts a reference (a value copied into its own `Vec`
-/// allocates again the first time it is cloned). Names are owned by `HeaderName` already
-/// (the parser copies custom names), so they are kept.
-///
-/// `Age` and `Cache-Status` are set to placeholders (an origin's own values are replaced,
-/// as every answer from the cache does anyway). `HeaderMap::clone` keeps exactly the
-/// entries it has, so adding these two per hit made every clone grow its entry vector (and,
-/// past three quarters of its index table, rehash); replacing a value never does.
 /// The `Cache-Status` members a response arrived with, in order, as one value; `None`
 /// when it had none (or only the placeholder of a stored map).
 pub fn upstream_status(headers: &HeaderMap) -> Option<HeaderValue> {
@@ -233,6 +214,22 @@ pub fn upstream_status(headers: &HeaderMap) -> Option<HeaderValue> {
 /// The stored map's `Cache-Status` value until an answer sets the real one.
 const PLACEHOLDER_STATUS: &str = "edgecache";
 
+/// The stored form of response headers.
+///
+/// Values are copied into one buffer of their own, each value a slice of it. Values parsed
+/// by hyper are slices of the connection's read buffer, which usually holds the start of the
+/// body too; keeping those slices in a long-lived entry would pin the whole buffer (measured:
+/// about 20 KiB per 16 KiB object) for as long as the object is stored. One buffer rather
+/// than a copy per value is one allocation instead of a dozen, and the values are already
+/// shared, so a hit's clone only counts a reference (a value copied into its own `Vec`
+/// allocates again the first time it is cloned). Names are owned by `HeaderName` already
+/// (the parser copies custom names), so they are kept.
+///
+/// `Age` and `Cache-Status` are set to placeholders (an origin's own `Age` is replaced, as
+/// every answer from the cache does anyway; its `Cache-Status` is kept apart, in
+/// [`Entry::upstream_status`]). `HeaderMap::clone` keeps exactly the
+/// entries it has, so adding these two per hit made every clone grow its entry vector (and,
+/// past three quarters of its index table, rehash); replacing a value never does.
 fn prepare(headers: &HeaderMap) -> HeaderMap {
     let kept = |name: &HeaderName| name != header::AGE && name != CACHE_STATUS;
     let total = headers

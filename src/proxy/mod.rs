@@ -48,7 +48,6 @@ use crate::cache::entry::upstream_status;
 pub use crate::cache::entry::CACHE_STATUS;
 
 /// Response fields that steer this cache and are not passed to clients.
-/// Fields meant for this cache only, removed before a response reaches a client.
 static CACHE_ONLY_FIELDS: [&HeaderName; 4] = [
     &policy::CDN_CACHE_CONTROL,
     &policy::SURROGATE_CONTROL,
@@ -1108,7 +1107,7 @@ impl Proxy {
                 }
                 let ours =
                     self.cache_status(&format!("{client_status_base}; detail={}", reason.as_str()));
-                let status = chain_status(upstream_status(&rparts.headers).as_ref(), ours);
+                let status = after_upstream(&rparts.headers, ours);
                 rparts.headers.insert(CACHE_STATUS.clone(), status);
                 let body = if lookup.head {
                     Body::empty()
@@ -1542,7 +1541,7 @@ impl Proxy {
             }
         }
         rparts.headers = strip_cache_only(std::mem::take(&mut rparts.headers), &[]);
-        let status = chain_status(upstream_status(&rparts.headers).as_ref(), status);
+        let status = after_upstream(&rparts.headers, status);
         rparts.headers.insert(CACHE_STATUS.clone(), status);
         let cache = if method.is_safe() { "bypass" } else { "pass" };
         let body = if method == Method::HEAD {
@@ -1722,7 +1721,7 @@ impl Proxy {
         head_only: bool,
         status: HeaderValue,
     ) -> Response<Body> {
-        let status = chain_status(upstream_status(&head.headers).as_ref(), status);
+        let status = after_upstream(&head.headers, status);
         if head.status == StatusCode::OK
             && matches!(
                 policy::evaluate_preconditions(request, &head.headers),
@@ -1951,6 +1950,11 @@ fn chain_status(upstream: Option<&HeaderValue>, ours: HeaderValue) -> HeaderValu
     v.extend_from_slice(b", ");
     v.extend_from_slice(ours.as_bytes());
     HeaderValue::from_bytes(&v).unwrap_or(ours)
+}
+
+/// Our `Cache-Status` member after those `headers` arrived with from the origin.
+fn after_upstream(headers: &HeaderMap, ours: HeaderValue) -> HeaderValue {
+    chain_status(upstream_status(headers).as_ref(), ours)
 }
 
 fn status_value(name: &str, rest: &str) -> HeaderValue {
