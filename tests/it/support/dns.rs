@@ -22,9 +22,18 @@ pub struct TestDns {
 
 impl TestDns {
     pub async fn start(answers: &[Ipv4Addr], ttl: u32) -> TestDns {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind dns");
-        let addr = udp.local_addr().expect("addr");
-        let tcp = TcpListener::bind(addr).await.expect("bind dns tcp");
+        // UDP and TCP on one port: the ephemeral port the UDP socket got may be taken for TCP
+        // (another test's connection), so try again with a new one.
+        let mut tries = 0;
+        let (udp, tcp, addr) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind dns");
+            let addr = udp.local_addr().expect("addr");
+            match TcpListener::bind(addr).await {
+                Ok(tcp) => break (udp, tcp, addr),
+                Err(_) if tries < 20 => tries += 1,
+                Err(e) => panic!("bind dns tcp: {e}"),
+            }
+        };
         let state = Arc::new(State {
             answers: Mutex::new(answers.to_vec()),
             ttl,
