@@ -63,7 +63,7 @@ pub(super) fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, E
                 file: file.to_owned(),
                 line,
                 column,
-                key: None,
+                key: e.span().and_then(|s| key_at(text, s.start)),
                 message: e.message().trim_end().to_owned(),
             }]));
         }
@@ -74,6 +74,86 @@ pub(super) fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, E
     } else {
         Err(Error::Invalid(ck.errors))
     }
+}
+
+/// The dotted key (`server.workers`, `sites[1].routes[0].pools`) whose line holds `offset`,
+/// read off the text: the parser's errors carry a position but not the key, and naming the
+/// key is what lets a person find a mistake in a long file. `None` where the line is no
+/// `key = value` and no table header precedes it.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = &text[line_start..line_end];
+    // The table the line is in, and how many of each array of tables came before it.
+    let mut table: Option<(String, bool)> = None;
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    // A header line counts itself (an error about a whole table points at its header).
+    let scanned = if table_header(line).is_some() {
+        line_end
+    } else {
+        line_start
+    };
+    for l in text[..scanned].lines() {
+        if let Some((name, array)) = table_header(l) {
+            if array {
+                counts.retain(|(n, _)| !n.starts_with(&format!("{name}.")));
+                match counts.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, c)) => *c += 1,
+                    None => counts.push((name.clone(), 1)),
+                }
+            }
+            table = Some((name, array));
+        }
+    }
+    let path = table.map(|(name, _)| {
+        let mut out = String::new();
+        let mut prefix = String::new();
+        for part in name.split('.') {
+            if !prefix.is_empty() {
+                prefix.push('.');
+                out.push('.');
+            }
+            prefix.push_str(part);
+            out.push_str(part);
+            if let Some((_, c)) = counts.iter().find(|(n, _)| *n == prefix) {
+                out.push_str(&format!("[{}]", c - 1));
+            }
+        }
+        out
+    });
+    let leaf = (table_header(line).is_none())
+        .then(|| line.split_once('='))
+        .flatten()
+        .map(|(k, _)| k.trim().trim_matches('"'))
+        .filter(|k| !k.is_empty() && !k.starts_with('#'));
+    match (path, leaf) {
+        (Some(p), Some(k)) => Some(format!("{p}.{k}")),
+        (None, Some(k)) => Some(k.to_owned()),
+        (p, None) => p,
+    }
+}
+
+/// `[name]` → `(name, false)`, `[[name]]` → `(name, true)`; `None` for any other line
+/// (including the lines of a multi-line array, which hold quotes or commas).
+fn table_header(line: &str) -> Option<(String, bool)> {
+    let l = line.split('#').next().unwrap_or("").trim();
+    let (inner, array) = if let Some(i) = l.strip_prefix("[[").and_then(|r| r.strip_suffix("]]")) {
+        (i, true)
+    } else {
+        (l.strip_prefix('[')?.strip_suffix(']')?, false)
+    };
+    let inner = inner.trim();
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' ');
+    (!inner.is_empty() && inner.chars().all(plain))
+        .then(|| {
+            inner
+                .split('.')
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(".")
+        })
+        .map(|n| (n, array))
 }
 
 fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
@@ -1268,6 +1348,45 @@ pub(super) fn certified_key_from_pem(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parse_errors_name_the_key_they_are_about() {
+        let text = "# edge\n[server]\nworkers = \"two\"\n";
+        let e = errors(text);
+        assert!(
+            e[0].starts_with("t.toml:3:11: server.workers: invalid type"),
+            "{e:?}"
+        );
+
+        let text = "[[origins]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\n\
+                    [[origins]]\nname = \"b\"\nurl = \"http://127.0.0.1:8\"\nweight = \"x\"\n";
+        let e = errors(text);
+        assert!(
+            e[0].starts_with("t.toml:7:10: origins[1].weight: "),
+            "{e:?}"
+        );
+        let text = "[[sites]]\nhosts = [\"a\"]\n[[sites.routes]]\nname = \"r\"\npools = [\"p\"]\n\
+                    [[sites]]\nhosts = [\"b\"]\n[[sites.routes]]\nname = 5\npools = [\"p\"]\n";
+        let e = errors(text);
+        assert!(
+            e[0].starts_with("t.toml:9:8: sites[1].routes[0].name: "),
+            "{e:?}"
+        );
+        let text = "[[sites]]\nhosts = [\"a\"]\n[[sites.routes]]\nname = \"r\"\n";
+        let e = errors(text);
+        assert!(
+            e[0].starts_with("t.toml:3:1: sites[0].routes[0]: missing field `pools`"),
+            "{e:?}"
+        );
+        // A broken header names no key: the position is all there is.
+        assert!(key_at("[server\nhttp = 1\n", 0).is_none());
+        // Lines of a multi-line array are not headers.
+        let text = "[server]\nhttp = [\n  [\"x\"],\n]\nworkers = 1\n";
+        assert_eq!(
+            key_at(text, text.len() - 3).as_deref(),
+            Some("server.workers")
+        );
+    }
 
     fn errors(text: &str) -> Vec<String> {
         match Config::from_toml(text, "t.toml", Path::new(".")) {

@@ -60,10 +60,13 @@ fn check_error(text: &str) -> String {
 fn malformed_config_names_file_line_and_key() {
     let base = "[[origins]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\n[[sites]]\nhosts = [\"x\"]\norigin = \"a\"\n";
     let e = check_error(&format!("{base}[cache]\nmemroy = \"1GiB\"\n"));
-    assert!(e.starts_with("bad.toml:8:1: unknown field `memroy`"), "{e}");
+    assert!(
+        e.starts_with("bad.toml:8:1: cache.memroy: unknown field `memroy`"),
+        "{e}"
+    );
     let e = check_error(&format!("[server]\nidle_timeout = \"ten\"\n{base}"));
     assert!(
-        e.starts_with("bad.toml:2:16: invalid duration \"ten\""),
+        e.starts_with("bad.toml:2:16: server.idle_timeout: invalid duration \"ten\""),
         "{e}"
     );
     let e = check_error(&format!("[server]\nhttp = [\"localhost\"]\n{base}"));
