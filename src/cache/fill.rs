@@ -22,7 +22,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
 
 use super::entry::Entry;
-use super::key::VaryKey;
+use super::key::{PrehashedKey, VaryKey};
 
 /// The head of a storable response being filled.
 #[derive(Debug)]
@@ -397,10 +397,10 @@ impl Drop for FillReader {
     }
 }
 
-/// The map of in-flight fills by primary key.
+/// The map of in-flight fills by primary key (a keyed hash already: not hashed again).
 #[derive(Debug, Default)]
 pub struct Fills {
-    map: Mutex<HashMap<u64, Arc<Fill>>>,
+    map: Mutex<HashMap<u64, Arc<Fill>, PrehashedKey>>,
 }
 
 impl Fills {
@@ -408,19 +408,23 @@ impl Fills {
     /// it and must lead (fetch and publish).
     pub fn join(&self, hash: u64) -> (Arc<Fill>, bool) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = map.get(&hash) {
-            return (f.clone(), false);
+        match map.entry(hash) {
+            std::collections::hash_map::Entry::Occupied(e) => (e.get().clone(), false),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let f = Arc::new(Fill::default());
+                e.insert(f.clone());
+                (f, true)
+            }
         }
-        let f = Arc::new(Fill::default());
-        map.insert(hash, f.clone());
-        (f, true)
     }
 
     /// Removes `fill` from the map if it is still the one registered for `hash`.
     pub fn remove(&self, hash: u64, fill: &Arc<Fill>) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(&hash).is_some_and(|f| Arc::ptr_eq(f, fill)) {
-            map.remove(&hash);
+        if let std::collections::hash_map::Entry::Occupied(e) = map.entry(hash) {
+            if Arc::ptr_eq(e.get(), fill) {
+                e.remove();
+            }
         }
     }
 

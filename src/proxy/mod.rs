@@ -886,8 +886,10 @@ impl Proxy {
 
         // origin_fetch: a whole-object GET; our own validators when revalidating.
         let mut up_headers = client.clone();
-        for f in &CONDITIONAL_FIELDS {
-            up_headers.remove(f);
+        if up_headers.keys().any(|k| CONDITIONAL_FIELDS.contains(k)) {
+            for f in &CONDITIONAL_FIELDS {
+                up_headers.remove(f);
+            }
         }
         let validators = stale.as_ref().filter(|s| s.has_validator());
         if let Some(s) = validators {
@@ -1266,7 +1268,7 @@ impl Proxy {
         candidates: &[usize],
         method: &Method,
         pq: &PathAndQuery,
-        headers: HeaderMap,
+        mut headers: HeaderMap,
         host: &HeaderValue,
         mut body: Option<UpstreamBody>,
     ) -> Option<(usize, f64, Result<Response<Incoming>, origin::Error>)> {
@@ -1289,7 +1291,12 @@ impl Proxy {
             let mut up = Request::new(body.take().unwrap_or_else(UpstreamBody::empty));
             *up.method_mut() = method.clone();
             *up.uri_mut() = uri;
-            let mut h = headers.clone();
+            // The last attempt takes the fields; earlier ones send a copy.
+            let mut h = if attempt + 1 < attempts {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
             h.insert(
                 header::HOST,
                 origin
