@@ -233,12 +233,8 @@ const PLACEHOLDER_STATUS: &str = "edgecache";
 /// entries it has, so adding these two per hit made every clone grow its entry vector (and,
 /// past three quarters of its index table, rehash); replacing a value never does.
 fn prepare(mut headers: HeaderMap) -> HeaderMap {
-    if headers.contains_key(header::AGE) {
-        headers.remove(header::AGE);
-    }
-    if headers.contains_key(&CACHE_STATUS) {
-        headers.remove(&CACHE_STATUS);
-    }
+    headers.remove(header::AGE);
+    headers.remove(&CACHE_STATUS);
     let total = headers.values().map(|v| v.len()).sum();
     let mut buf = BytesMut::with_capacity(total);
     for v in headers.values() {

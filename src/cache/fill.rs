@@ -11,6 +11,7 @@
 //! trimmed to what the slowest reader still needs (with the fetch slowed to match), so memory
 //! stays flat for bodies of any size.
 
+use std::collections::hash_map::Entry as Slot;
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -409,8 +410,8 @@ impl Fills {
     pub fn join(&self, hash: u64) -> (Arc<Fill>, bool) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         match map.entry(hash) {
-            std::collections::hash_map::Entry::Occupied(e) => (e.get().clone(), false),
-            std::collections::hash_map::Entry::Vacant(e) => {
+            Slot::Occupied(e) => (e.get().clone(), false),
+            Slot::Vacant(e) => {
                 let f = Arc::new(Fill::default());
                 e.insert(f.clone());
                 (f, true)
@@ -421,7 +422,7 @@ impl Fills {
     /// Removes `fill` from the map if it is still the one registered for `hash`.
     pub fn remove(&self, hash: u64, fill: &Arc<Fill>) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let std::collections::hash_map::Entry::Occupied(e) = map.entry(hash) {
+        if let Slot::Occupied(e) = map.entry(hash) {
             if Arc::ptr_eq(e.get(), fill) {
                 e.remove();
             }

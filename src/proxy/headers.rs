@@ -73,17 +73,17 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    // The fields `Connection` names; a name that is hop-by-hop anyway (`keep-alive`,
-    // `close` is no field) goes below with the rest, so the usual value costs no lookup.
-    while let Some(name) = next_named_by_connection(headers) {
-        headers.remove(name);
-    }
-    remove_where(headers, is_hop_by_hop);
-}
-
-/// The first field named by `Connection` that is present and not removed anyway.
-fn next_named_by_connection(headers: &HeaderMap) -> Option<HeaderName> {
-    for value in headers.get_all(header::CONNECTION) {
+    // The fields `Connection` names, each removed as its token is read (one pass; a value is
+    // a cheap shared clone). `close` names no field and `keep-alive` goes below with the
+    // rest, so the usual value costs no lookup.
+    let mut index = 0;
+    while let Some(value) = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .nth(index)
+        .cloned()
+    {
+        index += 1;
         let Ok(text) = value.to_str() else { continue };
         for token in text.split(',').map(str::trim) {
             if token.is_empty()
@@ -93,13 +93,13 @@ fn next_named_by_connection(headers: &HeaderMap) -> Option<HeaderName> {
                 continue;
             }
             if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                if !is_hop_by_hop(&name) && headers.contains_key(&name) {
-                    return Some(name);
+                if !is_hop_by_hop(&name) {
+                    headers.remove(name);
                 }
             }
         }
     }
-    None
+    remove_where(headers, is_hop_by_hop);
 }
 
 /// Removes every field whose name satisfies `doomed`: one name at a time, found by a scan of
