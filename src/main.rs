@@ -67,6 +67,7 @@ fn main() -> ExitCode {
                 Err(e) => return report_config(&e),
             };
             telemetry::init(format);
+            raise_open_file_limit();
             let workers = config.server.workers;
             run_runtime(workers, async move {
                 let node = edgecache::start(config)
@@ -80,6 +81,7 @@ fn main() -> ExitCode {
         }
         Command::Demo { http, https } => {
             telemetry::init(format);
+            raise_open_file_limit();
             run_runtime(None, async move {
                 let origin =
                     edgecache::demo::start_sample_origin(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -99,6 +101,31 @@ fn main() -> ExitCode {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Raises the soft limit on open files to the hard limit, as servers that hold many sockets
+/// do (nginx's `worker_rlimit_nofile`, Go's runtime): client connections, origin connections
+/// and the memory files of large stored bodies all count against it, and the usual soft
+/// default of 1024 is far below what a cache node needs.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let (Some(current), Some(maximum)) = (lim.current, lim.maximum) else {
+        return;
+    };
+    if current >= maximum {
+        return;
+    }
+    let raised = Rlimit {
+        current: Some(maximum),
+        maximum: Some(maximum),
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::info!(from = current, to = maximum, "raised the open-file limit"),
+        Err(e) => {
+            tracing::warn!(error = %e, limit = current, "could not raise the open-file limit")
+        }
+    }
+}
 
 fn run_runtime(
     workers: Option<usize>,

@@ -32,6 +32,7 @@ pub struct Metrics {
     purged: AtomicU64,
     retries: AtomicU64,
     retries_refused: AtomicU64,
+    sendfile_bytes: AtomicU64,
 }
 
 /// Point-in-time values read from elsewhere when rendering.
@@ -42,6 +43,9 @@ pub struct Gauges {
     pub cache_capacity_bytes: u64,
     pub fills_in_flight: u64,
     pub open_connections: u64,
+    /// Stored bodies kept in memory files (process-wide, see `cache::mapped`).
+    pub memory_file_objects: u64,
+    pub memory_file_bytes: u64,
 }
 
 impl Metrics {
@@ -89,6 +93,16 @@ impl Metrics {
             .unwrap_or(0)
     }
 
+    /// Counts body bytes sent to clients straight from memory files.
+    pub fn sent_from_file(&self, n: u64) {
+        self.sendfile_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Body bytes sent with `sendfile` so far.
+    pub fn sendfile_bytes(&self) -> u64 {
+        self.sendfile_bytes.load(Ordering::Relaxed)
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self, g: Gauges) -> String {
         let mut s = String::with_capacity(4096);
@@ -134,6 +148,11 @@ impl Metrics {
                 "Stored responses removed or marked stale by purges.",
                 self.purged.load(Ordering::Relaxed),
             ),
+            (
+                "edgecache_sendfile_bytes_total",
+                "Body bytes of hits sent from memory files with sendfile, not copied.",
+                self.sendfile_bytes.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -159,6 +178,16 @@ impl Metrics {
                 "edgecache_open_connections",
                 "Open client connections.",
                 g.open_connections,
+            ),
+            (
+                "edgecache_memory_file_objects",
+                "Stored bodies kept in sealed memory files (cache.sendfile_min_size and up).",
+                g.memory_file_objects,
+            ),
+            (
+                "edgecache_memory_file_bytes",
+                "Bytes of the stored bodies kept in memory files.",
+                g.memory_file_bytes,
             ),
         ];
         for (name, help, v) in gauges {

@@ -197,20 +197,33 @@ impl Fill {
         self.progress.notify_waiters();
     }
 
-    /// The whole body in one exact-size `Bytes`; `None` once bytes were trimmed.
-    pub fn collect(&self) -> Option<Bytes> {
-        let mut st = self.lock();
-        if st.base != 0 {
-            return None;
-        }
+    /// The whole body in one exact-size `Bytes`; `None` once bytes were trimmed. A body of at
+    /// least `map_from` bytes goes into a sealed memory file (`mapped`) when the kernel allows,
+    /// so that plain HTTP/1.1 hits can send it with `sendfile`.
+    pub fn collect(&self, map_from: Option<u64>) -> Option<Bytes> {
+        let (chunks, len) = {
+            let st = self.lock();
+            if st.base != 0 {
+                return None;
+            }
+            // Handles only (reference counts), so the copy below runs without the lock.
+            (st.chunks.iter().cloned().collect::<Vec<Bytes>>(), st.len)
+        };
         // Always one exact-size copy: a chunk handed up by the connection may be a slice of a
         // much larger read buffer, and storing the slice would pin the whole buffer for as long
         // as the object lives. One memcpy per stored object is the price of honest memory use.
-        let mut buf = BytesMut::with_capacity(st.len as usize);
-        for c in &st.chunks {
-            buf.extend_from_slice(c);
+        let body = map_body(&chunks, len, map_from).unwrap_or_else(|| {
+            let mut buf = BytesMut::with_capacity(len as usize);
+            for c in &chunks {
+                buf.extend_from_slice(c);
+            }
+            buf.freeze()
+        });
+        drop(chunks);
+        let mut st = self.lock();
+        if st.base != 0 || st.len != len {
+            return None;
         }
-        let body = buf.freeze();
         // Readers continue from the single copy, so the chunks are not held twice.
         st.chunks.clear();
         st.chunks.push_back(body.clone());
@@ -440,6 +453,20 @@ impl Fills {
     }
 }
 
+/// The body in a memory file when it is at least `map_from` bytes (Linux only).
+#[cfg(target_os = "linux")]
+fn map_body(chunks: &[Bytes], len: u64, map_from: Option<u64>) -> Option<Bytes> {
+    match map_from {
+        Some(min) if len >= min => super::mapped::store(chunks, usize::try_from(len).ok()?),
+        _ => None,
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn map_body(_: &[Bytes], _: u64, _: Option<u64>) -> Option<Bytes> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,7 +499,45 @@ mod tests {
             .to_bytes();
         assert_eq!(&a[..], b"hello world");
         assert_eq!(&b[..], b"hello world");
-        assert_eq!(fill.collect().as_deref(), Some(&b"hello world"[..]));
+        assert_eq!(fill.collect(None).as_deref(), Some(&b"hello world"[..]));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_large_body_is_collected_into_a_memory_file_and_readers_go_on_from_it() {
+        let fill = Arc::new(Fill::default());
+        fill.publish(head());
+        let mut early = fill.reader().expect("reader");
+        let a: Vec<u8> = (0..40_000u32).map(|i| (i % 253) as u8).collect();
+        let b: Vec<u8> = (0..30_000u32).map(|i| (i % 241) as u8).collect();
+        fill.push(Bytes::from(a.clone()));
+        let first = early
+            .frame()
+            .await
+            .expect("frame")
+            .expect("ok")
+            .into_data()
+            .expect("data");
+        assert_eq!(&first[..], &a[..]);
+        fill.push_hidden(Bytes::from(b.clone()));
+        // Below the threshold: on the heap; at or above it: in a memory file.
+        let heap = fill.collect(Some(70_001)).expect("collected");
+        assert!(crate::cache::mapped::find(&heap).is_none());
+        let body = fill.collect(Some(70_000)).expect("collected");
+        assert!(crate::cache::mapped::find(&body).is_some());
+        assert_eq!(&body[..40_000], &a[..]);
+        assert_eq!(&body[40_000..], &b[..]);
+        fill.finish(true);
+        // The reader that had the first chunk gets the rest, now read from the file.
+        let rest = early.collect().await.expect("body").to_bytes();
+        assert_eq!(&rest[..], &b[..]);
+        let late = fill
+            .reader()
+            .expect("reader")
+            .collect()
+            .await
+            .expect("body");
+        assert_eq!(late.to_bytes(), body);
     }
 
     #[tokio::test]
@@ -492,7 +557,7 @@ mod tests {
             .expect("data");
         assert_eq!(first.len(), 100);
         assert_eq!(fill.lock().base, 100, "the first chunk was dropped");
-        assert!(fill.collect().is_none());
+        assert!(fill.collect(None).is_none());
         assert!(fill.wait_for_readers(100).await);
         drop(r);
         assert!(!fill.wait_for_readers(100).await, "no reader left");

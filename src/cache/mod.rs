@@ -7,6 +7,8 @@
 pub mod entry;
 pub mod fill;
 pub mod key;
+#[cfg(target_os = "linux")]
+pub mod mapped;
 pub mod policy;
 pub mod store;
 

@@ -271,6 +271,10 @@ pub struct Cache {
     pub memory: u64,
     /// Larger responses stream through uncached (default 32 MiB).
     pub max_object_size: u64,
+    /// Stored bodies of at least this size are kept in sealed memory files and sent to plain
+    /// HTTP/1.1 clients with `sendfile` (default 64 KiB); `None` (`sendfile = false`) keeps
+    /// every body on the heap. Linux only; elsewhere it has no effect.
+    pub sendfile_min_size: Option<u64>,
 }
 
 impl Default for Cache {
@@ -278,6 +282,7 @@ impl Default for Cache {
         Cache {
             memory: 256 << 20,
             max_object_size: 32 << 20,
+            sendfile_min_size: Some(64 << 10),
         }
     }
 }

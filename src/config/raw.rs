@@ -114,6 +114,8 @@ pub(crate) struct RawCertificate {
 pub(crate) struct RawCache {
     pub(crate) memory: Option<Spanned<Size>>,
     pub(crate) max_object_size: Option<Spanned<Size>>,
+    pub(crate) sendfile: Option<bool>,
+    pub(crate) sendfile_min_size: Option<Spanned<Size>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -341,6 +341,17 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
             cache.max_object_size = m.get_ref().0;
         }
     }
+    if let Some(m) = &raw.cache.sendfile_min_size {
+        // Below a page, sending from the file saves nothing (see cache::mapped).
+        if m.get_ref().0 < 4096 {
+            ck.error(m.span(), "cache.sendfile_min_size", "must be at least 4KiB");
+        } else {
+            cache.sendfile_min_size = Some(m.get_ref().0);
+        }
+    }
+    if raw.cache.sendfile == Some(false) {
+        cache.sendfile_min_size = None;
+    }
     if cache.max_object_size > cache.memory {
         let span = raw
             .cache

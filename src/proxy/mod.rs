@@ -1840,7 +1840,7 @@ impl Pump {
             }
         };
         if complete && !abandoned {
-            if let Some(bytes) = self.fill.collect() {
+            if let Some(bytes) = self.fill.collect(self.proxy.config.cache.sendfile_min_size) {
                 let initial_age = policy::corrected_initial_age(
                     &self.headers,
                     self.request_time,

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use super::plain::Plain;
 use crate::config::Server as ServerConfig;
 use crate::proxy::{ConnInfo, Proxy};
 
@@ -92,6 +93,8 @@ pub async fn serve(
     let _ = stream.set_nodelay(true);
     let epoch = Instant::now();
     let activity = Arc::new(AtomicU64::new(0));
+    // The plain stream counts the bytes it sends from memory files in the proxy's metrics.
+    let owner = proxy.clone();
     let service = service_fn(move |req| proxy.handle(req, info));
     let conns = Conns {
         builders: &builders,
@@ -117,7 +120,7 @@ pub async fn serve(
                     return;
                 }
             };
-            let io = TokioIo::new(Tracked::new(stream, activity));
+            let io = TokioIo::new(Tracked::new(Plain::new(stream, owner), activity));
             conns.serve(io, h2, service, &mut shutdown).await
         }
         Some(acceptor) => {

@@ -3,6 +3,7 @@
 //! Only this module touches sockets and TLS. It hands every request to [`Proxy::handle`].
 
 pub mod conn;
+pub mod plain;
 pub mod tls;
 
 use std::net::SocketAddr;

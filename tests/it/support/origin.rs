@@ -55,6 +55,14 @@ impl Route {
         }
     }
 
+    /// A fixed body of any bytes.
+    pub fn bytes(body: Bytes) -> Route {
+        Route {
+            body: RouteBody::Fixed(body),
+            ..Route::ok("")
+        }
+    }
+
     pub fn header(mut self, name: &str, value: &str) -> Route {
         self.headers.push((name.to_owned(), value.to_owned()));
         self
