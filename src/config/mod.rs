@@ -569,12 +569,16 @@ impl Config {
                 let _ = writeln!(s, "  {}{}  from {}", c.hosts.join(", "), default, c.source);
             }
         }
-        let _ = writeln!(
+        let _ = write!(
             s,
             "cache: {} in memory, objects up to {}",
             human_size(self.cache.memory),
             human_size(self.cache.max_object_size)
         );
+        let _ = match self.cache.sendfile_min_size {
+            Some(min) => writeln!(s, ", sendfile from {}", human_size(min)),
+            None => writeln!(s, ", sendfile off"),
+        };
         let _ = writeln!(s, "origins:");
         for o in &self.origins {
             let _ = write!(

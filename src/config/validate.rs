@@ -342,9 +342,13 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
         }
     }
     if let Some(m) = &raw.cache.sendfile_min_size {
-        // Below a page, sending from the file saves nothing (see cache::mapped).
-        if m.get_ref().0 < 4096 {
-            ck.error(m.span(), "cache.sendfile_min_size", "must be at least 4KiB");
+        // Smaller slices are never sent from the file (cache::mapped::MIN_SEND).
+        if m.get_ref().0 < 32 << 10 {
+            ck.error(
+                m.span(),
+                "cache.sendfile_min_size",
+                "must be at least 32KiB",
+            );
         } else {
             cache.sendfile_min_size = Some(m.get_ref().0);
         }
