@@ -201,29 +201,36 @@ impl Fill {
     /// least `map_from` bytes goes into a sealed memory file (`mapped`) when the kernel allows,
     /// so that plain HTTP/1.1 hits can send it with `sendfile`.
     pub fn collect(&self, map_from: Option<u64>) -> Option<Bytes> {
-        let (chunks, len) = {
-            let st = self.lock();
-            if st.base != 0 {
+        let mut st = self.lock();
+        if st.base != 0 {
+            return None;
+        }
+        let len = st.len;
+        let body = if map_from.is_some_and(|min| len >= min) {
+            // Writing a memory file is system calls: done without the lock, on handles to the
+            // chunks (reference counts). Only this task adds bytes, and it has stopped.
+            let chunks: Vec<Bytes> = st.chunks.iter().cloned().collect();
+            drop(st);
+            let body = map_body(&chunks, len);
+            drop(chunks);
+            st = self.lock();
+            if st.base != 0 || st.len != len {
                 return None;
             }
-            // Handles only (reference counts), so the copy below runs without the lock.
-            (st.chunks.iter().cloned().collect::<Vec<Bytes>>(), st.len)
+            body
+        } else {
+            None
         };
         // Always one exact-size copy: a chunk handed up by the connection may be a slice of a
         // much larger read buffer, and storing the slice would pin the whole buffer for as long
         // as the object lives. One memcpy per stored object is the price of honest memory use.
-        let body = map_body(&chunks, len, map_from).unwrap_or_else(|| {
+        let body = body.unwrap_or_else(|| {
             let mut buf = BytesMut::with_capacity(len as usize);
-            for c in &chunks {
+            for c in &st.chunks {
                 buf.extend_from_slice(c);
             }
             buf.freeze()
         });
-        drop(chunks);
-        let mut st = self.lock();
-        if st.base != 0 || st.len != len {
-            return None;
-        }
         // Readers continue from the single copy, so the chunks are not held twice.
         st.chunks.clear();
         st.chunks.push_back(body.clone());
@@ -453,17 +460,14 @@ impl Fills {
     }
 }
 
-/// The body in a memory file when it is at least `map_from` bytes (Linux only).
+/// The body in a memory file (Linux only); `None` keeps it on the heap.
 #[cfg(target_os = "linux")]
-fn map_body(chunks: &[Bytes], len: u64, map_from: Option<u64>) -> Option<Bytes> {
-    match map_from {
-        Some(min) if len >= min => super::mapped::store(chunks, usize::try_from(len).ok()?),
-        _ => None,
-    }
+fn map_body(chunks: &[Bytes], len: u64) -> Option<Bytes> {
+    super::mapped::store(chunks, usize::try_from(len).ok()?)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn map_body(_: &[Bytes], _: u64, _: Option<u64>) -> Option<Bytes> {
+fn map_body(_: &[Bytes], _: u64) -> Option<Bytes> {
     None
 }
 
