@@ -168,6 +168,38 @@ async fn a_slow_reader_on_a_kept_alive_connection_gets_every_byte_of_each_respon
 }
 
 #[tokio::test]
+async fn clients_that_leave_mid_file_do_not_disturb_the_node_or_the_stored_body() {
+    let (origin, node, body) = node_with_big("").await;
+    get(node.http, "site.test", "/big").await;
+    for _ in 0..5 {
+        let sock = TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(16 << 10).expect("rcvbuf");
+        let mut s = sock.connect(node.http).await.expect("connect");
+        s.write_all(b"GET /big HTTP/1.1\r\nHost: site.test\r\n\r\n")
+            .await
+            .expect("write");
+        let mut some = vec![0u8; 8192];
+        let n = s.read(&mut some).await.expect("read");
+        assert!(n > 0);
+        // Gone with most of the body unsent: a reset, as a client killed mid-download.
+        s.set_zero_linger().expect("linger");
+        drop(s);
+    }
+    // The node still serves the whole body, from the cache, to the next client.
+    let hit = get(node.http, "site.test", "/big").await;
+    assert_eq!(hit.header("cache-status"), Some("edgecache; hit"));
+    assert!(hit.body == body);
+    assert_eq!(origin.count("/big"), 1);
+    // Every connection that left is closed on the node's side.
+    let node_ref = node.node();
+    assert!(
+        eventually(Duration::from_secs(10), || node_ref.open_connections() == 0).await,
+        "connections left open: {}",
+        node_ref.open_connections()
+    );
+}
+
+#[tokio::test]
 async fn with_sendfile_off_large_bodies_stay_on_the_heap_and_are_served_the_same() {
     let (_origin, node, body) = node_with_big("sendfile = false").await;
     get(node.http, "site.test", "/big").await;
