@@ -43,9 +43,21 @@ pub struct Gauges {
     pub cache_capacity_bytes: u64,
     pub fills_in_flight: u64,
     pub open_connections: u64,
-    /// Stored bodies kept in memory files (process-wide, see `cache::mapped`).
-    pub memory_file_objects: u64,
-    pub memory_file_bytes: u64,
+    /// Stored bodies in memory files (process-wide, see `cache::mapped`).
+    pub memory_files: MemoryFiles,
+}
+
+/// What `cache::mapped` reports; zero where there are no memory files.
+#[cfg(target_os = "linux")]
+pub use crate::cache::mapped::Usage as MemoryFiles;
+
+/// What `cache::mapped` reports; zero where there are no memory files.
+#[cfg(not(target_os = "linux"))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryFiles {
+    pub objects: u64,
+    pub bytes: u64,
+    pub fallbacks: u64,
 }
 
 impl Metrics {
@@ -153,6 +165,11 @@ impl Metrics {
                 "Body bytes of hits sent from memory files with sendfile, not copied.",
                 self.sendfile_bytes.load(Ordering::Relaxed),
             ),
+            (
+                "edgecache_memory_file_fallbacks_total",
+                "Bodies of sendfile size kept on the heap (memory-file limit reached or refused).",
+                g.memory_files.fallbacks,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -182,12 +199,12 @@ impl Metrics {
             (
                 "edgecache_memory_file_objects",
                 "Stored bodies kept in sealed memory files (cache.sendfile_min_size and up).",
-                g.memory_file_objects,
+                g.memory_files.objects,
             ),
             (
                 "edgecache_memory_file_bytes",
                 "Bytes of the stored bodies kept in memory files.",
-                g.memory_file_bytes,
+                g.memory_files.bytes,
             ),
         ];
         for (name, help, v) in gauges {

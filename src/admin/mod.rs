@@ -93,17 +93,16 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         (&Method::GET, "/metrics") => {
             let store = state.proxy.store();
             #[cfg(target_os = "linux")]
-            let (memory_file_objects, memory_file_bytes) = crate::cache::mapped::usage();
+            let memory_files = crate::cache::mapped::usage();
             #[cfg(not(target_os = "linux"))]
-            let (memory_file_objects, memory_file_bytes) = (0, 0);
+            let memory_files = Default::default();
             let gauges = Gauges {
                 cache_objects: store.entry_count(),
                 cache_bytes: store.weighted_size(),
                 cache_capacity_bytes: state.capacity,
                 fills_in_flight: state.proxy.fills_in_flight() as u64,
                 open_connections: state.tracker.open() as u64,
-                memory_file_objects,
-                memory_file_bytes,
+                memory_files,
             };
             let mut body = state.proxy.metrics().render(gauges);
             state.proxy.render_origin_metrics(&mut body);

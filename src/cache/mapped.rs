@@ -41,18 +41,46 @@ static REGIONS: RwLock<BTreeMap<usize, Region>> = RwLock::new(BTreeMap::new());
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 /// Bytes held in live mappings.
 static LIVE_BYTES: AtomicU64 = AtomicU64::new(0);
+/// Bodies that were meant for a memory file but stayed on the heap (cap reached, or refused).
+static FALLBACKS: AtomicU64 = AtomicU64::new(0);
 
 struct Region {
     len: usize,
     fd: Arc<OwnedFd>,
 }
 
-/// Memory files in use now: (objects, bytes), for the metrics.
-pub fn usage() -> (u64, u64) {
-    (
-        LIVE.load(Ordering::Relaxed) as u64,
-        LIVE_BYTES.load(Ordering::Relaxed),
-    )
+/// Memory files now, for the metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    /// Bodies kept in memory files.
+    pub objects: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Bodies of that size kept on the heap instead, since the process started.
+    pub fallbacks: u64,
+}
+
+/// Memory files in use now and the fallbacks so far.
+pub fn usage() -> Usage {
+    Usage {
+        objects: LIVE.load(Ordering::Relaxed) as u64,
+        bytes: LIVE_BYTES.load(Ordering::Relaxed),
+        fallbacks: FALLBACKS.load(Ordering::Relaxed),
+    }
+}
+
+/// Counts a body kept on the heap; says so once in the log, when it first happens.
+fn fell_back(why: &dyn std::fmt::Display, len: usize) {
+    if FALLBACKS.fetch_add(1, Ordering::Relaxed) == 0 {
+        tracing::warn!(
+            reason = %why,
+            len,
+            "a large body is kept on the heap, not in a memory file; hits on it are copied \
+             (edgecache_memory_file_fallbacks_total counts them)"
+        );
+    } else {
+        tracing::debug!(reason = %why, len, "body kept on the heap: no memory file");
+    }
 }
 
 /// How many memory files may be open at once: a quarter of the open-file limit and of the
@@ -147,6 +175,13 @@ pub fn store(chunks: &[Bytes], len: usize) -> Option<Bytes> {
     // Reserve a place first, so concurrent stores cannot overshoot the cap.
     if LIVE.fetch_add(1, Ordering::Relaxed) >= cap() {
         LIVE.fetch_sub(1, Ordering::Relaxed);
+        fell_back(
+            &format_args!(
+                "{} memory files open: a quarter of the open-file or mapping limit",
+                cap()
+            ),
+            len,
+        );
         return None;
     }
     let made = (|| -> std::io::Result<Mapping> {
@@ -204,7 +239,7 @@ pub fn store(chunks: &[Bytes], len: usize) -> Option<Bytes> {
         }
         Err(e) => {
             LIVE.fetch_sub(1, Ordering::Relaxed);
-            tracing::debug!(error = %e, len, "body kept on the heap: no memory file");
+            fell_back(&e, len);
             None
         }
     }
@@ -265,7 +300,10 @@ mod tests {
 
     #[test]
     fn a_body_whose_chunks_do_not_add_up_is_refused() {
+        let before = usage().fallbacks;
         assert!(store(&[Bytes::from(vec![1u8; 5000])], 6000).is_none());
+        // Counted for the operator: the body stays on the heap.
+        assert!(usage().fallbacks > before);
         assert!(store(&[], 0).is_none());
     }
 }

@@ -32,7 +32,10 @@ async fn node_with_big(cache_extra: &str) -> (TestOrigin, TestNode, Bytes) {
         "/small",
         Route::bytes(pattern(10_000)).header("cache-control", "max-age=600"),
     );
-    let cfg = format!("[cache]\n{cache_extra}\n{}", site(&origin, "site.test", ""));
+    let cfg = format!(
+        "[cache]\n{cache_extra}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"t\"\n{}",
+        site(&origin, "site.test", "")
+    );
     let node = TestNode::start("", &cfg).await;
     (origin, node, body)
 }
@@ -102,6 +105,28 @@ async fn large_hits_are_sent_from_the_memory_file_byte_for_byte() {
     assert!(small.body == pattern(10_000));
     assert_eq!(node.node().metrics().sendfile_bytes(), before);
     assert_eq!(origin.count("/big"), 1);
+
+    // What an operator scrapes: the bytes sent from files, and the stored body among the
+    // memory files (a process-wide gauge: at least this node's one).
+    let admin = node.node().admin_addr().expect("admin listener");
+    let (text, _) = raw(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let value = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+    };
+    assert_eq!(
+        value("edgecache_sendfile_bytes_total"),
+        node.node().metrics().sendfile_bytes()
+    );
+    assert!(value("edgecache_memory_file_objects") >= 1);
+    assert!(value("edgecache_memory_file_bytes") >= BIG as u64);
+    value("edgecache_memory_file_fallbacks_total");
 }
 
 #[tokio::test]
