@@ -476,6 +476,16 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
+    /// The next data frame a reader gets.
+    async fn next_data(r: &mut FillReader) -> Bytes {
+        r.frame()
+            .await
+            .expect("frame")
+            .expect("ok")
+            .into_data()
+            .expect("data")
+    }
+
     fn head() -> Outcome {
         Outcome::Streaming(Arc::new(FillHead {
             status: StatusCode::OK,
@@ -515,13 +525,7 @@ mod tests {
         let a: Vec<u8> = (0..40_000u32).map(|i| (i % 253) as u8).collect();
         let b: Vec<u8> = (0..30_000u32).map(|i| (i % 241) as u8).collect();
         fill.push(Bytes::from(a.clone()));
-        let first = early
-            .frame()
-            .await
-            .expect("frame")
-            .expect("ok")
-            .into_data()
-            .expect("data");
+        let first = next_data(&mut early).await;
         assert_eq!(&first[..], &a[..]);
         fill.push_hidden(Bytes::from(b.clone()));
         // Below the threshold: on the heap; at or above it: in a memory file.
@@ -552,13 +556,7 @@ mod tests {
         fill.push(Bytes::from(vec![1u8; 100]));
         fill.push(Bytes::from(vec![2u8; 100]));
         fill.abandon();
-        let first = r
-            .frame()
-            .await
-            .expect("frame")
-            .expect("ok")
-            .into_data()
-            .expect("data");
+        let first = next_data(&mut r).await;
         assert_eq!(first.len(), 100);
         assert_eq!(fill.lock().base, 100, "the first chunk was dropped");
         assert!(fill.collect(None).is_none());

@@ -49,6 +49,14 @@ struct Region {
     fd: Arc<OwnedFd>,
 }
 
+/// The table for writing. A panic elsewhere while it was held cannot leave it half-changed
+/// (each change is one insert or remove), so a poisoned lock is simply taken over.
+fn regions_mut() -> std::sync::RwLockWriteGuard<'static, BTreeMap<usize, Region>> {
+    REGIONS
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Memory files now, for the metrics.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
@@ -108,10 +116,10 @@ pub fn find(slice: &[u8]) -> Option<(Arc<OwnedFd>, u64)> {
         return None;
     }
     let start = slice.as_ptr() as usize;
-    let regions = match REGIONS.read() {
-        Ok(r) => r,
-        Err(poisoned) => poisoned.into_inner(),
-    };
+    // Poisoning is taken over as in `regions_mut`.
+    let regions = REGIONS
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let (&base, region) = regions.range(..=start).next_back()?;
     let offset = start - base;
     if offset.checked_add(slice.len())? > region.len {
@@ -147,10 +155,7 @@ impl AsRef<[u8]> for Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         // Out of the table first, so no lookup can return this range once it is unmapped.
-        let removed = match REGIONS.write() {
-            Ok(mut r) => r.remove(&(self.ptr.as_ptr() as usize)),
-            Err(poisoned) => poisoned.into_inner().remove(&(self.ptr.as_ptr() as usize)),
-        };
+        let removed = regions_mut().remove(&(self.ptr.as_ptr() as usize));
         if removed.is_some() {
             LIVE.fetch_sub(1, Ordering::Relaxed);
             LIVE_BYTES.fetch_sub(self.len as u64, Ordering::Relaxed);
@@ -224,12 +229,7 @@ pub fn store(chunks: &[Bytes], len: usize) -> Option<Bytes> {
         let ptr = std::ptr::NonNull::new(ptr).ok_or(std::io::ErrorKind::Other)?;
         let fd = Arc::new(fd);
         let mapping = Mapping { ptr, len };
-        match REGIONS.write() {
-            Ok(mut r) => r.insert(ptr.as_ptr() as usize, Region { len, fd }),
-            Err(poisoned) => poisoned
-                .into_inner()
-                .insert(ptr.as_ptr() as usize, Region { len, fd }),
-        };
+        regions_mut().insert(ptr.as_ptr() as usize, Region { len, fd });
         Ok(mapping)
     })();
     match made {
