@@ -175,7 +175,10 @@ async fn purge(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             },
             Some(u),
         ) => match (u.host(), u.path_and_query()) {
-            (Some(h), Some(pq)) => Some((h.to_ascii_lowercase(), pq.as_str().to_owned(), 0)),
+            (Some(h), Some(pq)) => {
+                let (host, pq) = state.proxy.key_of(h, pq.as_str());
+                Some((host, pq, 0))
+            }
             _ => None,
         },
         (

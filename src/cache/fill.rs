@@ -14,6 +14,7 @@
 use std::collections::hash_map::Entry as Slot;
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -418,13 +419,54 @@ impl Drop for FillReader {
     }
 }
 
-/// The map of in-flight fills by primary key (a keyed hash already: not hashed again).
-#[derive(Debug, Default)]
+/// The map of in-flight fills by primary key (a keyed hash already: not hashed again), and
+/// the budget of body bytes they may hold for storing.
+#[derive(Debug)]
 pub struct Fills {
     map: Mutex<HashMap<u64, Arc<Fill>, PrehashedKey>>,
+    /// Body bytes held by fills that are still to be stored.
+    held: AtomicU64,
+    /// Bound on `held` (`cache.fill_memory`).
+    budget: u64,
+}
+
+impl Default for Fills {
+    fn default() -> Self {
+        Fills::new(u64::MAX)
+    }
 }
 
 impl Fills {
+    /// No fill map yet; fills may hold `budget` body bytes in all for storing.
+    pub fn new(budget: u64) -> Fills {
+        Fills {
+            map: Mutex::default(),
+            held: AtomicU64::new(0),
+            budget,
+        }
+    }
+
+    /// Counts `n` more bytes held for storing. False when that passes the budget: the
+    /// caller gives up storing its fill and gives back what it charged.
+    pub fn charge(&self, n: u64) -> bool {
+        let held = self.held.fetch_add(n, Ordering::Relaxed).saturating_add(n);
+        held <= self.budget
+    }
+
+    /// Gives back bytes counted by [`Fills::charge`].
+    pub fn uncharge(&self, n: u64) {
+        let _ = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                Some(h.saturating_sub(n))
+            });
+    }
+
+    /// Body bytes held for storing by fills in flight.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
     /// Joins the fill for `hash`, creating it if there is none. `true` means the caller created
     /// it and must lead (fetch and publish).
     pub fn join(&self, hash: u64) -> (Arc<Fill>, bool) {
@@ -573,6 +615,18 @@ mod tests {
         fill.push(Bytes::from_static(b"part"));
         fill.finish(false);
         assert!(r.collect().await.is_err());
+    }
+
+    #[test]
+    fn the_fill_budget_counts_and_gives_back() {
+        let fills = Fills::new(100);
+        assert!(fills.charge(60));
+        assert!(fills.charge(40));
+        assert!(!fills.charge(1), "past the budget");
+        fills.uncharge(41);
+        assert_eq!(fills.held(), 60);
+        fills.uncharge(1000);
+        assert_eq!(fills.held(), 0, "never below zero");
     }
 
     #[tokio::test]

@@ -275,6 +275,10 @@ pub struct Cache {
     /// HTTP/1.1 clients with `sendfile` (default 64 KiB); `None` (`sendfile = false`) keeps
     /// every body on the heap. Linux only; elsewhere it has no effect.
     pub sendfile_min_size: Option<u64>,
+    /// Bound on body bytes that in-flight fills hold for storing, outside `memory` (default a
+    /// quarter of `memory`, at least `max_object_size`). A fill whose bytes would pass it is
+    /// not stored: it streams on at its readers' pace, and stops when none is left.
+    pub fill_memory: u64,
 }
 
 impl Default for Cache {
@@ -283,6 +287,7 @@ impl Default for Cache {
             memory: 256 << 20,
             max_object_size: 32 << 20,
             sendfile_min_size: Some(64 << 10),
+            fill_memory: 64 << 20,
         }
     }
 }
@@ -576,9 +581,14 @@ impl Config {
             human_size(self.cache.max_object_size)
         );
         let _ = match self.cache.sendfile_min_size {
-            Some(min) => writeln!(s, ", sendfile from {}", human_size(min)),
-            None => writeln!(s, ", sendfile off"),
+            Some(min) => write!(s, ", sendfile from {}", human_size(min)),
+            None => write!(s, ", sendfile off"),
         };
+        let _ = writeln!(
+            s,
+            ", fills hold up to {}",
+            human_size(self.cache.fill_memory)
+        );
         let _ = writeln!(s, "origins:");
         for o in &self.origins {
             let _ = write!(

@@ -116,6 +116,7 @@ pub(crate) struct RawCache {
     pub(crate) max_object_size: Option<Spanned<Size>>,
     pub(crate) sendfile: Option<bool>,
     pub(crate) sendfile_min_size: Option<Spanned<Size>>,
+    pub(crate) fill_memory: Option<Spanned<Size>>,
 }
 
 #[derive(Debug, Deserialize)]

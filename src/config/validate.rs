@@ -365,6 +365,18 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
             .unwrap_or(0..0);
         ck.error(span, "cache.max_object_size", "is larger than cache.memory");
     }
+    cache.fill_memory = (cache.memory / 4).max(cache.max_object_size);
+    if let Some(m) = &raw.cache.fill_memory {
+        if m.get_ref().0 < cache.max_object_size {
+            ck.error(
+                m.span(),
+                "cache.fill_memory",
+                "must be at least cache.max_object_size",
+            );
+        } else {
+            cache.fill_memory = m.get_ref().0;
+        }
+    }
 
     let health_defaults = raw
         .health

@@ -73,6 +73,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
+    // RFC 9112 §6.3: `Transfer-Encoding` overrides `Content-Length`, and the message was read
+    // by its transfer coding. Once the coding is removed here the length would be taken as
+    // the framing of what we send on, cutting the body off silently.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     // The fields `Connection` names, each removed as its token is read (one pass; a value is
     // a cheap shared clone). `close` names no field and `keep-alive` goes below with the
     // rest, so the usual value costs no lookup.

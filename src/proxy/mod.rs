@@ -204,7 +204,13 @@ pub struct Proxy {
     via_10: HeaderValue,
     via_2: HeaderValue,
     boundary: String,
+    /// This node's `CDN-Loop` member (RFC 8586), `{via_name}; node={id}` with an id drawn at
+    /// start: a request that already carries it has come back to us (508).
+    cdn_loop: HeaderValue,
 }
+
+/// `CDN-Loop` (RFC 8586): each CDN node a request passes appends itself.
+static CDN_LOOP: HeaderName = HeaderName::from_static("cdn-loop");
 
 impl Proxy {
     /// Builds the request path for a validated configuration and a store.
@@ -229,14 +235,15 @@ impl Proxy {
             .map(|o| OriginClient::new(o.clone(), resolver.clone(), &roots))
             .collect::<Result<Vec<_>, _>>()?;
         let name = config.server.via_name.clone();
-        let boundary = format!(
-            "edgecache-{:016x}",
-            store.hash(&KeyParts {
-                https: false,
-                host: "boundary",
-                path_and_query: "/"
-            })
-        );
+        // Random per process (the store's hasher is randomly keyed).
+        let node_id = store.hash(&KeyParts {
+            https: false,
+            host: "boundary",
+            path_and_query: "/",
+        });
+        let boundary = format!("edgecache-{node_id:016x}");
+        let cdn_loop = HeaderValue::from_str(&format!("{name}; node={node_id:016x}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("edgecache"));
         Ok(Proxy {
             sites: SiteTable::new(&config.sites),
             origin_names: config
@@ -246,7 +253,7 @@ impl Proxy {
                 .collect(),
             origins,
             store,
-            fills: Fills::default(),
+            fills: Fills::new(config.cache.fill_memory),
             locator: crate::geo::Locator::new(
                 config.geo.networks.clone(),
                 config.geo.header.clone(),
@@ -274,6 +281,7 @@ impl Proxy {
             via_2: via_value(Version::HTTP_2, &name),
             name,
             boundary,
+            cdn_loop,
             config,
         })
     }
@@ -437,9 +445,41 @@ impl Proxy {
         }
     }
 
+    /// The host and path-and-query under which a URL is keyed: the host lowercased without
+    /// port or trailing dot, the query normalised as its site keys it. Purges by URL go
+    /// through this, so a purge names what requests for the same URL were stored under.
+    pub fn key_of(&self, host: &str, path_and_query: &str) -> (String, String) {
+        let host = host_without_port(host).unwrap_or(host).to_ascii_lowercase();
+        let pq = match self.sites.find(&host) {
+            Some(i) => key_target(&self.config.sites[i], path_and_query).into_owned(),
+            None => path_and_query.to_owned(),
+        };
+        (host, pq)
+    }
+
     /// Fetches in flight.
     pub fn fills_in_flight(&self) -> usize {
         self.fills.len()
+    }
+
+    /// True when the request's `CDN-Loop` names this node.
+    fn is_loop(&self, headers: &HeaderMap) -> bool {
+        // The random id alone is looked for, so a proxy between us that rewrites the
+        // member's spacing does not hide the loop.
+        let id = self
+            .boundary
+            .strip_prefix("edgecache-")
+            .unwrap_or(&self.boundary)
+            .as_bytes();
+        headers
+            .get_all(&CDN_LOOP)
+            .iter()
+            .any(|v| v.as_bytes().windows(id.len()).any(|w| w == id))
+    }
+
+    /// Appends this node to the `CDN-Loop` of a request going upstream.
+    fn mark_hop(&self, headers: &mut HeaderMap) {
+        headers.append(CDN_LOOP.clone(), self.cdn_loop.clone());
     }
 
     fn via(&self, version: Version) -> &HeaderValue {
@@ -559,8 +599,13 @@ impl Proxy {
         // `contains_key` hashes the name and probes the map.
         let (mut chunked, mut length, mut has_cc, mut has_pragma) = (false, false, false, false);
         let (mut host_field, mut host_fields) = (None, 0u32);
+        let (mut connection, mut cdn_loop) = (false, false);
         for (name, value) in h {
-            if name == header::HOST {
+            if name == header::CONNECTION {
+                connection = true;
+            } else if name == CDN_LOOP {
+                cdn_loop = true;
+            } else if name == header::HOST {
                 host_field = Some(value);
                 host_fields += 1;
             } else if name == header::TRANSFER_ENCODING {
@@ -580,6 +625,25 @@ impl Proxy {
             return Served::Now(refuse(
                 StatusCode::BAD_REQUEST,
                 "edgecache: Content-Length and Transfer-Encoding together\n",
+                true,
+            ));
+        }
+        // The fields `Connection` names are for this hop only and are never forwarded, so
+        // the key, `Vary` matching and rules must not see them either: otherwise
+        // `Accept-Language: de` with `Connection: accept-language` reaches the origin without
+        // the field and its default answer is stored as the `de` variant. Removed once, up
+        // front; the request then has no `Connection` field and is served as if sent so.
+        if connection {
+            let mut req = req;
+            headers::remove_hop_by_hop(req.headers_mut());
+            return self.serve(req, conn);
+        }
+        // RFC 8586: our own `CDN-Loop` member means a site's origin leads back to this node
+        // (directly or through others); forwarding again would loop until a limit broke it.
+        if cdn_loop && self.is_loop(h) {
+            return Served::Now(refuse(
+                StatusCode::LOOP_DETECTED,
+                "edgecache: request loop: this request has already passed this node\n",
                 true,
             ));
         }
@@ -637,12 +701,16 @@ impl Proxy {
         };
         let site = &self.config.sites[site_idx];
         // The `Host` sent upstream; built only where a request goes upstream, not per hit.
+        // The host as the key and the site table saw it (lowercase, no port, no trailing
+        // dot), as nginx's `$host`: the origin must not answer a request the key cannot tell
+        // apart from another (`Host: site.test:1337` stored for every client of `site.test`).
         let host_value =
-            || HeaderValue::from_str(authority).unwrap_or(HeaderValue::from_static("invalid"));
+            || HeaderValue::from_str(&host).unwrap_or(HeaderValue::from_static("invalid"));
 
         if req.method().as_str() == "PURGE" {
             let host = host.into_owned();
-            return Served::Now(self.purge_method(&req, conn, &host, pq.as_str()));
+            let key_pq = key_target(site, pq.as_str());
+            return Served::Now(self.purge_method(&req, conn, &host, &key_pq));
         }
         let rule = site.rule(req.uri().path());
         let cache_method = req.method() == Method::GET || req.method() == Method::HEAD;
@@ -653,10 +721,10 @@ impl Proxy {
                 "fwd=method"
             };
             let status = self.cache_status(detail);
+            let host_value = host_value();
             let host = host.into_owned();
             // Boxed, like the fetch below: only work that waits for an origin becomes a
             // future; everything before it (and every hit) runs in this call.
-            let host_value = host_value();
             let this = self.clone();
             return Served::Later(Box::pin(async move {
                 this.pass(req, conn, site_idx, &host, host_value, status)
@@ -677,15 +745,7 @@ impl Proxy {
                 && h.get(header::PRAGMA)
                     .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"no-cache")));
         let forced = asked_fresh && site.cache.client_no_cache == ClientNoCache::Revalidate;
-        let key_pq = match site.cache.query {
-            QueryMode::Keep if site.cache.query_ignore.is_empty() => Cow::Borrowed(pq.as_str()),
-            mode => normalise_query(
-                pq.as_str(),
-                mode == QueryMode::Sort,
-                mode == QueryMode::Ignore,
-                &site.cache.query_ignore,
-            ),
-        };
+        let key_pq = key_target(site, pq.as_str());
         let parts = KeyParts {
             https: conn.https,
             host: &host,
@@ -809,6 +869,13 @@ impl Proxy {
                     );
                 }
                 Outcome::Ready(entry) => {
+                    // The leader's entry is for the leader's variant: a follower whose
+                    // request differs in a `Vary`-ed field or the site's extra key must not
+                    // get it (it would be another user's page). The leader has left the
+                    // map by now: joining again leads (or follows) a fill for our variant.
+                    if !entry.vary.matches(h, lookup.extra.as_deref()) {
+                        continue;
+                    }
                     let status = if stale.is_some() {
                         self.cache_status("fwd=stale; collapsed")
                     } else {
@@ -909,12 +976,23 @@ impl Proxy {
             trusted,
             self.via(lookup.parts.version),
         );
-        let pq = lookup
-            .parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        self.mark_hop(&mut up_headers);
+        // The path and query as keyed, not as received: parameters the key drops or reorders
+        // never reach the origin (a response to `?id=1&utm_source=<script>` would otherwise
+        // be stored for `?id=1`).
+        let pq = match lookup.parts.uri.path_and_query() {
+            Some(raw) if raw.as_str() == &*lookup.key.path_and_query => raw.clone(),
+            _ => match PathAndQuery::try_from(&*lookup.key.path_and_query) {
+                Ok(pq) => pq,
+                Err(_) => {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        "edgecache: invalid request target\n",
+                        true,
+                    )
+                }
+            },
+        };
         let request_time = SystemTime::now();
         let Some((origin_index, origin_ms, result)) = self
             .send_failover(
@@ -1018,25 +1096,49 @@ impl Proxy {
                     policy::storable(facts, s.status, &headers, &lookup.settings, response_time);
                 let initial_age =
                     policy::corrected_initial_age(&rparts.headers, request_time, response_time);
+                // What the 304 says to this client alone (`Set-Cookie`, fields named by
+                // `private=` / `no-cache=`) is stripped as on store: it never enters the
+                // shared copy, and only this client receives it.
+                let mut strip = decision
+                    .as_ref()
+                    .map(|d| d.strip.clone())
+                    .unwrap_or_default();
+                if !strip.iter().any(|n| n.eq_ignore_ascii_case("set-cookie")) {
+                    strip.push("set-cookie".into());
+                }
+                let personal: Vec<(HeaderName, HeaderValue)> = rparts
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| strip.iter().any(|f| f.eq_ignore_ascii_case(n.as_str())))
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect();
                 let stored_ok = decision.is_ok();
                 let refreshed = s.refreshed(
-                    strip_cache_only(headers, &[]),
+                    strip_cache_only(headers, &strip),
                     response_time,
                     initial_age,
                     decision.unwrap_or_else(|_| s.decision.clone()),
                 );
-                // The refreshed entry is built once: stored and answered from when storable,
-                // otherwise answered from and the old one removed.
+                // The refreshed entry is built once: stored, shared with followers and
+                // answered from when storable; otherwise answered from for this client only,
+                // the old one removed, and followers fetch for themselves.
                 let entry = if stored_ok {
-                    self.store.insert_shared(lookup.hash, refreshed)
+                    let entry = self.store.insert_shared(lookup.hash, refreshed);
+                    guard.publish(Outcome::Ready(entry.clone()));
+                    entry
                 } else {
                     self.store.remove(lookup.hash);
+                    guard.publish(Outcome::Uncacheable);
                     Arc::new(refreshed)
                 };
-                guard.publish(Outcome::Ready(entry.clone()));
                 let status = self.cache_status(&format!("{client_status_base}; fwd-status=304"));
+                let mut resp =
+                    self.answer_from_entry(&entry, client, lookup.head, response_time, status);
+                for (name, value) in personal {
+                    resp.headers_mut().append(name, value);
+                }
                 return (
-                    self.answer_from_entry(&entry, client, lookup.head, response_time, status),
+                    resp,
                     Outcome_::origin("revalidated", origin_index, origin_ms),
                 );
             }
@@ -1428,16 +1530,18 @@ impl Proxy {
     ) -> Answer {
         let (candidates, route) = self.candidates(site_idx, conn, req.headers());
         let (resp, mut outcome) = self
-            .pass_with(req, conn, host, host_value, status, &candidates)
+            .pass_with(req, conn, site_idx, host, host_value, status, &candidates)
             .await;
         outcome.route = route;
         (resp, outcome)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn pass_with(
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
+        site_idx: usize,
         host: &str,
         host_value: HeaderValue,
         status: HeaderValue,
@@ -1460,6 +1564,7 @@ impl Proxy {
             trusted,
             self.via(parts.version),
         );
+        self.mark_hop(&mut up_headers);
         // Only a request without a body to replay may be retried on another origin.
         let up_body = if body.is_end_stream() {
             None
@@ -1518,10 +1623,11 @@ impl Proxy {
         // RFC 9111 §4.4: a successful unsafe request invalidates the target URI and the same-host
         // URIs named by Location and Content-Location.
         if !method.is_safe() && (rparts.status.is_success() || rparts.status.is_redirection()) {
+            let site = &self.config.sites[site_idx];
             self.store.purge(
                 &PurgeTarget::Url {
                     host,
-                    path_and_query: pq.as_str(),
+                    path_and_query: &key_target(site, pq.as_str()),
                 },
                 false,
             );
@@ -1538,7 +1644,7 @@ impl Proxy {
                             self.store.purge(
                                 &PurgeTarget::Url {
                                     host,
-                                    path_and_query: p.as_str(),
+                                    path_and_query: &key_target(site, p.as_str()),
                                 },
                                 false,
                             );
@@ -1659,28 +1765,38 @@ impl Proxy {
                     let mut headers = entry.headers.clone();
                     headers.insert(header::AGE, age);
                     headers.insert(CACHE_STATUS.clone(), status);
-                    let body = if let [(first, last)] = ranges[..] {
+                    let (body, length) = if let [(first, last)] = ranges[..] {
                         if let Ok(v) =
                             HeaderValue::from_str(&range::content_range(first, last, len))
                         {
                             headers.insert(header::CONTENT_RANGE, v);
                         }
-                        entry.body.slice(first as usize..=last as usize)
+                        let b = entry.body.slice(first as usize..=last as usize);
+                        let n = b.len() as u64;
+                        (b, n)
                     } else {
                         let ct = entry
                             .headers
                             .get(header::CONTENT_TYPE)
                             .and_then(|v| v.to_str().ok());
-                        let b = range::multipart(&entry.body, &ranges, ct, &self.boundary);
+                        // HEAD gets the length a GET would, with no body built.
+                        let (b, n) = if head {
+                            let n = range::multipart_len(len, &ranges, ct, &self.boundary);
+                            (Bytes::new(), n)
+                        } else {
+                            let b = range::multipart(&entry.body, &ranges, ct, &self.boundary);
+                            let n = b.len() as u64;
+                            (b, n)
+                        };
                         if let Ok(v) = HeaderValue::from_str(&format!(
                             "multipart/byteranges; boundary={}",
                             self.boundary
                         )) {
                             headers.insert(header::CONTENT_TYPE, v);
                         }
-                        b
+                        (b, n)
                     };
-                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
                     let mut resp = Response::new(if head {
                         Body::empty()
                     } else {
@@ -1809,6 +1925,8 @@ struct Pump {
 impl Pump {
     async fn run(self, mut body: Incoming) {
         let mut abandoned = false;
+        // Bytes counted against `cache.fill_memory` while this fill is kept for storing.
+        let mut charged = 0u64;
         let complete = loop {
             let frame = match tokio::time::timeout(self.idle, body.frame()).await {
                 Err(_) => break false,
@@ -1820,20 +1938,32 @@ impl Pump {
                 continue;
             };
             let last = body.is_end_stream();
-            if last && !abandoned && self.fill.len() + data.len() as u64 <= self.limit {
+            let n = data.len() as u64;
+            let mut over_budget = false;
+            if !abandoned {
+                charged += n;
+                over_budget = !self.proxy.fills.charge(n);
+            }
+            if last && !abandoned && !over_budget && self.fill.len() + n <= self.limit {
                 // The last bytes: store first, then let readers finish, so a client that has
                 // read everything always finds the object stored.
                 self.fill.push_hidden(data);
                 break true;
             }
             self.fill.push(data);
-            if !abandoned && self.fill.len() > self.limit {
-                // Too large to store after all: keep streaming to the readers we have, with the
-                // fetch held to their pace, and let new requests go their own way.
+            if !abandoned && (over_budget || self.fill.len() > self.limit) {
+                // Too large to store after all, or fills in flight hold too much: keep
+                // streaming to the readers we have, with the fetch held to their pace (and
+                // stopped when none is left), and let new requests go their own way.
                 abandoned = true;
                 self.fill.abandon();
                 self.release();
-                self.store.mark_hit_for_miss(self.hash, self.hit_for_miss);
+                self.proxy.fills.uncharge(std::mem::take(&mut charged));
+                if over_budget {
+                    tracing::debug!("fill memory full: not storing this response");
+                } else {
+                    self.store.mark_hit_for_miss(self.hash, self.hit_for_miss);
+                }
             }
             if abandoned && !self.fill.wait_for_readers(STREAM_WINDOW).await {
                 break false;
@@ -1860,6 +1990,7 @@ impl Pump {
                 self.store.insert(self.hash, entry);
             }
         }
+        self.proxy.fills.uncharge(charged);
         self.fill.finish(complete);
         self.release();
     }
@@ -1868,6 +1999,21 @@ impl Pump {
         if self.registered {
             self.proxy.fills.remove(self.hash, &self.fill);
         }
+    }
+}
+
+/// The path and query as `site` keys them (parameters sorted or dropped as configured). The
+/// one normalisation for keys, what the origin is asked for, and purges: whatever the key
+/// ignores, the origin never sees. Borrows when nothing changes.
+fn key_target<'a>(site: &crate::config::Site, pq: &'a str) -> Cow<'a, str> {
+    match site.cache.query {
+        QueryMode::Keep if site.cache.query_ignore.is_empty() => Cow::Borrowed(pq),
+        mode => normalise_query(
+            pq,
+            mode == QueryMode::Sort,
+            mode == QueryMode::Ignore,
+            &site.cache.query_ignore,
+        ),
     }
 }
 

@@ -72,13 +72,57 @@ pub fn parse(value: &str, len: u64) -> Ranges {
     if out.is_empty() {
         Ranges::Unsatisfiable
     } else {
-        Ranges::Satisfiable(out)
+        Ranges::Satisfiable(coalesce(out))
+    }
+}
+
+/// Merges ranges that overlap or touch (RFC 9110 §14.2 lets a server coalesce them), so the
+/// parts sent never add up to more than the object: `bytes=0-,0-,0-,…` is one range, not
+/// the object many times over. Ranges that neither overlap nor touch keep the order asked.
+fn coalesce(ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    if ranges.len() < 2 {
+        return ranges;
+    }
+    let mut sorted = ranges.clone();
+    sorted.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(sorted.len());
+    for (first, last) in sorted {
+        match merged.last_mut() {
+            Some(prev) if first <= prev.1.saturating_add(1) => prev.1 = prev.1.max(last),
+            _ => merged.push((first, last)),
+        }
+    }
+    if merged.len() == ranges.len() {
+        ranges
+    } else {
+        merged
     }
 }
 
 /// The `Content-Range` value for one range.
 pub fn content_range(first: u64, last: u64, len: u64) -> String {
     format!("bytes {first}-{last}/{len}")
+}
+
+/// The length of the body [`multipart`] makes, computed without making it (for HEAD).
+pub fn multipart_len(
+    len: u64,
+    ranges: &[(u64, u64)],
+    content_type: Option<&str>,
+    boundary: &str,
+) -> u64 {
+    let boundary = boundary.len() as u64;
+    let ct = content_type.map_or(0, |c| "Content-Type: ".len() as u64 + c.len() as u64 + 2);
+    let parts: u64 = ranges
+        .iter()
+        .map(|&(first, last)| {
+            let cr = content_range(first, last, len).len() as u64;
+            // CRLF "--" boundary CRLF, Content-Type line, "Content-Range: " value CRLF CRLF, bytes
+            2 + 2 + boundary + 2 + ct + "Content-Range: ".len() as u64 + cr + 4 + (last - first + 1)
+        })
+        .sum();
+    // CRLF "--" boundary "--" CRLF
+    parts + 2 + 2 + boundary + 2 + 2
 }
 
 /// A `multipart/byteranges` body for several ranges of `body`.
@@ -136,6 +180,38 @@ mod tests {
         check("bytes=a-b", 100, Ignore);
         check("bytes=", 100, Ignore);
         check("BYTES=0-1", 100, Satisfiable(vec![(0, 1)]));
+    }
+
+    #[test]
+    fn overlapping_and_touching_ranges_are_coalesced_rfc_9110_section_14_2() {
+        use Ranges::*;
+        check("bytes=0-,0-,0-,0-", 100, Satisfiable(vec![(0, 99)]));
+        check("bytes=0-9,10-19", 100, Satisfiable(vec![(0, 19)]));
+        check(
+            "bytes=50-59,0-9,5-20",
+            100,
+            Satisfiable(vec![(0, 20), (50, 59)]),
+        );
+        check("bytes=-10,0-", 100, Satisfiable(vec![(0, 99)]));
+        // Apart: kept in the order asked.
+        check("bytes=50-59,0-9", 100, Satisfiable(vec![(50, 59), (0, 9)]));
+        let many = format!("bytes={}", vec!["0-"; 64].join(","));
+        check(&many, 1024, Satisfiable(vec![(0, 1023)]));
+    }
+
+    #[test]
+    fn multipart_len_is_the_length_of_the_body() {
+        let body = Bytes::from_static(b"0123456789abcdef");
+        for (ranges, ct) in [
+            (vec![(0, 1), (8, 9)], Some("text/plain")),
+            (vec![(3, 3), (5, 15), (0, 0)], None),
+        ] {
+            let m = multipart(&body, &ranges, ct, "edgecache-00ff");
+            assert_eq!(
+                multipart_len(16, &ranges, ct, "edgecache-00ff"),
+                m.len() as u64
+            );
+        }
     }
 
     #[test]

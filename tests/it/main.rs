@@ -5,6 +5,7 @@
 mod binary;
 mod cache;
 mod http_cache;
+mod isolation;
 mod origins;
 mod routing;
 mod sendfile;

@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub use dns::TestDns;
-pub use origin::{Route, TestOrigin};
+pub use origin::{echo_body, Route, TestOrigin};
 
 /// A certificate made for a test, written to files in `dir`.
 pub struct TestCert {

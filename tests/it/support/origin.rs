@@ -29,6 +29,11 @@ pub struct Route {
     pub delay: Duration,
     /// Cut a generated body off with an error instead of ending it.
     pub abort: bool,
+    /// Fields a 304 carries instead of the route's fields of the same name.
+    pub on_304: Vec<(String, String)>,
+    /// A 304 also carries `Set-Cookie: seen="<the request's Cookie>"` (a response meant for
+    /// that client alone).
+    pub cookie_on_304: bool,
 }
 
 #[derive(Clone)]
@@ -42,6 +47,27 @@ pub enum RouteBody {
         length: bool,
         pause: Duration,
     },
+    /// A body that tells what the origin saw: `host`, path and query, and the request's
+    /// values of `fields`, then `pad` filler bytes (so a test can pick the size).
+    Echo {
+        fields: Vec<String>,
+        pad: usize,
+    },
+}
+
+/// The body an echo route answers to a request with this host, path and query and these
+/// field values (`None`: absent). Tests build the expected body with it.
+pub fn echo_body(host: &str, pq: &str, fields: &[(&str, Option<&str>)], pad: usize) -> Bytes {
+    let mut s = format!("host={host}\npq={pq}\n");
+    for (name, value) in fields {
+        s.push_str(name);
+        s.push('=');
+        s.push_str(value.unwrap_or("<none>"));
+        s.push('\n');
+    }
+    let mut b = s.into_bytes();
+    b.extend(std::iter::repeat_n(b'.', pad));
+    Bytes::from(b)
 }
 
 impl Route {
@@ -52,7 +78,32 @@ impl Route {
             body: RouteBody::Fixed(Bytes::from_static(body.as_bytes())),
             delay: Duration::ZERO,
             abort: false,
+            on_304: Vec::new(),
+            cookie_on_304: false,
         }
+    }
+
+    /// A route that echoes what it saw (see [`RouteBody::Echo`]).
+    pub fn echo(fields: &[&str], pad: usize) -> Route {
+        Route {
+            body: RouteBody::Echo {
+                fields: fields.iter().map(|f| f.to_string()).collect(),
+                pad,
+            },
+            ..Route::ok("")
+        }
+    }
+
+    /// A field that a 304 sends instead of the route's own field of that name.
+    pub fn on_304(mut self, name: &str, value: &str) -> Route {
+        self.on_304.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// 304s carry `Set-Cookie: seen="<request's Cookie>"`.
+    pub fn cookie_on_304(mut self) -> Route {
+        self.cookie_on_304 = true;
+        self
     }
 
     /// A fixed body of any bytes.
@@ -322,17 +373,65 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<TestBody> {
             st.not_modified.fetch_add(1, Ordering::SeqCst);
             let mut r = Response::new(TestBody::fixed(Bytes::new()));
             *r.status_mut() = StatusCode::NOT_MODIFIED;
-            for (k, v) in &route.headers {
+            let replaced = |k: &str| route.on_304.iter().any(|(n, _)| n.eq_ignore_ascii_case(k));
+            for (k, v) in route
+                .headers
+                .iter()
+                .filter(|(k, _)| !replaced(k))
+                .chain(&route.on_304)
+            {
                 r.headers_mut().append(
                     HeaderName::from_bytes(k.as_bytes()).expect("name"),
                     HeaderValue::from_str(v).expect("value"),
                 );
+            }
+            if route.cookie_on_304 {
+                let seen = req
+                    .headers()
+                    .get("cookie")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("<none>");
+                if let Ok(v) = HeaderValue::from_str(&format!("seen=\"{seen}\"")) {
+                    r.headers_mut().append(http::header::SET_COOKIE, v);
+                }
             }
             return r;
         }
     }
     let mut resp = match route.body {
         RouteBody::Fixed(b) => Response::new(TestBody::fixed(b)),
+        RouteBody::Echo { fields, pad } => {
+            let host = req
+                .headers()
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("<none>");
+            // Every line of a field, joined as the field's rules say (HTTP/2 may split
+            // `Cookie` into several).
+            let joined: Vec<Option<String>> = fields
+                .iter()
+                .map(|f| {
+                    let lines: Vec<&str> = req
+                        .headers()
+                        .get_all(f.as_str())
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect();
+                    let sep = if f.eq_ignore_ascii_case("cookie") {
+                        "; "
+                    } else {
+                        ", "
+                    };
+                    (!lines.is_empty()).then(|| lines.join(sep))
+                })
+                .collect();
+            let values: Vec<(&str, Option<&str>)> = fields
+                .iter()
+                .zip(&joined)
+                .map(|(f, v)| (f.as_str(), v.as_deref()))
+                .collect();
+            Response::new(TestBody::fixed(echo_body(host, &pq, &values, pad)))
+        }
         RouteBody::Generated {
             chunk,
             chunks,
