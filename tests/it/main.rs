@@ -6,6 +6,7 @@ mod binary;
 mod cache;
 mod http_cache;
 mod isolation;
+mod leak_search;
 mod origins;
 mod routing;
 mod sendfile;

@@ -48,7 +48,8 @@ pub enum RouteBody {
         pause: Duration,
     },
     /// A body that tells what the origin saw: `host`, path and query, and the request's
-    /// values of `fields`, then `pad` filler bytes (so a test can pick the size).
+    /// values of `fields` (`cookie:NAME` is one cookie's value), then `pad` filler bytes (so a
+    /// test can pick the size).
     Echo {
         fields: Vec<String>,
         pad: usize,
@@ -411,6 +412,9 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<TestBody> {
             let joined: Vec<Option<String>> = fields
                 .iter()
                 .map(|f| {
+                    if let Some(name) = f.strip_prefix("cookie:") {
+                        return cookie(req.headers(), name);
+                    }
                     let lines: Vec<&str> = req
                         .headers()
                         .get_all(f.as_str())
@@ -463,6 +467,18 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<TestBody> {
         );
     }
     resp
+}
+
+/// The value of cookie `name` in a request's `Cookie` fields.
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all("cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.to_owned())
 }
 
 /// Where a generated body reports that it was sent to the end.
