@@ -42,6 +42,10 @@ pub struct Gauges {
     pub cache_bytes: u64,
     pub cache_capacity_bytes: u64,
     pub fills_in_flight: u64,
+    /// Body bytes fills in flight hold for storing (bounded by `cache.fill_memory`).
+    pub fill_bytes: u64,
+    /// Fills not stored because `cache.fill_memory` was full.
+    pub fill_memory_full: u64,
     pub open_connections: u64,
     /// Stored bodies in memory files (process-wide, see `cache::mapped`).
     pub memory_files: MemoryFiles,
@@ -192,6 +196,11 @@ impl Metrics {
                 g.fills_in_flight,
             ),
             (
+                "edgecache_fill_memory_bytes",
+                "Body bytes that fetches in flight hold for storing (cache.fill_memory).",
+                g.fill_bytes,
+            ),
+            (
                 "edgecache_open_connections",
                 "Open client connections.",
                 g.open_connections,
@@ -210,6 +219,12 @@ impl Metrics {
         for (name, help, v) in gauges {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
+        let name = "edgecache_fill_memory_full_total";
+        let _ = writeln!(
+            s,
+            "# HELP {name} Responses not stored because cache.fill_memory was full.\n# TYPE {name} counter\n{name} {}",
+            g.fill_memory_full
+        );
         s
     }
 }

@@ -101,6 +101,8 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
                 cache_bytes: store.weighted_size(),
                 cache_capacity_bytes: state.capacity,
                 fills_in_flight: state.proxy.fills_in_flight() as u64,
+                fill_bytes: state.proxy.fill_memory().0,
+                fill_memory_full: state.proxy.fill_memory().1,
                 open_connections: state.tracker.open() as u64,
                 memory_files,
             };

@@ -428,6 +428,8 @@ pub struct Fills {
     held: AtomicU64,
     /// Bound on `held` (`cache.fill_memory`).
     budget: u64,
+    /// Fills given up because the budget was full.
+    refused: AtomicU64,
 }
 
 impl Default for Fills {
@@ -443,6 +445,7 @@ impl Fills {
             map: Mutex::default(),
             held: AtomicU64::new(0),
             budget,
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -450,7 +453,16 @@ impl Fills {
     /// caller gives up storing its fill and gives back what it charged.
     pub fn charge(&self, n: u64) -> bool {
         let held = self.held.fetch_add(n, Ordering::Relaxed).saturating_add(n);
-        held <= self.budget
+        let ok = held <= self.budget;
+        if !ok {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Fills given up because the budget was full.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// Gives back bytes counted by [`Fills::charge`].

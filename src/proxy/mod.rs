@@ -457,6 +457,12 @@ impl Proxy {
         (host, pq)
     }
 
+    /// Body bytes fills hold for storing, and how many fills were not stored because that
+    /// reached `cache.fill_memory`.
+    pub fn fill_memory(&self) -> (u64, u64) {
+        (self.fills.held(), self.fills.refused())
+    }
+
     /// Fetches in flight.
     pub fn fills_in_flight(&self) -> usize {
         self.fills.len()

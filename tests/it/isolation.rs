@@ -551,3 +551,115 @@ async fn an_origin_response_with_both_framings_reaches_the_client_whole() {
         assert_ne!(g.header("content-length"), Some("5"));
     }
 }
+
+/// A gauge or counter's value from the admin listener's `/metrics`.
+async fn metric(node: &TestNode, name: &str) -> u64 {
+    let admin = node.node().admin_addr().expect("admin listener");
+    let (text, _) = raw(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+/// `cache.fill_memory` bounds what fills in flight hold for storing: past it a response is
+/// not stored but still reaches its clients whole, and a fetch that nobody reads any more and
+/// that will not be stored stops instead of downloading to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fills_in_flight_hold_no_more_than_fill_memory() {
+    let origin = TestOrigin::start().await;
+    let chunk = 64 << 10;
+    // 1 MiB that then waits 2 s for the rest: a fill that holds half the budget while the
+    // others run.
+    origin.route(
+        "/hold",
+        Route::ok("")
+            .generated(1 << 20, 2, true, Duration::from_secs(2))
+            .header("cache-control", "max-age=60"),
+    );
+    // 1.75 MiB each, a chunk every 40 ms.
+    for path in ["/drop", "/whole"] {
+        origin.route(
+            path,
+            Route::ok("")
+                .generated(chunk, 28, true, Duration::from_millis(40))
+                .header("cache-control", "max-age=60"),
+        );
+    }
+    let config = format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n",
+        site_with(&origin, "")
+    );
+    let node = TestNode::start(
+        "",
+        &format!("{config}\n[cache]\nmemory = \"16MiB\"\nmax_object_size = \"2MiB\"\nfill_memory = \"2MiB\"\n"),
+    )
+    .await;
+    let addr = node.http;
+    // One fill holds most of the budget while its client reads it.
+    let hold = tokio::spawn(async move { get(addr, "site.test", "/hold").await });
+    let mut held = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while held < (1 << 20) && std::time::Instant::now() < deadline {
+        held = metric(&node, "edgecache_fill_memory_bytes").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(held >= 1 << 20, "the first fill is counted ({held})");
+    // A second client reads the start of another object and leaves.
+    {
+        use http_body_util::BodyExt;
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        let conn = tokio::spawn(conn);
+        let resp = sender
+            .send_request(request("GET", "site.test", "/drop", &[]))
+            .await
+            .expect("response");
+        let mut body = resp.into_body();
+        let _ = body.frame().await;
+        drop(body);
+        drop(sender);
+        conn.abort();
+    }
+    // A third client reads a whole object while the budget is short: whole, not stored.
+    let whole = get(addr, "site.test", "/whole").await;
+    assert_eq!(whole.body.len(), 28 * chunk);
+    let hold = hold.await.expect("hold");
+    assert_eq!(hold.body.len(), 2 << 20);
+    // Once every fetch has ended, nothing is held, and the abandoned one did not run to the end.
+    let mut ended = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if metric(&node, "edgecache_fills_in_flight").await == 0
+            && metric(&node, "edgecache_fill_memory_bytes").await == 0
+        {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ended, "fills ended and gave their bytes back");
+    assert!(metric(&node, "edgecache_fill_memory_full_total").await >= 1);
+    assert_eq!(
+        origin.completed("/drop"),
+        0,
+        "a fill with no reader that will not be stored stops"
+    );
+    // /whole was fetched while the budget was short: not stored.
+    let again = get(addr, "site.test", "/whole").await;
+    assert_eq!(again.body.len(), 28 * chunk);
+    assert_eq!(origin.count("/whole"), 2, "not stored past the budget");
+    let hold = get(addr, "site.test", "/hold").await;
+    assert_eq!(
+        hold.header("cache-status"),
+        Some("edgecache; hit"),
+        "within the budget: stored"
+    );
+}
