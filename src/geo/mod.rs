@@ -228,7 +228,7 @@ impl Locator {
         {
             for part in v.split(',') {
                 match part.trim().parse::<IpAddr>() {
-                    Ok(ip) => hops.push(ip),
+                    Ok(ip) => hops.push(ip.to_canonical()),
                     // An unparseable hop ends what can be believed.
                     Err(_) => hops.clear(),
                 }
@@ -246,7 +246,7 @@ impl Locator {
                         k.trim().eq_ignore_ascii_case("for").then(|| v.trim())
                     });
                     match node.and_then(forwarded_node) {
-                        Some(ip) => hops.push(ip),
+                        Some(ip) => hops.push(ip.to_canonical()),
                         // `unknown`, an obfuscated name or garbage: nothing left of it holds.
                         None => hops.clear(),
                     }
@@ -417,6 +417,23 @@ mod tests {
             &[("forwarded", "for=203.0.113.9")],
             "198.51.100.1",
             None,
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_hops_are_ipv4() {
+        // A trusted hop on a dual-stack socket may write its clients in the mapped form.
+        check(
+            "10.1.2.3",
+            &[("x-forwarded-for", "::ffff:203.0.113.9, ::ffff:10.0.0.7")],
+            "203.0.113.9",
+            Some(b"DE"),
+        );
+        check(
+            "10.1.2.3",
+            &[("forwarded", "for=\"[::ffff:203.0.113.200]:443\"")],
+            "203.0.113.200",
+            Some(b"JP"),
         );
     }
 

@@ -1,0 +1,80 @@
+//! Who the client is: the socket's peer in canonical form, clients named by trusted proxies,
+//! and what that decides (geo routes, forwarding fields, the PURGE method).
+
+use crate::support::*;
+
+/// One site on two origins: clients located in `DE` go to `eu`, the rest to `us`. Each origin
+/// answers `/where` with its name (not stored) and `/p` with a stored object.
+async fn located_site(geo: &str, admin: &str) -> (TestOrigin, TestOrigin, String) {
+    let (eu, us) = regional_origins().await;
+    for o in [&eu, &us] {
+        o.route("/p", Route::ok("p").header("cache-control", "max-age=600"));
+    }
+    let body = format!(
+        "{geo}\n[[origins]]\nname = \"eu-1\"\nurl = \"{}\"\n[[origins]]\nname = \"us-1\"\nurl = \"{}\"\n\
+         [[pools]]\nname = \"eu\"\norigins = [\"eu-1\"]\n[[pools]]\nname = \"us\"\norigins = [\"us-1\"]\n\
+         [[sites]]\nhosts = [\"site.test\"]\n\
+         [[sites.routes]]\nmatch = {{ countries = [\"DE\"] }}\npools = [\"eu\"]\n\
+         [[sites.routes]]\npools = [\"us\"]\n{admin}",
+        eu.url(),
+        us.url()
+    );
+    (eu, us, body)
+}
+
+async fn answer(node: &TestNode, headers: &[(&str, &str)]) -> String {
+    let r = send(node.http, request("GET", "site.test", "/where", headers)).await;
+    assert_eq!(r.status, 200);
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+fn xff(origin: &TestOrigin, path: &str) -> String {
+    origin
+        .last_headers(path)
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Issue 19: on a dual-stack socket an IPv4 client is `::ffff:a.b.c.d`, which matched no IPv4
+/// network: trusted proxies, geo networks and `purge_allow` all failed, and the mapped form
+/// went upstream in `X-Forwarded-For`. A listener on the mapped loopback address makes every
+/// peer such an address.
+#[tokio::test]
+async fn ipv4_mapped_peers_match_ipv4_networks() {
+    let geo = "[geo]\n[[geo.networks]]\ncidr = \"127.0.0.0/8\"\ncountry = \"DE\"\n";
+    let admin = "[admin]\nlisten = \"127.0.0.1:0\"\npurge_allow = [\"127.0.0.1/32\"]\n";
+    let (eu, us, body) = located_site(geo, admin).await;
+    let node = TestNode::start_listening(
+        "[::ffff:127.0.0.1]:0",
+        "trusted_proxies = [\"127.0.0.1\"]\n",
+        &body,
+    )
+    .await;
+    assert!(node.http.is_ipv6(), "{}", node.http);
+
+    assert_eq!(
+        answer(&node, &[]).await,
+        "eu",
+        "the geo network holds the peer"
+    );
+    assert_eq!(xff(&eu, "/where"), "127.0.0.1", "written upstream as IPv4");
+    assert_eq!(
+        answer(&node, &[("x-forwarded-for", "198.51.100.9")]).await,
+        "us",
+        "the peer is a trusted proxy: its client is located"
+    );
+    assert_eq!(
+        xff(&us, "/where"),
+        "198.51.100.9, 127.0.0.1",
+        "a trusted proxy's X-Forwarded-For is kept"
+    );
+
+    assert_eq!(get(node.http, "site.test", "/p").await.status, 200);
+    let r = send(node.http, request("PURGE", "site.test", "/p", &[])).await;
+    assert_eq!(r.status, 200, "purge_allow holds the peer");
+    assert_eq!(&r.body[..], b"{\"purged\":1}\n");
+    get(node.http, "site.test", "/p").await;
+    assert_eq!(eu.count("/p"), 2, "purged, so fetched again");
+}
