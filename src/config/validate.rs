@@ -243,6 +243,22 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
             ),
         }
     }
+    if let Some(h) = &raw.server.client_address_header {
+        match h.get_ref().to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => {
+                server.client_address_header = crate::geo::AddressHeader::XForwardedFor;
+            }
+            "forwarded" => server.client_address_header = crate::geo::AddressHeader::Forwarded,
+            _ => ck.error(
+                h.span(),
+                "server.client_address_header",
+                format!(
+                    "{:?} is not \"x-forwarded-for\" or \"forwarded\"",
+                    h.get_ref()
+                ),
+            ),
+        }
+    }
     if let Some(v) = &raw.server.via_name {
         let name = v.get_ref();
         if name.is_empty()
@@ -1583,6 +1599,28 @@ mod tests {
         let e =
             errors("[[origins]]\nname = \"a\"\nurl = \"http://x:1\"\n[[sites]]\nhosts = [\"h\"]\n");
         assert!(e.iter().any(|e| e.contains("a site needs origin")), "{e:?}");
+    }
+
+    #[test]
+    fn client_address_header_is_one_of_two_fields() {
+        let c = Config::from_toml(MINIMAL, "t.toml", Path::new(".")).map_err(|e| e.to_string());
+        assert_eq!(
+            c.expect("valid").server.client_address_header,
+            crate::geo::AddressHeader::XForwardedFor
+        );
+        let text = format!("[server]\nclient_address_header = \"Forwarded\"\n{MINIMAL}");
+        let c = Config::from_toml(&text, "t.toml", Path::new(".")).map_err(|e| e.to_string());
+        assert_eq!(
+            c.expect("valid").server.client_address_header,
+            crate::geo::AddressHeader::Forwarded
+        );
+        let e = errors(&format!(
+            "[server]\nclient_address_header = \"x-real-ip\"\n{MINIMAL}"
+        ));
+        assert_eq!(
+            e,
+            ["t.toml:2:25: server.client_address_header: \"x-real-ip\" is not \"x-forwarded-for\" or \"forwarded\""],
+        );
     }
 
     #[test]

@@ -258,7 +258,8 @@ impl Proxy {
                     .copied()
                     .collect(),
                 config.geo.database.clone(),
-            ),
+            )
+            .with_address_header(config.server.client_address_header),
             selector: Selector::new(config.origins.iter().map(|o| o.weight).collect()),
             retry_budget: origin::retry::RetryBudget::new(&config.retries),
             metrics: crate::admin::metrics::Metrics::default(),

@@ -27,6 +27,10 @@ fn check_prints_a_summary_for_the_shipped_config() {
     assert!(text.contains("0.0.0.0:8080"));
     assert!(text.contains("512MiB"));
     assert!(text.contains("primary"));
+    assert!(
+        text.contains("clients: named in x-forwarded-for by trusted proxies (none)"),
+        "{text}"
+    );
 }
 
 #[test]

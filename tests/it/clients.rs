@@ -78,3 +78,38 @@ async fn ipv4_mapped_peers_match_ipv4_networks() {
     get(node.http, "site.test", "/p").await;
     assert_eq!(eu.count("/p"), 2, "purged, so fetched again");
 }
+
+/// Issue 19: when a trusted hop sent both fields, `X-Forwarded-For` won, and without it
+/// `Forwarded` was read; a hop writes one and passes a client's own copy of the other
+/// through, so only the configured one is read.
+#[tokio::test]
+async fn only_the_configured_client_address_header_is_read() {
+    let geo = "[geo]\n[[geo.networks]]\ncidr = \"203.0.113.0/24\"\ncountry = \"DE\"\n";
+    let (_eu, _us, body) = located_site(geo, "").await;
+    let xff_de = ("x-forwarded-for", "203.0.113.9");
+    let fwd_de = ("forwarded", "for=203.0.113.9");
+    let xff_other = ("x-forwarded-for", "198.51.100.1");
+    let fwd_other = ("forwarded", "for=198.51.100.1");
+
+    let node = TestNode::start("trusted_proxies = [\"127.0.0.1\"]\n", &body).await;
+    assert_eq!(answer(&node, &[xff_de]).await, "eu");
+    assert_eq!(
+        answer(&node, &[fwd_de]).await,
+        "us",
+        "Forwarded is not read"
+    );
+    assert_eq!(answer(&node, &[xff_other, fwd_de]).await, "us");
+
+    let node = TestNode::start(
+        "trusted_proxies = [\"127.0.0.1\"]\nclient_address_header = \"forwarded\"\n",
+        &body,
+    )
+    .await;
+    assert_eq!(answer(&node, &[fwd_de]).await, "eu");
+    assert_eq!(
+        answer(&node, &[xff_de]).await,
+        "us",
+        "X-Forwarded-For is not read"
+    );
+    assert_eq!(answer(&node, &[xff_de, fwd_other]).await, "us");
+}
