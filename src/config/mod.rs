@@ -699,6 +699,21 @@ impl Config {
                         "disabled: no token"
                     }
                 );
+                let nets: Vec<String> = a.purge_allow.iter().map(|n| n.to_string()).collect();
+                let _ = writeln!(
+                    s,
+                    "PURGE method: from clients in {}{}",
+                    if nets.is_empty() {
+                        "no network".to_owned()
+                    } else {
+                        nets.join(", ")
+                    },
+                    if a.token.is_some() {
+                        ", or with the admin token"
+                    } else {
+                        ""
+                    }
+                );
             }
             None => {
                 let _ = writeln!(s, "admin: off");

@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod headers;
+mod purge;
 pub mod range;
 mod respond;
 pub mod sites;
@@ -1563,7 +1564,8 @@ impl Proxy {
         )
     }
 
-    /// The HTTP `PURGE` method: removes every stored variant of the URL, from allowed networks.
+    /// The HTTP `PURGE` method: removes every stored variant of the URL, for clients in
+    /// allowed networks or bearing the admin token (see `purge`).
     fn purge_method(
         &self,
         req: &Request<Incoming>,
@@ -1571,11 +1573,12 @@ impl Proxy {
         host: &str,
         pq: &str,
     ) -> Answer {
-        let allowed = self
-            .config
-            .admin
-            .as_ref()
-            .is_some_and(|a| a.purge_allow.iter().any(|n| n.contains(&conn.peer.ip())));
+        let allowed = purge::allowed(
+            self.config.admin.as_ref(),
+            &self.locator,
+            conn.peer.ip(),
+            req.headers(),
+        );
         if !allowed {
             return refuse(
                 StatusCode::FORBIDDEN,

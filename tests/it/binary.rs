@@ -31,6 +31,10 @@ fn check_prints_a_summary_for_the_shipped_config() {
         text.contains("clients: named in x-forwarded-for by trusted proxies (none)"),
         "{text}"
     );
+    assert!(
+        text.contains("PURGE method: from clients in 127.0.0.1/32"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -113,3 +113,97 @@ async fn only_the_configured_client_address_header_is_read() {
     );
     assert_eq!(answer(&node, &[xff_de, fwd_other]).await, "us");
 }
+
+/// A node with one stored object at `/p` and `[admin]` as given; the origin counts fetches.
+async fn purgeable(server_extra: &str, admin: &str) -> (TestOrigin, TestNode) {
+    let origin = TestOrigin::start().await;
+    origin.route("/p", Route::ok("p").header("cache-control", "max-age=600"));
+    let body = format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n{admin}",
+        site(&origin, "site.test", "")
+    );
+    let node = TestNode::start(server_extra, &body).await;
+    assert_eq!(get(node.http, "site.test", "/p").await.status, 200);
+    assert_eq!(origin.count("/p"), 1);
+    (origin, node)
+}
+
+async fn purge(node: &TestNode, headers: &[(&str, &str)]) -> u16 {
+    send(node.http, request("PURGE", "site.test", "/p", headers))
+        .await
+        .status
+        .as_u16()
+}
+
+/// Fetches `/p` once more and returns how often the origin has been asked for it.
+async fn fetched(origin: &TestOrigin, node: &TestNode) -> usize {
+    assert_eq!(get(node.http, "site.test", "/p").await.status, 200);
+    origin.count("/p")
+}
+
+/// Issue 19: PURGE was authorised by the socket's peer alone, so behind a proxy on the same
+/// host (the shipped `purge_allow` is 127.0.0.1/32) every client could purge. From a trusted
+/// proxy, the client it names is matched.
+#[tokio::test]
+async fn purge_through_a_trusted_local_proxy_is_matched_by_its_client() {
+    let (origin, node) = purgeable(
+        "trusted_proxies = [\"127.0.0.1\"]\n",
+        "purge_allow = [\"127.0.0.1/32\", \"192.0.2.0/24\"]\n",
+    )
+    .await;
+    assert_eq!(
+        purge(&node, &[("x-forwarded-for", "203.0.113.9")]).await,
+        403
+    );
+    // What the proxy makes of a client that names itself 127.0.0.1.
+    assert_eq!(
+        purge(&node, &[("x-forwarded-for", "127.0.0.1, 203.0.113.9")]).await,
+        403
+    );
+    assert_eq!(fetched(&origin, &node).await, 1, "still stored");
+
+    assert_eq!(purge(&node, &[("x-forwarded-for", "192.0.2.9")]).await, 200);
+    assert_eq!(
+        fetched(&origin, &node).await,
+        2,
+        "an allowed client purged it"
+    );
+    assert_eq!(purge(&node, &[]).await, 200, "the local address itself");
+    assert_eq!(fetched(&origin, &node).await, 3);
+}
+
+/// The shipped configuration: no trusted proxies, `purge_allow` 127.0.0.1/32. A PURGE that a
+/// proxy on this host forwarded (it says so) is not taken for one made on this host.
+#[tokio::test]
+async fn purge_forwarded_by_an_untrusted_proxy_is_refused() {
+    let (origin, node) = purgeable("", "purge_allow = [\"127.0.0.1/32\"]\n").await;
+    assert_eq!(
+        purge(&node, &[("x-forwarded-for", "203.0.113.9")]).await,
+        403
+    );
+    assert_eq!(purge(&node, &[("forwarded", "for=203.0.113.9")]).await, 403);
+    assert_eq!(fetched(&origin, &node).await, 1, "still stored");
+    assert_eq!(purge(&node, &[]).await, 200);
+    assert_eq!(fetched(&origin, &node).await, 2);
+}
+
+/// With an admin token configured, PURGE bearing it is accepted from any address.
+#[tokio::test]
+async fn purge_with_the_admin_token_from_any_address() {
+    let (origin, node) = purgeable(
+        "",
+        "token = \"s3cret-token\"\npurge_allow = [\"192.0.2.0/24\"]\n",
+    )
+    .await;
+    assert_eq!(purge(&node, &[]).await, 403);
+    assert_eq!(
+        purge(&node, &[("authorization", "Bearer wrong-token")]).await,
+        403
+    );
+    assert_eq!(fetched(&origin, &node).await, 1, "still stored");
+    assert_eq!(
+        purge(&node, &[("authorization", "Bearer s3cret-token")]).await,
+        200
+    );
+    assert_eq!(fetched(&origin, &node).await, 2);
+}
