@@ -493,7 +493,7 @@ impl Proxy {
         let log = telemetry::access_log_enabled().then(|| {
             Box::new(AccessLog {
                 start: Instant::now(),
-                client: conn.peer.ip(),
+                client: self.locator.client(conn.peer.ip(), req.headers()),
                 method: req.method().clone(),
                 version: req.version(),
                 host: req
