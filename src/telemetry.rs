@@ -42,6 +42,7 @@ pub fn access_log_enabled() -> bool {
 #[derive(Debug)]
 pub struct AccessLog {
     pub start: tokio::time::Instant,
+    /// The socket's peer, or the client a trusted proxy names (`geo::Locator::client`).
     pub client: IpAddr,
     pub method: Method,
     pub version: Version,

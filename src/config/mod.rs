@@ -207,6 +207,9 @@ pub struct Server {
     pub h2_max_pending_resets: usize,
     /// Peers whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// The one field a trusted proxy names its client in (default `X-Forwarded-For`); the
+    /// other is never read. Applies to `geo.trusted_proxies` as well.
+    pub client_address_header: crate::geo::AddressHeader,
     /// The name used in `Via` and `Cache-Status` (default `edgecache`).
     pub via_name: String,
 }
@@ -225,6 +228,7 @@ impl Default for Server {
             h2_max_concurrent_streams: 128,
             h2_max_pending_resets: 20,
             trusted_proxies: Vec::new(),
+            client_address_header: crate::geo::AddressHeader::default(),
             via_name: "edgecache".to_owned(),
         }
     }
@@ -574,6 +578,23 @@ impl Config {
                 let _ = writeln!(s, "  {}{}  from {}", c.hosts.join(", "), default, c.source);
             }
         }
+        let trusted: Vec<String> = self
+            .server
+            .trusted_proxies
+            .iter()
+            .chain(&self.geo.trusted_proxies)
+            .map(|n| n.to_string())
+            .collect();
+        let _ = writeln!(
+            s,
+            "clients: named in {} by trusted proxies ({}), else the socket's address",
+            self.server.client_address_header.as_str(),
+            if trusted.is_empty() {
+                "none".to_owned()
+            } else {
+                trusted.join(", ")
+            }
+        );
         let _ = write!(
             s,
             "cache: {} in memory, objects up to {}",
@@ -686,6 +707,21 @@ impl Config {
                         "enabled"
                     } else {
                         "disabled: no token"
+                    }
+                );
+                let nets: Vec<String> = a.purge_allow.iter().map(|n| n.to_string()).collect();
+                let _ = writeln!(
+                    s,
+                    "PURGE method: from clients in {}{}",
+                    if nets.is_empty() {
+                        "no network".to_owned()
+                    } else {
+                        nets.join(", ")
+                    },
+                    if a.token.is_some() {
+                        ", or with the admin token"
+                    } else {
+                        ""
                     }
                 );
             }

@@ -91,6 +91,7 @@ pub(crate) struct RawServer {
     pub(crate) h2_max_pending_resets: Option<usize>,
     #[serde(default)]
     pub(crate) trusted_proxies: Vec<Spanned<String>>,
+    pub(crate) client_address_header: Option<Spanned<String>>,
     pub(crate) via_name: Option<Spanned<String>>,
 }
 

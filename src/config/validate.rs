@@ -243,6 +243,22 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
             ),
         }
     }
+    if let Some(h) = &raw.server.client_address_header {
+        match h.get_ref().to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => {
+                server.client_address_header = crate::geo::AddressHeader::XForwardedFor;
+            }
+            "forwarded" => server.client_address_header = crate::geo::AddressHeader::Forwarded,
+            _ => ck.error(
+                h.span(),
+                "server.client_address_header",
+                format!(
+                    "{:?} is not \"x-forwarded-for\" or \"forwarded\"",
+                    h.get_ref()
+                ),
+            ),
+        }
+    }
     if let Some(v) = &raw.server.via_name {
         let name = v.get_ref();
         if name.is_empty()
@@ -1314,10 +1330,21 @@ fn addresses(ck: &mut Checker<'_>, key: &str, list: &[Spanned<String>]) -> Vec<S
     out
 }
 
+/// An address or CIDR block. IPv4-mapped IPv6 forms (`::ffff:10.0.0.0/104`) become the IPv4
+/// network they name: peers and forwarded addresses are matched as IPv4 (`server::canonical`),
+/// so a mapped network would otherwise never match anything.
 fn parse_cidr(text: &str) -> Option<IpNet> {
-    text.parse::<IpNet>()
+    let net = text
+        .parse::<IpNet>()
         .ok()
-        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))?;
+    if let IpNet::V6(v6) = net {
+        if let (Some(v4), Some(len)) = (v6.addr().to_ipv4_mapped(), v6.prefix_len().checked_sub(96))
+        {
+            return ipnet::Ipv4Net::new(v4, len).ok().map(IpNet::V4);
+        }
+    }
+    Some(net)
 }
 
 /// Checks and lowercases a host name pattern: `name`, `*.suffix`, or (sites only) `*`.
@@ -1584,6 +1611,48 @@ mod tests {
         let e =
             errors("[[origins]]\nname = \"a\"\nurl = \"http://x:1\"\n[[sites]]\nhosts = [\"h\"]\n");
         assert!(e.iter().any(|e| e.contains("a site needs origin")), "{e:?}");
+    }
+
+    #[test]
+    fn client_address_header_is_one_of_two_fields() {
+        let c = Config::from_toml(MINIMAL, "t.toml", Path::new(".")).map_err(|e| e.to_string());
+        assert_eq!(
+            c.expect("valid").server.client_address_header,
+            crate::geo::AddressHeader::XForwardedFor
+        );
+        let text = format!("[server]\nclient_address_header = \"Forwarded\"\n{MINIMAL}");
+        let c = Config::from_toml(&text, "t.toml", Path::new(".")).map_err(|e| e.to_string());
+        assert_eq!(
+            c.expect("valid").server.client_address_header,
+            crate::geo::AddressHeader::Forwarded
+        );
+        let e = errors(&format!(
+            "[server]\nclient_address_header = \"x-real-ip\"\n{MINIMAL}"
+        ));
+        assert_eq!(
+            e,
+            ["t.toml:2:25: server.client_address_header: \"x-real-ip\" is not \"x-forwarded-for\" or \"forwarded\""],
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_networks_are_ipv4_networks() {
+        let check = |text: &str, expected: &str| {
+            assert_eq!(
+                parse_cidr(text),
+                Some(expected.parse::<IpNet>().expect("net")),
+                "{text}"
+            );
+        };
+        check("::ffff:10.0.0.0/104", "10.0.0.0/8");
+        check("::ffff:127.0.0.1", "127.0.0.1/32");
+        check("::ffff:192.0.2.0/120", "192.0.2.0/24");
+        check("::ffff:0:0/96", "0.0.0.0/0");
+        // Wider than the mapped range: not an IPv4 network, kept as written.
+        check("::/0", "::/0");
+        check("::ffff:0:0/95", "::ffff:0:0/95");
+        check("2001:db8::/32", "2001:db8::/32");
+        check("10.0.0.0/8", "10.0.0.0/8");
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Where a client is: its address (from the socket, or `X-Forwarded-For` / `Forwarded` walked
-//! right to left through trusted proxies), and its country and continent (from the configured
-//! CIDR table, then a country header set by a trusted hop, then a MaxMind-format database).
+//! Where a client is: its address (from the socket, or the one field trusted proxies write,
+//! `X-Forwarded-For` or `Forwarded`, walked right to left through them), and its country and
+//! continent (from the configured CIDR table, then a country header set by a trusted hop,
+//! then a MaxMind-format database).
 //! Pure lookups: no I/O, no clock.
 
 use std::net::IpAddr;
@@ -151,6 +152,30 @@ impl DatabaseSlot {
     }
 }
 
+/// The field a trusted hop names its client in (nginx's `real_ip_header`). Only that one is
+/// read: a hop that writes `Forwarded` passes a client's own `X-Forwarded-For` through
+/// untouched, and the reverse, so believing the other field would believe the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AddressHeader {
+    /// `X-Forwarded-For` (the default).
+    #[default]
+    XForwardedFor,
+    /// The `for=` parameters of `Forwarded` (RFC 7239).
+    Forwarded,
+}
+
+impl AddressHeader {
+    /// The field's name, lowercase, as written in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AddressHeader::XForwardedFor => "x-forwarded-for",
+            AddressHeader::Forwarded => "forwarded",
+        }
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 /// Locates clients from the configured sources.
 #[derive(Debug, Clone, Default)]
 pub struct Locator {
@@ -158,10 +183,12 @@ pub struct Locator {
     networks: Vec<(IpNet, Code)>,
     header: Option<HeaderName>,
     trusted: Vec<IpNet>,
+    address_header: AddressHeader,
     database: Option<Arc<DatabaseSlot>>,
 }
 
 impl Locator {
+    /// A locator that reads clients from `X-Forwarded-For` (see [`Locator::with_address_header`]).
     pub fn new(
         mut networks: Vec<(IpNet, Code)>,
         header: Option<HeaderName>,
@@ -173,8 +200,15 @@ impl Locator {
             networks,
             header,
             trusted,
+            address_header: AddressHeader::default(),
             database: database.map(|d| Arc::new(DatabaseSlot::new(d))),
         }
+    }
+
+    /// Reads trusted hops' clients from `field` instead.
+    pub fn with_address_header(mut self, field: AddressHeader) -> Locator {
+        self.address_header = field;
+        self
     }
 
     /// The database slot, when one is configured.
@@ -182,8 +216,19 @@ impl Locator {
         self.database.as_deref()
     }
 
-    fn is_trusted(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is a trusted proxy, whose forwarding fields are believed.
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
         self.trusted.iter().any(|n| n.contains(&ip))
+    }
+
+    /// The client of a request that arrived from `peer`: `peer` itself unless it is a trusted
+    /// proxy, else the address that proxy names (see [`Locator::client_ip`]).
+    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if self.is_trusted(peer) {
+            self.client_ip(peer, headers)
+        } else {
+            peer
+        }
     }
 
     /// Locates the client of a request that arrived from `peer`.
@@ -217,45 +262,36 @@ impl Locator {
         }
     }
 
-    /// The first address, from the right of `X-Forwarded-For` (or, without it, of the
-    /// `for=` parameters of `Forwarded`, RFC 7239), that is not a trusted proxy.
+    /// The first address from the right of the configured field (`X-Forwarded-For`, or the
+    /// `for=` parameters of `Forwarded`) that is not a trusted proxy; `peer` when there is
+    /// none. Walked from the right with no list collected: each hop is checked as it is read,
+    /// and anything unreadable ends what can be believed.
     fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-        let mut hops: Vec<IpAddr> = Vec::new();
-        for v in headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-        {
-            for part in v.split(',') {
-                match part.trim().parse::<IpAddr>() {
-                    Ok(ip) => hops.push(ip),
-                    // An unparseable hop ends what can be believed.
-                    Err(_) => hops.clear(),
+        let name = match self.address_header {
+            AddressHeader::XForwardedFor => &X_FORWARDED_FOR,
+            AddressHeader::Forwarded => &http::header::FORWARDED,
+        };
+        for line in headers.get_all(name).iter().rev() {
+            let Ok(text) = line.to_str() else {
+                return peer;
+            };
+            for element in text.rsplit(',') {
+                let hop = match self.address_header {
+                    AddressHeader::XForwardedFor => element.trim().parse::<IpAddr>().ok(),
+                    AddressHeader::Forwarded => element
+                        .split(';')
+                        .find_map(|pair| {
+                            let (k, v) = pair.split_once('=')?;
+                            k.trim().eq_ignore_ascii_case("for").then(|| v.trim())
+                        })
+                        .and_then(forwarded_node),
+                };
+                match hop.map(|ip| ip.to_canonical()) {
+                    Some(ip) if self.is_trusted(ip) => {}
+                    Some(ip) => return ip,
+                    // `unknown`, an obfuscated name or garbage: nothing left of it holds.
+                    None => return peer,
                 }
-            }
-        }
-        if hops.is_empty() {
-            for v in headers
-                .get_all(http::header::FORWARDED)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-            {
-                for element in v.split(',') {
-                    let node = element.split(';').find_map(|pair| {
-                        let (k, v) = pair.split_once('=')?;
-                        k.trim().eq_ignore_ascii_case("for").then(|| v.trim())
-                    });
-                    match node.and_then(forwarded_node) {
-                        Some(ip) => hops.push(ip),
-                        // `unknown`, an obfuscated name or garbage: nothing left of it holds.
-                        None => hops.clear(),
-                    }
-                }
-            }
-        }
-        for ip in hops.into_iter().rev() {
-            if !self.is_trusted(ip) {
-                return ip;
             }
         }
         peer
@@ -339,9 +375,25 @@ mod tests {
     }
 
     fn check(peer: &str, hdrs: &[(&str, &str)], ip: &str, country: Option<&[u8; 2]>) {
-        let l = locator().locate(peer.parse().expect("ip"), &headers(hdrs));
-        assert_eq!(l.ip, ip.parse::<IpAddr>().expect("ip"), "{peer} {hdrs:?}");
-        assert_eq!(l.country, country.copied(), "{peer} {hdrs:?}");
+        check_with(AddressHeader::XForwardedFor, peer, hdrs, ip, country);
+    }
+
+    fn check_with(
+        field: AddressHeader,
+        peer: &str,
+        hdrs: &[(&str, &str)],
+        ip: &str,
+        country: Option<&[u8; 2]>,
+    ) {
+        let l = locator()
+            .with_address_header(field)
+            .locate(peer.parse().expect("ip"), &headers(hdrs));
+        assert_eq!(
+            l.ip,
+            ip.parse::<IpAddr>().expect("ip"),
+            "{field:?} {peer} {hdrs:?}"
+        );
+        assert_eq!(l.country, country.copied(), "{field:?} {peer} {hdrs:?}");
     }
 
     #[test]
@@ -387,7 +439,53 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_header_when_there_is_no_x_forwarded_for() {
+    fn forwarded_for_walks_lines_and_hops_from_the_right() {
+        check(
+            "10.1.2.3",
+            &[
+                ("x-forwarded-for", "203.0.113.200"),
+                ("x-forwarded-for", "203.0.113.9, 10.0.0.7"),
+            ],
+            "203.0.113.9",
+            Some(b"DE"),
+        );
+        check(
+            "10.1.2.3",
+            &[
+                ("x-forwarded-for", "203.0.113.200"),
+                ("x-forwarded-for", "10.0.0.7"),
+            ],
+            "203.0.113.200",
+            Some(b"JP"),
+        );
+        // Garbage to the right of every untrusted hop: believe nobody it names.
+        check(
+            "10.1.2.3",
+            &[("x-forwarded-for", "203.0.113.9, junk, 10.0.0.7")],
+            "10.1.2.3",
+            None,
+        );
+        // Garbage further left than the client does not matter.
+        check(
+            "10.1.2.3",
+            &[("x-forwarded-for", "junk, 203.0.113.9, 10.0.0.7")],
+            "203.0.113.9",
+            Some(b"DE"),
+        );
+        check(
+            "10.1.2.3",
+            &[("x-forwarded-for", "10.0.0.7, 10.0.0.8")],
+            "10.1.2.3",
+            None,
+        );
+        check("10.1.2.3", &[("x-forwarded-for", "")], "10.1.2.3", None);
+    }
+
+    #[test]
+    fn forwarded_header_when_configured() {
+        let check = |peer, hdrs, ip, country| {
+            check_with(AddressHeader::Forwarded, peer, hdrs, ip, country);
+        };
         check(
             "10.1.2.3",
             &[("forwarded", "for=203.0.113.9;proto=https, for=10.0.0.7")],
@@ -413,10 +511,65 @@ mod tests {
             None,
         );
         check(
+            "10.1.2.3",
+            &[("forwarded", "for=203.0.113.9, proto=https")],
+            "10.1.2.3",
+            None,
+        );
+        check(
             "198.51.100.1",
             &[("forwarded", "for=203.0.113.9")],
             "198.51.100.1",
             None,
+        );
+    }
+
+    /// Issue 19: a hop writes one field and passes the other through as the client sent it.
+    #[test]
+    fn only_the_configured_field_is_read() {
+        let both = [
+            ("x-forwarded-for", "203.0.113.9"),
+            ("forwarded", "for=203.0.113.200"),
+        ];
+        check("10.1.2.3", &both, "203.0.113.9", Some(b"DE"));
+        check_with(
+            AddressHeader::Forwarded,
+            "10.1.2.3",
+            &both,
+            "203.0.113.200",
+            Some(b"JP"),
+        );
+        // No fallback to the other field when the configured one is absent.
+        check(
+            "10.1.2.3",
+            &[("forwarded", "for=203.0.113.9")],
+            "10.1.2.3",
+            None,
+        );
+        check_with(
+            AddressHeader::Forwarded,
+            "10.1.2.3",
+            &[("x-forwarded-for", "203.0.113.9")],
+            "10.1.2.3",
+            None,
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_hops_are_ipv4() {
+        // A trusted hop on a dual-stack socket may write its clients in the mapped form.
+        check(
+            "10.1.2.3",
+            &[("x-forwarded-for", "::ffff:203.0.113.9, ::ffff:10.0.0.7")],
+            "203.0.113.9",
+            Some(b"DE"),
+        );
+        check_with(
+            AddressHeader::Forwarded,
+            "10.1.2.3",
+            &[("forwarded", "for=\"[::ffff:203.0.113.200]:443\"")],
+            "203.0.113.200",
+            Some(b"JP"),
         );
     }
 

@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod headers;
+mod purge;
 pub mod range;
 mod respond;
 pub mod sites;
@@ -265,7 +266,8 @@ impl Proxy {
                     .copied()
                     .collect(),
                 config.geo.database.clone(),
-            ),
+            )
+            .with_address_header(config.server.client_address_header),
             selector: Selector::new(config.origins.iter().map(|o| o.weight).collect()),
             retry_budget: origin::retry::RetryBudget::new(&config.retries),
             metrics: crate::admin::metrics::Metrics::default(),
@@ -537,7 +539,7 @@ impl Proxy {
         let log = telemetry::access_log_enabled().then(|| {
             Box::new(AccessLog {
                 start: Instant::now(),
-                client: conn.peer.ip(),
+                client: self.locator.client(conn.peer.ip(), req.headers()),
                 method: req.method().clone(),
                 version: req.version(),
                 host: req
@@ -1674,7 +1676,8 @@ impl Proxy {
         )
     }
 
-    /// The HTTP `PURGE` method: removes every stored variant of the URL, from allowed networks.
+    /// The HTTP `PURGE` method: removes every stored variant of the URL, for clients in
+    /// allowed networks or bearing the admin token (see `purge`).
     fn purge_method(
         &self,
         req: &Request<Incoming>,
@@ -1682,11 +1685,12 @@ impl Proxy {
         host: &str,
         pq: &str,
     ) -> Answer {
-        let allowed = self
-            .config
-            .admin
-            .as_ref()
-            .is_some_and(|a| a.purge_allow.iter().any(|n| n.contains(&conn.peer.ip())));
+        let allowed = purge::allowed(
+            self.config.admin.as_ref(),
+            &self.locator,
+            conn.peer.ip(),
+            req.headers(),
+        );
         if !allowed {
             return refuse(
                 StatusCode::FORBIDDEN,

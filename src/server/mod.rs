@@ -96,7 +96,7 @@ pub async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared
             }
         };
         let info = ConnInfo {
-            peer,
+            peer: canonical(peer),
             https: tls.is_some(),
         };
         let guard = shared.tracker.enter();
@@ -117,6 +117,14 @@ pub async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared
     tracing::debug!(listener = ?local, "stopped accepting");
 }
 
+/// The peer as everything downstream sees it: on a dual-stack `[::]` listener an IPv4
+/// client arrives as `::ffff:a.b.c.d`, which no IPv4 network in the configuration
+/// (`trusted_proxies`, `purge_allow`, geo networks and routes) would contain, and which would
+/// be written as such into `X-Forwarded-For` and the access log.
+fn canonical(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
 /// Binds a listener with `SO_REUSEADDR` so a restart does not wait for TIME_WAIT sockets.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
@@ -128,4 +136,29 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapped_peers_are_recorded_as_ipv4() {
+        let check = |peer: &str, expected: &str| {
+            let peer: SocketAddr = peer.parse().expect("peer");
+            assert_eq!(
+                canonical(peer),
+                expected.parse().expect("expected"),
+                "{peer}"
+            );
+        };
+        check("[::ffff:192.0.2.7]:4711", "192.0.2.7:4711");
+        check("[::ffff:127.0.0.1]:80", "127.0.0.1:80");
+        check("192.0.2.7:4711", "192.0.2.7:4711");
+        check("[::1]:80", "[::1]:80");
+        check("[2001:db8::1]:443", "[2001:db8::1]:443");
+        // IPv4-compatible (deprecated, ::a.b.c.d) addresses are IPv6 addresses, not clients
+        // of a dual-stack socket.
+        check("[::192.0.2.7]:80", "[::c000:207]:80");
+    }
 }

@@ -27,6 +27,14 @@ fn check_prints_a_summary_for_the_shipped_config() {
     assert!(text.contains("0.0.0.0:8080"));
     assert!(text.contains("512MiB"));
     assert!(text.contains("primary"));
+    assert!(
+        text.contains("clients: named in x-forwarded-for by trusted proxies (none)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("PURGE method: from clients in 127.0.0.1/32"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -193,9 +201,20 @@ async fn each_request_has_an_access_log_line_naming_origin_and_route() {
          [[sites]]\nhosts = [\"site.test\"]\n[[sites.routes]]\nname = \"everyone\"\npools = [\"eu\"]\n",
         origin.url()
     );
-    let p = spawn_with(&body, "", &["--log-format", "json"]);
+    let p = spawn_with(
+        &body,
+        "trusted_proxies = [\"127.0.0.1\"]\n",
+        &["--log-format", "json"],
+    );
     assert_eq!(get(p.http, "site.test", "/page?x=1").await.status, 200);
     assert_eq!(get(p.http, "site.test", "/page?x=1").await.status, 200);
+    let forwarded = request(
+        "GET",
+        "site.test",
+        "/page?x=1",
+        &[("x-forwarded-for", "203.0.113.9")],
+    );
+    assert_eq!(send(p.http, forwarded).await.status, 200);
     let access = |p: &Proc| -> Vec<serde_json::Value> {
         p.lines
             .lock()
@@ -206,11 +225,11 @@ async fn each_request_has_an_access_log_line_naming_origin_and_route() {
             .collect()
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while access(&p).len() < 2 && std::time::Instant::now() < deadline {
+    while access(&p).len() < 3 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let lines = access(&p);
-    assert_eq!(lines.len(), 2, "one line per request: {lines:?}");
+    assert_eq!(lines.len(), 3, "one line per request: {lines:?}");
     let miss = &lines[0];
     assert_eq!(miss["host"], "site.test");
     assert_eq!(miss["method"], "GET");
@@ -226,6 +245,10 @@ async fn each_request_has_an_access_log_line_naming_origin_and_route() {
     assert_eq!(hit["cache"], "hit");
     assert_eq!(hit["origin"], "-", "a hit reaches no origin");
     assert_eq!(hit["route"], "-");
+    assert_eq!(
+        lines[2]["client"], "203.0.113.9",
+        "the client a trusted proxy names, as nginx's real_ip module logs it"
+    );
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -4,6 +4,7 @@
 
 mod binary;
 mod cache;
+mod clients;
 mod http_cache;
 mod isolation;
 mod leak_search;

@@ -93,6 +93,21 @@ impl TestNode {
         }
     }
 
+    /// Starts a node whose one plain listener is `listen` (such as `[::ffff:127.0.0.1]:0`).
+    pub async fn start_listening(listen: &str, server_extra: &str, body: &str) -> TestNode {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = format!("[server]\nhttp = [\"{listen}\"]\n{server_extra}\n{body}");
+        let config = Config::from_toml(&text, "test.toml", dir.path())
+            .unwrap_or_else(|e| panic!("config: {e}\n{text}"));
+        let node = edgecache::start(config).await.expect("start node");
+        TestNode {
+            http: node.http_addrs()[0],
+            https: None,
+            node: Some(node),
+            dir,
+        }
+    }
+
     pub fn node(&self) -> &Node {
         self.node.as_ref().expect("node running")
     }

@@ -1,0 +1,197 @@
+//! Who may send the HTTP `PURGE` method to the data listeners: a client whose address is in
+//! `admin.purge_allow`, or a request bearing the admin token.
+//!
+//! The address is the client's, not the socket's: behind a proxy on the same host every
+//! request arrives from `127.0.0.1` (the shipped `purge_allow`). From a trusted proxy the
+//! client is the one it names ([`Locator::client`], as for geo routes); a request that
+//! carries forwarding fields from a peer that is not trusted was forwarded by a proxy we know
+//! nothing of, so its peer's address says nothing about the client and it is refused.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName};
+
+use crate::config::Admin;
+use crate::geo::Locator;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Whether a `PURGE` that arrived from `peer` with `headers` may purge. Never without an
+/// `[admin]` section.
+pub(crate) fn allowed(
+    admin: Option<&Admin>,
+    locator: &Locator,
+    peer: IpAddr,
+    headers: &HeaderMap,
+) -> bool {
+    let Some(admin) = admin else {
+        return false;
+    };
+    if let Some(token) = &admin.token {
+        if bearer_matches(headers, token) {
+            return true;
+        }
+    }
+    if !locator.is_trusted(peer)
+        && (headers.contains_key(&X_FORWARDED_FOR) || headers.contains_key(header::FORWARDED))
+    {
+        return false;
+    }
+    let client = locator.client(peer, headers);
+    admin.purge_allow.iter().any(|n| n.contains(&client))
+}
+
+/// `Authorization: Bearer <token>` (the scheme is case-insensitive, RFC 9110 §11.1).
+fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return false;
+    };
+    let value = value.as_bytes();
+    match value.split_at_checked(7) {
+        Some((scheme, presented)) if scheme.eq_ignore_ascii_case(b"bearer ") => {
+            same_secret(presented.trim_ascii(), token.as_bytes())
+        }
+        _ => false,
+    }
+}
+
+/// Compares every byte whatever differs, so the time taken does not tell how much of a guess
+/// was right. The same comparison as the admin listener's; kept here because the data path
+/// does not import `admin` (point both at one helper when there is a shared one).
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geo::AddressHeader;
+    use http::HeaderValue;
+    use std::net::SocketAddr;
+
+    fn admin(token: Option<&str>) -> Admin {
+        Admin {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            token: token.map(str::to_owned),
+            purge_allow: vec![
+                "127.0.0.1/32".parse().expect("net"),
+                "192.0.2.0/24".parse().expect("net"),
+            ],
+        }
+    }
+
+    fn check(token: Option<&str>, peer: &str, hdrs: &[(&str, &str)], expected: bool) {
+        let locator = Locator::new(
+            Vec::new(),
+            None,
+            vec!["127.0.0.1/32".parse().expect("net")],
+            None,
+        )
+        .with_address_header(AddressHeader::XForwardedFor);
+        let mut headers = HeaderMap::new();
+        for (k, v) in hdrs {
+            headers.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        let got = allowed(
+            Some(&admin(token)),
+            &locator,
+            peer.parse().expect("ip"),
+            &headers,
+        );
+        assert_eq!(got, expected, "token {token:?}, from {peer} with {hdrs:?}");
+    }
+
+    #[test]
+    fn by_the_clients_address() {
+        check(None, "127.0.0.1", &[], true);
+        check(None, "192.0.2.9", &[], true);
+        check(None, "203.0.113.9", &[], false);
+        // A trusted proxy's client is matched, not the proxy.
+        check(
+            None,
+            "127.0.0.1",
+            &[("x-forwarded-for", "203.0.113.9")],
+            false,
+        );
+        check(None, "127.0.0.1", &[("x-forwarded-for", "192.0.2.9")], true);
+        check(
+            None,
+            "127.0.0.1",
+            &[("x-forwarded-for", "192.0.2.9, 203.0.113.9")],
+            false,
+        );
+        // Not the configured field: the proxy named nobody, so the peer is the client.
+        check(None, "127.0.0.1", &[("forwarded", "for=203.0.113.9")], true);
+    }
+
+    #[test]
+    fn forwarded_by_an_untrusted_proxy_is_refused() {
+        check(
+            None,
+            "192.0.2.1",
+            &[("x-forwarded-for", "192.0.2.9")],
+            false,
+        );
+        check(None, "192.0.2.1", &[("forwarded", "for=192.0.2.9")], false);
+    }
+
+    #[test]
+    fn by_the_admin_token_from_anywhere() {
+        let t = Some("s3cret");
+        check(
+            t,
+            "203.0.113.9",
+            &[("authorization", "Bearer s3cret")],
+            true,
+        );
+        check(
+            t,
+            "203.0.113.9",
+            &[("authorization", "bearer s3cret")],
+            true,
+        );
+        check(
+            t,
+            "127.0.0.1",
+            &[
+                ("x-forwarded-for", "203.0.113.9"),
+                ("authorization", "Bearer s3cret"),
+            ],
+            true,
+        );
+        check(
+            t,
+            "203.0.113.9",
+            &[("authorization", "Bearer s3cre")],
+            false,
+        );
+        check(
+            t,
+            "203.0.113.9",
+            &[("authorization", "Bearer s3cretX")],
+            false,
+        );
+        check(
+            t,
+            "203.0.113.9",
+            &[("authorization", "Basic s3cret")],
+            false,
+        );
+        check(t, "203.0.113.9", &[("authorization", "Bearer")], false);
+        check(t, "203.0.113.9", &[("authorization", "Bearer ")], false);
+        check(t, "203.0.113.9", &[], false);
+        // Without a configured token no bearer is accepted, and the address still counts.
+        check(None, "203.0.113.9", &[("authorization", "Bearer ")], false);
+        check(t, "127.0.0.1", &[], true);
+    }
+
+    #[test]
+    fn never_without_an_admin_section() {
+        let locator = Locator::default();
+        let peer = "127.0.0.1".parse().expect("ip");
+        assert!(!allowed(None, &locator, peer, &HeaderMap::new()));
+    }
+}
