@@ -210,6 +210,8 @@ pub struct Proxy {
     cdn_loop: HeaderValue,
 }
 
+static X_FORWARDED_FOR_NAME: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 /// `CDN-Loop` (RFC 8586): each CDN node a request passes appends itself.
 static CDN_LOOP: HeaderName = HeaderName::from_static("cdn-loop");
 
@@ -975,7 +977,7 @@ impl Proxy {
                 up_headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
             }
         }
-        let trusted = self.trusted(lookup.conn);
+        let trusted = self.trusted(lookup.conn, &mut up_headers);
         forward_request_headers(
             &mut up_headers,
             lookup.conn.peer.ip(),
@@ -1561,9 +1563,9 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let trusted = self.trusted(conn);
         let (mut parts, body) = req.into_parts();
         let mut up_headers = std::mem::take(&mut parts.headers);
+        let trusted = self.trusted(conn, &mut up_headers);
         forward_request_headers(
             &mut up_headers,
             conn.peer.ip(),
@@ -1719,12 +1721,27 @@ impl Proxy {
         (resp, Outcome_::local("purge"))
     }
 
-    fn trusted(&self, conn: ConnInfo) -> bool {
-        self.config
+    /// Whether the peer is a trusted proxy whose forwarding fields are kept. The field it
+    /// does not write (`server.client_address_header`) is the client's own and is dropped
+    /// here, so it never reaches the origin as if the proxy had vouched for it.
+    fn trusted(&self, conn: ConnInfo, headers: &mut HeaderMap) -> bool {
+        let trusted = self
+            .config
             .server
             .trusted_proxies
             .iter()
-            .any(|n| n.contains(&conn.peer.ip()))
+            .any(|n| n.contains(&conn.peer.ip()));
+        if trusted {
+            match self.config.server.client_address_header {
+                crate::geo::AddressHeader::XForwardedFor => {
+                    headers.remove(header::FORWARDED);
+                }
+                crate::geo::AddressHeader::Forwarded => {
+                    headers.remove(&X_FORWARDED_FOR_NAME);
+                }
+            }
+        }
+        trusted
     }
 
     /// Answers from a stored response: preconditions (304/412), ranges (206/416), HEAD.

@@ -207,3 +207,43 @@ async fn purge_with_the_admin_token_from_any_address() {
     );
     assert_eq!(fetched(&origin, &node).await, 2);
 }
+
+/// Issue 19: a trusted proxy that writes only `Forwarded` passed the client's own
+/// `X-Forwarded-For` through to the origin as if vouched for. The field the trusted hop does
+/// not write is the client's, and is not forwarded; the one it writes is kept.
+#[tokio::test]
+async fn the_origin_gets_only_the_forwarding_field_the_trusted_proxy_writes() {
+    let origin = TestOrigin::start().await;
+    origin.route("/f", Route::ok("f").header("cache-control", "no-store"));
+    let sent = [
+        ("x-forwarded-for", "6.6.6.6"),
+        ("forwarded", "for=203.0.113.9"),
+    ];
+    for (setting, xff, fwd) in [
+        ("", "6.6.6.6, 127.0.0.1", None),
+        (
+            "client_address_header = \"forwarded\"\n",
+            "127.0.0.1",
+            Some("for=203.0.113.9"),
+        ),
+    ] {
+        let node = TestNode::start(
+            &format!("trusted_proxies = [\"127.0.0.1\"]\n{setting}"),
+            &site(&origin, "site.test", ""),
+        )
+        .await;
+        let g = send(node.http, request("GET", "site.test", "/f", &sent)).await;
+        assert_eq!(g.status, 200);
+        let seen = origin.last_headers("/f");
+        assert_eq!(
+            seen.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
+            Some(xff),
+            "{setting}"
+        );
+        assert_eq!(
+            seen.get("forwarded").and_then(|v| v.to_str().ok()),
+            fwd,
+            "{setting}"
+        );
+    }
+}
