@@ -5,20 +5,72 @@
 //! iterates without blocking readers); they return how many stored responses they touched.
 //!
 //! Within a URL, variants are kept by use: when the list is full, the one used least recently
-//! goes, and one never used since it was stored goes before any other.
+//! goes, and one never used since it was stored goes before any other. How fast a URL may gain
+//! new variants is bounded too ([`Store::admit_variant`]), so a stream of junk values of a
+//! varied-on header is served but cannot churn the list.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 use moka::sync::Cache;
 use moka::Expiry;
+use tokio::time::Instant;
 
 use super::entry::Entry;
-use super::key::{KeyHasher, KeyParts, PrehashedKey};
+use super::key::{KeyHasher, KeyParts, OwnedKey, PrehashedKey, VaryKey};
+use super::policy::NoStoreReason;
+
+// There is no setting for how many variants a URL keeps, so the bounds below are constants
+// too. Variants of one URL are few in practice (encodings, a handful of languages); a URL that
+// legitimately has more, such as one varying on raw `Accept-Language`, still fills its list
+// within about two seconds of demand, and a variant refused meanwhile is answered like a pass.
 
 /// Variants of one URL kept side by side at most; when full, the least recently used goes.
 const MAX_VARIANTS: usize = 16;
+
+/// New variants one URL may gain per second, on average (beyond its first).
+const NEW_VARIANTS_PER_SECOND: u64 = 4;
+
+/// New variants one URL may gain at once, after a quiet spell.
+const NEW_VARIANTS_BURST: u64 = 8;
+
+/// How fast one URL may gain new variants: a token bucket kept as one atomic (GCRA: when the
+/// next new variant is due, in microseconds since the store started). Shared by every version
+/// of the URL's [`Object`], so replacing the variant list keeps the count.
+#[derive(Debug, Default)]
+struct VariantBudget {
+    next_due: AtomicU64,
+}
+
+impl VariantBudget {
+    /// Microseconds between two new variants at the sustained rate.
+    const INTERVAL: u64 = 1_000_000 / NEW_VARIANTS_PER_SECOND;
+    /// How far ahead of `now` the due time may run: the burst.
+    const TOLERANCE: u64 = Self::INTERVAL * (NEW_VARIANTS_BURST - 1);
+
+    /// Takes one new variant's allowance at `now` (microseconds since the store started);
+    /// false when the burst is spent and the rate has not earned another yet.
+    fn take(&self, now: u64) -> bool {
+        let mut due = self.next_due.load(Ordering::Relaxed);
+        loop {
+            let from = due.max(now);
+            if from - now > Self::TOLERANCE {
+                return false;
+            }
+            match self.next_due.compare_exchange_weak(
+                due,
+                from.saturating_add(Self::INTERVAL),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => due = seen,
+            }
+        }
+    }
+}
 
 /// All stored variants of one URL. Never changed once stored: a change stores a new version.
 #[derive(Debug)]
@@ -30,6 +82,7 @@ pub struct Object {
     /// read-modify-write; uses between two changes of the list need no order, as only a
     /// change evicts.
     version: u64,
+    budget: Arc<VariantBudget>,
 }
 
 impl Object {
@@ -38,6 +91,7 @@ impl Object {
         Object {
             variants,
             version: old.map_or(1, |o| o.version.saturating_add(1)),
+            budget: old.map(|o| o.budget.clone()).unwrap_or_default(),
         }
     }
 
@@ -63,6 +117,8 @@ pub struct Store {
     /// URLs recently found uncacheable, with how long to remember it.
     hit_for_miss: Cache<u64, Duration, PrehashedKey>,
     hasher: KeyHasher,
+    /// The origin of the variant budgets' clock.
+    started: Instant,
 }
 
 struct ObjectExpiry;
@@ -133,6 +189,7 @@ impl Store {
             inner,
             hit_for_miss,
             hasher: KeyHasher::default(),
+            started: Instant::now(),
         }
     }
 
@@ -158,6 +215,50 @@ impl Store {
             .find(|e| e.key.matches(parts) && e.vary.matches(request, extra))?;
         entry.mark_used(object.version);
         Some(entry.clone())
+    }
+
+    /// Whether a response for `key` varying as `vary` may be stored, as far as the URL's
+    /// variant count goes: always for a variant already held (stale or not) and for a URL's
+    /// first; a new variant takes one from the URL's budget (8 at once, 4 per second after
+    /// that). Past it: [`NoStoreReason::VariantRate`], and the response is to be served
+    /// without being stored. Ask once per response, before [`Store::insert`], which stores
+    /// whatever it is given.
+    pub fn admit_variant(
+        &self,
+        hash: u64,
+        key: &OwnedKey,
+        vary: &VaryKey,
+    ) -> Result<(), NoStoreReason> {
+        self.admit_variant_at(hash, key, vary, self.started.elapsed())
+    }
+
+    /// [`Store::admit_variant`] at `now`, the time since the store started.
+    fn admit_variant_at(
+        &self,
+        hash: u64,
+        key: &OwnedKey,
+        vary: &VaryKey,
+        now: Duration,
+    ) -> Result<(), NoStoreReason> {
+        let Some(object) = self.inner.get(&hash) else {
+            return Ok(());
+        };
+        let mut same_url = false;
+        for e in &object.variants {
+            if e.key == *key {
+                if e.vary == *vary {
+                    return Ok(());
+                }
+                same_url = true;
+            }
+        }
+        // An object of another URL under the same hash would be replaced whole: a first.
+        let now = u64::try_from(now.as_micros()).unwrap_or(u64::MAX);
+        if !same_url || object.budget.take(now) {
+            Ok(())
+        } else {
+            Err(NoStoreReason::VariantRate)
+        }
     }
 
     /// True when anything (any variant) is stored under `hash`.
@@ -322,7 +423,6 @@ mod tests {
     use http::{HeaderValue, StatusCode};
 
     use super::*;
-    use crate::cache::key::{OwnedKey, VaryKey};
     use crate::cache::policy::StoreDecision;
 
     const URL: KeyParts<'static> = KeyParts {
@@ -426,5 +526,50 @@ mod tests {
         store_variant(&store, "a");
         assert!(hit(&store, "v0"));
         assert!(!hit(&store, "v1"), "the oldest of equally used went");
+    }
+
+    #[test]
+    fn new_variants_are_bounded_per_url_per_second() {
+        let store = Store::new(1 << 30);
+        let hash = store.hash(&URL);
+        let key = OwnedKey::new(&URL);
+        let admit = |lang: &str, ms: u64| {
+            store.admit_variant_at(hash, &key, &vary(lang), Duration::from_millis(ms))
+        };
+        assert_eq!(admit("en", 0), Ok(()), "a URL's first variant");
+        store_variant(&store, "en");
+        for i in 0..NEW_VARIANTS_BURST {
+            assert_eq!(admit(&format!("j{i}"), 0), Ok(()), "within the burst");
+        }
+        assert_eq!(admit("late", 0), Err(NoStoreReason::VariantRate));
+        assert_eq!(admit("late", 200), Err(NoStoreReason::VariantRate));
+        assert_eq!(admit("en", 0), Ok(()), "a variant held needs no allowance");
+        assert_eq!(admit("late", 250), Ok(()), "one more per 1/4 s");
+        assert_eq!(admit("later", 250), Err(NoStoreReason::VariantRate));
+
+        // After a quiet spell, a burst again, and no more.
+        let mut admitted = 0;
+        for i in 0..20 {
+            if admit(&format!("k{i}"), 60_000).is_ok() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, NEW_VARIANTS_BURST);
+
+        // The budget is per URL, and survives changes of the variant list.
+        let other = KeyParts {
+            path_and_query: "/other",
+            ..URL
+        };
+        let other_hash = store.hash(&other);
+        store.insert(other_hash, variant(&other, "en"));
+        let other_key = OwnedKey::new(&other);
+        let at = Duration::from_secs(60);
+        assert_eq!(
+            store.admit_variant_at(other_hash, &other_key, &vary("fr"), at),
+            Ok(())
+        );
+        store_variant(&store, "j0");
+        assert_eq!(admit("k99", 60_000), Err(NoStoreReason::VariantRate));
     }
 }
