@@ -60,14 +60,20 @@ pub struct AccessLog {
 
 impl AccessLog {
     /// Writes the access-log line: `bytes` sent, and whether the body was sent completely.
+    ///
+    /// What the client sent (host, method, path) is recorded as string values, never through
+    /// `Display`: the text format then writes them quoted, with `"`, `\` and control
+    /// characters escaped (`\n`, `\u{1b}`), so a value cannot end its field, add one
+    /// (`host=evil.test status=200`) or start a line; the JSON format writes them as JSON
+    /// strings. `Display` values are written bare in the text format.
     pub fn emit(&self, bytes: u64, complete: bool) {
         let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
         tracing::info!(
             target: ACCESS_TARGET,
             client = %self.client,
-            host = %self.host,
-            method = %self.method,
-            path = %self.path,
+            host = self.host.as_str(),
+            method = self.method.as_str(),
+            path = self.path.as_str(),
             version = ?self.version,
             status = self.status,
             bytes,
@@ -79,5 +85,160 @@ impl AccessLog {
             complete = complete && !self.aborted,
             "request"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A writer into a shared buffer, for a subscriber whose output a test reads.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("capture lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().expect("capture lock")).into_owned()
+        }
+    }
+
+    /// A refused request whose host and path try to add fields and a line of their own.
+    fn forged() -> AccessLog {
+        AccessLog {
+            start: tokio::time::Instant::now(),
+            client: IpAddr::from([127, 0, 0, 1]),
+            method: Method::GET,
+            version: Version::HTTP_11,
+            host: "evil.test status=200 cache=\"hit\" x=\\".to_owned(),
+            path: "/a\" status=200\n2025-01-01T00:00:00Z  INFO edgecache::access: request \
+                   status=200\r\u{1b}[2K\t\u{7f}"
+                .to_owned(),
+            status: 421,
+            cache: "refused",
+            origin: None,
+            origin_ms: None,
+            route: None,
+            aborted: false,
+        }
+    }
+
+    /// The fields of a text-format line after its message, as `(key, raw value)`: a quoted
+    /// value runs to the first `"` not escaped by `\`.
+    fn text_fields(line: &str) -> Vec<(String, String)> {
+        let rest = line.split_once(" request ").map_or("", |(_, r)| r);
+        let mut fields = Vec::new();
+        let mut chars = rest.chars().peekable();
+        while chars.peek().is_some() {
+            let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
+            let mut value = String::new();
+            if chars.peek() == Some(&'"') {
+                value.push(chars.next().unwrap_or('"'));
+                while let Some(c) = chars.next() {
+                    value.push(c);
+                    if c == '\\' {
+                        value.extend(chars.next());
+                    } else if c == '"' {
+                        break;
+                    }
+                }
+                chars.next(); // the space after the value
+            } else {
+                value = chars.by_ref().take_while(|&c| c != ' ').collect();
+            }
+            fields.push((key.trim().to_owned(), value));
+        }
+        fields
+    }
+
+    #[test]
+    fn client_values_cannot_forge_text_log_fields_or_lines() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let log = forged();
+        tracing::subscriber::with_default(subscriber, || log.emit(0, true));
+
+        let text = out.text();
+        assert_eq!(text.matches('\n').count(), 1, "one line: {text}");
+        let fields = text_fields(text.trim_end());
+        let keys: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "client",
+                "host",
+                "method",
+                "path",
+                "version",
+                "status",
+                "bytes",
+                "duration_ms",
+                "cache",
+                "origin",
+                "route",
+                "complete"
+            ],
+            "{text}"
+        );
+        let value = |k: &str| {
+            fields
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(value("status"), Some("421"));
+        assert_eq!(value("cache"), Some("\"refused\""));
+        // Quoted, with `"` and `\` escaped: what Rust's `{:?}` writes for a string.
+        assert_eq!(
+            value("host"),
+            Some(r#""evil.test status=200 cache=\"hit\" x=\\""#)
+        );
+        assert_eq!(value("host"), Some(format!("{:?}", log.host).as_str()));
+        assert_eq!(value("path"), Some(format!("{:?}", log.path).as_str()));
+        assert_eq!(value("method"), Some("\"GET\""));
+        assert!(
+            !text.contains(['\r', '\u{1b}', '\t', '\u{7f}']),
+            "control characters escaped: {text:?}"
+        );
+    }
+
+    #[test]
+    fn client_values_stay_json_strings() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .json()
+            .flatten_event(true)
+            .finish();
+        let log = forged();
+        tracing::subscriber::with_default(subscriber, || log.emit(0, true));
+
+        let text = out.text();
+        assert_eq!(text.matches('\n').count(), 1, "one line: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("a JSON line");
+        assert_eq!(v["host"], log.host.as_str());
+        assert_eq!(v["path"], log.path.as_str());
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["status"], 421);
+        assert_eq!(v["cache"], "refused");
     }
 }

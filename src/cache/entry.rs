@@ -13,7 +13,8 @@ use super::policy::{self, StoreDecision, StoredFacts};
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// One stored response (one `Vary` variant of a URL). Immutable once stored except for the
-/// soft-purge mark; a refresh stores a new entry sharing the same body.
+/// soft-purge mark and the store's use mark; a refresh stores a new entry sharing the same
+/// body.
 #[derive(Debug)]
 pub struct Entry {
     pub key: OwnedKey,
@@ -39,6 +40,9 @@ pub struct Entry {
     pub tags: Box<[Box<str>]>,
     /// Seconds since the epoch of a soft purge; 0 when not purged.
     purged_at: AtomicU64,
+    /// The store's use mark: the version of this URL's variant list that last answered from
+    /// the entry (0: never), which is what decides the variant that goes when the list is full.
+    used: AtomicU64,
 }
 
 impl Entry {
@@ -69,6 +73,7 @@ impl Entry {
             decision,
             tags,
             purged_at: AtomicU64::new(0),
+            used: AtomicU64::new(0),
         }
     }
 
@@ -176,6 +181,21 @@ impl Entry {
     /// How long the store should keep the entry from `now`.
     pub fn time_to_live(&self, now: SystemTime) -> Duration {
         self.decision.retention().saturating_sub(self.age(now))
+    }
+
+    /// The store's use mark (see [`Entry::mark_used`]); 0 when never used.
+    pub(crate) fn last_used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Records a use under `mark`, which only grows. On the hit path: one load, and a plain
+    /// store only when the mark moved, so a popular entry's cache line is not written by
+    /// every hit (no read-modify-write; a lost race between two marks costs nothing that
+    /// matters: both are recent).
+    pub(crate) fn mark_used(&self, mark: u64) {
+        if self.used.load(Ordering::Relaxed) < mark {
+            self.used.store(mark, Ordering::Relaxed);
+        }
     }
 
     /// Marks the entry stale now, keeping it for stale-if-error and revalidation.

@@ -190,11 +190,14 @@ pub enum NoStoreReason {
     Bypass,
     /// This URL was recently uncacheable; requests go straight to the origin for a while.
     HitForMiss,
+    /// A new `Vary` variant of a URL that has gained new variants faster than the store allows
+    /// (`cache::store`): served, not stored, so junk values cannot push out popular variants.
+    VariantRate,
 }
 
 impl NoStoreReason {
     /// Every reason, for precomputing header values.
-    pub const ALL: [NoStoreReason; 13] = [
+    pub const ALL: [NoStoreReason; 14] = [
         NoStoreReason::Method,
         NoStoreReason::RequestNoStore,
         NoStoreReason::Status,
@@ -208,6 +211,7 @@ impl NoStoreReason {
         NoStoreReason::Aborted,
         NoStoreReason::Bypass,
         NoStoreReason::HitForMiss,
+        NoStoreReason::VariantRate,
     ];
 
     /// The token used in `Cache-Status: ...; detail=`.
@@ -226,6 +230,7 @@ impl NoStoreReason {
             NoStoreReason::Aborted => "aborted",
             NoStoreReason::Bypass => "bypass",
             NoStoreReason::HitForMiss => "hit-for-miss",
+            NoStoreReason::VariantRate => "variant-rate",
         }
     }
 }

@@ -3,27 +3,98 @@
 //! One moka entry per URL (primary key) holds that URL's `Vary` variants side by side, so a
 //! purge by URL removes every variant at once. Purges by prefix and tag scan the store (moka
 //! iterates without blocking readers); they return how many stored responses they touched.
+//!
+//! Within a URL, variants are kept by use: when the list is full, the one used least recently
+//! goes, and one never used since it was stored goes before any other. How fast a URL may gain
+//! new variants is bounded too ([`Store::admit_variant`]), so a stream of junk values of a
+//! varied-on header is served but cannot churn the list.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 use moka::sync::Cache;
 use moka::Expiry;
+use tokio::time::Instant;
 
 use super::entry::Entry;
-use super::key::{KeyHasher, KeyParts, PrehashedKey};
+use super::key::{KeyHasher, KeyParts, OwnedKey, PrehashedKey, VaryKey};
+use super::policy::NoStoreReason;
 
-/// Variants of one URL kept side by side at most; the oldest goes first.
+// There is no setting for how many variants a URL keeps, so the bounds below are constants
+// too. Variants of one URL are few in practice (encodings, a handful of languages); a URL that
+// legitimately has more, such as one varying on raw `Accept-Language`, still fills its list
+// within about two seconds of demand, and a variant refused meanwhile is answered like a pass.
+
+/// Variants of one URL kept side by side at most; when full, the least recently used goes.
 const MAX_VARIANTS: usize = 16;
 
-/// All stored variants of one URL.
+/// New variants one URL may gain per second, on average (beyond its first).
+const NEW_VARIANTS_PER_SECOND: u64 = 4;
+
+/// New variants one URL may gain at once, after a quiet spell.
+const NEW_VARIANTS_BURST: u64 = 8;
+
+/// How fast one URL may gain new variants: a token bucket kept as one atomic (GCRA: when the
+/// next new variant is due, in microseconds since the store started). Shared by every version
+/// of the URL's [`Object`], so replacing the variant list keeps the count.
 #[derive(Debug, Default)]
+struct VariantBudget {
+    next_due: AtomicU64,
+}
+
+impl VariantBudget {
+    /// Microseconds between two new variants at the sustained rate.
+    const INTERVAL: u64 = 1_000_000 / NEW_VARIANTS_PER_SECOND;
+    /// How far ahead of `now` the due time may run: the burst.
+    const TOLERANCE: u64 = Self::INTERVAL * (NEW_VARIANTS_BURST - 1);
+
+    /// Takes one new variant's allowance at `now` (microseconds since the store started);
+    /// false when the burst is spent and the rate has not earned another yet.
+    fn take(&self, now: u64) -> bool {
+        let mut due = self.next_due.load(Ordering::Relaxed);
+        loop {
+            let from = due.max(now);
+            if from - now > Self::TOLERANCE {
+                return false;
+            }
+            match self.next_due.compare_exchange_weak(
+                due,
+                from.saturating_add(Self::INTERVAL),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => due = seen,
+            }
+        }
+    }
+}
+
+/// All stored variants of one URL. Never changed once stored: a change stores a new version.
+#[derive(Debug)]
 pub struct Object {
     pub variants: Vec<Arc<Entry>>,
+    /// This version of the URL's variant list, from 1, one more at each change. A hit marks
+    /// its entry with it ([`Entry::mark_used`]), which orders the variants by last use at the
+    /// cost of a load per hit, where a shared counter bumped per hit would be a contended
+    /// read-modify-write; uses between two changes of the list need no order, as only a
+    /// change evicts.
+    version: u64,
+    budget: Arc<VariantBudget>,
 }
 
 impl Object {
+    /// The version after `old` (or a URL's first) holding `variants`.
+    fn next(old: Option<&Object>, variants: Vec<Arc<Entry>>) -> Object {
+        Object {
+            variants,
+            version: old.map_or(1, |o| o.version.saturating_add(1)),
+            budget: old.map(|o| o.budget.clone()).unwrap_or_default(),
+        }
+    }
+
     fn weight(&self) -> u32 {
         self.variants
             .iter()
@@ -46,6 +117,8 @@ pub struct Store {
     /// URLs recently found uncacheable, with how long to remember it.
     hit_for_miss: Cache<u64, Duration, PrehashedKey>,
     hasher: KeyHasher,
+    /// The origin of the variant budgets' clock.
+    started: Instant,
 }
 
 struct ObjectExpiry;
@@ -116,6 +189,7 @@ impl Store {
             inner,
             hit_for_miss,
             hasher: KeyHasher::default(),
+            started: Instant::now(),
         }
     }
 
@@ -124,7 +198,8 @@ impl Store {
         self.hasher.hash(parts)
     }
 
-    /// The stored response for these parts whose `Vary` values match `request`.
+    /// The stored response for these parts whose `Vary` values match `request`, marked as
+    /// used (no allocation, no lock: a load and, when the list changed since, a store).
     pub fn get(
         &self,
         hash: u64,
@@ -133,12 +208,57 @@ impl Store {
         request: &HeaderMap,
     ) -> Option<Arc<Entry>> {
         let object = self.inner.get(&hash)?;
-        object
+        let entry = object
             .variants
             .iter()
             .rev()
-            .find(|e| e.key.matches(parts) && e.vary.matches(request, extra))
-            .cloned()
+            .find(|e| e.key.matches(parts) && e.vary.matches(request, extra))?;
+        entry.mark_used(object.version);
+        Some(entry.clone())
+    }
+
+    /// Whether a response for `key` varying as `vary` may be stored, as far as the URL's
+    /// variant count goes: always for a variant already held (stale or not) and for a URL's
+    /// first; a new variant takes one from the URL's budget (8 at once, 4 per second after
+    /// that). Past it: [`NoStoreReason::VariantRate`], and the response is to be served
+    /// without being stored. Ask once per response, before [`Store::insert`], which stores
+    /// whatever it is given.
+    pub fn admit_variant(
+        &self,
+        hash: u64,
+        key: &OwnedKey,
+        vary: &VaryKey,
+    ) -> Result<(), NoStoreReason> {
+        self.admit_variant_at(hash, key, vary, self.started.elapsed())
+    }
+
+    /// [`Store::admit_variant`] at `now`, the time since the store started.
+    fn admit_variant_at(
+        &self,
+        hash: u64,
+        key: &OwnedKey,
+        vary: &VaryKey,
+        now: Duration,
+    ) -> Result<(), NoStoreReason> {
+        let Some(object) = self.inner.get(&hash) else {
+            return Ok(());
+        };
+        let mut same_url = false;
+        for e in &object.variants {
+            if e.key == *key {
+                if e.vary == *vary {
+                    return Ok(());
+                }
+                same_url = true;
+            }
+        }
+        // An object of another URL under the same hash would be replaced whole: a first.
+        let now = u64::try_from(now.as_micros()).unwrap_or(u64::MAX);
+        if !same_url || object.budget.take(now) {
+            Ok(())
+        } else {
+            Err(NoStoreReason::VariantRate)
+        }
     }
 
     /// True when anything (any variant) is stored under `hash`.
@@ -146,7 +266,9 @@ impl Store {
         self.inner.contains_key(&hash)
     }
 
-    /// Stores an entry under `hash`, replacing the variant with the same `Vary` values.
+    /// Stores an entry under `hash`, replacing the variant with the same `Vary` values (whose
+    /// use it keeps). When the URL already has 16 variants, the one used least recently
+    /// goes: first any never used since stored, the oldest of them first.
     pub fn insert(&self, hash: u64, entry: Entry) {
         self.insert_shared(hash, entry);
     }
@@ -156,26 +278,36 @@ impl Store {
         let entry = Arc::new(entry);
         let stored = entry.clone();
         let now = SystemTime::now();
-        let mut variants: Vec<Arc<Entry>> = match self.inner.get(&hash) {
-            Some(old) => old
-                .variants
-                .iter()
-                .filter(|e| {
-                    e.key == entry.key && e.vary != entry.vary && !e.time_to_live(now).is_zero()
-                })
-                .cloned()
-                .collect(),
-            None => Vec::new(),
-        };
+        let old = self.inner.get(&hash);
+        let mut variants: Vec<Arc<Entry>> = Vec::new();
+        for e in old.iter().flat_map(|o| o.variants.iter()) {
+            if e.key != entry.key {
+                continue;
+            }
+            if e.vary == entry.vary {
+                // A refresh or a refetch keeps the use of the entry it replaces.
+                entry.mark_used(e.last_used());
+            } else if !e.time_to_live(now).is_zero() {
+                variants.push(e.clone());
+            }
+        }
         if variants.len() >= MAX_VARIANTS {
-            variants.remove(0);
+            // `min_by_key` returns the first of equal minima: the list is in the order stored.
+            if let Some((i, _)) = variants
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_used())
+            {
+                variants.remove(i);
+            }
         }
         variants.push(entry);
         // A write to moka costs more than a read; most inserts have no marker to clear.
         if self.hit_for_miss.contains_key(&hash) {
             self.hit_for_miss.invalidate(&hash);
         }
-        self.inner.insert(hash, Arc::new(Object { variants }));
+        let object = Object::next(old.as_deref(), variants);
+        self.inner.insert(hash, Arc::new(object));
         stored
     }
 
@@ -263,7 +395,8 @@ impl Store {
         } else if keep.is_empty() {
             self.inner.invalidate(&hash);
         } else {
-            self.inner.insert(hash, Arc::new(Object { variants: keep }));
+            self.inner
+                .insert(hash, Arc::new(Object::next(Some(&obj), keep)));
         }
         hit.len()
     }
@@ -281,5 +414,162 @@ impl Store {
     /// Runs pending maintenance (evictions, counters); for tests and metrics.
     pub fn sync(&self) {
         self.inner.run_pending_tasks();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http::{HeaderValue, StatusCode};
+
+    use super::*;
+    use crate::cache::policy::StoreDecision;
+
+    const URL: KeyParts<'static> = KeyParts {
+        https: false,
+        host: "site.test",
+        path_and_query: "/page",
+    };
+
+    /// A request asking for `Accept-Language: lang`.
+    fn asking(lang: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(lang) {
+            h.insert(http::header::ACCEPT_LANGUAGE, v);
+        }
+        h
+    }
+
+    fn vary(lang: &str) -> VaryKey {
+        let mut response = HeaderMap::new();
+        response.insert(
+            http::header::VARY,
+            HeaderValue::from_static("Accept-Language"),
+        );
+        VaryKey::from_response(&response, &asking(lang))
+    }
+
+    /// The `lang` variant of `parts`, fresh for a minute.
+    fn variant(parts: &KeyParts<'_>, lang: &str) -> Entry {
+        Entry::new(
+            OwnedKey::new(parts),
+            vary(lang),
+            StatusCode::OK,
+            HeaderMap::new(),
+            Bytes::from(lang.to_owned()),
+            SystemTime::now(),
+            Duration::ZERO,
+            StoreDecision::fresh_for(Duration::from_secs(60)),
+            Box::new([]),
+        )
+    }
+
+    fn hit(store: &Store, lang: &str) -> bool {
+        store
+            .get(store.hash(&URL), &URL, None, &asking(lang))
+            .is_some()
+    }
+
+    fn store_variant(store: &Store, lang: &str) {
+        store.insert(store.hash(&URL), variant(&URL, lang));
+    }
+
+    #[test]
+    fn junk_variants_do_not_push_out_a_used_one() {
+        let store = Store::new(1 << 30);
+        store_variant(&store, "en");
+        for _ in 0..5 {
+            assert!(hit(&store, "en"));
+        }
+        for i in 0..40 {
+            store_variant(&store, &format!("junk-{i}"));
+        }
+        assert!(hit(&store, "en"), "the used variant is kept");
+        assert!(!hit(&store, "junk-0"), "unused variants went first");
+        assert!(hit(&store, "junk-39"), "the newest is kept");
+        let hash = store.hash(&URL);
+        let count = store.inner.get(&hash).map_or(0, |o| o.variants.len());
+        assert_eq!(count, MAX_VARIANTS);
+    }
+
+    #[test]
+    fn a_full_variant_list_drops_the_least_recently_used() {
+        let store = Store::new(1 << 30);
+        for i in 0..MAX_VARIANTS {
+            store_variant(&store, &format!("v{i}"));
+        }
+        assert!(hit(&store, "v0"));
+        store_variant(&store, "a");
+        assert!(!hit(&store, "v1"), "never used: first to go, oldest first");
+        for i in 2..MAX_VARIANTS {
+            assert!(hit(&store, &format!("v{i}")));
+        }
+        assert!(hit(&store, "a"));
+        // v0 was used, but before the list last changed; every other variant since.
+        store_variant(&store, "b");
+        assert!(!hit(&store, "v0"), "the least recently used went");
+        assert!(hit(&store, "v2") && hit(&store, "a") && hit(&store, "b"));
+    }
+
+    #[test]
+    fn a_replaced_variant_keeps_its_use() {
+        let store = Store::new(1 << 30);
+        for i in 0..MAX_VARIANTS {
+            store_variant(&store, &format!("v{i}"));
+        }
+        for i in 0..MAX_VARIANTS {
+            assert!(hit(&store, &format!("v{i}")));
+        }
+        // A refresh (or a refetch) of v0 stores a new entry, used as much as the one it
+        // replaced: not the one to go, though the others are all used too.
+        store_variant(&store, "v0");
+        store_variant(&store, "a");
+        assert!(hit(&store, "v0"));
+        assert!(!hit(&store, "v1"), "the oldest of equally used went");
+    }
+
+    #[test]
+    fn new_variants_are_bounded_per_url_per_second() {
+        let store = Store::new(1 << 30);
+        let hash = store.hash(&URL);
+        let key = OwnedKey::new(&URL);
+        let admit = |lang: &str, ms: u64| {
+            store.admit_variant_at(hash, &key, &vary(lang), Duration::from_millis(ms))
+        };
+        assert_eq!(admit("en", 0), Ok(()), "a URL's first variant");
+        store_variant(&store, "en");
+        for i in 0..NEW_VARIANTS_BURST {
+            assert_eq!(admit(&format!("j{i}"), 0), Ok(()), "within the burst");
+        }
+        assert_eq!(admit("late", 0), Err(NoStoreReason::VariantRate));
+        assert_eq!(admit("late", 200), Err(NoStoreReason::VariantRate));
+        assert_eq!(admit("en", 0), Ok(()), "a variant held needs no allowance");
+        assert_eq!(admit("late", 250), Ok(()), "one more per 1/4 s");
+        assert_eq!(admit("later", 250), Err(NoStoreReason::VariantRate));
+
+        // After a quiet spell, a burst again, and no more.
+        let mut admitted = 0;
+        for i in 0..20 {
+            if admit(&format!("k{i}"), 60_000).is_ok() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, NEW_VARIANTS_BURST);
+
+        // The budget is per URL, and survives changes of the variant list.
+        let other = KeyParts {
+            path_and_query: "/other",
+            ..URL
+        };
+        let other_hash = store.hash(&other);
+        store.insert(other_hash, variant(&other, "en"));
+        let other_key = OwnedKey::new(&other);
+        let at = Duration::from_secs(60);
+        assert_eq!(
+            store.admit_variant_at(other_hash, &other_key, &vary("fr"), at),
+            Ok(())
+        );
+        store_variant(&store, "j0");
+        assert_eq!(admit("k99", 60_000), Err(NoStoreReason::VariantRate));
     }
 }

@@ -1200,6 +1200,12 @@ impl Proxy {
             .map(|d| d.strip.clone())
             .unwrap_or_default();
         rparts.headers = strip_cache_only(std::mem::take(&mut rparts.headers), &strip);
+        let vary = VaryKey::from_response(&rparts.headers, client).with_extra(lookup.extra.clone());
+        // A new variant past the URL's budget is served, not stored (see `Store::admit_variant`).
+        let decision = decision.and_then(|d| {
+            let admitted = self.store.admit_variant(lookup.hash, &lookup.key, &vary);
+            admitted.map(|()| d)
+        });
         let decision = match decision {
             Ok(d) => d,
             Err(reason) => {
@@ -1209,7 +1215,9 @@ impl Proxy {
                 if !rparts.status.is_server_error()
                     && !matches!(
                         reason,
-                        NoStoreReason::RequestNoStore | NoStoreReason::Authorization
+                        NoStoreReason::RequestNoStore
+                            | NoStoreReason::Authorization
+                            | NoStoreReason::VariantRate
                     )
                 {
                     self.store
@@ -1234,7 +1242,6 @@ impl Proxy {
                 );
             }
         };
-        let vary = VaryKey::from_response(&rparts.headers, client).with_extra(lookup.extra.clone());
         if content_length.is_some_and(|n| n <= SMALL_OBJECT) {
             // A small object is read whole before anyone is answered: followers are then
             // served from the stored entry, with no streaming machinery per request.

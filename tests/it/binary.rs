@@ -251,6 +251,74 @@ async fn each_request_has_an_access_log_line_naming_origin_and_route() {
     );
 }
 
+/// The fields of a text-format access line after its message, as `(key, raw value)`; a
+/// quoted value runs to the first `"` not escaped by `\`.
+fn text_fields(line: &str) -> Vec<(String, String)> {
+    let rest = line.split_once(" request ").map_or("", |(_, r)| r);
+    let mut fields = Vec::new();
+    let mut chars = rest.chars().peekable();
+    while chars.peek().is_some() {
+        let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            value.extend(chars.next());
+            while let Some(c) = chars.next() {
+                value.push(c);
+                if c == '\\' {
+                    value.extend(chars.next());
+                } else if c == '"' {
+                    break;
+                }
+            }
+            chars.next();
+        } else {
+            value = chars.by_ref().take_while(|&c| c != ' ').collect();
+        }
+        fields.push((key.trim().to_owned(), value));
+    }
+    fields
+}
+
+#[tokio::test]
+async fn a_host_header_cannot_forge_text_access_log_fields() {
+    let origin = TestOrigin::start().await;
+    let p = spawn(&origin, "");
+    let host = "site.test status=200 cache=\"hit\" origin=\"eu-1\"";
+    let r = get(p.http, host, "/page").await;
+    assert_eq!(r.status, 421, "not a site of ours");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let found = p
+            .lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .find(|l| l.contains("edgecache::access"))
+            .cloned();
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "no access line");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let fields = text_fields(&line);
+    let values = |k: &str| -> Vec<&str> {
+        fields
+            .iter()
+            .filter(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    assert_eq!(values("status"), ["421"], "{line}");
+    assert_eq!(values("cache"), ["\"refused\""], "{line}");
+    assert_eq!(values("origin"), ["\"-\""], "{line}");
+    assert_eq!(
+        values("host"),
+        [r#""site.test status=200 cache=\"hit\" origin=\"eu-1\"""#],
+        "{line}"
+    );
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status

@@ -276,6 +276,56 @@ async fn vary_keeps_variants_apart() {
 }
 
 #[tokio::test]
+async fn junk_vary_values_do_not_evict_a_popular_variant() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/v",
+        Route::ok("v")
+            .header("cache-control", "max-age=60")
+            .header("vary", "Accept-Language"),
+    );
+    let node = TestNode::start("", &site(&origin, "site.test", "")).await;
+    let asking = |lang: &str| request("GET", "site.test", "/v", &[("accept-language", lang)]);
+    let r = send(node.http, asking("en")).await;
+    assert_eq!(
+        r.header("cache-status"),
+        Some("edgecache; fwd=uri-miss; stored")
+    );
+    for _ in 0..5 {
+        let r = send(node.http, asking("en")).await;
+        assert_eq!(r.header("cache-status"), Some("edgecache; hit"));
+    }
+    assert_eq!(origin.count("/v"), 1);
+
+    let started = std::time::Instant::now();
+    let mut refused = 0;
+    for i in 0..32 {
+        let r = send(node.http, asking(&format!("junk-{i}"))).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(&r.body[..], b"v", "every client gets its answer");
+        match r.header("cache-status") {
+            Some("edgecache; fwd=vary-miss; stored") => {}
+            Some("edgecache; fwd=vary-miss; detail=variant-rate") => refused += 1,
+            other => panic!("junk-{i}: {other:?}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(origin.count("/v"), 33);
+
+    let r = send(node.http, asking("en")).await;
+    assert_eq!(r.header("cache-status"), Some("edgecache; hit"));
+    assert_eq!(&r.body[..], b"v");
+    assert_eq!(origin.count("/v"), 33, "the popular variant was kept");
+    // 8 new variants at once, then 4 a second: all 32 stored would take 6 s of arrivals.
+    if elapsed < std::time::Duration::from_secs(6) {
+        assert!(
+            refused > 0,
+            "new variants past the URL's budget are not stored"
+        );
+    }
+}
+
+#[tokio::test]
 async fn client_no_cache_goes_to_the_origin_and_refreshes() {
     let origin = TestOrigin::start().await;
     origin.route("/n", Route::ok("n").header("cache-control", "max-age=60"));
