@@ -338,6 +338,11 @@ pub struct Site {
     pub cache: SiteCache,
     /// `[[sites.rules]]`: per-path overrides, first match wins.
     pub rules: Vec<Rule>,
+    /// Methods served; anything else is answered 405 with `Allow`, here.
+    pub methods: Methods,
+    /// Refuse paths with `%2F`, `%5C` or `\` (`escaped_slashes = "refuse"`) instead of
+    /// passing them on unchanged.
+    pub refuse_escaped_slashes: bool,
 }
 
 impl Site {
@@ -349,6 +354,8 @@ impl Site {
             routes: Vec::new(),
             cache: SiteCache::default(),
             rules: Vec::new(),
+            methods: Methods::default_for(false),
+            refuse_escaped_slashes: false,
         }
     }
 
@@ -363,6 +370,56 @@ impl Site {
     /// The first rule matching `path`.
     pub fn rule(&self, path: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.path.matches(path))
+    }
+}
+
+/// The methods a site serves, and the `Allow` value that lists them.
+#[derive(Clone, Debug)]
+pub struct Methods {
+    list: Vec<http::Method>,
+    allow: HeaderValue,
+}
+
+impl Methods {
+    /// GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS; and PURGE where purging is enabled.
+    pub fn default_for(purge: bool) -> Methods {
+        use http::Method;
+        let mut list = vec![
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ];
+        if purge {
+            list.extend(Method::from_bytes(b"PURGE"));
+        }
+        Methods::new(list)
+    }
+
+    /// A list as configured (validated: no TRACE or CONNECT, no duplicates).
+    pub fn new(list: Vec<http::Method>) -> Methods {
+        let text: Vec<&str> = list.iter().map(|m| m.as_str()).collect();
+        let allow = HeaderValue::from_str(&text.join(", "))
+            .unwrap_or_else(|_| HeaderValue::from_static("GET, HEAD"));
+        Methods { list, allow }
+    }
+
+    /// True when `method` is served.
+    pub fn allows(&self, method: &http::Method) -> bool {
+        self.list.iter().any(|m| m == method)
+    }
+
+    /// The `Allow` field's value.
+    pub fn allow(&self) -> &HeaderValue {
+        &self.allow
+    }
+
+    /// The methods, in the configured order.
+    pub fn list(&self) -> &[http::Method] {
+        &self.list
     }
 }
 
@@ -643,6 +700,17 @@ impl Config {
                 .map(|o| o.name.as_str())
                 .unwrap_or("?");
             let _ = writeln!(s, "  {}  ->  {}", site.hosts.join(", "), origin);
+            let methods: Vec<&str> = site.methods.list().iter().map(|m| m.as_str()).collect();
+            let _ = writeln!(
+                s,
+                "    methods {}; encoded slashes {}",
+                methods.join(" "),
+                if site.refuse_escaped_slashes {
+                    "refused"
+                } else {
+                    "kept"
+                }
+            );
             let named_routes = site.routes.len() > 1
                 || site.routes.iter().any(|r| {
                     r.pools.iter().any(|&p| {

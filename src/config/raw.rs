@@ -195,6 +195,8 @@ pub(crate) struct RawSite {
     pub(crate) cache: RawSiteCache,
     #[serde(default)]
     pub(crate) rules: Vec<RawRule>,
+    pub(crate) methods: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(crate) escaped_slashes: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

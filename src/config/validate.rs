@@ -16,8 +16,8 @@ use toml::Spanned;
 use super::raw::{RawConfig, Size};
 use super::{
     Admin, Cache, Certificate, ClientAuth, ClientNoCache, Config, Diagnostic, Dns, Error, Geo,
-    HealthCheck, Origin, PathMatch, Pool, QueryMode, Retries, Route, RouteMatch, Rule, Server,
-    Site, SiteCache, Tls,
+    HealthCheck, Methods, Origin, PathMatch, Pool, QueryMode, Retries, Route, RouteMatch, Rule,
+    Server, Site, SiteCache, Tls,
 };
 
 /// Collects diagnostics against one file's text.
@@ -662,12 +662,33 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
             .enumerate()
             .filter_map(|(j, r)| rule(ck, &format!("{key}.rules[{j}]"), r))
             .collect();
+        let methods = match &s.methods {
+            None => Methods::default_for(raw.admin.is_some()),
+            Some(list) => site_methods(ck, &key, list),
+        };
+        let refuse_escaped_slashes = match &s.escaped_slashes {
+            None => false,
+            Some(v) => match v.get_ref().as_str() {
+                "keep" => false,
+                "refuse" => true,
+                other => {
+                    ck.error(
+                        v.span(),
+                        format!("{key}.escaped_slashes"),
+                        format!("{other:?} is not \"keep\" or \"refuse\""),
+                    );
+                    false
+                }
+            },
+        };
         sites.push(Site {
             hosts,
             origin,
             routes,
             cache,
             rules,
+            methods,
+            refuse_escaped_slashes,
         });
     }
     if raw.sites.is_empty() {
@@ -1172,6 +1193,39 @@ fn route(
         matcher,
         pools,
     })
+}
+
+/// `methods = [...]`: method names (tokens), never TRACE or CONNECT, each once.
+fn site_methods(ck: &mut Checker<'_>, key: &str, list: &Spanned<Vec<Spanned<String>>>) -> Methods {
+    let key = format!("{key}.methods");
+    let mut out: Vec<http::Method> = Vec::new();
+    if list.get_ref().is_empty() {
+        ck.error(list.span(), key.clone(), "needs at least one method");
+    }
+    for m in list.get_ref() {
+        let name = m.get_ref();
+        match http::Method::from_bytes(name.as_bytes()) {
+            Ok(method) if method == http::Method::TRACE || method == http::Method::CONNECT => {
+                ck.error(
+                    m.span(),
+                    key.clone(),
+                    format!("{name} is never forwarded (answered 405 here)"),
+                );
+            }
+            Ok(method) if out.contains(&method) => {
+                ck.error(m.span(), key.clone(), format!("{name} is listed twice"));
+            }
+            Ok(method) if name.bytes().all(|b| b.is_ascii_uppercase() || b == b'-') => {
+                out.push(method)
+            }
+            _ => ck.error(
+                m.span(),
+                key.clone(),
+                format!("{name:?} is not a method name (upper case, like \"GET\")"),
+            ),
+        }
+    }
+    Methods::new(out)
 }
 
 fn site_cache(ck: &mut Checker<'_>, key: &str, raw: &super::raw::RawSiteCache) -> SiteCache {

@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod path;
 mod purge;
 pub mod range;
 mod respond;
@@ -568,7 +569,7 @@ impl Proxy {
                 aborted: false,
             })
         });
-        match self.serve(req, conn) {
+        match self.serve(req, conn, false) {
             Served::Now(answer) => Handling(HandlingState::Ready(Some(self.finish(answer, log)))),
             Served::Later(fut) => Handling(HandlingState::Waiting {
                 fut,
@@ -602,7 +603,8 @@ impl Proxy {
         resp
     }
 
-    fn serve(self: &Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Served {
+    /// `normal`: the request's path was normalised already (see `path`).
+    fn serve(self: &Arc<Self>, req: Request<Incoming>, conn: ConnInfo, normal: bool) -> Served {
         let h = req.headers();
         // One pass over the field names for the fields asked about below: a request has a
         // handful of fields, and comparing a standard name is comparing a byte, where each
@@ -646,7 +648,7 @@ impl Proxy {
         if connection {
             let mut req = req;
             headers::remove_hop_by_hop(req.headers_mut());
-            return self.serve(req, conn);
+            return self.serve(req, conn, normal);
         }
         // RFC 8586: our own `CDN-Loop` member means a site's origin leads back to this node
         // (directly or through others); forwarding again would loop until a limit broke it.
@@ -717,13 +719,80 @@ impl Proxy {
         let host_value =
             || HeaderValue::from_str(&host).unwrap_or(HeaderValue::from_static("invalid"));
 
+        // Methods the site does not serve are answered here, never forwarded (TRACE never is:
+        // it would echo the request, cookies and all, as nginx also refuses).
+        if !site.methods.allows(req.method()) {
+            let (mut resp, outcome) = refuse(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "edgecache: method not allowed\n",
+                false,
+            );
+            resp.headers_mut()
+                .insert(header::ALLOW, site.methods.allow().clone());
+            return Served::Now((resp, outcome));
+        }
+        // RFC 9110 §9.3.1: a GET or HEAD body has no meaning, and forwarding its framing
+        // without the bytes (or the bytes to an origin that does not expect them) leaves a
+        // pooled origin connection reading one request as another.
+        let cache_method = req.method() == Method::GET || req.method() == Method::HEAD;
+        if cache_method && !req.body().is_end_stream() {
+            return Served::Now(refuse(
+                StatusCode::BAD_REQUEST,
+                "edgecache: a GET or HEAD request may not have a body\n",
+                true,
+            ));
+        }
+        // The path as the key, the rules and the origin all see it: dot segments resolved,
+        // unreserved characters decoded (RFC 3986 §6.2.2). Normalised once; the request
+        // then carries the normal path and is served as if sent so.
+        if !normal {
+            match path::normalise(req.uri().path(), site.refuse_escaped_slashes) {
+                Ok(Cow::Borrowed(_)) => {}
+                Ok(Cow::Owned(p)) => {
+                    let target = match req.uri().query() {
+                        Some(q) => format!("{p}?{q}"),
+                        None => p,
+                    };
+                    let mut uri = req.uri().clone().into_parts();
+                    uri.path_and_query = PathAndQuery::try_from(target).ok();
+                    let Ok(uri) = Uri::from_parts(uri) else {
+                        return Served::Now(refuse(
+                            StatusCode::BAD_REQUEST,
+                            "edgecache: invalid request target\n",
+                            true,
+                        ));
+                    };
+                    let mut req = req;
+                    *req.uri_mut() = uri;
+                    return self.serve(req, conn, true);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "path refused");
+                    return Served::Now(refuse(
+                        StatusCode::BAD_REQUEST,
+                        match e {
+                            path::PathError::AboveRoot => {
+                                "edgecache: the path climbs above the root\n"
+                            }
+                            path::PathError::EscapedSlash => {
+                                "edgecache: encoded slashes are not accepted here\n"
+                            }
+                            path::PathError::BadEncoding => {
+                                "edgecache: invalid percent-encoding in the path\n"
+                            }
+                        },
+                        true,
+                    ));
+                }
+            }
+        }
+
         if req.method().as_str() == "PURGE" {
             let host = host.into_owned();
             let key_pq = key_target(site, pq.as_str());
             return Served::Now(self.purge_method(&req, conn, &host, &key_pq));
         }
         let rule = site.rule(req.uri().path());
-        let cache_method = req.method() == Method::GET || req.method() == Method::HEAD;
         if !cache_method || rule.is_some_and(|r| r.bypass) {
             let detail = if cache_method {
                 "fwd=bypass"
@@ -963,6 +1032,9 @@ impl Proxy {
 
         // origin_fetch: a whole-object GET; our own validators when revalidating.
         let mut up_headers = client.clone();
+        // The GET sent has no body, so no framing field goes with it (a request with a body
+        // never gets here).
+        up_headers.remove(header::CONTENT_LENGTH);
         if up_headers.keys().any(|k| CONDITIONAL_FIELDS.contains(k)) {
             for f in &CONDITIONAL_FIELDS {
                 up_headers.remove(f);

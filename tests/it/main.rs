@@ -5,6 +5,7 @@
 mod binary;
 mod cache;
 mod clients;
+mod hardening;
 mod http_cache;
 mod isolation;
 mod leak_search;

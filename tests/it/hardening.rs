@@ -1,0 +1,159 @@
+//! Requests that must never reach an origin as sent, and requests that must not let one
+//! client harm the others (issue 13's findings, each kept fixed).
+
+use std::time::Duration;
+
+use crate::support::*;
+
+fn one_site(origin: &TestOrigin, site_extra: &str) -> String {
+    format!(
+        "[[origins]]\nname = \"o\"\nurl = \"{}\"\n\n[[sites]]\nhosts = [\"site.test\"]\norigin = \"o\"\n{site_extra}\n",
+        origin.url()
+    )
+}
+
+/// RFC 3986 §5.2.4 and §6.2.2: dot segments are resolved and unreserved characters decoded
+/// before keying and forwarding; a path that climbs above the root is refused; equivalent
+/// spellings are one object.
+#[tokio::test]
+async fn paths_are_normalised_once_and_never_climb_above_the_root() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/a/c",
+        Route::echo(&[], 0).header("cache-control", "max-age=60"),
+    );
+    origin.route(
+        "/~user",
+        Route::echo(&[], 0).header("cache-control", "max-age=60"),
+    );
+    origin.route("/etc/passwd", Route::ok("root:x:0:0"));
+    origin.route(
+        "/a%2Fb",
+        Route::echo(&[], 0).header("cache-control", "max-age=60"),
+    );
+    let node = TestNode::start("", &one_site(&origin, "")).await;
+    for walk in [
+        "/static/../../../etc/passwd",
+        "/a/%2e%2e/%2e%2e/etc/passwd",
+        "/a/.%2e/.%2e/etc/passwd",
+        "/..",
+        "/a/%zz",
+    ] {
+        let (text, closed) = raw(
+            node.http,
+            format!("GET {walk} HTTP/1.1\r\nHost: site.test\r\n\r\n").as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(text.starts_with("HTTP/1.1 400"), "{walk}: {text}");
+        assert!(closed, "{walk}: connection closed");
+    }
+    assert_eq!(origin.total(), 0, "nothing reached the origin");
+
+    for spelling in ["/a/b/../c", "/a/./c", "/%61/c", "/a/%2E/c", "/a/b/%2e%2E/c"] {
+        let g = get(node.http, "site.test", spelling).await;
+        assert_eq!(g.status, 200, "{spelling}");
+        assert_eq!(g.body, echo_body("site.test", "/a/c", &[], 0), "{spelling}");
+    }
+    assert_eq!(origin.count("/a/c"), 1, "one object under every spelling");
+    let g = get(node.http, "site.test", "/%7Euser").await;
+    assert_eq!(g.body, echo_body("site.test", "/~user", &[], 0));
+    // Encoded slashes pass unchanged by default.
+    let g = get(node.http, "site.test", "/a%2fb").await;
+    assert_eq!(g.body, echo_body("site.test", "/a%2Fb", &[], 0));
+    assert_eq!(origin.log(), vec!["/a/c", "/~user", "/a%2Fb"]);
+
+    // A site may refuse them.
+    let strict = TestNode::start("", &one_site(&origin, "escaped_slashes = \"refuse\"")).await;
+    for p in ["/a%2Fb", "/a%5cb", "/a\\b"] {
+        let (text, _) = raw(
+            strict.http,
+            format!("GET {p} HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n").as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(text.starts_with("HTTP/1.1 400"), "{p}: {text}");
+    }
+    assert_eq!(origin.log().len(), 3, "refused before the origin");
+}
+
+/// A GET or HEAD with a body is refused and the connection closed: forwarding its framing
+/// without the bytes left the origin waiting and a pooled connection out of step.
+#[tokio::test]
+async fn a_get_or_head_with_a_body_is_refused() {
+    let origin = TestOrigin::start().await;
+    origin.route("/x", Route::ok("x").header("cache-control", "max-age=60"));
+    let node = TestNode::start("", &one_site(&origin, "")).await;
+    let body = "a".repeat(52);
+    for method in ["GET", "HEAD"] {
+        let (text, closed) = raw(
+            node.http,
+            format!(
+                "{method} /x HTTP/1.1\r\nHost: site.test\r\nContent-Length: 52\r\n\r\n{body}\
+                 GET /x HTTP/1.1\r\nHost: site.test\r\n\r\n"
+            )
+            .as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(text.starts_with("HTTP/1.1 400"), "{method}: {text}");
+        assert_eq!(
+            text.matches("HTTP/1.1").count(),
+            1,
+            "nothing after it: {text}"
+        );
+        assert!(closed);
+        let (text, _) = raw(
+            node.http,
+            format!(
+                "{method} /x HTTP/1.1\r\nHost: site.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            )
+            .as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(text.starts_with("HTTP/1.1 400"), "{method} chunked: {text}");
+    }
+    assert_eq!(origin.total(), 0);
+    // An empty body is no body: served, and no length goes upstream.
+    let (text, _) = raw(
+        node.http,
+        b"GET /x HTTP/1.1\r\nHost: site.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(origin.last_headers("/x").get("content-length").is_none());
+}
+
+/// TRACE is answered 405 here, like nginx; a site's `methods` list answers anything else 405
+/// with `Allow`, and no origin is contacted.
+#[tokio::test]
+async fn methods_a_site_does_not_serve_are_answered_405_here() {
+    let origin = TestOrigin::start().await;
+    origin.route("/m", Route::ok("m").status(501));
+    let node = TestNode::start("", &one_site(&origin, "")).await;
+    for method in ["TRACE", "BAN", "PROPFIND"] {
+        let g = send(node.http, request(method, "site.test", "/m", &[])).await;
+        assert_eq!(g.status, 405, "{method}");
+        assert_eq!(
+            g.header("allow"),
+            Some("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            "{method}"
+        );
+    }
+    assert_eq!(origin.total(), 0);
+    let g = send(node.http, request("OPTIONS", "site.test", "/m", &[])).await;
+    assert_eq!(g.status, 501, "served methods still reach the origin");
+
+    let narrow = TestNode::start(
+        "",
+        &one_site(&origin, "methods = [\"GET\", \"HEAD\", \"BAN\"]"),
+    )
+    .await;
+    let g = send(narrow.http, request("POST", "site.test", "/m", &[])).await;
+    assert_eq!(g.status, 405);
+    assert_eq!(g.header("allow"), Some("GET, HEAD, BAN"));
+    let g = send(narrow.http, request("BAN", "site.test", "/m", &[])).await;
+    assert_eq!(g.status, 501, "a listed extension method is forwarded");
+}
