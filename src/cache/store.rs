@@ -346,8 +346,10 @@ impl Store {
                 };
                 let hash = self.hash(&parts);
                 n += self.purge_object(hash, now, soft, &|e: &Entry| e.key.matches(&parts));
+                // Only this URL's marker: clearing them all would turn collapsing back on for
+                // every uncacheable URL on each purge or write.
+                self.hit_for_miss.invalidate(&hash);
             }
-            self.hit_for_miss.invalidate_all();
             return n;
         }
         let pred = |e: &Entry| match target {
@@ -472,6 +474,28 @@ mod tests {
 
     fn store_variant(store: &Store, lang: &str) {
         store.insert(store.hash(&URL), variant(&URL, lang));
+    }
+
+    #[test]
+    fn a_url_purge_clears_only_that_urls_hit_for_miss_marker() {
+        let store = Store::new(1 << 30);
+        let other = KeyParts {
+            path_and_query: "/other",
+            ..URL
+        };
+        let (a, b) = (store.hash(&URL), store.hash(&other));
+        store.mark_hit_for_miss(a, Duration::from_secs(60));
+        store.mark_hit_for_miss(b, Duration::from_secs(60));
+        store.purge(
+            &PurgeTarget::Url {
+                host: URL.host,
+                path_and_query: URL.path_and_query,
+            },
+            false,
+        );
+        store.sync();
+        assert!(!store.is_hit_for_miss(a), "the purged URL collapses again");
+        assert!(store.is_hit_for_miss(b), "other URLs keep their marker");
     }
 
     #[test]

@@ -323,6 +323,10 @@ pub struct Origin {
     pub max_connections: Option<usize>,
     /// Client certificate for mTLS to an `https` origin.
     pub client_auth: Option<Arc<ClientAuth>>,
+    /// Response statuses that count as the origin failing, toward passive ejection (default
+    /// 502, 503, 504). Any other answer, a 500 or 501 to an odd method or path included, is
+    /// the origin working: one client must not be able to eject an origin for everyone.
+    pub fail_on: Vec<u16>,
 }
 
 /// `[[sites]]`: host names we serve and where their misses go.
@@ -687,6 +691,8 @@ impl Config {
             if o.client_auth.is_some() {
                 let _ = write!(s, "; client certificate");
             }
+            let fail_on: Vec<String> = o.fail_on.iter().map(u16::to_string).collect();
+            let _ = write!(s, "; failing on {}", fail_on.join(" "));
             let _ = writeln!(s);
         }
         if let Some(db) = &self.geo.database {

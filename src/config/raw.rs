@@ -136,6 +136,7 @@ pub(crate) struct RawOrigin {
     pub(crate) max_connections: Option<Spanned<usize>>,
     pub(crate) client_cert: Option<Spanned<String>>,
     pub(crate) client_key: Option<Spanned<String>>,
+    pub(crate) fail_on: Option<Spanned<Vec<Spanned<u16>>>>,
 }
 
 #[derive(Debug, Deserialize)]

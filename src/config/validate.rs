@@ -488,7 +488,23 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
             },
             max_connections: None,
             client_auth,
+            fail_on: vec![502, 503, 504],
         };
+        if let Some(list) = &o.fail_on {
+            let mut statuses = Vec::new();
+            for s in list.get_ref() {
+                if (500..=599).contains(s.get_ref()) {
+                    statuses.push(*s.get_ref());
+                } else {
+                    ck.error(
+                        s.span(),
+                        format!("{key}.fail_on"),
+                        format!("{} is not a 5xx status", s.get_ref()),
+                    );
+                }
+            }
+            origin.fail_on = statuses;
+        }
         if let Some(m) = &o.max_connections {
             if *m.get_ref() == 0 {
                 ck.error(

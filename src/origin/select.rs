@@ -13,7 +13,7 @@ use tokio::time::Instant;
 /// Decay of the latency average: old samples weigh 1/e after this long.
 const DECAY: Duration = Duration::from_secs(10);
 /// Consecutive failures that eject an origin.
-const EJECT_AFTER: u32 = 5;
+pub const EJECT_AFTER: u32 = 5;
 /// First ejection; doubled on each repeat, capped.
 const EJECT_BASE: Duration = Duration::from_secs(5);
 const EJECT_MAX: Duration = Duration::from_secs(300);
@@ -327,35 +327,43 @@ impl Selector {
         out
     }
 
-    /// Records a response head from `origin` after `latency`.
-    pub fn success(&self, origin: usize, latency: Duration, now: Instant) {
-        if let Some(s) = self.stats.get(origin) {
-            s.requests.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut e) = s.ewma.lock() {
-                e.observe(latency, now);
-            }
-            s.failures.store(0, Ordering::Relaxed);
-        }
-    }
-
-    /// Records a failure (connect error, reset, timeout or 5xx); ejects after a run of them.
-    /// Returns true when this failure ejected the origin.
-    pub fn failure(&self, origin: usize, now: Instant) -> bool {
+    /// Records a response head from `origin` after `latency`. Returns true when this is the
+    /// first answer after an ejection ran out (the origin is back in rotation).
+    pub fn success(&self, origin: usize, latency: Duration, now: Instant) -> bool {
         let Some(s) = self.stats.get(origin) else {
             return false;
         };
         s.requests.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut e) = s.ewma.lock() {
+            e.observe(latency, now);
+        }
+        s.failures.store(0, Ordering::Relaxed);
+        // An ejection that ran out is cleared by the first answer after it, once.
+        let until = s.ejected_until.load(Ordering::Relaxed);
+        until != 0
+            && until <= self.now_ms(now)
+            && s.ejected_until
+                .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Records a failure (connect error, reset, timeout, or a status the operator counts);
+    /// ejects after a run of [`EJECT_AFTER`]. Returns the ejection's length when this failure
+    /// ejected the origin.
+    pub fn failure(&self, origin: usize, now: Instant) -> Option<Duration> {
+        let s = self.stats.get(origin)?;
+        s.requests.fetch_add(1, Ordering::Relaxed);
         s.errors.fetch_add(1, Ordering::Relaxed);
         let n = s.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n < EJECT_AFTER {
-            return false;
+            return None;
         }
         s.failures.store(0, Ordering::Relaxed);
         let times = s.ejections.fetch_add(1, Ordering::Relaxed).min(16);
         let backoff = EJECT_BASE.saturating_mul(1 << times).min(EJECT_MAX);
         s.ejected_until
             .store(self.now_ms(now + backoff), Ordering::Relaxed);
-        true
+        Some(backoff)
     }
 }
 

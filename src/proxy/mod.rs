@@ -1497,29 +1497,35 @@ impl Proxy {
                     .unwrap_or_else(|| host.clone()),
             );
             *up.headers_mut() = h;
-            let stats = self.selector.stats(index);
-            if let Some(s) = stats {
-                s.inflight
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+            // Counted while the request waits, and given back however the wait ends (a client
+            // that leaves drops this future mid-await).
+            let in_flight = InFlight::enter(self.selector.stats(index));
             let sent_at = Instant::now();
             let result = origin.send(up).await;
             let elapsed = sent_at.elapsed();
-            if let Some(s) = stats {
-                s.inflight
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            }
+            drop(in_flight);
             let ms = elapsed.as_secs_f64() * 1000.0;
             match &result {
-                Ok(r) if !r.status().is_server_error() => {
-                    self.selector.success(index, elapsed, Instant::now())
+                Ok(r) if origin.config.fail_on.contains(&r.status().as_u16()) => {
+                    self.note_failure(index, Failure::Status(r.status()));
                 }
                 Ok(_) => {
-                    self.note_failure(index);
+                    if self.selector.success(index, elapsed, Instant::now()) {
+                        tracing::info!(origin = %origin.config.name, "origin back in rotation after its ejection");
+                    }
                 }
                 Err(e) => {
                     if !e.is_saturated() {
-                        self.note_failure(index);
+                        self.note_failure(
+                            index,
+                            if e.is_timeout() {
+                                Failure::Timeout
+                            } else if e.is_connect() {
+                                Failure::Connect
+                            } else {
+                                Failure::Broken
+                            },
+                        );
                     }
                     let again = retryable
                         && attempt + 1 < attempts
@@ -1537,10 +1543,16 @@ impl Proxy {
         last
     }
 
-    fn note_failure(&self, index: usize) {
-        if self.selector.failure(index, Instant::now()) {
+    fn note_failure(&self, index: usize, why: Failure) {
+        if let Some(back_off) = self.selector.failure(index, Instant::now()) {
             if let Some(o) = self.origins.get(index) {
-                tracing::warn!(origin = %o.config.name, "origin ejected after repeated failures");
+                tracing::warn!(
+                    origin = %o.config.name,
+                    failures = origin::select::EJECT_AFTER,
+                    last = %why,
+                    ejected_for_s = back_off.as_secs(),
+                    "origin ejected after failures in a row"
+                );
             }
         }
     }
@@ -1969,6 +1981,48 @@ impl Proxy {
         *resp.status_mut() = head.status;
         *resp.headers_mut() = headers;
         resp
+    }
+}
+
+/// What counted against an origin, for the ejection log line.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    Connect,
+    Timeout,
+    Broken,
+    Status(StatusCode),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Connect => f.write_str("connection failed"),
+            Failure::Timeout => f.write_str("timed out"),
+            Failure::Broken => f.write_str("connection broke"),
+            Failure::Status(s) => write!(f, "status {}", s.as_u16()),
+        }
+    }
+}
+
+/// An origin's in-flight count, raised while a request waits for it and lowered on drop.
+struct InFlight<'a>(Option<&'a origin::select::OriginStats>);
+
+impl<'a> InFlight<'a> {
+    fn enter(stats: Option<&'a origin::select::OriginStats>) -> InFlight<'a> {
+        if let Some(s) = stats {
+            s.inflight
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        InFlight(stats)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.0 {
+            s.inflight
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

@@ -157,3 +157,130 @@ async fn methods_a_site_does_not_serve_are_answered_405_here() {
     let g = send(narrow.http, request("BAN", "site.test", "/m", &[])).await;
     assert_eq!(g.status, 501, "a listed extension method is forwarded");
 }
+
+/// A main and a backup pool for `site.test`, each one origin, and an admin listener.
+fn main_and_backup(main: &TestOrigin, backup: &TestOrigin, main_extra: &str) -> String {
+    format!(
+        "[[origins]]\nname = \"main\"\nurl = \"{}\"\n{main_extra}\n\
+         [[origins]]\nname = \"backup\"\nurl = \"{}\"\n\
+         [[pools]]\nname = \"main\"\norigins = [\"main\"]\n\
+         [[pools]]\nname = \"backup\"\norigins = [\"backup\"]\n\
+         [[sites]]\nhosts = [\"site.test\"]\n\
+         [[sites.routes]]\nname = \"everyone\"\npools = [\"main\", \"backup\"]\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n",
+        main.url(),
+        backup.url()
+    )
+}
+
+/// `GET /origins` on the admin listener, as JSON.
+async fn origins(node: &TestNode) -> serde_json::Value {
+    let admin = node.node().admin_addr().expect("admin listener");
+    let (text, _) = raw(
+        admin,
+        b"GET /origins HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let json = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+fn origin_field(list: &serde_json::Value, name: &str, field: &str) -> serde_json::Value {
+    list.as_array()
+        .and_then(|a| a.iter().find(|o| o["name"] == name))
+        .map(|o| o[field].clone())
+        .unwrap_or_else(|| panic!("{name} not in {list}"))
+}
+
+/// One client's odd requests must not eject an origin for everyone: only connection
+/// failures, timeouts and the statuses listed in `fail_on` (default 502, 503, 504) count.
+#[tokio::test]
+async fn only_fail_on_statuses_eject_an_origin() {
+    let main = TestOrigin::start().await;
+    let backup = TestOrigin::start().await;
+    for o in [&main, &backup] {
+        o.route("/ok", Route::ok("ok").header("cache-control", "no-store"));
+        o.route("/odd", Route::ok("no").status(501));
+        o.route("/oops", Route::ok("no").status(500));
+        o.route("/down", Route::ok("no").status(503));
+    }
+    let node = TestNode::start("", &main_and_backup(&main, &backup, "")).await;
+    for _ in 0..10 {
+        assert_eq!(get(node.http, "site.test", "/odd").await.status, 501);
+        assert_eq!(get(node.http, "site.test", "/oops").await.status, 500);
+    }
+    get(node.http, "site.test", "/ok").await;
+    assert_eq!(main.count("/ok"), 1, "the main origin still serves");
+    assert_eq!(backup.total(), 0);
+    assert_eq!(origin_field(&origins(&node).await, "main", "state"), "up");
+
+    // 503s do count: five in a row eject it, and the backup pool serves.
+    for _ in 0..5 {
+        get(node.http, "site.test", "/down").await;
+    }
+    assert_eq!(
+        origin_field(&origins(&node).await, "main", "state"),
+        "ejected"
+    );
+    get(node.http, "site.test", "/ok").await;
+    assert_eq!(
+        backup.count("/ok"),
+        1,
+        "the backup pool serves while main is out"
+    );
+
+    // An operator can list other statuses.
+    let node = TestNode::start("", &main_and_backup(&main, &backup, "fail_on = [500]")).await;
+    for _ in 0..5 {
+        get(node.http, "site.test", "/oops").await;
+    }
+    assert_eq!(
+        origin_field(&origins(&node).await, "main", "state"),
+        "ejected"
+    );
+}
+
+/// Clients that leave while their request waits for an origin give back its in-flight count
+/// (it drives the origin's selection cost and the in_flight gauge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_leave_mid_request_leave_no_in_flight_count() {
+    let main = TestOrigin::start().await;
+    let backup = TestOrigin::start().await;
+    main.route(
+        "/slow",
+        Route::ok("slow")
+            .header("cache-control", "no-store")
+            .delay(Duration::from_secs(20)),
+    );
+    let node = TestNode::start("", &main_and_backup(&main, &backup, "")).await;
+    let mut clients = Vec::new();
+    for i in 0..100 {
+        let mut s = tokio::net::TcpStream::connect(node.http)
+            .await
+            .expect("connect");
+        use tokio::io::AsyncWriteExt;
+        s.write_all(format!("GET /slow?{i} HTTP/1.1\r\nHost: site.test\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        clients.push(s);
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || main.total() == 100).await,
+        "every request reached the origin ({})",
+        main.total()
+    );
+    let busy = origin_field(&origins(&node).await, "main", "in_flight");
+    assert_eq!(busy, 100, "counted while waiting");
+    drop(clients);
+    let mut left = serde_json::Value::Null;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        left = origin_field(&origins(&node).await, "main", "in_flight");
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(left, 0, "given back when the clients left");
+}
