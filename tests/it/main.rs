@@ -7,6 +7,7 @@ mod cache;
 mod http_cache;
 mod origins;
 mod routing;
+mod send_timeout;
 mod sendfile;
 mod serving;
 mod support;
