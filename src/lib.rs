@@ -155,7 +155,8 @@ impl Node {
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `shutdown_grace`, then
-    /// returns. Connections still open after the grace period are abandoned.
+    /// returns. Connections still open when the grace period ends drop themselves
+    /// (`server::conn`), so none is left holding a response.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         while self.accept.join_next().await.is_some() {}

@@ -195,6 +195,9 @@ pub struct Server {
     pub header_read_timeout: Duration,
     /// A connection with no traffic for this long is closed (default 60 s).
     pub idle_timeout: Duration,
+    /// A connection that has bytes to send and sends none for this long is dropped, and so is
+    /// a draining one that moves none for this long (default 60 s, as nginx's `send_timeout`).
+    pub send_timeout: Duration,
     /// Largest request head accepted; larger gets 431 (default 32 KiB, at least 8 KiB).
     pub max_header_bytes: usize,
     /// Open client connections at most; further accepts wait (default 10,000).
@@ -222,6 +225,7 @@ impl Default for Server {
             workers: None,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
             max_header_bytes: 32 << 10,
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(30),
@@ -805,11 +809,12 @@ impl Config {
         }
         let _ = write!(
             s,
-            "limits: {} connections, {} header bytes, header read {:?}, idle {:?}, grace {:?}",
+            "limits: {} connections, {} header bytes, header read {:?}, idle {:?}, send {:?}, grace {:?}",
             self.server.max_connections,
             self.server.max_header_bytes,
             self.server.header_read_timeout,
             self.server.idle_timeout,
+            self.server.send_timeout,
             self.server.shutdown_grace
         );
         s

@@ -84,6 +84,7 @@ pub(crate) struct RawServer {
     pub(crate) workers: Option<Spanned<usize>>,
     pub(crate) header_read_timeout: Option<Duration>,
     pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) send_timeout: Option<Duration>,
     pub(crate) max_header_bytes: Option<Spanned<Size>>,
     pub(crate) max_connections: Option<Spanned<usize>>,
     pub(crate) shutdown_grace: Option<Duration>,

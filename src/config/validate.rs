@@ -197,6 +197,12 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
         &raw.server.idle_timeout,
         &mut server.idle_timeout,
     );
+    positive(
+        ck,
+        "server.send_timeout",
+        &raw.server.send_timeout,
+        &mut server.send_timeout,
+    );
     if let Some(d) = &raw.server.shutdown_grace {
         server.shutdown_grace = d.get_ref().0;
     }
@@ -1552,6 +1558,27 @@ mod tests {
             "{e:?}"
         );
         assert!(e[1].starts_with("t.toml:2:17: server.http:"), "{e:?}");
+    }
+
+    #[test]
+    fn send_timeout_defaults_to_a_minute_and_must_be_positive() {
+        let c = Config::from_toml(MINIMAL, "t.toml", Path::new(".")).map_err(|e| e.to_string());
+        let c = c.expect("minimal config is valid");
+        assert_eq!(c.server.send_timeout, std::time::Duration::from_secs(60));
+        let text = format!("[server]\nsend_timeout = \"1500ms\"\n{MINIMAL}");
+        let c = Config::from_toml(&text, "t.toml", Path::new(".")).map_err(|e| e.to_string());
+        let c = c.expect("send_timeout = 1500ms is valid");
+        assert_eq!(
+            c.server.send_timeout,
+            std::time::Duration::from_millis(1500)
+        );
+        assert!(c.summary().contains("send 1.5s"), "{}", c.summary());
+        let e = errors(&format!("[server]\nsend_timeout = \"0s\"\n{MINIMAL}"));
+        assert_eq!(
+            e,
+            ["t.toml:2:16: server.send_timeout: must be greater than zero"],
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -1,13 +1,23 @@
 //! One client connection: optional TLS handshake, then hyper serving HTTP/1.1 or HTTP/2 with
-//! the configured limits, an idle timeout, and graceful drain on shutdown.
+//! the configured limits, an idle timeout, a send timeout, and graceful drain on shutdown.
+//!
+//! hyper has neither an idle timeout nor a send timeout for servers, so the connection's
+//! socket counts what it moves ([`Activity`]) and a timer ([`Watch`]) looks at the counts a
+//! few times per timeout; no clock is read per I/O. A connection that stalls while it has
+//! bytes to send, or that does not finish after graceful shutdown, is dropped: that drops
+//! its response bodies, and with them any fill reader (`cache::fill`) that would otherwise
+//! hold back the other readers of an abandoned fill.
 
+use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -19,7 +29,8 @@ use tokio_rustls::TlsAcceptor;
 
 use super::plain::Plain;
 use crate::config::Server as ServerConfig;
-use crate::proxy::{ConnInfo, Proxy};
+use crate::proxy::body::Body;
+use crate::proxy::{ConnInfo, Handling, Proxy};
 
 /// What an HTTP/2 client sends first (RFC 9113 §3.4); on a plain port it asks for h2c.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -34,8 +45,9 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub struct Builders {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
-    idle_timeout: Duration,
+    limits: Limits,
     handshake_timeout: Duration,
+    shutdown_grace: Duration,
 }
 
 impl Builders {
@@ -56,8 +68,12 @@ impl Builders {
         Builders {
             http1: h1,
             http2: h2,
-            idle_timeout: cfg.idle_timeout,
+            limits: Limits {
+                idle: cfg.idle_timeout,
+                send: cfg.send_timeout,
+            },
             handshake_timeout: cfg.header_read_timeout,
+            shutdown_grace: cfg.shutdown_grace,
         }
     }
 }
@@ -81,7 +97,7 @@ async fn opens_with_h2_preface(stream: &TcpStream) -> io::Result<bool> {
     }
 }
 
-/// Serves one accepted TCP connection until it ends, idles out, or shutdown drains it.
+/// Serves one accepted TCP connection until it ends, idles out, stalls, or shutdown drains it.
 pub async fn serve(
     stream: TcpStream,
     info: ConnInfo,
@@ -92,10 +108,7 @@ pub async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let epoch = Instant::now();
-    let activity = Arc::new(AtomicU64::new(0));
-    // The plain stream counts the bytes it sends from memory files in the proxy's metrics.
-    let owner = proxy.clone();
-    let service = service_fn(move |req| proxy.handle(req, info));
+    let activity = Arc::new(Activity::default());
     let conns = Conns {
         builders: &builders,
         activity: activity.clone(),
@@ -120,12 +133,19 @@ pub async fn serve(
                     return;
                 }
             };
-            let io = TokioIo::new(Tracked::new(Plain::new(stream, owner), activity));
-            conns.serve(io, h2, service, &mut shutdown).await
+            // The plain stream counts the bytes it sends from memory files in the proxy's
+            // metrics. It is tracked from outside: its sendfile calls are its writes.
+            let plain = Plain::new(stream, proxy.clone());
+            let io = TokioIo::new(Tracked::new(plain, activity));
+            conns.serve(io, h2, proxy, info, &mut shutdown).await
         }
         Some(acceptor) => {
+            // Tracked under TLS: what counts is what reaches the socket (TLS records included),
+            // and a refused write is seen even while rustls still takes plaintext into its
+            // buffer.
+            let tracked = Tracked::new(stream, activity);
             let handshake =
-                tokio::time::timeout(builders.handshake_timeout, acceptor.accept(stream)).await;
+                tokio::time::timeout(builders.handshake_timeout, acceptor.accept(tracked)).await;
             let tls_stream = match handshake {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -139,8 +159,8 @@ pub async fn serve(
             };
             // RFC 9113 §3.2: over TLS, HTTP/2 is chosen by ALPN only.
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            let io = TokioIo::new(Tracked::new(tls_stream, activity));
-            conns.serve(io, h2, service, &mut shutdown).await
+            let io = TokioIo::new(tls_stream);
+            conns.serve(io, h2, proxy, info, &mut shutdown).await
         }
     }
 }
@@ -148,96 +168,297 @@ pub async fn serve(
 /// What serving one connection needs besides its stream and service.
 struct Conns<'a> {
     builders: &'a Builders,
-    activity: Arc<AtomicU64>,
+    activity: Arc<Activity>,
     epoch: Instant,
     peer: std::net::SocketAddr,
 }
 
 impl Conns<'_> {
-    async fn serve<I, S>(self, io: I, h2: bool, service: S, shutdown: &mut watch::Receiver<bool>)
-    where
+    async fn serve<I>(
+        self,
+        io: I,
+        h2: bool,
+        proxy: Arc<Proxy>,
+        info: ConnInfo,
+        shutdown: &mut watch::Receiver<bool>,
+    ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-        S: hyper::service::HttpService<
-                hyper::body::Incoming,
-                ResBody = crate::proxy::body::Body,
-                Error = std::convert::Infallible,
-            > + Send
-            + 'static,
-        S::Future: Send + 'static,
     {
         if h2 {
+            // Flow control can stop an HTTP/2 response with the socket writable, so its body
+            // reports when hyper holds a chunk of it (`Watched`). HTTP/1 needs no such
+            // report: a response it cannot send is a write the socket refuses.
+            let activity = self.activity.clone();
+            let service = service_fn(move |req| WatchedHandling {
+                handling: proxy.handle(req, info),
+                activity: Some(activity.clone()),
+            });
             let conn = self.builders.http2.serve_connection(io, service);
             self.drive(conn, |c| c.graceful_shutdown(), shutdown).await
         } else {
+            let service = service_fn(move |req| proxy.handle(req, info));
             let conn = self.builders.http1.serve_connection(io, service);
             self.drive(conn, |c| c.graceful_shutdown(), shutdown).await
         }
     }
 
-    /// Runs a hyper connection to its end, closing it gracefully (`drain`) on shutdown or
-    /// once it has been idle for `idle_timeout`.
+    /// Runs a hyper connection to its end. It is closed gracefully (`drain`: an in-flight
+    /// response finishes) on node shutdown or once idle for `idle_timeout`, and dropped when
+    /// it has bytes to send and sends none for `send_timeout`, when a drain moves no byte for
+    /// `send_timeout`, or when `shutdown_grace` has passed since node shutdown. Dropping it
+    /// drops its response bodies.
     async fn drive<C, D>(&self, conn: C, drain: D, shutdown: &mut watch::Receiver<bool>)
     where
         C: std::future::Future<Output = Result<(), hyper::Error>>,
         D: FnOnce(Pin<&mut C>),
     {
         tokio::pin!(conn);
-        let idle_timeout = self.builders.idle_timeout;
-        let ended = if *shutdown.borrow() {
-            None
-        } else {
-            // Idle detection without a clock read per I/O: the stream counts its reads and
-            // writes, and a timer looks at the count four times per idle_timeout. A
-            // connection is closed once the count has not moved for idle_timeout (so at most
-            // a quarter late).
-            let tick = (idle_timeout / 4).max(Duration::from_millis(1));
-            let guard = async {
-                let mut seen = self.activity.load(Ordering::Relaxed);
-                let mut quiet_since = self.epoch;
-                loop {
-                    tokio::select! {
-                        biased;
-                        changed = shutdown.changed() => {
-                            if changed.is_err() || *shutdown.borrow() {
-                                return;
-                            }
-                        }
-                        _ = tokio::time::sleep(tick) => {
-                            let count = self.activity.load(Ordering::Relaxed);
-                            if count != seen {
-                                seen = count;
-                                quiet_since = Instant::now();
-                            } else if quiet_since.elapsed() >= idle_timeout {
-                                tracing::debug!(peer = %self.peer, "closing idle connection");
-                                return;
-                            }
-                        }
+        let mut drain = Some(drain);
+        let mut watch = Watch::new(self.activity.snapshot(), self.epoch);
+        let mut draining = None;
+        if *shutdown.borrow() {
+            draining = Some(self.shutdown_drain());
+            if let Some(d) = drain.take() {
+                d(conn.as_mut());
+            }
+        }
+        loop {
+            let guard = self.guard(&mut watch, draining, shutdown);
+            tokio::pin!(guard);
+            let verdict = match Guarded::new(conn.as_mut(), guard).await {
+                Ended::Conn(res) => {
+                    if let Err(e) = res {
+                        tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                Ended::Guard(verdict) => verdict,
+            };
+            match verdict {
+                Verdict::Drain(d) => {
+                    draining = Some(d);
+                    if let Some(d) = drain.take() {
+                        d(conn.as_mut());
                     }
                 }
-            };
-            tokio::pin!(guard);
-            Guarded::new(conn.as_mut(), guard).await
-        };
-        let res = match ended {
-            Some(res) => res,
-            None => {
-                // Lets an in-flight response finish, then closes.
-                drain(conn.as_mut());
-                conn.await
+                Verdict::Close(why) => {
+                    tracing::debug!(peer = %self.peer, reason = why.as_str(), "dropping connection");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A drain begun by node shutdown: it ends with `shutdown_grace` at the latest.
+    fn shutdown_drain(&self) -> Draining {
+        let now = Instant::now();
+        Draining {
+            since: now,
+            until: Some(now + self.builders.shutdown_grace),
+        }
+    }
+
+    /// Completes when the connection should be drained or dropped: on node shutdown, when
+    /// `shutdown_grace` ends, or when a tick of the [`Watch`] says so. Ticks four times per
+    /// the shorter of `idle_timeout` and `send_timeout`, so each acts at most a quarter late.
+    async fn guard(
+        &self,
+        watch: &mut Watch,
+        draining: Option<Draining>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Verdict {
+        let limits = self.builders.limits;
+        let tick = (limits.idle.min(limits.send) / 4).max(Duration::from_millis(1));
+        let grace_end = async move {
+            match draining.and_then(|d| d.until) {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
             }
         };
-        if let Err(e) = res {
-            tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+        tokio::pin!(grace_end);
+        loop {
+            tokio::select! {
+                biased;
+                // Also while an idle drain runs, so that shutdown_grace bounds it too.
+                changed = shutdown.changed(), if draining.is_none_or(|d| d.until.is_none()) => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        return Verdict::Drain(self.shutdown_drain());
+                    }
+                }
+                () = &mut grace_end => return Verdict::Close(Close::Grace),
+                () = tokio::time::sleep(tick) => {
+                    let now = Instant::now();
+                    if let Some(v) = watch.look(self.activity.snapshot(), now, limits, draining) {
+                        return v;
+                    }
+                }
+            }
         }
     }
 }
 
-/// Polls a connection until it ends (`Some(result)`) or its guard completes (`None`).
+/// The timeouts a [`Watch`] applies.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    /// No byte moved either way, nothing waiting to be sent: drain.
+    idle: Duration,
+    /// Bytes waiting to be sent and none sent: drop. Also: draining and no byte moved.
+    send: Duration,
+}
+
+/// A connection asked to finish (hyper's graceful shutdown).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Draining {
+    since: Instant,
+    /// Node shutdown: dropped at this time (`shutdown_grace`) if still open.
+    until: Option<Instant>,
+}
+
+/// What the guard decided.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Close gracefully.
+    Drain(Draining),
+    /// Drop the connection now.
+    Close(Close),
+}
+
+/// Why a connection was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Close {
+    /// It had bytes to send and sent none for `send_timeout`: the client stopped reading.
+    Stalled,
+    /// Draining, it moved no byte for `send_timeout`.
+    Drain,
+    /// Still open when `shutdown_grace` ended.
+    Grace,
+}
+
+impl Close {
+    fn as_str(self) -> &'static str {
+        match self {
+            Close::Stalled => "client took no bytes for send_timeout",
+            Close::Drain => "draining connection moved no bytes for send_timeout",
+            Close::Grace => "still open when shutdown_grace ended",
+        }
+    }
+}
+
+/// The counts a tick reads off a connection's [`Activity`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Snapshot {
+    /// Reads that moved bytes.
+    reads: u64,
+    /// Writes that moved bytes, plus chunks hyper took from HTTP/2 response bodies.
+    sent: u64,
+    /// Bytes wait to be sent: the socket refused a write, or an HTTP/2 response body has a
+    /// chunk in hyper's hands that flow control keeps from being sent.
+    waiting: bool,
+}
+
+/// The idle and send timeouts, judged from snapshots a few times per timeout (so without a
+/// clock read per I/O).
+#[derive(Debug)]
+struct Watch {
+    last: Snapshot,
+    /// When a tick last saw bytes move either way.
+    quiet_since: Instant,
+    /// When a tick last saw bytes sent, or first saw the connection waiting to send.
+    sent_since: Instant,
+}
+
+impl Watch {
+    fn new(first: Snapshot, since: Instant) -> Watch {
+        Watch {
+            last: first,
+            quiet_since: since,
+            sent_since: since,
+        }
+    }
+
+    /// Takes one tick's snapshot `now`, taken at `at`; says what to do, if anything.
+    fn look(
+        &mut self,
+        now: Snapshot,
+        at: Instant,
+        limits: Limits,
+        draining: Option<Draining>,
+    ) -> Option<Verdict> {
+        let sent = now.sent != self.last.sent;
+        if sent || now.reads != self.last.reads {
+            self.quiet_since = at;
+        }
+        // The send timeout runs from the last byte sent or from when waiting began, so a
+        // client that reads again after a long idle pause gets the whole timeout.
+        if sent || (now.waiting && !self.last.waiting) {
+            self.sent_since = at;
+        }
+        self.last = now;
+        if now.waiting && at.saturating_duration_since(self.sent_since) >= limits.send {
+            return Some(Verdict::Close(Close::Stalled));
+        }
+        match draining {
+            // A connection waiting to send is not idle: the send timeout governs it.
+            None if !now.waiting
+                && at.saturating_duration_since(self.quiet_since) >= limits.idle =>
+            {
+                Some(Verdict::Drain(Draining {
+                    since: at,
+                    until: None,
+                }))
+            }
+            Some(d)
+                if at.saturating_duration_since(self.quiet_since.max(d.since)) >= limits.send =>
+            {
+                Some(Verdict::Close(Close::Drain))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What a connection reports to its [`Watch`]. The stream, used by one task, counts its reads
+/// and writes and sets `refused` with plain loads and stores (no locked instruction); HTTP/2
+/// response bodies, polled on their streams' own tasks, count `held` and `taken` with atomic
+/// adds.
+#[derive(Debug, Default)]
+struct Activity {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    /// A write or flush returned `Pending` (the socket is full); cleared by the next write
+    /// that moves bytes.
+    refused: AtomicBool,
+    /// HTTP/2: response bodies that handed hyper a chunk and have not been asked for the next.
+    held: AtomicUsize,
+    /// HTTP/2: chunks hyper took from response bodies.
+    taken: AtomicU64,
+}
+
+impl Activity {
+    fn snapshot(&self) -> Snapshot {
+        let writes = self.writes.load(Ordering::Relaxed);
+        Snapshot {
+            reads: self.reads.load(Ordering::Relaxed),
+            sent: writes.wrapping_add(self.taken.load(Ordering::Relaxed)),
+            waiting: self.refused.load(Ordering::Relaxed) || self.held.load(Ordering::Relaxed) > 0,
+        }
+    }
+}
+
+/// How [`Guarded`] ended.
+enum Ended<V> {
+    /// The connection finished.
+    Conn(Result<(), hyper::Error>),
+    /// The guard completed first, with this value.
+    Guard(V),
+}
+
+/// Polls a connection until it ends or its guard completes.
 ///
-/// The guard (shutdown signal, idle tick) is polled only after it has woken the task itself:
-/// a `select!` over the three would poll the watch channel and the timer on every wake of
-/// the connection, once or twice per request. The guard is given its own waker, which notes
-/// that it fired and wakes the connection's task.
+/// The guard (shutdown signal, timeout ticks) is polled only after it has woken the task
+/// itself: a `select!` over the three would poll the watch channel and the timer on every
+/// wake of the connection, once or twice per request. The guard is given its own waker, which
+/// notes that it fired and wakes the connection's task.
 struct Guarded<'a, C, G> {
     conn: Pin<&'a mut C>,
     guard: Pin<&'a mut G>,
@@ -246,7 +467,6 @@ struct Guarded<'a, C, G> {
     /// without taking the lock on every poll.
     task: Option<Waker>,
 }
-
 /// The guard's waker: remembers that the guard woke, then wakes the connection's task.
 struct GuardSignal {
     woken: AtomicBool,
@@ -288,14 +508,14 @@ impl<'a, C, G> Guarded<'a, C, G> {
 impl<C, G> std::future::Future for Guarded<'_, C, G>
 where
     C: std::future::Future<Output = Result<(), hyper::Error>>,
-    G: std::future::Future<Output = ()>,
+    G: std::future::Future,
 {
-    type Output = Option<Result<(), hyper::Error>>;
+    type Output = Ended<G::Output>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         if let Poll::Ready(res) = this.conn.as_mut().poll(cx) {
-            return Poll::Ready(Some(res));
+            return Poll::Ready(Ended::Conn(res));
         }
         if !this.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
             let waker = cx.waker().clone();
@@ -310,35 +530,46 @@ where
             && this.signal.woken.swap(false, Ordering::Acquire)
         {
             let waker = Waker::from(this.signal.clone());
-            if this
-                .guard
-                .as_mut()
-                .poll(&mut Context::from_waker(&waker))
-                .is_ready()
-            {
-                return Poll::Ready(None);
+            if let Poll::Ready(v) = this.guard.as_mut().poll(&mut Context::from_waker(&waker)) {
+                return Poll::Ready(Ended::Guard(v));
             }
         }
         Poll::Pending
     }
 }
 
-/// An I/O stream that counts the reads and writes that moved bytes, for the idle timeout.
+/// An I/O stream that reports to its connection's [`Activity`]: reads and writes that moved
+/// bytes, and writes the socket refused.
 struct Tracked<S> {
     inner: S,
-    activity: Arc<AtomicU64>,
+    activity: Arc<Activity>,
 }
 
 impl<S> Tracked<S> {
-    fn new(inner: S, activity: Arc<AtomicU64>) -> Self {
+    fn new(inner: S, activity: Arc<Activity>) -> Self {
         Tracked { inner, activity }
     }
 
-    /// Counts one read or write. Only this stream writes the counter, so a plain load and
+    /// Counts one read or write. Only this stream writes the counters, so a plain load and
     /// store (no locked instruction) is enough.
-    fn touch(&self) {
-        let n = self.activity.load(Ordering::Relaxed);
-        self.activity.store(n.wrapping_add(1), Ordering::Relaxed);
+    fn bump(counter: &AtomicU64) {
+        let n = counter.load(Ordering::Relaxed);
+        counter.store(n.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// Notes how a write went: bytes moved, or the socket refused it (`Pending`: a client
+    /// that does not read fills the socket's buffers).
+    fn wrote(&self, res: &Poll<io::Result<usize>>) {
+        match res {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                Self::bump(&self.activity.writes);
+                if self.activity.refused.load(Ordering::Relaxed) {
+                    self.activity.refused.store(false, Ordering::Relaxed);
+                }
+            }
+            Poll::Pending => self.activity.refused.store(true, Ordering::Relaxed),
+            Poll::Ready(_) => {}
+        }
     }
 }
 
@@ -351,7 +582,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.touch();
+            Self::bump(&self.activity.reads);
         }
         res
     }
@@ -364,9 +595,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
-        }
+        self.wrote(&res);
         res
     }
 
@@ -376,9 +605,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
-        }
+        self.wrote(&res);
         res
     }
 
@@ -387,10 +614,213 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let res = Pin::new(&mut self.inner).poll_flush(cx);
+        if res.is_pending() {
+            self.activity.refused.store(true, Ordering::Relaxed);
+        }
+        res
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let res = Pin::new(&mut self.inner).poll_shutdown(cx);
+        if res.is_pending() {
+            self.activity.refused.store(true, Ordering::Relaxed);
+        }
+        res
+    }
+}
+
+/// [`Proxy::handle`]'s future on an HTTP/2 stream: the response's body comes [`Watched`].
+struct WatchedHandling {
+    handling: Handling,
+    activity: Option<Arc<Activity>>,
+}
+
+impl std::future::Future for WatchedHandling {
+    type Output = Result<hyper::Response<Watched>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let resp = match std::task::ready!(Pin::new(&mut this.handling).poll(cx)) {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        };
+        let activity = this
+            .activity
+            .take()
+            .expect("hyper polls a service future only until it is ready");
+        Poll::Ready(Ok(resp.map(|body| Watched {
+            body,
+            activity,
+            holding: false,
+        })))
+    }
+}
+
+/// An HTTP/2 response body that tells its connection's [`Activity`] when hyper holds a chunk
+/// of it without asking for the next: hyper takes the next chunk only once the last one has
+/// send window, so a body left holding is a response that flow control stopped (the client's
+/// stream or connection window is spent), with no write refused. Each chunk taken counts as
+/// progress.
+struct Watched {
+    body: Body,
+    activity: Arc<Activity>,
+    /// The last poll handed out a chunk (counted in `Activity::held`).
+    holding: bool,
+}
+
+impl HttpBody for Watched {
+    type Data = Bytes;
+    type Error = <Body as HttpBody>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let res = Pin::new(&mut this.body).poll_frame(cx);
+        let data = matches!(&res, Poll::Ready(Some(Ok(f))) if f.is_data());
+        if data {
+            this.activity.taken.fetch_add(1, Ordering::Relaxed);
+        }
+        if data != this.holding {
+            this.holding = data;
+            if data {
+                this.activity.held.fetch_add(1, Ordering::Relaxed);
+            } else {
+                this.activity.held.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if self.holding {
+            self.activity.held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// idle_timeout 4 s, send_timeout 2 s.
+    const LIMITS: Limits = Limits {
+        idle: Duration::from_secs(4),
+        send: Duration::from_secs(2),
+    };
+
+    /// Ticks a [`Watch`] every 500 ms for 20 s; `at(ms)` gives the counts a tick reads then
+    /// (reads, sent, waiting). Drained from `drain_at` ms on, or when the watch says so.
+    /// Returns the verdicts as (ms, what), up to the first drop.
+    fn check(
+        limits: Limits,
+        drain_at: Option<u64>,
+        at: impl Fn(u64) -> (u64, u64, bool),
+    ) -> Vec<(u64, &'static str)> {
+        let start = Instant::now();
+        let snap = |ms| {
+            let (reads, sent, waiting) = at(ms);
+            Snapshot {
+                reads,
+                sent,
+                waiting,
+            }
+        };
+        let mut watch = Watch::new(snap(0), start);
+        let mut draining = None;
+        let mut out = Vec::new();
+        for ms in (500..=20_000).step_by(500) {
+            let now = start + Duration::from_millis(ms);
+            if drain_at == Some(ms) {
+                draining = Some(Draining {
+                    since: now,
+                    until: None,
+                });
+            }
+            match watch.look(snap(ms), now, limits, draining) {
+                None => {}
+                Some(Verdict::Drain(d)) => {
+                    assert_eq!(d.since, now);
+                    draining = Some(d);
+                    out.push((ms, "drain"));
+                }
+                Some(Verdict::Close(why)) => {
+                    out.push((ms, why.as_str()));
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    const STALLED: &str = "client took no bytes for send_timeout";
+    const DRAIN_TIMEOUT: &str = "draining connection moved no bytes for send_timeout";
+
+    #[test]
+    fn a_quiet_connection_is_drained_after_idle_timeout_then_dropped_after_send_timeout() {
+        // Nothing in flight would have closed at once; something stuck gets send_timeout
+        // from the drain, not from when it went quiet.
+        assert_eq!(
+            check(LIMITS, None, |_| (0, 0, false)),
+            [(4000, "drain"), (6000, DRAIN_TIMEOUT)]
+        );
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_is_dropped_send_timeout_after_the_last_byte() {
+        assert_eq!(
+            check(LIMITS, None, |ms| (1, ms.min(3000), ms >= 3000)),
+            [(5000, STALLED)]
+        );
+    }
+
+    #[test]
+    fn a_slow_reader_that_keeps_taking_bytes_is_kept() {
+        // Refused writes all along, but a byte taken every 1.5 s (under send_timeout).
+        assert_eq!(check(LIMITS, None, |ms| (1, ms / 1500, true)), []);
+    }
+
+    #[test]
+    fn waiting_after_a_long_pause_gets_the_whole_send_timeout() {
+        // A request trickles in (so not idle); the response is refused from 10 s.
+        assert_eq!(
+            check(LIMITS, None, |ms| (ms / 1000, 0, ms >= 10_000)),
+            [(12_000, STALLED)]
+        );
+    }
+
+    #[test]
+    fn a_connection_waiting_to_send_is_not_idle() {
+        let limits = Limits {
+            idle: Duration::from_secs(1),
+            send: Duration::from_secs(3),
+        };
+        assert_eq!(check(limits, None, |_| (0, 0, true)), [(3000, STALLED)]);
+    }
+
+    #[test]
+    fn a_draining_connection_that_moves_bytes_is_left_to_finish() {
+        assert_eq!(check(LIMITS, Some(1000), |ms| (0, ms / 1000, false)), []);
+    }
+
+    #[test]
+    fn a_draining_connection_that_stalls_is_dropped_by_the_send_timeout() {
+        // Reads move (the client sends), but nothing it is sent is taken.
+        assert_eq!(
+            check(LIMITS, Some(500), |ms| (ms / 1000, 0, true)),
+            [(2000, STALLED)]
+        );
     }
 }

@@ -11,6 +11,7 @@ mod isolation;
 mod leak_search;
 mod origins;
 mod routing;
+mod send_timeout;
 mod sendfile;
 mod serving;
 mod support;

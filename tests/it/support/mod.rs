@@ -219,6 +219,17 @@ pub async fn tls_connect(
     roots: &[CertificateDer<'static>],
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    tls_handshake(tcp, sni, roots, alpn).await
+}
+
+/// A TLS client handshake on a connected `tcp` (for sockets set up by the test).
+pub async fn tls_handshake(
+    tcp: TcpStream,
+    sni: &str,
+    roots: &[CertificateDer<'static>],
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(r.clone()).expect("add root");
@@ -231,7 +242,6 @@ pub async fn tls_connect(
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let tcp = TcpStream::connect(addr).await.expect("connect");
     connector
         .connect(ServerName::try_from(sni.to_owned()).expect("sni"), tcp)
         .await
