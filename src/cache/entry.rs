@@ -170,7 +170,9 @@ impl Entry {
     /// (RFC 9111 §4.2.4): not when it must be revalidated (`must-revalidate`,
     /// `proxy-revalidate`, `no-cache`).
     pub fn usable_when_disconnected(&self) -> bool {
-        !self.decision.must_revalidate && !self.decision.always_revalidate
+        !self.decision.must_revalidate
+            && !self.decision.always_revalidate
+            && !self.decision.shared_max_age
     }
 
     /// True when a conditional request can validate this entry.

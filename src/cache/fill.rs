@@ -47,8 +47,13 @@ pub enum Outcome {
     Uncacheable,
     /// The stored response was revalidated (or is otherwise ready): serve it.
     Ready(Arc<Entry>),
-    /// The origin failed with this status (502/504 for transport failures).
-    Failed(StatusCode),
+    /// The origin failed with this status (502/504 for transport failures); `unreachable`
+    /// when no origin could be reached at all (refused, reset, DNS), so stored responses may
+    /// be served stale (RFC 9111 §4.2.4).
+    Failed {
+        status: StatusCode,
+        unreachable: bool,
+    },
     /// The leader went away before an answer: join again.
     Retry,
 }

@@ -301,6 +301,10 @@ pub struct StoreDecision {
     pub always_revalidate: bool,
     /// `must-revalidate` / `proxy-revalidate`: never used stale.
     pub must_revalidate: bool,
+    /// `s-maxage` was given: for a shared cache it carries `proxy-revalidate`'s meaning
+    /// (RFC 9111 §5.2.2.10), so the response is not served stale when the origin cannot be
+    /// reached (explicit RFC 5861 windows still apply).
+    pub shared_max_age: bool,
     /// How long past staleness to keep the response for revalidation.
     pub keep: Duration,
     /// Header fields not to store (`private="…"`, `no-cache="…"`, opted-in `Set-Cookie`).
@@ -317,6 +321,7 @@ impl StoreDecision {
             stale_if_error: Duration::ZERO,
             always_revalidate: false,
             must_revalidate: false,
+            shared_max_age: false,
             keep: Duration::ZERO,
             strip: Vec::new(),
         }
@@ -468,6 +473,7 @@ pub fn storable(
         stale_if_error: sie,
         always_revalidate,
         must_revalidate,
+        shared_max_age: cc.s_maxage.is_some(),
         keep,
         strip,
     })

@@ -965,10 +965,26 @@ impl Proxy {
                         Outcome_::local("collapsed"),
                     );
                 }
-                Outcome::Failed(code) => {
+                Outcome::Failed {
+                    status: code,
+                    unreachable,
+                } => {
                     if let Some(s) = stale.as_ref().filter(|s| s.usable_if_error(now)) {
                         let status = self.cache_status(&format!(
                             "hit; fwd=stale; fwd-status={}; collapsed; detail=stale-if-error",
+                            code.as_u16()
+                        ));
+                        return (
+                            self.answer_from_entry(s, h, lookup.head, now, status),
+                            Outcome_::local("stale"),
+                        );
+                    }
+                    if let Some(s) = stale
+                        .as_ref()
+                        .filter(|s| unreachable && s.usable_when_disconnected())
+                    {
+                        let status = self.cache_status(&format!(
+                            "hit; fwd=stale; fwd-status={}; collapsed; detail=origin-unreachable",
                             code.as_u16()
                         ));
                         return (
@@ -1114,7 +1130,14 @@ impl Proxy {
                 } else {
                     StatusCode::BAD_GATEWAY
                 };
-                guard.publish(Outcome::Failed(code));
+                // No answer at all (refused, reset, no address): the cache is disconnected from
+                // the origin, and RFC 9111 §4.2.4 lets it serve what it has unless the response
+                // says it must be revalidated, whatever grace the site gives.
+                let unreachable = e.is_connect() || e.is_broken();
+                guard.publish(Outcome::Failed {
+                    status: code,
+                    unreachable,
+                });
                 if let Some(s) = stale.as_ref().filter(|s| s.usable_if_error(now)) {
                     let status = self.cache_status(&format!(
                         "hit; fwd=stale; fwd-status={}; detail=stale-if-error",
@@ -1125,14 +1148,14 @@ impl Proxy {
                         Outcome_::origin("stale", origin_index, origin_ms),
                     );
                 }
-                // Every candidate origin refused the connection: the cache is disconnected, and
-                // RFC 9111 §4.2.4 lets it serve what it has unless told it must revalidate.
                 if let Some(s) = stale
                     .as_ref()
-                    .filter(|s| e.is_connect() && s.usable_when_disconnected())
+                    .filter(|s| unreachable && s.usable_when_disconnected())
                 {
-                    let status = self
-                        .cache_status("hit; fwd=stale; fwd-status=502; detail=origin-unreachable");
+                    let status = self.cache_status(&format!(
+                        "hit; fwd=stale; fwd-status={}; detail=origin-unreachable",
+                        code.as_u16()
+                    ));
                     return (
                         self.answer_from_entry(s, client, lookup.head, now, status),
                         Outcome_::origin("stale", origin_index, origin_ms),
@@ -1228,7 +1251,10 @@ impl Proxy {
         // An origin error with a usable stale response: serve stale (RFC 5861 §4).
         if rparts.status.is_server_error() {
             if let Some(s) = stale.as_ref().filter(|s| s.usable_if_error(now)) {
-                guard.publish(Outcome::Failed(rparts.status));
+                guard.publish(Outcome::Failed {
+                    status: rparts.status,
+                    unreachable: false,
+                });
                 let status = self.cache_status(&format!(
                     "hit; fwd=stale; fwd-status={}; detail=stale-if-error",
                     rparts.status.as_u16()
@@ -1331,7 +1357,10 @@ impl Proxy {
                 }
             };
             if !complete || buf.len() as u64 != content_length.unwrap_or(0) {
-                guard.publish(Outcome::Failed(StatusCode::BAD_GATEWAY));
+                guard.publish(Outcome::Failed {
+                    status: StatusCode::BAD_GATEWAY,
+                    unreachable: false,
+                });
                 return (
                     respond::simple(
                         StatusCode::BAD_GATEWAY,

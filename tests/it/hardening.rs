@@ -284,3 +284,100 @@ async fn clients_that_leave_mid_request_leave_no_in_flight_count() {
     }
     assert_eq!(left, 0, "given back when the clients left");
 }
+
+/// RFC 9111 §4.2.4: with the default configuration (no grace), an origin that dies under load
+/// does not turn cached content into errors: while it cannot be reached, stored responses are
+/// served stale, collapsed clients included; those that must be revalidated are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_origin_does_not_turn_cached_content_into_errors() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/hot",
+        Route::ok("hot").header("cache-control", "max-age=1"),
+    );
+    for i in 0..8 {
+        origin.route(
+            &format!("/other{i}"),
+            Route::ok("other").header("cache-control", "max-age=1"),
+        );
+    }
+    origin.route(
+        "/strict",
+        Route::ok("strict").header("cache-control", "max-age=1, must-revalidate"),
+    );
+    origin.route(
+        "/shared",
+        Route::ok("shared").header("cache-control", "max-age=60, s-maxage=1"),
+    );
+    let node = TestNode::start("", &one_site(&origin, "")).await;
+    for p in ["/hot", "/strict", "/shared"] {
+        assert_eq!(get(node.http, "site.test", p).await.status, 200);
+    }
+    for i in 0..8 {
+        get(node.http, "site.test", &format!("/other{i}")).await;
+    }
+    origin.stop();
+    // 16 clients hammer the hot URL on kept-alive connections through a 4 s outage, while
+    // the other URLs are asked for now and then.
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        let addr = node.http;
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .expect("handshake");
+            tokio::spawn(conn);
+            let (mut ok, mut bad) = (0usize, Vec::new());
+            let mut n = 0;
+            while std::time::Instant::now() < until {
+                let path = if c == 0 && n % 4 == 0 {
+                    format!("/other{}", n / 4 % 8)
+                } else {
+                    "/hot".to_owned()
+                };
+                n += 1;
+                let Ok(resp) = sender
+                    .send_request(request("GET", "site.test", &path, &[]))
+                    .await
+                else {
+                    bad.push(format!("{path}: connection error"));
+                    break;
+                };
+                let g = read(resp).await;
+                if g.status == 200 && !g.body.is_empty() {
+                    ok += 1;
+                } else {
+                    bad.push(format!(
+                        "{path}: {} {:?}",
+                        g.status,
+                        g.header("cache-status")
+                    ));
+                }
+            }
+            (ok, bad)
+        }));
+    }
+    let mut served = 0;
+    for t in tasks {
+        let (ok, bad) = t.await.expect("client");
+        assert!(bad.is_empty(), "errors for cached content: {bad:?}");
+        served += ok;
+    }
+    assert!(served > 16, "the clients were served ({served})");
+    let g = get(node.http, "site.test", "/hot").await;
+    assert!(
+        g.header("cache-status")
+            .is_some_and(|s| s.contains("fwd=stale") && s.contains("origin-unreachable")),
+        "{:?}",
+        g.header("cache-status")
+    );
+    // must-revalidate, and s-maxage (proxy-revalidate for a shared cache), are never served
+    // stale: 504.
+    for p in ["/strict", "/shared"] {
+        let g = get(node.http, "site.test", p).await;
+        assert_eq!(g.status, 504, "{p}: {:?}", g.header("cache-status"));
+    }
+}
