@@ -134,6 +134,7 @@ async fn the_faster_origin_takes_the_traffic_and_traffic_follows_a_change() {
     assert!(followed, "traffic did not follow the latency change");
 }
 
+/// 503 is in the default `fail_on`; a 500 would not count (see hardening.rs).
 #[tokio::test]
 async fn an_origin_returning_errors_is_ejected_and_comes_back() {
     let bad = TestOrigin::start().await;
@@ -141,7 +142,7 @@ async fn an_origin_returning_errors_is_ejected_and_comes_back() {
     bad.route(
         "/where",
         Route::ok("broken")
-            .status(500)
+            .status(503)
             .header("cache-control", "no-store"),
     );
     good.route(
