@@ -8,8 +8,8 @@
 //! with purges in between. Every answer is checked against what the origin answers to that
 //! client's own request after normalisation: any difference fails and prints the seed.
 //!
-//! `EDGECACHE_LEAK_SEED` and `EDGECACHE_LEAK_REQUESTS` run other seeds and more requests by
-//! hand (`scripts/test leak_search`).
+//! CI runs 3,000 requests of one seed. `EDGECACHE_LEAK_SEED` and `EDGECACHE_LEAK_REQUESTS`
+//! run other seeds and more requests by hand (`scripts/test leak_search`).
 
 use std::time::Duration;
 
@@ -256,7 +256,7 @@ async fn randomised_clients_only_ever_get_their_own_answer() {
     let total: usize = std::env::var("EDGECACHE_LEAK_REQUESTS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2_000);
+        .unwrap_or(3_000);
     println!("leak search: seed {seed}, {total} requests");
     let mut rng = Rng(seed);
     let origin = TestOrigin::start().await;
