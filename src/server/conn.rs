@@ -10,6 +10,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::rt::bounds::Http2ServerConnExec;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -97,6 +99,58 @@ async fn opens_with_h2_preface(stream: &TcpStream) -> io::Result<bool> {
     }
 }
 
+/// Whether a plain connection asks for h2c, learned within `header_read_timeout`; `None`
+/// (logged) when the client failed or sent nothing usable in that time.
+async fn plain_protocol(stream: &TcpStream, builders: &Builders, peer: SocketAddr) -> Option<bool> {
+    match tokio::time::timeout(builders.handshake_timeout, opens_with_h2_preface(stream)).await {
+        Ok(Ok(h2)) => Some(h2),
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %peer, error = %e, "connection failed before a request");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(peer = %peer, "no request before header_read_timeout");
+            None
+        }
+    }
+}
+
+/// Serves one plain TCP connection with `service` under the data listeners' limits: the
+/// same builders (header-read timeout, header size, HTTP/2 settings), the idle and send
+/// timeouts, and a drain bounded by `shutdown_grace` once `shutdown` is set. For listeners
+/// other than the proxy's (admin), so the stream is not the proxy's sendfile-capable
+/// [`Plain`], and HTTP/2 bodies do not report flow-control waits (small answers).
+pub async fn serve_plain<S, B>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    builders: Arc<Builders>,
+    service: S,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: HttpBody + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: Http2ServerConnExec<S::Future, B>,
+{
+    let _ = stream.set_nodelay(true);
+    let Some(h2) = plain_protocol(&stream, &builders, peer).await else {
+        return;
+    };
+    let activity = Arc::new(Activity::default());
+    let conns = Conns {
+        builders: &builders,
+        activity: activity.clone(),
+        epoch: Instant::now(),
+        peer,
+    };
+    let io = TokioIo::new(Tracked::new(stream, activity));
+    conns.run(io, h2, service, &mut shutdown).await
+}
+
 /// Serves one accepted TCP connection until it ends, idles out, stalls, or shutdown drains it.
 pub async fn serve(
     stream: TcpStream,
@@ -117,21 +171,8 @@ pub async fn serve(
     };
     match tls {
         None => {
-            let h2 = match tokio::time::timeout(
-                builders.handshake_timeout,
-                opens_with_h2_preface(&stream),
-            )
-            .await
-            {
-                Ok(Ok(h2)) => h2,
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %info.peer, error = %e, "connection failed before a request");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(peer = %info.peer, "no request before header_read_timeout");
-                    return;
-                }
+            let Some(h2) = plain_protocol(&stream, &builders, info.peer).await else {
+                return;
             };
             // The plain stream counts the bytes it sends from memory files in the proxy's
             // metrics. It is tracked from outside: its sendfile calls are its writes.
@@ -170,7 +211,7 @@ struct Conns<'a> {
     builders: &'a Builders,
     activity: Arc<Activity>,
     epoch: Instant,
-    peer: std::net::SocketAddr,
+    peer: SocketAddr,
 }
 
 impl Conns<'_> {
@@ -193,10 +234,31 @@ impl Conns<'_> {
                 handling: proxy.handle(req, info),
                 activity: Some(activity.clone()),
             });
+            self.run(io, true, service, shutdown).await
+        } else {
+            let service = service_fn(move |req| proxy.handle(req, info));
+            self.run(io, false, service, shutdown).await
+        }
+    }
+
+    /// Serves `io` with hyper's HTTP/2 (`h2`) or HTTP/1 connection and `service`, under
+    /// [`Conns::drive`].
+    async fn run<I, S, B>(self, io: I, h2: bool, service: S, shutdown: &mut watch::Receiver<bool>)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B, Error = Infallible>
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: HttpBody + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        TokioExecutor: Http2ServerConnExec<S::Future, B>,
+    {
+        if h2 {
             let conn = self.builders.http2.serve_connection(io, service);
             self.drive(conn, |c| c.graceful_shutdown(), shutdown).await
         } else {
-            let service = service_fn(move |req| proxy.handle(req, info));
             let conn = self.builders.http1.serve_connection(io, service);
             self.drive(conn, |c| c.graceful_shutdown(), shutdown).await
         }

@@ -1,16 +1,20 @@
 //! Sockets: listeners, the accept loop with the connection limit, TLS, and connection drain.
 //!
-//! Only this module touches sockets and TLS. It hands every request to [`Proxy::handle`].
+//! Only this module touches sockets and TLS. It hands every request to [`Proxy::handle`]; the
+//! admin listener runs the same accept loop ([`accept_with`]) and connection handling
+//! ([`conn::serve_plain`]) with its own service.
 
 pub mod conn;
 pub mod plain;
 pub mod tls;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
@@ -68,15 +72,60 @@ pub struct Shared {
 
 /// Accepts connections on one listener until shutdown. `tls` is set for HTTPS listeners.
 pub async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Shared) {
+    let Shared {
+        proxy,
+        builders,
+        limit,
+        tracker,
+        shutdown,
+    } = shared;
+    let https = tls.is_some();
+    let stop = shutdown.clone();
+    accept_with(listener, limit, stop, move |stream, peer| {
+        let info = ConnInfo {
+            peer: canonical(peer),
+            https,
+        };
+        let guard = tracker.enter();
+        let task = conn::serve(
+            stream,
+            info,
+            tls.clone(),
+            builders.clone(),
+            proxy.clone(),
+            shutdown.clone(),
+        );
+        async move {
+            task.await;
+            drop(guard);
+        }
+    })
+    .await
+}
+
+/// The accept loop every listener runs (the data listeners and the admin listener): until
+/// `shutdown`, takes a slot from `limit`, accepts, and runs `serve(stream, peer)` on its own
+/// task, which holds the slot until it ends.
+///
+/// The slot is taken before `accept`, so clients beyond the limit wait in the listen backlog
+/// rather than being accepted and left unserved. An accept error (out of file descriptors and
+/// the like) is logged and followed by a short pause, so the loop does not spin on it.
+pub async fn accept_with<F, Fut>(
+    listener: TcpListener,
+    limit: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+    mut serve: F,
+) where
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let local = listener.local_addr().ok();
-    let mut shutdown = shared.shutdown.clone();
     loop {
         if *shutdown.borrow() {
             break;
         }
-        // Take a connection slot before accepting, so excess clients wait in the backlog.
         let permit = tokio::select! {
-            p = shared.limit.clone().acquire_owned() => match p {
+            p = limit.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
@@ -89,33 +138,24 @@ pub async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared
         let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                // Out of file descriptors and the like: back off briefly instead of spinning.
                 tracing::warn!(listener = ?local, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 continue;
             }
         };
-        let info = ConnInfo {
-            peer: canonical(peer),
-            https: tls.is_some(),
-        };
-        let guard = shared.tracker.enter();
-        let task = conn::serve(
-            stream,
-            info,
-            tls.clone(),
-            shared.builders.clone(),
-            shared.proxy.clone(),
-            shared.shutdown.clone(),
-        );
+        let task = serve(stream, peer);
         tokio::spawn(async move {
             task.await;
             drop(permit);
-            drop(guard);
         });
     }
     tracing::debug!(listener = ?local, "stopped accepting");
 }
+
+/// How long the accept loop pauses after a failed `accept` (EMFILE, ENFILE, ENOBUFS...):
+/// long enough not to spin on a condition that lasts, short enough that a freed descriptor
+/// is used soon.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// The peer as everything downstream sees it: on a dual-stack `[::]` listener an IPv4
 /// client arrives as `::ffff:a.b.c.d`, which no IPv4 network in the configuration
