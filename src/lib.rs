@@ -83,21 +83,31 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     let mut admin_addr = None;
     if let Some(admin) = &config.admin {
         let addr = admin.listen;
-        let l = admin::bind(addr)
-            .await
+        let l = server::bind(addr).map_err(|source| Error::Bind { addr, source })?;
+        let bound = l
+            .local_addr()
             .map_err(|source| Error::Bind { addr, source })?;
-        admin_addr = Some(
-            l.local_addr()
-                .map_err(|source| Error::Bind { addr, source })?,
-        );
+        admin_addr = Some(bound);
+        if !bound.ip().is_loopback() {
+            tracing::warn!(
+                addr = %bound,
+                "admin listen address is not loopback: the admin endpoints are reachable \
+                 from other hosts"
+            );
+        }
         let state = Arc::new(admin::AdminState {
             config: admin.clone(),
             proxy: proxy.clone(),
             tracker: shared.tracker.clone(),
             capacity: config.cache.memory,
         });
-        accept.spawn(admin::serve(l, state, shared.shutdown.clone()));
-        tracing::info!(addr = %admin_addr.unwrap_or(addr), "admin listening (metrics, health, purge)");
+        accept.spawn(admin::serve(
+            l,
+            state,
+            shared.builders.clone(),
+            shared.shutdown.clone(),
+        ));
+        tracing::info!(addr = %bound, "admin listening (metrics, health, purge)");
     }
     for a in &http {
         tracing::info!(addr = %a, "listening for HTTP");

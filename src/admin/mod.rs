@@ -1,10 +1,12 @@
 //! The admin listener (loopback by default): `/metrics` for Prometheus, `/healthz`, and
-//! `POST /purge` guarded by a bearer token. The data path never waits on it.
+//! `POST /purge` guarded by a bearer token. It runs on the data listeners' accept loop and
+//! connection handling (`server::accept_with`, `server::conn::serve_plain`), so it has the
+//! same header-read and idle timeouts, with its own connection limit. The data path never
+//! waits on it.
 
 pub mod metrics;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,15 +15,14 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::cache::PurgeTarget;
 use crate::config::Admin as AdminConfig;
 use crate::proxy::Proxy;
+use crate::server::conn::Builders;
 use crate::server::ConnTracker;
 use metrics::Gauges;
 
@@ -47,34 +48,25 @@ struct PurgeRequest {
     soft: bool,
 }
 
-/// Serves the admin endpoints on `listener` until shutdown.
+/// Serves the admin endpoints on `listener` until `stop`, with the data listeners' connection
+/// `builders` (timeouts, header limits) and at most `config.max_connections` connections.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
-    mut shutdown: watch::Receiver<bool>,
+    builders: Arc<Builders>,
+    stop: watch::Receiver<bool>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.changed() => break,
-        };
-        let Ok((stream, _)) = accepted else { continue };
+    let limit = Arc::new(Semaphore::new(state.config.max_connections));
+    let conn_stop = stop.clone();
+    crate::server::accept_with(listener, limit, stop, move |stream, peer| {
         let state = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req).await) }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+        let svc = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(route(&state, req).await) }
         });
-    }
-}
-
-/// Binds the admin listener.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+        crate::server::conn::serve_plain(stream, peer, builders.clone(), svc, conn_stop.clone())
+    })
+    .await
 }
 
 fn text(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

@@ -172,14 +172,18 @@ impl RouteMatch {
     }
 }
 
-/// `[admin]`: the loopback listener for metrics, health and purge.
+/// `[admin]`: the loopback listener for metrics, health and purge. It shares the data
+/// listeners' timeouts (`server.header_read_timeout`, `server.idle_timeout`) but has its own
+/// connection limit.
 #[derive(Clone, Debug)]
 pub struct Admin {
-    /// Default `127.0.0.1:9090`.
+    /// Default `127.0.0.1:9090`; any other than a loopback address is warned about at start.
     pub listen: SocketAddr,
     /// Bearer token for purge endpoints (from `token`, or the environment variable named by
     /// `token_env`, default `EDGECACHE_ADMIN_TOKEN`). `None` refuses purges over admin.
     pub token: Option<String>,
+    /// Open admin connections at most; further accepts wait (default 64).
+    pub max_connections: usize,
     /// Client networks allowed to send the HTTP `PURGE` method to the data listeners.
     pub purge_allow: Vec<IpNet>,
 }
@@ -779,13 +783,19 @@ impl Config {
             Some(a) => {
                 let _ = writeln!(
                     s,
-                    "admin: {} (metrics, healthz; purge {})",
+                    "admin: {}{} (metrics, healthz; purge {}), at most {} connections",
                     a.listen,
+                    if a.listen.ip().is_loopback() {
+                        ""
+                    } else {
+                        " (not loopback)"
+                    },
                     if a.token.is_some() {
                         "enabled"
                     } else {
                         "disabled: no token"
-                    }
+                    },
+                    a.max_connections
                 );
                 let nets: Vec<String> = a.purge_allow.iter().map(|n| n.to_string()).collect();
                 let _ = writeln!(

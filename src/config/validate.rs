@@ -779,6 +779,14 @@ fn admin(ck: &mut Checker<'_>, raw: &super::raw::RawAdmin) -> Admin {
             std::env::var(name).ok().filter(|t| !t.is_empty())
         }
     };
+    let mut max_connections = 64;
+    if let Some(m) = &raw.max_connections {
+        if *m.get_ref() == 0 {
+            ck.error(m.span(), "admin.max_connections", "must be at least 1");
+        } else {
+            max_connections = *m.get_ref();
+        }
+    }
     let mut purge_allow = Vec::new();
     for p in &raw.purge_allow {
         match parse_cidr(p.get_ref()) {
@@ -793,6 +801,7 @@ fn admin(ck: &mut Checker<'_>, raw: &super::raw::RawAdmin) -> Admin {
     Admin {
         listen,
         token,
+        max_connections,
         purge_allow,
     }
 }

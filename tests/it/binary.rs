@@ -543,3 +543,33 @@ async fn sighup_reloads_the_geo_database() {
     ));
     assert_eq!(whence().await, "us");
 }
+
+#[test]
+fn malformed_admin_settings_name_file_line_and_key() {
+    let base = "[[origins]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\n[[sites]]\nhosts = [\"x\"]\norigin = \"a\"\n[admin]\n";
+    let e = check_error(&format!("{base}max_connections = 0\n"));
+    assert!(
+        e.starts_with("bad.toml:8:19: admin.max_connections: must be at least 1"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_non_loopback_admin_address_is_warned_about_at_start() {
+    let origin = TestOrigin::start().await;
+    let warned = |listen: &str| {
+        let body = format!(
+            "{}[admin]\nlisten = \"{listen}\"\ntoken = \"t\"\n",
+            site(&origin, "site.test", "")
+        );
+        // The admin listener is bound, and logged, before the data listeners, whose line
+        // `spawn_with` waits for.
+        let p = spawn_with(&body, "", &[]);
+        let lines = p.lines.lock().expect("lock").clone();
+        lines
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("admin listen address is not loopback"))
+    };
+    assert!(warned("0.0.0.0:0"));
+    assert!(!warned("127.0.0.1:0"));
+}

@@ -2,6 +2,7 @@
 //! Integration tests: the real proxy on 127.0.0.1 with ephemeral ports, a real test origin,
 //! real TLS with certificates generated here.
 
+mod admin;
 mod binary;
 mod cache;
 mod clients;
