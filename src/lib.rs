@@ -36,6 +36,10 @@ pub struct Node {
     admin: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     accept: JoinSet<()>,
+    /// The admin listener's task, stopped after the drain (it answers `/readyz` with 503
+    /// while the node drains).
+    admin_task: JoinSet<()>,
+    admin_stop: watch::Sender<bool>,
     tracker: ConnTracker,
     grace: Duration,
     proxy: Arc<Proxy>,
@@ -81,6 +85,8 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     }
     proxy.spawn_health_checks(&mut accept, &shared.shutdown);
     let mut admin_addr = None;
+    let mut admin_task = JoinSet::new();
+    let (admin_stop, admin_stopped) = watch::channel(false);
     if let Some(admin) = &config.admin {
         let addr = admin.listen;
         let l = server::bind(addr).map_err(|source| Error::Bind { addr, source })?;
@@ -100,12 +106,13 @@ pub async fn start(config: Config) -> Result<Node, Error> {
             proxy: proxy.clone(),
             tracker: shared.tracker.clone(),
             capacity: config.cache.memory,
+            draining: shared.shutdown.clone(),
         });
-        accept.spawn(admin::serve(
+        admin_task.spawn(admin::serve(
             l,
             state,
             shared.builders.clone(),
-            shared.shutdown.clone(),
+            admin_stopped,
         ));
         tracing::info!(addr = %bound, "admin listening (metrics, health, purge)");
     }
@@ -121,6 +128,8 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         admin: admin_addr,
         shutdown: tx,
         accept,
+        admin_task,
+        admin_stop,
         tracker: shared.tracker,
         grace: config.server.shutdown_grace,
         proxy,
@@ -166,7 +175,8 @@ impl Node {
 
     /// Stops accepting, lets in-flight requests finish for up to `shutdown_grace`, then
     /// returns. Connections still open when the grace period ends drop themselves
-    /// (`server::conn`), so none is left holding a response.
+    /// (`server::conn`), so none is left holding a response. The admin listener keeps
+    /// answering (`/readyz` with 503) until the drain is over.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         while self.accept.join_next().await.is_some() {}
@@ -183,5 +193,7 @@ impl Node {
                 "shutdown grace expired with connections still open"
             );
         }
+        let _ = self.admin_stop.send(true);
+        while self.admin_task.join_next().await.is_some() {}
     }
 }

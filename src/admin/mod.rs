@@ -1,5 +1,5 @@
-//! The admin listener (loopback by default): `/metrics` for Prometheus, `/healthz`, and
-//! `POST /purge` guarded by a bearer token. It runs on the data listeners' accept loop and
+//! The admin listener (loopback by default): `/metrics` for Prometheus, `/healthz` and
+//! `/readyz` for probes, and `POST /purge` guarded by a bearer token. It runs on the data listeners' accept loop and
 //! connection handling (`server::accept_with`, `server::conn::serve_plain`), so it has the
 //! same header-read and idle timeouts, with its own connection limit. The data path never
 //! waits on it.
@@ -32,6 +32,9 @@ pub struct AdminState {
     pub proxy: Arc<Proxy>,
     pub tracker: ConnTracker,
     pub capacity: u64,
+    /// The data listeners' shutdown signal: once set, the node is draining and `/readyz`
+    /// answers 503.
+    pub draining: watch::Receiver<bool>,
 }
 
 /// A purge request body: exactly one target, and `soft` to mark stale instead of removing.
@@ -50,6 +53,9 @@ struct PurgeRequest {
 
 /// Serves the admin endpoints on `listener` until `stop`, with the data listeners' connection
 /// `builders` (timeouts, header limits) and at most `config.max_connections` connections.
+///
+/// `stop` is not the data listeners' shutdown signal: the admin listener keeps answering
+/// while the node drains, so `/readyz` can say so and `/metrics` can be scraped.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
@@ -82,6 +88,13 @@ fn text(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Resp
 async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if *state.draining.borrow() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            } else {
+                text(StatusCode::OK, "text/plain", "ready\n")
+            }
+        }
         (&Method::GET, "/metrics") => {
             let store = state.proxy.store();
             #[cfg(target_os = "linux")]

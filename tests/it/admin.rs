@@ -1,7 +1,8 @@
-//! The admin listener: the data listeners' timeouts and a connection limit.
+//! The admin listener: the data listeners' timeouts and a connection limit, `/readyz` during
+//! a drain.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -24,6 +25,22 @@ fn admin_addr(node: &TestNode) -> SocketAddr {
     node.node().admin_addr().expect("admin listener configured")
 }
 
+/// One GET on the admin listener with an optional `Authorization` value; the status code and
+/// the whole response text.
+async fn admin_get(admin: SocketAddr, path: &str, auth: Option<&str>) -> (u16, String) {
+    let auth = auth
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\n{auth}Connection: close\r\n\r\n");
+    let (text, _) = raw(admin, req.as_bytes(), Duration::from_secs(5)).await;
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|t| t.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{path}: no response: {text:?}"));
+    (status, text)
+}
+
 #[tokio::test]
 async fn admin_closes_a_half_sent_request_within_header_read_timeout() {
     let (_origin, node) = node_with_admin("header_read_timeout = \"300ms\"", "token = \"t\"").await;
@@ -39,6 +56,40 @@ async fn admin_closes_a_half_sent_request_within_header_read_timeout() {
     // Nothing sent at all is cut too.
     let (_, closed) = raw(admin_addr(&node), b"", Duration::from_secs(10)).await;
     assert!(closed, "the silent connection was closed");
+}
+
+#[tokio::test]
+async fn readyz_answers_503_while_the_node_drains() {
+    let (origin, mut node) = node_with_admin("shutdown_grace = \"30s\"", "token = \"t\"").await;
+    // A download that takes about two seconds keeps the drain going.
+    origin.route(
+        "/dl",
+        Route::ok("").generated(1024, 40, true, Duration::from_millis(50)),
+    );
+    let admin = admin_addr(&node);
+    assert_eq!(admin_get(admin, "/readyz", None).await.0, 200);
+    let http = node.http;
+    let download = tokio::spawn(async move { get(http, "site.test", "/dl").await });
+    assert!(eventually(Duration::from_secs(5), || origin.count("/dl") == 1).await);
+    let running = node.node.take().expect("node running");
+    let shutdown = tokio::spawn(running.shutdown());
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    loop {
+        let (status, _) = admin_get(admin, "/readyz", None).await;
+        seen.push(status);
+        if status == 503 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen.last(), Some(&503), "answers while draining: {seen:?}");
+    // The metrics can still be scraped while the node drains.
+    assert_eq!(admin_get(admin, "/metrics", Some("Bearer t")).await.0, 200);
+    let r = download.await.expect("download");
+    assert_eq!(r.body.len(), 40 * 1024, "the in-flight download finished");
+    shutdown.await.expect("shutdown");
 }
 
 #[tokio::test]
