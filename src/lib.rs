@@ -101,6 +101,13 @@ pub async fn start(config: Config) -> Result<Node, Error> {
                  from other hosts"
             );
         }
+        if admin.token.is_none() {
+            tracing::warn!(
+                public_metrics = admin.public_metrics,
+                "no admin token is configured: admin endpoints other than /healthz, /readyz \
+                 and public metrics are refused"
+            );
+        }
         let state = Arc::new(admin::AdminState {
             config: admin.clone(),
             proxy: proxy.clone(),
@@ -114,7 +121,7 @@ pub async fn start(config: Config) -> Result<Node, Error> {
             shared.builders.clone(),
             admin_stopped,
         ));
-        tracing::info!(addr = %bound, "admin listening (metrics, health, purge)");
+        tracing::info!(addr = %bound, "admin listening (metrics, health, origins, purge)");
     }
     for a in &http {
         tracing::info!(addr = %a, "listening for HTTP");

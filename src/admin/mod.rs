@@ -1,8 +1,8 @@
-//! The admin listener (loopback by default): `/metrics` for Prometheus, `/healthz` and
-//! `/readyz` for probes, and `POST /purge` guarded by a bearer token. It runs on the data listeners' accept loop and
-//! connection handling (`server::accept_with`, `server::conn::serve_plain`), so it has the
-//! same header-read and idle timeouts, with its own connection limit. The data path never
-//! waits on it.
+//! The admin listener (loopback by default): `/healthz` and `/readyz` for probes, and behind a
+//! bearer token `/metrics` for Prometheus (public with `public_metrics`), `/origins`, and
+//! `POST /purge`. It runs on the data listeners' accept loop and connection handling
+//! (`server::accept_with`, `server::conn::serve_plain`), so it has the same header-read and
+//! idle timeouts, with its own connection limit. The data path never waits on it.
 
 pub mod metrics;
 
@@ -86,6 +86,16 @@ fn text(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Resp
 }
 
 async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let public = matches!(
+        (req.method(), req.uri().path()),
+        (&Method::GET, "/healthz" | "/readyz")
+    ) || (state.config.public_metrics
+        && (req.method(), req.uri().path()) == (&Method::GET, "/metrics"));
+    if !public {
+        if let Some(refused) = refusal(state, &req) {
+            return refused;
+        }
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
@@ -125,30 +135,37 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
     }
 }
 
-async fn purge(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Checks the request's bearer token against the configured one: `None` when it matches,
+/// else the answer to send: 403 when no token is configured (nothing could pass), else 401.
+fn refusal(state: &AdminState, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
     let Some(token) = &state.config.token else {
-        return text(
+        return Some(text(
             StatusCode::FORBIDDEN,
             "text/plain",
-            "purge is disabled: no admin token is configured\n",
-        );
+            "refused: no admin token is configured\n",
+        ));
     };
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !constant_time_eq(presented.as_bytes(), token.as_bytes()) {
-        let mut r = text(
-            StatusCode::UNAUTHORIZED,
-            "text/plain",
-            "a valid bearer token is required\n",
-        );
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return r;
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => None,
+        _ => {
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                "a valid bearer token is required\n",
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            Some(r)
+        }
     }
+}
+
+async fn purge(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let body = match Limited::new(req.into_body(), 64 << 10).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {

@@ -172,16 +172,19 @@ impl RouteMatch {
     }
 }
 
-/// `[admin]`: the loopback listener for metrics, health and purge. It shares the data
-/// listeners' timeouts (`server.header_read_timeout`, `server.idle_timeout`) but has its own
-/// connection limit.
+/// `[admin]`: the loopback listener for metrics, health, origins and purge. It shares the
+/// data listeners' timeouts (`server.header_read_timeout`, `server.idle_timeout`) but has its
+/// own connection limit.
 #[derive(Clone, Debug)]
 pub struct Admin {
     /// Default `127.0.0.1:9090`; any other than a loopback address is warned about at start.
     pub listen: SocketAddr,
-    /// Bearer token for purge endpoints (from `token`, or the environment variable named by
-    /// `token_env`, default `EDGECACHE_ADMIN_TOKEN`). `None` refuses purges over admin.
+    /// Bearer token for every endpoint but `/healthz` and `/readyz` (from `token`, or the
+    /// environment variable named by `token_env`, default `EDGECACHE_ADMIN_TOKEN`). `None`
+    /// refuses those endpoints.
     pub token: Option<String>,
+    /// `/metrics` answers without the token (default false).
+    pub public_metrics: bool,
     /// Open admin connections at most; further accepts wait (default 64).
     pub max_connections: usize,
     /// Client networks allowed to send the HTTP `PURGE` method to the data listeners.
@@ -781,19 +784,24 @@ impl Config {
         }
         match &self.admin {
             Some(a) => {
+                let (open, guarded) = if a.public_metrics {
+                    ("healthz, readyz, metrics", "origins, purge")
+                } else {
+                    ("healthz, readyz", "metrics, origins, purge")
+                };
+                let guard = if a.token.is_some() {
+                    "with the token"
+                } else {
+                    "refused: no token"
+                };
                 let _ = writeln!(
                     s,
-                    "admin: {}{} (metrics, healthz; purge {}), at most {} connections",
+                    "admin: {}{} ({open}; {guarded} {guard}), at most {} connections",
                     a.listen,
                     if a.listen.ip().is_loopback() {
                         ""
                     } else {
                         " (not loopback)"
-                    },
-                    if a.token.is_some() {
-                        "enabled"
-                    } else {
-                        "disabled: no token"
                     },
                     a.max_connections
                 );

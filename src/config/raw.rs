@@ -70,6 +70,7 @@ pub(crate) struct RawAdmin {
     pub(crate) listen: Option<Spanned<String>>,
     pub(crate) token: Option<Spanned<String>>,
     pub(crate) token_env: Option<Spanned<String>>,
+    pub(crate) public_metrics: Option<bool>,
     pub(crate) max_connections: Option<Spanned<usize>>,
     #[serde(default)]
     pub(crate) purge_allow: Vec<Spanned<String>>,

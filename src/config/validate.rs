@@ -801,6 +801,7 @@ fn admin(ck: &mut Checker<'_>, raw: &super::raw::RawAdmin) -> Admin {
     Admin {
         listen,
         token,
+        public_metrics: raw.public_metrics.unwrap_or(false),
         max_connections,
         purge_allow,
     }

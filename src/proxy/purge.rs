@@ -73,6 +73,7 @@ mod tests {
         Admin {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             token: token.map(str::to_owned),
+            public_metrics: false,
             max_connections: 64,
             purge_allow: vec![
                 "127.0.0.1/32".parse().expect("net"),

@@ -1,5 +1,5 @@
-//! The admin listener: the data listeners' timeouts and a connection limit, `/readyz` during
-//! a drain.
+//! The admin listener: the data listeners' timeouts and a connection limit, the bearer token
+//! in front of everything but the probes, `/readyz` during a drain.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -56,6 +56,85 @@ async fn admin_closes_a_half_sent_request_within_header_read_timeout() {
     // Nothing sent at all is cut too.
     let (_, closed) = raw(admin_addr(&node), b"", Duration::from_secs(10)).await;
     assert!(closed, "the silent connection was closed");
+}
+
+#[tokio::test]
+async fn admin_metrics_and_origins_need_the_bearer_token() {
+    let (_origin, node) = node_with_admin("", "token = \"s3cret\"").await;
+    for path in ["/metrics", "/origins"] {
+        let (status, text) = admin_get(admin_addr(&node), path, None).await;
+        assert_eq!(status, 401, "{path} without a token: {text}");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
+            "{text}"
+        );
+        for wrong in [
+            "Bearer s3cre",
+            "Bearer s3cret!",
+            "Bearer ",
+            "Basic s3cret",
+            "s3cret",
+        ] {
+            let (status, text) = admin_get(admin_addr(&node), path, Some(wrong)).await;
+            assert_eq!(status, 401, "{path} with {wrong:?}: {text}");
+        }
+        let (status, text) = admin_get(admin_addr(&node), path, Some("Bearer s3cret")).await;
+        assert_eq!(status, 200, "{path} with the token: {text}");
+    }
+    let (_, text) = admin_get(admin_addr(&node), "/metrics", Some("Bearer s3cret")).await;
+    assert!(text.contains("edgecache_requests_total"), "{text}");
+    // An unknown path is not told apart from a known one without the token.
+    assert_eq!(admin_get(admin_addr(&node), "/nothing", None).await.0, 401);
+    assert_eq!(
+        admin_get(admin_addr(&node), "/nothing", Some("Bearer s3cret"))
+            .await
+            .0,
+        404
+    );
+    // The probes stay open.
+    assert_eq!(admin_get(admin_addr(&node), "/healthz", None).await.0, 200);
+    assert_eq!(admin_get(admin_addr(&node), "/readyz", None).await.0, 200);
+}
+
+#[tokio::test]
+async fn public_metrics_opens_metrics_alone() {
+    let (_origin, node) = node_with_admin("", "token = \"t\"\npublic_metrics = true").await;
+    let (status, text) = admin_get(admin_addr(&node), "/metrics", None).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("edgecache_requests_total"), "{text}");
+    assert_eq!(admin_get(admin_addr(&node), "/origins", None).await.0, 401);
+    assert_eq!(
+        admin_get(admin_addr(&node), "/origins", Some("Bearer t"))
+            .await
+            .0,
+        200
+    );
+    let purge = "POST /purge HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n\
+                 Content-Length: 12\r\nConnection: close\r\n\r\n{\"all\":true}";
+    let (text, _) = raw(admin_addr(&node), purge.as_bytes(), Duration::from_secs(5)).await;
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+}
+
+/// Without any token (none in the file, `EDGECACHE_ADMIN_TOKEN` unset) only the probes and,
+/// when public, the metrics answer.
+#[tokio::test]
+async fn admin_without_a_token_answers_only_the_probes() {
+    let (_origin, node) = node_with_admin("", "").await;
+    assert_eq!(admin_get(admin_addr(&node), "/healthz", None).await.0, 200);
+    assert_eq!(admin_get(admin_addr(&node), "/readyz", None).await.0, 200);
+    for path in ["/metrics", "/origins"] {
+        assert_eq!(
+            admin_get(admin_addr(&node), path, None).await.0,
+            403,
+            "{path}"
+        );
+        assert_eq!(
+            admin_get(admin_addr(&node), path, Some("Bearer x")).await.0,
+            403,
+            "{path}"
+        );
+    }
 }
 
 #[tokio::test]

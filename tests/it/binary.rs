@@ -545,11 +545,46 @@ async fn sighup_reloads_the_geo_database() {
 }
 
 #[test]
+fn check_summary_shows_who_may_use_the_admin_listener() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("admin.toml");
+    std::fs::write(
+        &path,
+        "[[origins]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\n[[sites]]\nhosts = [\"x\"]\norigin = \"a\"\n\
+         [admin]\nlisten = \"0.0.0.0:9090\"\ntoken = \"t\"\npublic_metrics = true\nmax_connections = 8\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "admin: 0.0.0.0:9090 (not loopback) (healthz, readyz, metrics; origins, purge with \
+             the token), at most 8 connections"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
 fn malformed_admin_settings_name_file_line_and_key() {
     let base = "[[origins]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\n[[sites]]\nhosts = [\"x\"]\norigin = \"a\"\n[admin]\n";
     let e = check_error(&format!("{base}max_connections = 0\n"));
     assert!(
         e.starts_with("bad.toml:8:19: admin.max_connections: must be at least 1"),
+        "{e}"
+    );
+    let e = check_error(&format!("{base}public_metrics = \"yes\"\n"));
+    assert!(
+        e.starts_with("bad.toml:8:18: admin.public_metrics: "),
         "{e}"
     );
 }

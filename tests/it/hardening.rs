@@ -167,7 +167,7 @@ fn main_and_backup(main: &TestOrigin, backup: &TestOrigin, main_extra: &str) -> 
          [[pools]]\nname = \"backup\"\norigins = [\"backup\"]\n\
          [[sites]]\nhosts = [\"site.test\"]\n\
          [[sites.routes]]\nname = \"everyone\"\npools = [\"main\", \"backup\"]\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n",
+         [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"t\"\n",
         main.url(),
         backup.url()
     )
@@ -178,7 +178,7 @@ async fn origins(node: &TestNode) -> serde_json::Value {
     let admin = node.node().admin_addr().expect("admin listener");
     let (text, _) = raw(
         admin,
-        b"GET /origins HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET /origins HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n",
         Duration::from_secs(5),
     )
     .await;

@@ -831,7 +831,7 @@ async fn purge_over_admin_by_url_prefix_tag_and_all() {
     // Metrics are scrapeable on the same listener.
     let (text, _) = raw(
         admin,
-        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer s3cret\r\nConnection: close\r\n\r\n",
         Duration::from_secs(5),
     )
     .await;

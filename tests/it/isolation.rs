@@ -557,7 +557,7 @@ async fn metric(node: &TestNode, name: &str) -> u64 {
     let admin = node.node().admin_addr().expect("admin listener");
     let (text, _) = raw(
         admin,
-        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n",
         Duration::from_secs(5),
     )
     .await;
@@ -591,7 +591,7 @@ async fn fills_in_flight_hold_no_more_than_fill_memory() {
         );
     }
     let config = format!(
-        "{}[admin]\nlisten = \"127.0.0.1:0\"\n",
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"t\"\n",
         site_with(&origin, "")
     );
     let node = TestNode::start(

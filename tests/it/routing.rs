@@ -154,7 +154,7 @@ async fn an_origin_returning_errors_is_ejected_and_comes_back() {
     let body = format!(
         "[[origins]]\nname = \"bad\"\nurl = \"{}\"\n[[origins]]\nname = \"good\"\nurl = \"{}\"\n\
          [[pools]]\nname = \"p\"\norigins = [\"bad\", \"good\"]\n\
-         [[sites]]\nhosts = [\"site.test\"]\n[[sites.routes]]\npools = [\"p\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+         [[sites]]\nhosts = [\"site.test\"]\n[[sites.routes]]\npools = [\"p\"]\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"t\"\n",
         bad.url(),
         good.url()
     );
@@ -256,7 +256,7 @@ async fn origin_state(node: &TestNode, name: &str) -> serde_json::Value {
     let admin = node.node().admin_addr().expect("admin listener configured");
     let (text, _) = raw(
         admin,
-        b"GET /origins HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET /origins HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n",
         Duration::from_secs(5),
     )
     .await;
@@ -280,7 +280,7 @@ fn health_config(eu1: &str, eu2: &str, us: &str) -> String {
          [[sites]]\nhosts = [\"site.test\"]\n\
          [[sites.routes]]\nname = \"europe\"\nmatch = {{ continents = [\"EU\"] }}\npools = [\"eu\", \"us\"]\n\
          [[sites.routes]]\npools = [\"us\"]\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n"
+         [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"t\"\n"
     )
 }
 
@@ -424,7 +424,7 @@ async fn metric(node: &TestNode, name: &str) -> u64 {
     let admin = node.node().admin_addr().expect("admin listener configured");
     let (text, _) = raw(
         admin,
-        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n",
         Duration::from_secs(5),
     )
     .await;
@@ -438,7 +438,7 @@ fn pair(a: &str, b: &str, extra: &str) -> String {
         "{extra}\n[[origins]]\nname = \"a\"\nurl = \"{a}\"\n[[origins]]\nname = \"b\"\nurl = \"{b}\"\n\
          [[pools]]\nname = \"p\"\norigins = [\"a\", \"b\"]\n\
          [[sites]]\nhosts = [\"site.test\"]\n[[sites.routes]]\npools = [\"p\"]\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n"
+         [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"t\"\n"
     )
 }
 

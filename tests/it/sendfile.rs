@@ -111,7 +111,7 @@ async fn large_hits_are_sent_from_the_memory_file_byte_for_byte() {
     let admin = node.node().admin_addr().expect("admin listener");
     let (text, _) = raw(
         admin,
-        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n",
         Duration::from_secs(5),
     )
     .await;
