@@ -138,31 +138,27 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
 /// Checks the request's bearer token against the configured one: `None` when it matches,
 /// else the answer to send: 403 when no token is configured (nothing could pass), else 401.
 fn refusal(state: &AdminState, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
-    let Some(token) = &state.config.token else {
+    if state.config.token.is_none() {
         return Some(text(
             StatusCode::FORBIDDEN,
             "text/plain",
             "refused: no admin token is configured\n",
         ));
-    };
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => None,
-        _ => {
-            let mut r = text(
-                StatusCode::UNAUTHORIZED,
-                "text/plain",
-                "a valid bearer token is required\n",
-            );
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            Some(r)
-        }
     }
+    if state
+        .config
+        .authorizes(req.headers().get(header::AUTHORIZATION))
+    {
+        return None;
+    }
+    let mut r = text(
+        StatusCode::UNAUTHORIZED,
+        "text/plain",
+        "a valid bearer token is required\n",
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(r)
 }
 
 async fn purge(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -267,12 +263,4 @@ async fn purge(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         "application/json",
         format!("{{\"purged\":{n},\"soft\":{}}}\n", p.soft),
     )
-}
-
-/// Compares secrets without an early exit, so response time does not reveal a prefix match.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

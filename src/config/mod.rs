@@ -180,8 +180,8 @@ pub struct Admin {
     /// Default `127.0.0.1:9090`; any other than a loopback address is warned about at start.
     pub listen: SocketAddr,
     /// Bearer token for every endpoint but `/healthz` and `/readyz` (from `token`, or the
-    /// environment variable named by `token_env`, default `EDGECACHE_ADMIN_TOKEN`). `None`
-    /// refuses those endpoints.
+    /// environment variable named by `token_env`, which must then be set and not empty; with
+    /// neither, `EDGECACHE_ADMIN_TOKEN` if set). `None` refuses those endpoints.
     pub token: Option<String>,
     /// `/metrics` answers without the token (default false).
     pub public_metrics: bool,
@@ -189,6 +189,49 @@ pub struct Admin {
     pub max_connections: usize,
     /// Client networks allowed to send the HTTP `PURGE` method to the data listeners.
     pub purge_allow: Vec<IpNet>,
+}
+
+impl Admin {
+    /// Whether `authorization` (an `Authorization` field value) carries the admin token in
+    /// the `Bearer` scheme; always false without a token. The one check for the admin
+    /// listener and the data listeners' `PURGE` method.
+    ///
+    /// The scheme is matched without regard to case and may be followed by several spaces
+    /// (RFC 9110 §11.1, RFC 6750 §2.1). The presented and configured tokens are compared by
+    /// their SHA-256 digests, over all 32 bytes without an early exit, so neither the time
+    /// taken nor the answer depends on where they differ or on their lengths.
+    pub fn authorizes(&self, authorization: Option<&HeaderValue>) -> bool {
+        match (
+            &self.token,
+            authorization.and_then(|v| bearer_token(v.as_bytes())),
+        ) {
+            (Some(token), Some(presented)) => same_digest(presented, token.as_bytes()),
+            _ => false,
+        }
+    }
+}
+
+/// The credentials of an `Authorization` value in the `Bearer` scheme; `None` for another
+/// scheme or no credentials.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    const SCHEME: &[u8] = b"bearer";
+    let (scheme, rest) = value.split_at_checked(SCHEME.len())?;
+    if !scheme.eq_ignore_ascii_case(SCHEME) || rest.first() != Some(&b' ') {
+        return None;
+    }
+    let start = rest.iter().position(|&b| b != b' ')?;
+    Some(rest[start..].trim_ascii_end())
+}
+
+/// Whether two secrets have the same SHA-256 digest, comparing every byte of the digests.
+fn same_digest(a: &[u8], b: &[u8]) -> bool {
+    let a = ring::digest::digest(&ring::digest::SHA256, a);
+    let b = ring::digest::digest(&ring::digest::SHA256, b);
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// `[server]`: listeners, limits and timeouts.
@@ -863,6 +906,55 @@ pub(crate) fn human_size(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for (value, expected) in [
+            (&b"Bearer abc"[..], Some(&b"abc"[..])),
+            (b"bearer abc", Some(b"abc")),
+            (b"BEARER abc", Some(b"abc")),
+            (b"Bearer   abc  ", Some(b"abc")),
+            (b"Bearer", None),
+            (b"Bearer ", None),
+            (b"Bearerabc", None),
+            (b"Basic abc", None),
+            (b"Bear abc", None),
+            (b"", None),
+        ] {
+            assert_eq!(bearer_token(value), expected, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn admin_token_is_compared_by_digest() {
+        let admin = |token: Option<&str>| Admin {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            token: token.map(str::to_owned),
+            public_metrics: false,
+            max_connections: 1,
+            purge_allow: Vec::new(),
+        };
+        let with = admin(Some("s3cret"));
+        let check = |a: &Admin, value: &str| {
+            a.authorizes(Some(&HeaderValue::from_str(value).expect("value")))
+        };
+        assert!(check(&with, "Bearer s3cret"));
+        assert!(check(&with, "bearer s3cret"));
+        for wrong in [
+            "Bearer s3cre",
+            "Bearer s3cret!",
+            "Bearer S3CRET",
+            "Bearer ",
+            "Basic s3cret",
+        ] {
+            assert!(!check(&with, wrong), "{wrong}");
+        }
+        assert!(!with.authorizes(None));
+        assert!(
+            !check(&admin(None), "Bearer s3cret"),
+            "no token: nothing passes"
+        );
+    }
 
     #[test]
     fn globs() {

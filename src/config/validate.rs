@@ -771,13 +771,40 @@ fn admin(ck: &mut Checker<'_>, raw: &super::raw::RawAdmin) -> Admin {
             );
             None
         }
-        (None, env) => {
-            let name = env
-                .as_ref()
-                .map(|e| e.get_ref().as_str())
-                .unwrap_or("EDGECACHE_ADMIN_TOKEN");
-            std::env::var(name).ok().filter(|t| !t.is_empty())
-        }
+        // A variable named in the file is a promise that purges and metrics are guarded:
+        // when it is missing, refuse to start rather than run with those endpoints refused.
+        (None, Some(env)) => match std::env::var_os(env.get_ref()) {
+            Some(t) if t.is_empty() => {
+                ck.error(
+                    env.span(),
+                    "admin.token_env",
+                    format!("environment variable {} is empty", env.get_ref()),
+                );
+                None
+            }
+            Some(t) => match t.into_string() {
+                Ok(t) => Some(t),
+                Err(_) => {
+                    ck.error(
+                        env.span(),
+                        "admin.token_env",
+                        format!("environment variable {} is not valid UTF-8", env.get_ref()),
+                    );
+                    None
+                }
+            },
+            None => {
+                ck.error(
+                    env.span(),
+                    "admin.token_env",
+                    format!("environment variable {} is not set", env.get_ref()),
+                );
+                None
+            }
+        },
+        (None, None) => std::env::var("EDGECACHE_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
     };
     let mut max_connections = 64;
     if let Some(m) = &raw.max_connections {

@@ -1,7 +1,8 @@
 //! The admin listener: the data listeners' timeouts and a connection limit, the bearer token
-//! in front of everything but the probes, `/readyz` during a drain.
+//! in front of everything but the probes, `/readyz` during a drain, and `token_env` checks.
 
 use std::net::SocketAddr;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -79,10 +80,13 @@ async fn admin_metrics_and_origins_need_the_bearer_token() {
             let (status, text) = admin_get(admin_addr(&node), path, Some(wrong)).await;
             assert_eq!(status, 401, "{path} with {wrong:?}: {text}");
         }
-        let (status, text) = admin_get(admin_addr(&node), path, Some("Bearer s3cret")).await;
-        assert_eq!(status, 200, "{path} with the token: {text}");
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        for good in ["Bearer s3cret", "bearer s3cret", "BEARER  s3cret"] {
+            let (status, text) = admin_get(admin_addr(&node), path, Some(good)).await;
+            assert_eq!(status, 200, "{path} with {good:?}: {text}");
+        }
     }
-    let (_, text) = admin_get(admin_addr(&node), "/metrics", Some("Bearer s3cret")).await;
+    let (_, text) = admin_get(admin_addr(&node), "/metrics", Some("bearer s3cret")).await;
     assert!(text.contains("edgecache_requests_total"), "{text}");
     // An unknown path is not told apart from a known one without the token.
     assert_eq!(admin_get(admin_addr(&node), "/nothing", None).await.0, 401);
@@ -206,4 +210,74 @@ async fn admin_connections_beyond_the_limit_wait() {
         .expect("answered once the slot was free")
         .expect("read");
     assert!(text.starts_with(b"HTTP/1.1 200"), "{text:?}");
+}
+
+const BASE: &str = "[[origins]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\n\
+                    [[sites]]\nhosts = [\"x\"]\norigin = \"a\"\n";
+
+#[test]
+fn a_token_env_naming_a_missing_variable_is_a_config_error() {
+    let text = format!("{BASE}[admin]\ntoken_env = \"EDGECACHE_TEST_NO_SUCH_TOKEN_VARIABLE\"\n");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = match edgecache::Config::from_toml(&text, "test.toml", dir.path()) {
+        Ok(_) => panic!("a token_env naming a missing variable was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert_eq!(
+        err,
+        "test.toml:8:13: admin.token_env: environment variable \
+         EDGECACHE_TEST_NO_SUCH_TOKEN_VARIABLE is not set"
+    );
+}
+
+/// `edgecache check` with `token_env = "EDGECACHE_TEST_TOKEN"` and the variable as given.
+fn check_with_token_env(value: Option<&str>) -> std::process::Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("admin.toml");
+    std::fs::write(
+        &path,
+        format!("{BASE}[admin]\ntoken_env = \"EDGECACHE_TEST_TOKEN\"\n"),
+    )
+    .expect("write");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgecache"));
+    cmd.args(["check", "--config"]).arg(&path);
+    match value {
+        Some(v) => cmd.env("EDGECACHE_TEST_TOKEN", v),
+        None => cmd.env_remove("EDGECACHE_TEST_TOKEN"),
+    };
+    let out = cmd.output().expect("run check");
+    let mut out = out;
+    out.stderr = String::from_utf8_lossy(&out.stderr)
+        .replace(&path.display().to_string(), "admin.toml")
+        .into_bytes();
+    out
+}
+
+#[test]
+fn check_refuses_a_token_env_variable_that_is_missing_or_empty() {
+    for (value, what) in [(None, "is not set"), (Some(""), "is empty")] {
+        let out = check_with_token_env(value);
+        assert!(!out.status.success(), "{value:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.starts_with(&format!(
+                "admin.toml:8:13: admin.token_env: environment variable EDGECACHE_TEST_TOKEN {what}"
+            )),
+            "{err}"
+        );
+    }
+    let out = check_with_token_env(Some("s3cret"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains(
+            "admin: 127.0.0.1:9090 (healthz, readyz; metrics, origins, purge with the token), \
+             at most 64 connections"
+        ),
+        "{summary}"
+    );
 }
