@@ -119,6 +119,8 @@ struct Case {
     expected: Bytes,
     /// The `Cookie` the client sent, for checking any `Set-Cookie` it receives.
     cookie: Option<String>,
+    /// Sent over HTTP/2 (prior knowledge) instead of HTTP/1.1.
+    h2: bool,
 }
 
 fn case(rng: &mut Rng, sites: &[(&str, Vec<Spec>)]) -> Case {
@@ -168,7 +170,9 @@ fn case(rng: &mut Rng, sites: &[(&str, Vec<Spec>)]) -> Case {
             rng.pick(&["gold", "free"])
         )
     });
-    let hop_lang = lang.is_some() && rng.percent(10);
+    // HTTP/2 has no `Connection` field.
+    let h2 = rng.percent(20);
+    let hop_lang = !h2 && lang.is_some() && rng.percent(10);
     let mut fields = Vec::new();
     if let Some(l) = &lang {
         fields.push(("accept-language", l.clone()));
@@ -213,7 +217,34 @@ fn case(rng: &mut Rng, sites: &[(&str, Vec<Spec>)]) -> Case {
         fields,
         expected: echo_body(host, &keyed_pq, &values, spec.pad),
         cookie,
+        h2,
     }
+}
+
+/// Sends a case's request on a new connection, HTTP/1.1 or HTTP/2 as the case says.
+async fn send_case(addr: std::net::SocketAddr, c: &Case) -> Got {
+    let fields: Vec<(&str, &str)> = c.fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    if !c.h2 {
+        return send(addr, request(c.method, &c.host, &c.target, &fields)).await;
+    }
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(conn);
+    let mut b = http::Request::builder()
+        .method(c.method)
+        .uri(format!("http://{}{}", c.host, c.target));
+    for (k, v) in fields {
+        b = b.header(k, v);
+    }
+    let req = b
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("request");
+    read(sender.send_request(req).await.expect("response")).await
 }
 
 /// Checks one answer against the case's own origin answer; the reason when it differs.
@@ -294,8 +325,7 @@ async fn randomised_clients_only_ever_get_their_own_answer() {
             let c = case(&mut rng, &sites);
             let addr = node.http;
             tasks.push(tokio::spawn(async move {
-                let f: Vec<(&str, &str)> = c.fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                let g = send(addr, request(c.method, &c.host, &c.target, &f)).await;
+                let g = send_case(addr, &c).await;
                 Some((c, g))
             }));
         }
@@ -303,8 +333,8 @@ async fn randomised_clients_only_ever_get_their_own_answer() {
             if let Some((c, g)) = t.await.expect("client task") {
                 if let Err(why) = check(&c, &g) {
                     panic!(
-                        "seed {seed}, request {done}: {} {} host {:?} fields {:?}: {why}",
-                        c.method, c.target, c.host, c.fields
+                        "seed {seed}, request {done}: {} {} host {:?} fields {:?} h2 {}: {why}",
+                        c.method, c.target, c.host, c.fields, c.h2
                     );
                 }
             }
