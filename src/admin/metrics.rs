@@ -38,6 +38,7 @@ pub struct Metrics {
     retries: AtomicU64,
     retries_refused: AtomicU64,
     sendfile_bytes: AtomicU64,
+    connections_refused: AtomicU64,
 }
 
 /// Point-in-time values read from elsewhere when rendering.
@@ -114,6 +115,16 @@ impl Metrics {
             .unwrap_or(0)
     }
 
+    /// Counts a connection closed at accept for `server.max_connections_per_client`.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections closed at accept for `server.max_connections_per_client` so far.
+    pub fn connections_refused(&self) -> u64 {
+        self.connections_refused.load(Ordering::Relaxed)
+    }
+
     /// Counts body bytes sent to clients straight from memory files.
     pub fn sent_from_file(&self, n: u64) {
         self.sendfile_bytes.fetch_add(n, Ordering::Relaxed);
@@ -173,6 +184,11 @@ impl Metrics {
                 "edgecache_sendfile_bytes_total",
                 "Body bytes of hits sent from memory files with sendfile, not copied.",
                 self.sendfile_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "edgecache_client_connections_refused_total",
+                "Connections closed as accepted: their address held server.max_connections_per_client.",
+                self.connections_refused.load(Ordering::Relaxed),
             ),
             (
                 "edgecache_memory_file_fallbacks_total",
@@ -261,10 +277,12 @@ mod tests {
         let m = Metrics::default();
         m.request("limited", 429, false);
         m.request("no-such-result", 400, false);
+        m.connection_refused();
         let text = m.render(Gauges::default());
         assert!(text.contains("edgecache_requests_total{result=\"limited\",status=\"4xx\"} 1"));
         assert!(text.contains("edgecache_requests_total{result=\"refused\",status=\"4xx\"} 1"));
         assert_eq!(m.requests_with("limited"), 1);
         assert_eq!(m.requests_with("refused"), 1);
+        assert!(text.contains("edgecache_client_connections_refused_total 1"));
     }
 }

@@ -1,8 +1,10 @@
-//! Sockets: listeners, the accept loop with the connection limit, TLS, and connection drain.
+//! Sockets: listeners, the accept loop with the connection limits (in all, and per client
+//! address in `limit`), TLS, and connection drain.
 //!
 //! Only this module touches sockets and TLS. It hands every request to [`Proxy::handle`].
 
 pub mod conn;
+pub mod limit;
 pub mod plain;
 pub mod tls;
 
@@ -62,6 +64,8 @@ pub struct Shared {
     pub proxy: Arc<Proxy>,
     pub builders: Arc<Builders>,
     pub limit: Arc<Semaphore>,
+    /// `max_connections_per_client`, when set.
+    pub per_client: Option<Arc<limit::PerClient>>,
     pub tracker: ConnTracker,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -95,8 +99,21 @@ pub async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared
                 continue;
             }
         };
+        let peer = canonical(peer);
+        let slot = match &shared.per_client {
+            None => None,
+            Some(per_client) => match per_client.enter(peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::debug!(peer = %peer, "connection refused: max_connections_per_client");
+                    shared.proxy.metrics().connection_refused();
+                    limit::refuse(stream);
+                    continue;
+                }
+            },
+        };
         let info = ConnInfo {
-            peer: canonical(peer),
+            peer,
             https: tls.is_some(),
         };
         let guard = shared.tracker.enter();
@@ -110,6 +127,7 @@ pub async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared
         );
         tokio::spawn(async move {
             task.await;
+            drop(slot);
             drop(permit);
             drop(guard);
         });

@@ -1,8 +1,9 @@
 //! Issue 13, a client must not be able to harm other clients: request rates per client
-//! address and per site (429 with Retry-After).
+//! address and per site (429 with Retry-After), and a cap on connections per client address.
 //! Rates are per minute, so no bucket refills while a test runs.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
@@ -128,4 +129,83 @@ async fn limits_are_off_by_default() {
         }
     }
     assert_eq!(node.node().metrics().requests_with("limited"), 0);
+    assert_eq!(node.node().metrics().connections_refused(), 0);
+}
+
+/// A GET for `/p` on a new connection: what came back before the server closed it or 5 s
+/// passed. A write that fails (the connection already reset) counts as nothing back.
+async fn try_get(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    if s.write_all(b"GET /p HTTP/1.1\r\nHost: site.test\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    out.extend_from_slice(&buf[..n]);
+                    // One small answer: enough once its body is in.
+                    if out.ends_with(b"\r\n\r\np") {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_per_client_are_closed_unanswered() {
+    let origin = cached_origin().await;
+    let node = TestNode::start(
+        "max_connections_per_client = 2\n",
+        &site(&origin, "site.test", ""),
+    )
+    .await;
+    let mut first = connection(node.http).await;
+    let mut second = connection(node.http).await;
+    let answer = try_get(node.http).await;
+    assert!(answer.is_empty(), "third connection: {answer:?}");
+    assert_eq!(node.node().metrics().connections_refused(), 1);
+    assert_eq!(ask(&mut first).await, 200, "the first two are still served");
+    assert_eq!(ask(&mut second).await, 200);
+
+    // A closed connection gives its place back.
+    drop(first);
+    let served = async {
+        loop {
+            if try_get(node.http).await.starts_with("HTTP/1.1 200") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("a connection is served once the first one closed");
+    assert_eq!(ask(&mut second).await, 200);
+}
+
+#[tokio::test]
+async fn trusted_proxies_are_not_capped() {
+    let origin = cached_origin().await;
+    let node = TestNode::start(
+        "trusted_proxies = [\"127.0.0.1\"]\nmax_connections_per_client = 1\n",
+        &site(&origin, "site.test", ""),
+    )
+    .await;
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        conns.push(connection(node.http).await);
+    }
+    assert_eq!(node.node().metrics().connections_refused(), 0);
 }
