@@ -14,16 +14,17 @@
 //!
 //! Each bucket is a GCRA kept in one `AtomicU64` (the time its next request is due, in
 //! nanoseconds since the limiter started), as `cache::store`'s variant budget is; taking
-//! one is a compare-and-swap, no lock. Written here rather than taken from `governor`, which
-//! implements the same algorithm: with only its `std` feature it adds eight crates (a second
-//! `hashbrown` among them) and keys its buckets in one mutex-guarded map for all workers, or
-//! in `dashmap` with another feature; and it bounds that map only by `retain_recent` sweeps,
-//! so between sweeps a client spraying addresses grows it freely. Here the per-client buckets
-//! live in a moka cache (already the store's map): at most [`CLIENTS`] addresses, admitted by
-//! frequency (TinyLFU), so addresses seen once each do not push out the bucket of a client
-//! that keeps asking; and an address quiet for as long as its bucket takes to fill is dropped,
-//! which loses nothing (a full bucket and a new one are the same). A dropped bucket starts
-//! full again: under pressure the limiter can forget a client, never refuse one wrongly.
+//! one is a compare-and-swap, no lock. Written here rather than taken from `governor`,
+//! which implements the same algorithm: with only its `std` feature it brings seven more
+//! crates (a second `hashbrown` among them) and keys its buckets in one mutex-guarded map
+//! for all workers, or in `dashmap` with another feature; and it bounds that map only by
+//! `retain_recent` sweeps, so between sweeps a client spraying addresses grows it freely.
+//! Here the per-client buckets live in a moka cache (already the store's map): at most
+//! [`CLIENTS`] addresses, admitted by frequency (TinyLFU), so addresses seen once each do
+//! not push out the bucket of a client that keeps asking; and an address quiet for as long
+//! as its bucket takes to fill is dropped, which loses nothing (a full bucket and a new one
+//! are the same). A dropped bucket starts full again: under pressure the limiter can forget
+//! a client, never refuse one wrongly.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
