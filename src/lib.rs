@@ -57,6 +57,11 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         proxy: proxy.clone(),
         builders: Arc::new(Builders::new(&config.server)),
         limit: Arc::new(Semaphore::new(config.server.max_connections)),
+        per_client: config.server.max_connections_per_client.map(|max| {
+            let trusted = config.server.trusted_proxies.iter();
+            let exempt = trusted.chain(&config.geo.trusted_proxies).copied();
+            Arc::new(server::limit::PerClient::new(max, exempt.collect()))
+        }),
         tracker: ConnTracker::default(),
         shutdown: rx,
     };

@@ -49,7 +49,7 @@ pub struct AccessLog {
     pub host: String,
     pub path: String,
     pub status: u16,
-    /// `hit`, `miss`, `pass`, `refused` or `error`.
+    /// `hit`, `miss`, `pass`, `refused`, `limited` or `error` (`admin::metrics::RESULTS`).
     pub cache: &'static str,
     pub origin: Option<Arc<str>>,
     pub origin_ms: Option<f64>,

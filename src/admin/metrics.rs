@@ -7,8 +7,9 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Cache results as they appear in the access log and the `result` label.
-pub const RESULTS: [&str; 10] = [
+/// Cache results as they appear in the access log and the `result` label. `limited`: refused
+/// for a request rate (`proxy::limit`).
+pub const RESULTS: [&str; 11] = [
     "hit",
     "stale",
     "miss",
@@ -17,9 +18,13 @@ pub const RESULTS: [&str; 10] = [
     "pass",
     "bypass",
     "error",
+    "limited",
     "refused",
     "purge",
 ];
+
+/// Where a result not in [`RESULTS`] is counted: `refused`.
+const UNKNOWN_RESULT: usize = RESULTS.len() - 2;
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -33,6 +38,7 @@ pub struct Metrics {
     retries: AtomicU64,
     retries_refused: AtomicU64,
     sendfile_bytes: AtomicU64,
+    connections_refused: AtomicU64,
 }
 
 /// Point-in-time values read from elsewhere when rendering.
@@ -70,7 +76,7 @@ impl Metrics {
         let r = RESULTS
             .iter()
             .position(|x| *x == result)
-            .unwrap_or(RESULTS.len() - 2);
+            .unwrap_or(UNKNOWN_RESULT);
         let c = usize::from((status / 100).clamp(1, 5)) - 1;
         self.requests[r][c].fetch_add(1, Ordering::Relaxed);
         if used_origin {
@@ -107,6 +113,16 @@ impl Metrics {
                     .sum()
             })
             .unwrap_or(0)
+    }
+
+    /// Counts a connection closed at accept for `server.max_connections_per_client`.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections closed at accept for `server.max_connections_per_client` so far.
+    pub fn connections_refused(&self) -> u64 {
+        self.connections_refused.load(Ordering::Relaxed)
     }
 
     /// Counts body bytes sent to clients straight from memory files.
@@ -168,6 +184,11 @@ impl Metrics {
                 "edgecache_sendfile_bytes_total",
                 "Body bytes of hits sent from memory files with sendfile, not copied.",
                 self.sendfile_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "edgecache_client_connections_refused_total",
+                "Connections closed as accepted: their address held server.max_connections_per_client.",
+                self.connections_refused.load(Ordering::Relaxed),
             ),
             (
                 "edgecache_memory_file_fallbacks_total",
@@ -249,5 +270,19 @@ mod tests {
         assert!(text.contains("edgecache_origin_errors_total 1"));
         assert!(text.contains("edgecache_cache_objects 3"));
         assert_eq!(m.requests_with("hit"), 1);
+    }
+
+    #[test]
+    fn limited_has_its_own_label_and_unknown_results_count_as_refused() {
+        let m = Metrics::default();
+        m.request("limited", 429, false);
+        m.request("no-such-result", 400, false);
+        m.connection_refused();
+        let text = m.render(Gauges::default());
+        assert!(text.contains("edgecache_requests_total{result=\"limited\",status=\"4xx\"} 1"));
+        assert!(text.contains("edgecache_requests_total{result=\"refused\",status=\"4xx\"} 1"));
+        assert_eq!(m.requests_with("limited"), 1);
+        assert_eq!(m.requests_with("refused"), 1);
+        assert!(text.contains("edgecache_client_connections_refused_total 1"));
     }
 }

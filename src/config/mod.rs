@@ -265,6 +265,12 @@ pub struct Server {
     pub client_address_header: crate::geo::AddressHeader,
     /// The name used in `Via` and `Cache-Status` (default `edgecache`).
     pub via_name: String,
+    /// Requests one client address may make (after trusted-proxy resolution), over every
+    /// site; past it, 429 with `Retry-After`. `None` (the default): no limit.
+    pub rate_per_client: Option<Rate>,
+    /// Open connections one peer address may hold; more are closed as they are accepted.
+    /// Trusted proxies are exempt (they carry many clients). `None` (the default): no cap.
+    pub max_connections_per_client: Option<usize>,
 }
 
 impl Default for Server {
@@ -284,7 +290,39 @@ impl Default for Server {
             trusted_proxies: Vec::new(),
             client_address_header: crate::geo::AddressHeader::default(),
             via_name: "edgecache".to_owned(),
+            rate_per_client: None,
+            max_connections_per_client: None,
         }
+    }
+}
+
+/// A request rate as written (`"100/s"`, `"2/min"`): `count` per `period`, with bursts of up
+/// to `burst` requests (default `count`) after a quiet spell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    /// At least 1.
+    pub count: u32,
+    /// One second, minute or hour.
+    pub period: Duration,
+    /// At least 1.
+    pub burst: u32,
+}
+
+impl Rate {
+    /// The time one request's allowance takes to come back (`period / count`), at least 1 ns.
+    pub fn interval(&self) -> Duration {
+        (self.period / self.count.max(1)).max(Duration::from_nanos(1))
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.period.as_secs() {
+            3600 => "h",
+            60 => "min",
+            _ => "s",
+        };
+        write!(f, "{} requests/{unit} (burst {})", self.count, self.burst)
     }
 }
 
@@ -401,6 +439,9 @@ pub struct Site {
     /// Refuse paths with `%2F`, `%5C` or `\` (`escaped_slashes = "refuse"`) instead of
     /// passing them on unchanged.
     pub refuse_escaped_slashes: bool,
+    /// `[sites.limits] rate`: requests the site answers, from all clients together; past it,
+    /// 429 with `Retry-After`. `None` (the default): no limit.
+    pub rate: Option<Rate>,
 }
 
 impl Site {
@@ -414,6 +455,7 @@ impl Site {
             rules: Vec::new(),
             methods: Methods::default_for(false),
             refuse_escaped_slashes: false,
+            rate: None,
         }
     }
 
@@ -806,6 +848,9 @@ impl Config {
                     );
                 }
             }
+            if let Some(r) = &site.rate {
+                let _ = writeln!(s, "    rate limit {r}, all clients together");
+            }
             let c = &site.cache.settings;
             let _ = writeln!(
                 s,
@@ -868,6 +913,22 @@ impl Config {
                 let _ = writeln!(s, "admin: off");
             }
         }
+        let mut per_client = Vec::new();
+        if let Some(r) = &self.server.rate_per_client {
+            per_client.push(r.to_string());
+        }
+        if let Some(n) = self.server.max_connections_per_client {
+            per_client.push(format!("{n} connections (trusted proxies exempt)"));
+        }
+        let _ = writeln!(
+            s,
+            "per client: {}",
+            if per_client.is_empty() {
+                "no limits".to_owned()
+            } else {
+                per_client.join("; ")
+            }
+        );
         let _ = write!(
             s,
             "limits: {} connections, {} header bytes, header read {:?}, idle {:?}, send {:?}, grace {:?}",

@@ -96,6 +96,9 @@ pub(crate) struct RawServer {
     pub(crate) trusted_proxies: Vec<Spanned<String>>,
     pub(crate) client_address_header: Option<Spanned<String>>,
     pub(crate) via_name: Option<Spanned<String>>,
+    pub(crate) rate_per_client: Option<Spanned<String>>,
+    pub(crate) burst_per_client: Option<Spanned<i64>>,
+    pub(crate) max_connections_per_client: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -201,6 +204,16 @@ pub(crate) struct RawSite {
     pub(crate) rules: Vec<RawRule>,
     pub(crate) methods: Option<Spanned<Vec<Spanned<String>>>>,
     pub(crate) escaped_slashes: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) limits: RawSiteLimits,
+}
+
+/// `[sites.limits]`: what the site answers from all clients together.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSiteLimits {
+    pub(crate) rate: Option<Spanned<String>>,
+    pub(crate) burst: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -309,6 +322,27 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size {text:?}: too large"))
 }
 
+/// Parses a request rate, `100/s`, `2/min` (or `2/m`), `10/h`: the count and its period.
+pub(crate) fn parse_rate(text: &str) -> Result<(u32, std::time::Duration), String> {
+    let expected = || {
+        format!("invalid rate {text:?}: expected requests per second, minute or hour, such as \"100/s\", \"2/min\" or \"10/h\"")
+    };
+    let (num, unit) = text.trim().split_once('/').ok_or_else(expected)?;
+    let count: u32 = num.trim().parse().map_err(|_| expected())?;
+    if count == 0 {
+        return Err(format!(
+            "invalid rate {text:?}: must allow at least one request (leave the key out for no limit)"
+        ));
+    }
+    let secs = match unit.trim() {
+        "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        _ => return Err(expected()),
+    };
+    Ok((count, std::time::Duration::from_secs(secs)))
+}
+
 /// Parses `500ms`, `5s`, `2m`, `1h`, `1d`.
 pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let t = text.trim();
@@ -352,6 +386,21 @@ mod tests {
         assert!(parse_size("12XB").is_err());
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("1.5GiB").is_err());
+    }
+
+    #[test]
+    fn rates() {
+        let s = std::time::Duration::from_secs;
+        assert_eq!(parse_rate("100/s"), Ok((100, s(1))));
+        assert_eq!(parse_rate(" 2 / min "), Ok((2, s(60))));
+        assert_eq!(parse_rate("2/m"), Ok((2, s(60))));
+        assert_eq!(parse_rate("10/h"), Ok((10, s(3600))));
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("100").is_err());
+        assert!(parse_rate("100/d").is_err());
+        assert!(parse_rate("-1/s").is_err());
+        assert!(parse_rate("1.5/s").is_err());
+        assert!(parse_rate("99999999999/s").is_err());
     }
 
     #[test]

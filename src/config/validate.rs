@@ -16,8 +16,8 @@ use toml::Spanned;
 use super::raw::{RawConfig, Size};
 use super::{
     Admin, Cache, Certificate, ClientAuth, ClientNoCache, Config, Diagnostic, Dns, Error, Geo,
-    HealthCheck, Methods, Origin, PathMatch, Pool, QueryMode, Retries, Route, RouteMatch, Rule,
-    Server, Site, SiteCache, Tls,
+    HealthCheck, Methods, Origin, PathMatch, Pool, QueryMode, Rate, Retries, Route, RouteMatch,
+    Rule, Server, Site, SiteCache, Tls,
 };
 
 /// Collects diagnostics against one file's text.
@@ -279,6 +279,21 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
             );
         } else {
             server.via_name = name.clone();
+        }
+    }
+    server.rate_per_client = rate(
+        ck,
+        ("server.rate_per_client", &raw.server.rate_per_client),
+        ("server.burst_per_client", &raw.server.burst_per_client),
+    );
+    if let Some(m) = &raw.server.max_connections_per_client {
+        match usize::try_from(*m.get_ref()) {
+            Ok(n) if n >= 1 => server.max_connections_per_client = Some(n),
+            _ => ck.error(
+                m.span(),
+                "server.max_connections_per_client",
+                "must be at least 1 (leave the key out for no cap)",
+            ),
         }
     }
 
@@ -703,6 +718,11 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
                 }
             },
         };
+        let rate = rate(
+            ck,
+            (&format!("{key}.limits.rate"), &s.limits.rate),
+            (&format!("{key}.limits.burst"), &s.limits.burst),
+        );
         sites.push(Site {
             hosts,
             origin,
@@ -711,6 +731,7 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
             rules,
             methods,
             refuse_escaped_slashes,
+            rate,
         });
     }
     if raw.sites.is_empty() {
@@ -1055,6 +1076,54 @@ fn pem_certs(
                     base.join(name.get_ref()).display()
                 ),
             );
+            None
+        }
+    }
+}
+
+/// Bursts at most this large: with the slowest rate (1/h) the bucket's depth in nanoseconds
+/// still fits a `u64` (see `proxy::limit`).
+const MAX_BURST: u32 = 1_000_000;
+
+/// A rate key and its burst key: `None` when the rate is absent (a burst alone is an error:
+/// it would look like a limit and be none).
+fn rate(
+    ck: &mut Checker<'_>,
+    (rate_key, rate): (&str, &Option<Spanned<String>>),
+    (burst_key, burst): (&str, &Option<Spanned<i64>>),
+) -> Option<Rate> {
+    let burst = match burst {
+        None => None,
+        Some(b) if rate.is_none() => {
+            let rate_name = rate_key.rsplit('.').next().unwrap_or(rate_key);
+            ck.error(
+                b.span(),
+                burst_key,
+                format!("has no effect without {rate_name}"),
+            );
+            return None;
+        }
+        Some(b) => match u32::try_from(*b.get_ref()) {
+            Ok(n) if (1..=MAX_BURST).contains(&n) => Some(n),
+            _ => {
+                ck.error(
+                    b.span(),
+                    burst_key,
+                    format!("must be between 1 and {MAX_BURST}"),
+                );
+                return None;
+            }
+        },
+    };
+    let rate = rate.as_ref()?;
+    match super::raw::parse_rate(rate.get_ref()) {
+        Ok((count, period)) => Some(Rate {
+            count,
+            period,
+            burst: burst.unwrap_or(count.min(MAX_BURST)),
+        }),
+        Err(m) => {
+            ck.error(rate.span(), rate_key, m);
             None
         }
     }
@@ -1766,6 +1835,114 @@ mod tests {
         assert_eq!(
             e,
             ["t.toml:2:25: server.client_address_header: \"x-real-ip\" is not \"x-forwarded-for\" or \"forwarded\""],
+        );
+    }
+
+    #[test]
+    fn client_limits_are_off_by_default_and_one_line_each() {
+        let c = Config::from_toml(MINIMAL, "t.toml", Path::new(".")).map_err(|e| e.to_string());
+        let c = c.expect("valid");
+        assert_eq!(c.server.rate_per_client, None);
+        assert_eq!(c.server.max_connections_per_client, None);
+        assert_eq!(c.sites[0].rate, None);
+        assert!(
+            c.summary().contains("per client: no limits"),
+            "{}",
+            c.summary()
+        );
+
+        let text = format!(
+            "[server]\nrate_per_client = \"100/s\"\nmax_connections_per_client = 50\n{MINIMAL}\
+             limits = {{ rate = \"2/min\" }}\n"
+        );
+        let c = Config::from_toml(&text, "t.toml", Path::new(".")).map_err(|e| e.to_string());
+        let c = c.expect("valid");
+        let second = std::time::Duration::from_secs(1);
+        assert_eq!(
+            c.server.rate_per_client,
+            Some(Rate {
+                count: 100,
+                period: second,
+                burst: 100
+            }),
+            "the burst defaults to one period's count"
+        );
+        assert_eq!(c.server.max_connections_per_client, Some(50));
+        let site = c.sites[0].rate.expect("site rate");
+        assert_eq!((site.count, site.period, site.burst), (2, 60 * second, 2));
+        assert_eq!(site.interval(), 30 * second);
+        let summary = c.summary();
+        assert!(
+            summary.contains(
+                "per client: 100 requests/s (burst 100); 50 connections (trusted proxies exempt)"
+            ),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("rate limit 2 requests/min (burst 2), all clients together"),
+            "{summary}"
+        );
+
+        let text = format!(
+            "[server]\nrate_per_client = \"10/s\"\nburst_per_client = 40\n{MINIMAL}\
+             [sites.limits]\nrate = \"1000/h\"\nburst = 5\n"
+        );
+        let c = Config::from_toml(&text, "t.toml", Path::new(".")).map_err(|e| e.to_string());
+        let c = c.expect("valid");
+        assert_eq!(c.server.rate_per_client.map(|r| r.burst), Some(40));
+        assert_eq!(c.sites[0].rate.map(|r| r.burst), Some(5));
+    }
+
+    #[test]
+    fn client_limit_mistakes_are_located() {
+        let e = errors(&format!(
+            "[server]\nrate_per_client = \"fast\"\nmax_connections_per_client = 0\n{MINIMAL}"
+        ));
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].starts_with("t.toml:2:19: server.rate_per_client: invalid rate \"fast\""),
+            "{e:?}"
+        );
+        assert_eq!(
+            e[1],
+            "t.toml:3:30: server.max_connections_per_client: must be at least 1 (leave the key out for no cap)"
+        );
+        let e = errors(&format!(
+            "[server]\nrate_per_client = \"0/s\"\nburst_per_client = -1\n{MINIMAL}"
+        ));
+        assert_eq!(
+            e,
+            ["t.toml:3:20: server.burst_per_client: must be between 1 and 1000000"],
+            "{e:?}"
+        );
+        let e = errors(&format!("[server]\nrate_per_client = \"0/s\"\n{MINIMAL}"));
+        assert!(
+            e[0].starts_with(
+                "t.toml:2:19: server.rate_per_client: invalid rate \"0/s\": must allow"
+            ),
+            "{e:?}"
+        );
+        let e = errors(&format!("[server]\nburst_per_client = 10\n{MINIMAL}"));
+        assert_eq!(
+            e,
+            ["t.toml:2:20: server.burst_per_client: has no effect without rate_per_client"],
+            "{e:?}"
+        );
+        let e = errors(&format!("{MINIMAL}[sites.limits]\nrate = \"5/d\"\n"));
+        assert!(
+            e[0].starts_with("t.toml:8:8: sites[0].limits.rate: invalid rate \"5/d\""),
+            "{e:?}"
+        );
+        let e = errors(&format!("{MINIMAL}[sites.limits]\nburst = 3\n"));
+        assert_eq!(
+            e,
+            ["t.toml:8:9: sites[0].limits.burst: has no effect without rate"],
+            "{e:?}"
+        );
+        let e = errors(&format!("{MINIMAL}[sites.limits]\nrates = \"5/s\"\n"));
+        assert!(
+            e[0].starts_with("t.toml:8:1: sites[0].limits.rates: "),
+            "{e:?}"
         );
     }
 

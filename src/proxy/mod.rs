@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod headers;
+mod limit;
 pub mod path;
 mod purge;
 pub mod range;
@@ -195,6 +196,7 @@ pub struct Proxy {
     store: Store,
     fills: Fills,
     locator: crate::geo::Locator,
+    limits: limit::Limits,
     selector: Selector,
     retry_budget: origin::retry::RetryBudget,
     metrics: crate::admin::metrics::Metrics,
@@ -271,6 +273,7 @@ impl Proxy {
                 config.geo.database.clone(),
             )
             .with_address_header(config.server.client_address_header),
+            limits: limit::Limits::new(&config),
             selector: Selector::new(config.origins.iter().map(|o| o.weight).collect()),
             retry_budget: origin::retry::RetryBudget::new(&config.retries),
             metrics: crate::admin::metrics::Metrics::default(),
@@ -787,6 +790,14 @@ impl Proxy {
             }
         }
 
+        // Request rates (per client, per site): here, once the path is final, so a request
+        // served again after normalising is counted once.
+        if let Some(answer) = self
+            .limits
+            .check(site_idx, conn.peer.ip(), h, &self.locator)
+        {
+            return Served::Now(answer);
+        }
         if req.method().as_str() == "PURGE" {
             let host = host.into_owned();
             let key_pq = key_target(site, pq.as_str());

@@ -1,10 +1,12 @@
-//! Sockets: listeners, the accept loop with the connection limit, TLS, and connection drain.
+//! Sockets: listeners, the accept loop with the connection limits (in all, and per client
+//! address in `limit`), TLS, and connection drain.
 //!
 //! Only this module touches sockets and TLS. It hands every request to [`Proxy::handle`]; the
 //! admin listener runs the same accept loop ([`accept_with`]) and connection handling
 //! ([`conn::serve_plain`]) with its own service.
 
 pub mod conn;
+pub mod limit;
 pub mod plain;
 pub mod tls;
 
@@ -66,6 +68,8 @@ pub struct Shared {
     pub proxy: Arc<Proxy>,
     pub builders: Arc<Builders>,
     pub limit: Arc<Semaphore>,
+    /// `max_connections_per_client`, when set.
+    pub per_client: Option<Arc<limit::PerClient>>,
     pub tracker: ConnTracker,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -76,28 +80,47 @@ pub async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared
         proxy,
         builders,
         limit,
+        per_client,
         tracker,
         shutdown,
     } = shared;
     let https = tls.is_some();
     let stop = shutdown.clone();
     accept_with(listener, limit, stop, move |stream, peer| {
-        let info = ConnInfo {
-            peer: canonical(peer),
-            https,
+        let peer = canonical(peer);
+        // `max_connections_per_client`: a peer at its cap has the new connection reset at
+        // once, unanswered (see `limit`).
+        let slot = match &per_client {
+            None => Ok(None),
+            Some(per_client) => per_client.enter(peer.ip()).map(Some).ok_or(()),
         };
-        let guard = tracker.enter();
-        let task = conn::serve(
-            stream,
-            info,
-            tls.clone(),
-            builders.clone(),
-            proxy.clone(),
-            shutdown.clone(),
-        );
+        let work = match slot {
+            Ok(slot) => {
+                let info = ConnInfo { peer, https };
+                let guard = tracker.enter();
+                let task = conn::serve(
+                    stream,
+                    info,
+                    tls.clone(),
+                    builders.clone(),
+                    proxy.clone(),
+                    shutdown.clone(),
+                );
+                Some((task, guard, slot))
+            }
+            Err(()) => {
+                tracing::debug!(peer = %peer, "connection refused: max_connections_per_client");
+                proxy.metrics().connection_refused();
+                limit::refuse(stream);
+                None
+            }
+        };
         async move {
-            task.await;
-            drop(guard);
+            if let Some((task, guard, slot)) = work {
+                task.await;
+                drop(guard);
+                drop(slot);
+            }
         }
     })
     .await

@@ -35,6 +35,7 @@ fn check_prints_a_summary_for_the_shipped_config() {
         text.contains("PURGE method: from clients in 127.0.0.1/32"),
         "{text}"
     );
+    assert!(text.contains("per client: no limits"), "{text}");
 }
 
 #[test]
@@ -249,6 +250,40 @@ async fn each_request_has_an_access_log_line_naming_origin_and_route() {
         lines[2]["client"], "203.0.113.9",
         "the client a trusted proxy names, as nginx's real_ip module logs it"
     );
+}
+
+#[tokio::test]
+async fn a_rate_limited_request_is_logged_as_limited() {
+    let origin = TestOrigin::start().await;
+    origin.route("/p", Route::ok("p").header("cache-control", "max-age=60"));
+    let p = spawn_with(
+        &site(&origin, "site.test", ""),
+        "rate_per_client = \"1/min\"\n",
+        &["--log-format", "json"],
+    );
+    assert_eq!(get(p.http, "site.test", "/p").await.status, 200);
+    assert_eq!(get(p.http, "site.test", "/p").await.status, 429);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let limited = loop {
+        let found = p
+            .lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["target"] == "edgecache::access" && v["status"] == 429);
+        if let Some(v) = found {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no access line for the 429"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(limited["cache"], "limited");
+    assert_eq!(limited["client"], "127.0.0.1");
+    assert_eq!(limited["origin"], "-");
 }
 
 /// The fields of a text-format access line after its message, as `(key, raw value)`; a

@@ -10,6 +10,7 @@ mod hardening;
 mod http_cache;
 mod isolation;
 mod leak_search;
+mod limits;
 mod origins;
 mod routing;
 mod send_timeout;
