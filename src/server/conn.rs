@@ -10,6 +10,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -189,9 +190,8 @@ impl Conns<'_> {
             // reports when hyper holds a chunk of it (`Watched`). HTTP/1 needs no such
             // report: a response it cannot send is a write the socket refuses.
             let activity = self.activity.clone();
-            let service = service_fn(move |req| WatchedHandling {
-                handling: proxy.handle(req, info),
-                activity: Some(activity.clone()),
+            let service = service_fn(move |req| {
+                Reporting::<Watched>::new(proxy.handle(req, info), activity.clone())
             });
             let conn = self.builders.http2.serve_connection(io, service);
             self.drive(conn, |c| c.graceful_shutdown(), shutdown).await
@@ -630,14 +630,31 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     }
 }
 
-/// [`Proxy::handle`]'s future on an HTTP/2 stream: the response's body comes [`Watched`].
-struct WatchedHandling {
-    handling: Handling,
-    activity: Option<Arc<Activity>>,
+/// A response body that reports to its connection's [`Activity`].
+trait Reports {
+    fn new(body: Body, activity: Arc<Activity>) -> Self;
 }
 
-impl std::future::Future for WatchedHandling {
-    type Output = Result<hyper::Response<Watched>, Infallible>;
+/// [`Proxy::handle`]'s future, its response's body wrapped as a `B` that reports to the
+/// connection's [`Activity`].
+struct Reporting<B> {
+    handling: Handling,
+    activity: Option<Arc<Activity>>,
+    body: PhantomData<fn() -> B>,
+}
+
+impl<B> Reporting<B> {
+    fn new(handling: Handling, activity: Arc<Activity>) -> Self {
+        Reporting {
+            handling,
+            activity: Some(activity),
+            body: PhantomData,
+        }
+    }
+}
+
+impl<B: Reports> std::future::Future for Reporting<B> {
+    type Output = Result<hyper::Response<B>, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
@@ -649,11 +666,7 @@ impl std::future::Future for WatchedHandling {
             .activity
             .take()
             .expect("hyper polls a service future only until it is ready");
-        Poll::Ready(Ok(resp.map(|body| Watched {
-            body,
-            activity,
-            holding: false,
-        })))
+        Poll::Ready(Ok(resp.map(|body| B::new(body, activity))))
     }
 }
 
@@ -667,6 +680,16 @@ struct Watched {
     activity: Arc<Activity>,
     /// The last poll handed out a chunk (counted in `Activity::held`).
     holding: bool,
+}
+
+impl Reports for Watched {
+    fn new(body: Body, activity: Arc<Activity>) -> Self {
+        Watched {
+            body,
+            activity,
+            holding: false,
+        }
+    }
 }
 
 impl HttpBody for Watched {
