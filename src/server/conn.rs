@@ -1,5 +1,13 @@
 //! One client connection: optional TLS handshake, then hyper serving HTTP/1.1 or HTTP/2 with
-//! the configured limits, an idle timeout, a send timeout, and graceful drain on shutdown.
+//! the configured limits, a header-read timeout, an idle timeout, a send timeout, and graceful
+//! drain on shutdown.
+//!
+//! hyper's own HTTP/1 `header_read_timeout` starts when the connection begins to wait for a
+//! head, so between keep-alive requests it cut connections idle for longer than it (10 s)
+//! though `idle_timeout` allows more. Here the wait for a kept-alive connection's next request
+//! is `idle_timeout`'s (nginx's `keepalive_timeout`), and `header_read_timeout` runs from the
+//! first byte of a head ([`HeadTimer`]); the first request of a connection is waited for with
+//! `header_read_timeout`, as nginx's `client_header_timeout`.
 //!
 //! hyper has neither an idle timeout nor a send timeout for servers, so the connection's
 //! socket counts what it moves ([`Activity`]) and a timer ([`Watch`]) looks at the counts a
@@ -12,7 +20,7 @@ use std::convert::Infallible;
 use std::io;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -47,15 +55,18 @@ pub struct Builders {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     limits: Limits,
-    handshake_timeout: Duration,
+    /// `header_read_timeout`: bounds the TLS handshake, a plain connection's wait for its first
+    /// bytes, and each HTTP/1 request head.
+    header_read: Duration,
     shutdown_grace: Duration,
 }
 
 impl Builders {
     pub fn new(cfg: &ServerConfig) -> Builders {
         let mut h1 = http1::Builder::new();
-        h1.timer(TokioTimer::new())
-            .header_read_timeout(cfg.header_read_timeout)
+        // Request heads are timed by the stream (`HeadTimer`): hyper's timeout would also run
+        // while a kept-alive connection waits for its next request.
+        h1.header_read_timeout(None)
             .max_buf_size(cfg.max_header_bytes.max(8192))
             .keep_alive(true);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
@@ -73,7 +84,7 @@ impl Builders {
                 idle: cfg.idle_timeout,
                 send: cfg.send_timeout,
             },
-            handshake_timeout: cfg.header_read_timeout,
+            header_read: cfg.header_read_timeout,
             shutdown_grace: cfg.shutdown_grace,
         }
     }
@@ -119,7 +130,7 @@ pub async fn serve(
     match tls {
         None => {
             let h2 = match tokio::time::timeout(
-                builders.handshake_timeout,
+                builders.header_read,
                 opens_with_h2_preface(&stream),
             )
             .await
@@ -137,7 +148,11 @@ pub async fn serve(
             // The plain stream counts the bytes it sends from memory files in the proxy's
             // metrics. It is tracked from outside: its sendfile calls are its writes.
             let plain = Plain::new(stream, proxy.clone());
-            let io = TokioIo::new(Tracked::new(plain, activity));
+            let mut tracked = Tracked::new(plain, activity);
+            if !h2 {
+                tracked.time_heads(builders.header_read);
+            }
+            let io = TokioIo::new(tracked);
             conns.serve(io, h2, proxy, info, &mut shutdown).await
         }
         Some(acceptor) => {
@@ -146,8 +161,8 @@ pub async fn serve(
             // buffer.
             let tracked = Tracked::new(stream, activity);
             let handshake =
-                tokio::time::timeout(builders.handshake_timeout, acceptor.accept(tracked)).await;
-            let tls_stream = match handshake {
+                tokio::time::timeout(builders.header_read, acceptor.accept(tracked)).await;
+            let mut tls_stream = match handshake {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
@@ -160,6 +175,10 @@ pub async fn serve(
             };
             // RFC 9113 §3.2: over TLS, HTTP/2 is chosen by ALPN only.
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            if !h2 {
+                // Heads are timed below TLS: a head's first record starts its time.
+                tls_stream.get_mut().0.time_heads(builders.header_read);
+            }
             let io = TokioIo::new(tls_stream);
             conns.serve(io, h2, proxy, info, &mut shutdown).await
         }
@@ -196,7 +215,13 @@ impl Conns<'_> {
             let conn = self.builders.http2.serve_connection(io, service);
             self.drive(conn, |c| c.graceful_shutdown(), shutdown).await
         } else {
-            let service = service_fn(move |req| proxy.handle(req, info));
+            // A head read starts a request; its response's body, once hyper is done with it,
+            // marks the connection as waiting for the next head (`Answered`).
+            let activity = self.activity.clone();
+            let service = service_fn(move |req| {
+                activity.set_cycle(Cycle::Request);
+                Reporting::<Answered>::new(proxy.handle(req, info), activity.clone())
+            });
             let conn = self.builders.http1.serve_connection(io, service);
             self.drive(conn, |c| c.graceful_shutdown(), shutdown).await
         }
@@ -432,9 +457,24 @@ struct Activity {
     held: AtomicUsize,
     /// HTTP/2: chunks hyper took from response bodies.
     taken: AtomicU64,
+    /// HTTP/1: where the connection is in its request cycle (a [`Cycle`]), for [`HeadTimer`].
+    /// Written and read on the connection's task only.
+    cycle: AtomicU8,
 }
 
 impl Activity {
+    fn cycle(&self) -> Cycle {
+        match self.cycle.load(Ordering::Relaxed) {
+            1 => Cycle::Waiting,
+            2 => Cycle::Head,
+            _ => Cycle::Request,
+        }
+    }
+
+    fn set_cycle(&self, cycle: Cycle) {
+        self.cycle.store(cycle as u8, Ordering::Relaxed);
+    }
+
     fn snapshot(&self) -> Snapshot {
         let writes = self.writes.load(Ordering::Relaxed);
         Snapshot {
@@ -443,6 +483,20 @@ impl Activity {
             waiting: self.refused.load(Ordering::Relaxed) || self.held.load(Ordering::Relaxed) > 0,
         }
     }
+}
+
+/// Where an HTTP/1 connection is between request heads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cycle {
+    /// A head was read: its request and response run (the idle and send timeouts govern).
+    /// Also an HTTP/2 connection's, which has no head timer.
+    Request = 0,
+    /// The last response is done; no byte of the next head has arrived (`idle_timeout`
+    /// governs, as nginx's `keepalive_timeout`).
+    Waiting = 1,
+    /// A head is arriving: its first byte came, or it is the connection's first request.
+    /// `header_read_timeout` governs.
+    Head = 2,
 }
 
 /// How [`Guarded`] ended.
@@ -539,15 +593,29 @@ where
 }
 
 /// An I/O stream that reports to its connection's [`Activity`]: reads and writes that moved
-/// bytes, and writes the socket refused.
+/// bytes, and writes the socket refused. On HTTP/1 it also times request heads.
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    head: Option<HeadTimer>,
 }
 
 impl<S> Tracked<S> {
     fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Tracked { inner, activity }
+        Tracked {
+            inner,
+            activity,
+            head: None,
+        }
+    }
+
+    /// Times HTTP/1 request heads from here on, the first from now.
+    fn time_heads(&mut self, timeout: Duration) {
+        self.activity.set_cycle(Cycle::Head);
+        self.head = Some(HeadTimer {
+            timeout,
+            deadline: None,
+        });
     }
 
     /// Counts one read or write. Only this stream writes the counters, so a plain load and
@@ -579,12 +647,67 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
         let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            Self::bump(&self.activity.reads);
+            Self::bump(&this.activity.reads);
+            if let Some(head) = &mut this.head {
+                head.arrived(&this.activity);
+            }
+        }
+        let activity = &this.activity;
+        if res.is_pending() && this.head.as_mut().is_some_and(|h| h.expired(cx, activity)) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head not complete within header_read_timeout",
+            )));
         }
         res
+    }
+}
+
+/// `header_read_timeout` for HTTP/1 request heads, run by the connection's stream: from the
+/// first byte of a head on a kept-alive connection, and from the start for the first request
+/// (after the TLS handshake, or after the first bytes were peeked at on a plain connection),
+/// until hyper has read the whole head (its service is called: [`Cycle::Request`]).
+///
+/// The deadline is set at the first read of a head that finds nothing more to read: hyper,
+/// having read the start of a head it cannot parse yet, reads again at once, so that is when
+/// the first byte came; a head that arrives in one read sets none. It is checked on every
+/// such read: hyper reads whenever its task wakes while it waits for a head, and the timer
+/// wakes it. One clock read and timer per head that does not arrive whole; hyper's own took
+/// both (and a boxed sleep) for every head.
+///
+/// Not timed: a partial head that hyper read ahead while it was sending the previous response
+/// (pipelining) and that then stalls; `idle_timeout` closes that connection.
+struct HeadTimer {
+    timeout: Duration,
+    /// Set while a head that did not arrive whole is awaited.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl HeadTimer {
+    /// Bytes were read: the first after a response ended starts a head.
+    fn arrived(&mut self, activity: &Activity) {
+        if activity.cycle() == Cycle::Waiting {
+            activity.set_cycle(Cycle::Head);
+            self.deadline = None;
+        }
+    }
+
+    /// A read found nothing: true when a head has been arriving for `timeout`.
+    fn expired(&mut self, cx: &mut Context<'_>, activity: &Activity) -> bool {
+        if activity.cycle() != Cycle::Head {
+            // Dropping the sleep takes it off the timer: no wake for a head already read.
+            self.deadline = None;
+            return false;
+        }
+        let timeout = self.timeout;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        std::future::Future::poll(deadline.as_mut(), cx).is_ready()
     }
 }
 
@@ -667,6 +790,47 @@ impl<B: Reports> std::future::Future for Reporting<B> {
             .take()
             .expect("hyper polls a service future only until it is ready");
         Poll::Ready(Ok(resp.map(|body| B::new(body, activity))))
+    }
+}
+
+/// An HTTP/1 response body that, once hyper is done with it (all sent, or given up), marks
+/// its connection as waiting for the next request head ([`Cycle::Waiting`]). hyper reads the
+/// next head only after that, so bytes it reads before (a request body, or a pipelined head
+/// read ahead) start no head.
+struct Answered {
+    body: Body,
+    activity: Arc<Activity>,
+}
+
+impl Reports for Answered {
+    fn new(body: Body, activity: Arc<Activity>) -> Self {
+        Answered { body, activity }
+    }
+}
+
+impl HttpBody for Answered {
+    type Data = Bytes;
+    type Error = <Body as HttpBody>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Answered {
+    fn drop(&mut self) {
+        self.activity.set_cycle(Cycle::Waiting);
     }
 }
 
@@ -786,6 +950,112 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A stream timing heads with `header_read_timeout = 1s`, the client's end, and its
+    /// connection's activity.
+    fn timed() -> (
+        Tracked<tokio::io::DuplexStream>,
+        tokio::io::DuplexStream,
+        Arc<Activity>,
+    ) {
+        let (server, client) = tokio::io::duplex(1024);
+        let activity = Arc::new(Activity::default());
+        let mut stream = Tracked::new(server, activity.clone());
+        stream.time_heads(Duration::from_secs(1));
+        (stream, client, activity)
+    }
+
+    /// Reads until the stream fails or `limit` passes: the error kind and when, or `None`.
+    async fn read_fails(
+        stream: &mut Tracked<tokio::io::DuplexStream>,
+        limit: Duration,
+    ) -> Option<(io::ErrorKind, Duration)> {
+        use tokio::io::AsyncReadExt;
+        let start = Instant::now();
+        let mut buf = [0u8; 64];
+        tokio::time::timeout(limit, async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) => panic!("the client's end closed"),
+                    Ok(_) => {}
+                    Err(e) => return (e.kind(), start.elapsed()),
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_head_is_cut_at_header_read_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let (mut stream, _client, _) = timed();
+        assert_eq!(
+            read_fails(&mut stream, Duration::from_secs(60)).await,
+            Some((io::ErrorKind::TimedOut, Duration::from_secs(1))),
+            "nothing sent"
+        );
+        let (mut stream, mut client, _) = timed();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHo")
+            .await
+            .expect("write");
+        assert_eq!(
+            read_fails(&mut stream, Duration::from_secs(60)).await,
+            Some((io::ErrorKind::TimedOut, Duration::from_secs(1))),
+            "half a head"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_alive_connection_waits_for_its_next_head_untimed_then_times_the_head() {
+        use tokio::io::AsyncWriteExt;
+        let (mut stream, mut client, activity) = timed();
+        // A head was read and answered.
+        activity.set_cycle(Cycle::Request);
+        assert_eq!(read_fails(&mut stream, Duration::from_secs(5)).await, None);
+        activity.set_cycle(Cycle::Waiting);
+        assert_eq!(
+            read_fails(&mut stream, Duration::from_secs(3600)).await,
+            None
+        );
+        // The next head's first byte starts its time; a byte 900 ms later does not restart it.
+        client.write_all(b"G").await.expect("write");
+        assert_eq!(
+            read_fails(&mut stream, Duration::from_millis(900)).await,
+            None
+        );
+        client.write_all(b"E").await.expect("write");
+        assert_eq!(
+            read_fails(&mut stream, Duration::from_secs(60)).await,
+            Some((io::ErrorKind::TimedOut, Duration::from_millis(100)))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_read_whole_leaves_no_deadline_behind() {
+        use tokio::io::AsyncWriteExt;
+        let (mut stream, mut client, activity) = timed();
+        client.write_all(b"GET / HT").await.expect("write");
+        // The head's deadline is set...
+        assert_eq!(
+            read_fails(&mut stream, Duration::from_millis(500)).await,
+            None
+        );
+        // ...and the rest arrives: hyper calls the service, the response is sent, and the
+        // next head is waited for long past the first head's deadline.
+        client.write_all(b"TP/1.1\r\n\r\n").await.expect("write");
+        activity.set_cycle(Cycle::Request);
+        assert_eq!(read_fails(&mut stream, Duration::from_secs(5)).await, None);
+        activity.set_cycle(Cycle::Waiting);
+        assert_eq!(read_fails(&mut stream, Duration::from_secs(60)).await, None);
+        // A head that starts then gets its own full second.
+        client.write_all(b"GET").await.expect("write");
+        assert_eq!(
+            read_fails(&mut stream, Duration::from_secs(60)).await,
+            Some((io::ErrorKind::TimedOut, Duration::from_secs(1)))
+        );
     }
 
     const STALLED: &str = "client took no bytes for send_timeout";
