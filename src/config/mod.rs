@@ -241,9 +241,12 @@ pub struct Server {
     pub https: Vec<SocketAddr>,
     /// Runtime worker threads; `None` means one per core.
     pub workers: Option<usize>,
-    /// Time a client has to send a complete request head (default 10 s).
+    /// Time a client has to send a complete request head, from its first byte; a new
+    /// connection has it for its TLS handshake (or first bytes) and again for its first head
+    /// (default 10 s, as nginx's `client_header_timeout`).
     pub header_read_timeout: Duration,
-    /// A connection with no traffic for this long is closed (default 60 s).
+    /// A connection with no traffic for this long is closed; also the wait for a kept-alive
+    /// connection's next request (default 60 s, as nginx's `keepalive_timeout`).
     pub idle_timeout: Duration,
     /// A connection that has bytes to send and sends none for this long is dropped, and so is
     /// a draining one that moves none for this long (default 60 s, as nginx's `send_timeout`).

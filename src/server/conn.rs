@@ -1,5 +1,13 @@
 //! One client connection: optional TLS handshake, then hyper serving HTTP/1.1 or HTTP/2 with
-//! the configured limits, an idle timeout, a send timeout, and graceful drain on shutdown.
+//! the configured limits, a header-read timeout, an idle timeout, a send timeout, and graceful
+//! drain on shutdown.
+//!
+//! hyper's own HTTP/1 `header_read_timeout` starts when the connection begins to wait for a
+//! head, so between keep-alive requests it cut connections idle for longer than it (10 s)
+//! though `idle_timeout` allows more. Here the wait for a kept-alive connection's next request
+//! is `idle_timeout`'s (nginx's `keepalive_timeout`), and `header_read_timeout` runs from the
+//! first byte of a head ([`HeadTimer`]); the first request of a connection is waited for with
+//! `header_read_timeout`, as nginx's `client_header_timeout`.
 //!
 //! hyper has neither an idle timeout nor a send timeout for servers, so the connection's
 //! socket counts what it moves ([`Activity`]) and a timer ([`Watch`]) looks at the counts a
@@ -10,9 +18,10 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -46,16 +55,29 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// measured as about 2% of a 1 KiB hit's instructions.
 pub struct Builders {
     http1: http1::Builder,
+    /// HTTP/1 with hyper's own header-read timeout, for streams that do not time heads
+    /// themselves (the admin listener's): stricter between keep-alive requests, which is no
+    /// loss for probes and scrapes.
+    http1_hyper_timed: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     limits: Limits,
-    handshake_timeout: Duration,
+    /// `header_read_timeout`: bounds the TLS handshake, a plain connection's wait for its first
+    /// bytes, and each HTTP/1 request head.
+    header_read: Duration,
     shutdown_grace: Duration,
 }
 
 impl Builders {
     pub fn new(cfg: &ServerConfig) -> Builders {
         let mut h1 = http1::Builder::new();
-        h1.timer(TokioTimer::new())
+        // Request heads are timed by the stream (`HeadTimer`): hyper's timeout would also run
+        // while a kept-alive connection waits for its next request.
+        h1.header_read_timeout(None)
+            .max_buf_size(cfg.max_header_bytes.max(8192))
+            .keep_alive(true);
+        let mut h1_timed = http1::Builder::new();
+        h1_timed
+            .timer(TokioTimer::new())
             .header_read_timeout(cfg.header_read_timeout)
             .max_buf_size(cfg.max_header_bytes.max(8192))
             .keep_alive(true);
@@ -69,12 +91,13 @@ impl Builders {
             .keep_alive_timeout(Duration::from_secs(20));
         Builders {
             http1: h1,
+            http1_hyper_timed: h1_timed,
             http2: h2,
             limits: Limits {
                 idle: cfg.idle_timeout,
                 send: cfg.send_timeout,
             },
-            handshake_timeout: cfg.header_read_timeout,
+            header_read: cfg.header_read_timeout,
             shutdown_grace: cfg.shutdown_grace,
         }
     }
@@ -102,7 +125,7 @@ async fn opens_with_h2_preface(stream: &TcpStream) -> io::Result<bool> {
 /// Whether a plain connection asks for h2c, learned within `header_read_timeout`; `None`
 /// (logged) when the client failed or sent nothing usable in that time.
 async fn plain_protocol(stream: &TcpStream, builders: &Builders, peer: SocketAddr) -> Option<bool> {
-    match tokio::time::timeout(builders.handshake_timeout, opens_with_h2_preface(stream)).await {
+    match tokio::time::timeout(builders.header_read, opens_with_h2_preface(stream)).await {
         Ok(Ok(h2)) => Some(h2),
         Ok(Err(e)) => {
             tracing::debug!(peer = %peer, error = %e, "connection failed before a request");
@@ -148,7 +171,12 @@ pub async fn serve_plain<S, B>(
         peer,
     };
     let io = TokioIo::new(Tracked::new(stream, activity));
-    conns.run(io, h2, service, &mut shutdown).await
+    let proto = if h2 {
+        Proto::Http2
+    } else {
+        Proto::Http1HyperTimed
+    };
+    conns.run(io, proto, service, &mut shutdown).await
 }
 
 /// Serves one accepted TCP connection until it ends, idles out, stalls, or shutdown drains it.
@@ -177,7 +205,11 @@ pub async fn serve(
             // The plain stream counts the bytes it sends from memory files in the proxy's
             // metrics. It is tracked from outside: its sendfile calls are its writes.
             let plain = Plain::new(stream, proxy.clone());
-            let io = TokioIo::new(Tracked::new(plain, activity));
+            let mut tracked = Tracked::new(plain, activity);
+            if !h2 {
+                tracked.time_heads(builders.header_read);
+            }
+            let io = TokioIo::new(tracked);
             conns.serve(io, h2, proxy, info, &mut shutdown).await
         }
         Some(acceptor) => {
@@ -186,8 +218,8 @@ pub async fn serve(
             // buffer.
             let tracked = Tracked::new(stream, activity);
             let handshake =
-                tokio::time::timeout(builders.handshake_timeout, acceptor.accept(tracked)).await;
-            let tls_stream = match handshake {
+                tokio::time::timeout(builders.header_read, acceptor.accept(tracked)).await;
+            let mut tls_stream = match handshake {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
@@ -200,10 +232,24 @@ pub async fn serve(
             };
             // RFC 9113 §3.2: over TLS, HTTP/2 is chosen by ALPN only.
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            if !h2 {
+                // Heads are timed below TLS: a head's first record starts its time.
+                tls_stream.get_mut().0.time_heads(builders.header_read);
+            }
             let io = TokioIo::new(tls_stream);
             conns.serve(io, h2, proxy, info, &mut shutdown).await
         }
     }
+}
+
+/// Which hyper connection serves a stream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Http2,
+    /// HTTP/1 whose stream times request heads (`HeadTimer`).
+    Http1,
+    /// HTTP/1 timed by hyper's own header-read timeout.
+    Http1HyperTimed,
 }
 
 /// What serving one connection needs besides its stream and service.
@@ -230,21 +276,31 @@ impl Conns<'_> {
             // reports when hyper holds a chunk of it (`Watched`). HTTP/1 needs no such
             // report: a response it cannot send is a write the socket refuses.
             let activity = self.activity.clone();
-            let service = service_fn(move |req| WatchedHandling {
-                handling: proxy.handle(req, info),
-                activity: Some(activity.clone()),
+            let service = service_fn(move |req| {
+                Reporting::<Watched>::new(proxy.handle(req, info), activity.clone())
             });
-            self.run(io, true, service, shutdown).await
+            self.run(io, Proto::Http2, service, shutdown).await
         } else {
-            let service = service_fn(move |req| proxy.handle(req, info));
-            self.run(io, false, service, shutdown).await
+            // A head read starts a request; its response's body, once hyper is done with it,
+            // marks the connection as waiting for the next head (`Answered`).
+            let activity = self.activity.clone();
+            let service = service_fn(move |req| {
+                activity.set_cycle(Cycle::Request);
+                Reporting::<Answered>::new(proxy.handle(req, info), activity.clone())
+            });
+            self.run(io, Proto::Http1, service, shutdown).await
         }
     }
 
     /// Serves `io` with hyper's HTTP/2 (`h2`) or HTTP/1 connection and `service`, under
     /// [`Conns::drive`].
-    async fn run<I, S, B>(self, io: I, h2: bool, service: S, shutdown: &mut watch::Receiver<bool>)
-    where
+    async fn run<I, S, B>(
+        self,
+        io: I,
+        proto: Proto,
+        service: S,
+        shutdown: &mut watch::Receiver<bool>,
+    ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
         S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B, Error = Infallible>
             + Send
@@ -255,12 +311,20 @@ impl Conns<'_> {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         TokioExecutor: Http2ServerConnExec<S::Future, B>,
     {
-        if h2 {
-            let conn = self.builders.http2.serve_connection(io, service);
-            self.drive(conn, |c| c.graceful_shutdown(), shutdown).await
-        } else {
-            let conn = self.builders.http1.serve_connection(io, service);
-            self.drive(conn, |c| c.graceful_shutdown(), shutdown).await
+        match proto {
+            Proto::Http2 => {
+                let conn = self.builders.http2.serve_connection(io, service);
+                self.drive(conn, |c| c.graceful_shutdown(), shutdown).await
+            }
+            Proto::Http1 | Proto::Http1HyperTimed => {
+                let builder = if proto == Proto::Http1 {
+                    &self.builders.http1
+                } else {
+                    &self.builders.http1_hyper_timed
+                };
+                let conn = builder.serve_connection(io, service);
+                self.drive(conn, |c| c.graceful_shutdown(), shutdown).await
+            }
         }
     }
 
@@ -494,9 +558,24 @@ struct Activity {
     held: AtomicUsize,
     /// HTTP/2: chunks hyper took from response bodies.
     taken: AtomicU64,
+    /// HTTP/1: where the connection is in its request cycle (a [`Cycle`]), for [`HeadTimer`].
+    /// Written and read on the connection's task only.
+    cycle: AtomicU8,
 }
 
 impl Activity {
+    fn cycle(&self) -> Cycle {
+        match self.cycle.load(Ordering::Relaxed) {
+            1 => Cycle::Waiting,
+            2 => Cycle::Head,
+            _ => Cycle::Request,
+        }
+    }
+
+    fn set_cycle(&self, cycle: Cycle) {
+        self.cycle.store(cycle as u8, Ordering::Relaxed);
+    }
+
     fn snapshot(&self) -> Snapshot {
         let writes = self.writes.load(Ordering::Relaxed);
         Snapshot {
@@ -505,6 +584,20 @@ impl Activity {
             waiting: self.refused.load(Ordering::Relaxed) || self.held.load(Ordering::Relaxed) > 0,
         }
     }
+}
+
+/// Where an HTTP/1 connection is between request heads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cycle {
+    /// A head was read: its request and response run (the idle and send timeouts govern).
+    /// Also an HTTP/2 connection's, which has no head timer.
+    Request = 0,
+    /// The last response is done; no byte of the next head has arrived (`idle_timeout`
+    /// governs, as nginx's `keepalive_timeout`).
+    Waiting = 1,
+    /// A head is arriving: its first byte came, or it is the connection's first request.
+    /// `header_read_timeout` governs.
+    Head = 2,
 }
 
 /// How [`Guarded`] ended.
@@ -601,15 +694,29 @@ where
 }
 
 /// An I/O stream that reports to its connection's [`Activity`]: reads and writes that moved
-/// bytes, and writes the socket refused.
+/// bytes, and writes the socket refused. On HTTP/1 it also times request heads.
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    head: Option<HeadTimer>,
 }
 
 impl<S> Tracked<S> {
     fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Tracked { inner, activity }
+        Tracked {
+            inner,
+            activity,
+            head: None,
+        }
+    }
+
+    /// Times HTTP/1 request heads from here on, the first from now.
+    fn time_heads(&mut self, timeout: Duration) {
+        self.activity.set_cycle(Cycle::Head);
+        self.head = Some(HeadTimer {
+            timeout,
+            deadline: None,
+        });
     }
 
     /// Counts one read or write. Only this stream writes the counters, so a plain load and
@@ -641,12 +748,67 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
         let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            Self::bump(&self.activity.reads);
+            Self::bump(&this.activity.reads);
+            if let Some(head) = &mut this.head {
+                head.arrived(&this.activity);
+            }
+        }
+        let activity = &this.activity;
+        if res.is_pending() && this.head.as_mut().is_some_and(|h| h.expired(cx, activity)) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head not complete within header_read_timeout",
+            )));
         }
         res
+    }
+}
+
+/// `header_read_timeout` for HTTP/1 request heads, run by the connection's stream: from the
+/// first byte of a head on a kept-alive connection, and from the start for the first request
+/// (after the TLS handshake, or after the first bytes were peeked at on a plain connection),
+/// until hyper has read the whole head (its service is called: [`Cycle::Request`]).
+///
+/// The deadline is set at the first read of a head that finds nothing more to read: hyper,
+/// having read the start of a head it cannot parse yet, reads again at once, so that is when
+/// the first byte came; a head that arrives in one read sets none. It is checked on every
+/// such read: hyper reads whenever its task wakes while it waits for a head, and the timer
+/// wakes it. One clock read and timer per head that does not arrive whole; hyper's own took
+/// both (and a boxed sleep) for every head.
+///
+/// Not timed: a partial head that hyper read ahead while it was sending the previous response
+/// (pipelining) and that then stalls; `idle_timeout` closes that connection.
+struct HeadTimer {
+    timeout: Duration,
+    /// Set while a head that did not arrive whole is awaited.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl HeadTimer {
+    /// Bytes were read: the first after a response ended starts a head.
+    fn arrived(&mut self, activity: &Activity) {
+        if activity.cycle() == Cycle::Waiting {
+            activity.set_cycle(Cycle::Head);
+            self.deadline = None;
+        }
+    }
+
+    /// A read found nothing: true when a head has been arriving for `timeout`.
+    fn expired(&mut self, cx: &mut Context<'_>, activity: &Activity) -> bool {
+        if activity.cycle() != Cycle::Head {
+            // Dropping the sleep takes it off the timer: no wake for a head already read.
+            self.deadline = None;
+            return false;
+        }
+        let timeout = self.timeout;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        std::future::Future::poll(deadline.as_mut(), cx).is_ready()
     }
 }
 
@@ -692,14 +854,31 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     }
 }
 
-/// [`Proxy::handle`]'s future on an HTTP/2 stream: the response's body comes [`Watched`].
-struct WatchedHandling {
-    handling: Handling,
-    activity: Option<Arc<Activity>>,
+/// A response body that reports to its connection's [`Activity`].
+trait Reports {
+    fn new(body: Body, activity: Arc<Activity>) -> Self;
 }
 
-impl std::future::Future for WatchedHandling {
-    type Output = Result<hyper::Response<Watched>, Infallible>;
+/// [`Proxy::handle`]'s future, its response's body wrapped as a `B` that reports to the
+/// connection's [`Activity`].
+struct Reporting<B> {
+    handling: Handling,
+    activity: Option<Arc<Activity>>,
+    body: PhantomData<fn() -> B>,
+}
+
+impl<B> Reporting<B> {
+    fn new(handling: Handling, activity: Arc<Activity>) -> Self {
+        Reporting {
+            handling,
+            activity: Some(activity),
+            body: PhantomData,
+        }
+    }
+}
+
+impl<B: Reports> std::future::Future for Reporting<B> {
+    type Output = Result<hyper::Response<B>, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
@@ -711,11 +890,48 @@ impl std::future::Future for WatchedHandling {
             .activity
             .take()
             .expect("hyper polls a service future only until it is ready");
-        Poll::Ready(Ok(resp.map(|body| Watched {
-            body,
-            activity,
-            holding: false,
-        })))
+        Poll::Ready(Ok(resp.map(|body| B::new(body, activity))))
+    }
+}
+
+/// An HTTP/1 response body that, once hyper is done with it (all sent, or given up), marks
+/// its connection as waiting for the next request head ([`Cycle::Waiting`]). hyper reads the
+/// next head only after that, so bytes it reads before (a request body, or a pipelined head
+/// read ahead) start no head.
+struct Answered {
+    body: Body,
+    activity: Arc<Activity>,
+}
+
+impl Reports for Answered {
+    fn new(body: Body, activity: Arc<Activity>) -> Self {
+        Answered { body, activity }
+    }
+}
+
+impl HttpBody for Answered {
+    type Data = Bytes;
+    type Error = <Body as HttpBody>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Answered {
+    fn drop(&mut self) {
+        self.activity.set_cycle(Cycle::Waiting);
     }
 }
 
@@ -729,6 +945,16 @@ struct Watched {
     activity: Arc<Activity>,
     /// The last poll handed out a chunk (counted in `Activity::held`).
     holding: bool,
+}
+
+impl Reports for Watched {
+    fn new(body: Body, activity: Arc<Activity>) -> Self {
+        Watched {
+            body,
+            activity,
+            holding: false,
+        }
+    }
 }
 
 impl HttpBody for Watched {
@@ -825,6 +1051,112 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A stream timing heads with `header_read_timeout = 1s`, the client's end, and its
+    /// connection's activity.
+    fn timed() -> (
+        Tracked<tokio::io::DuplexStream>,
+        tokio::io::DuplexStream,
+        Arc<Activity>,
+    ) {
+        let (server, client) = tokio::io::duplex(1024);
+        let activity = Arc::new(Activity::default());
+        let mut stream = Tracked::new(server, activity.clone());
+        stream.time_heads(Duration::from_secs(1));
+        (stream, client, activity)
+    }
+
+    /// Reads until the stream fails or `limit` passes: the error kind and when, or `None`.
+    async fn read_fails(
+        stream: &mut Tracked<tokio::io::DuplexStream>,
+        limit: Duration,
+    ) -> Option<(io::ErrorKind, Duration)> {
+        use tokio::io::AsyncReadExt;
+        let start = Instant::now();
+        let mut buf = [0u8; 64];
+        tokio::time::timeout(limit, async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) => panic!("the client's end closed"),
+                    Ok(_) => {}
+                    Err(e) => return (e.kind(), start.elapsed()),
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_head_is_cut_at_header_read_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let (mut stream, _client, _) = timed();
+        assert_eq!(
+            read_fails(&mut stream, Duration::from_secs(60)).await,
+            Some((io::ErrorKind::TimedOut, Duration::from_secs(1))),
+            "nothing sent"
+        );
+        let (mut stream, mut client, _) = timed();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHo")
+            .await
+            .expect("write");
+        assert_eq!(
+            read_fails(&mut stream, Duration::from_secs(60)).await,
+            Some((io::ErrorKind::TimedOut, Duration::from_secs(1))),
+            "half a head"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_alive_connection_waits_for_its_next_head_untimed_then_times_the_head() {
+        use tokio::io::AsyncWriteExt;
+        let (mut stream, mut client, activity) = timed();
+        // A head was read and answered.
+        activity.set_cycle(Cycle::Request);
+        assert_eq!(read_fails(&mut stream, Duration::from_secs(5)).await, None);
+        activity.set_cycle(Cycle::Waiting);
+        assert_eq!(
+            read_fails(&mut stream, Duration::from_secs(3600)).await,
+            None
+        );
+        // The next head's first byte starts its time; a byte 900 ms later does not restart it.
+        client.write_all(b"G").await.expect("write");
+        assert_eq!(
+            read_fails(&mut stream, Duration::from_millis(900)).await,
+            None
+        );
+        client.write_all(b"E").await.expect("write");
+        assert_eq!(
+            read_fails(&mut stream, Duration::from_secs(60)).await,
+            Some((io::ErrorKind::TimedOut, Duration::from_millis(100)))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_read_whole_leaves_no_deadline_behind() {
+        use tokio::io::AsyncWriteExt;
+        let (mut stream, mut client, activity) = timed();
+        client.write_all(b"GET / HT").await.expect("write");
+        // The head's deadline is set...
+        assert_eq!(
+            read_fails(&mut stream, Duration::from_millis(500)).await,
+            None
+        );
+        // ...and the rest arrives: hyper calls the service, the response is sent, and the
+        // next head is waited for long past the first head's deadline.
+        client.write_all(b"TP/1.1\r\n\r\n").await.expect("write");
+        activity.set_cycle(Cycle::Request);
+        assert_eq!(read_fails(&mut stream, Duration::from_secs(5)).await, None);
+        activity.set_cycle(Cycle::Waiting);
+        assert_eq!(read_fails(&mut stream, Duration::from_secs(60)).await, None);
+        // A head that starts then gets its own full second.
+        client.write_all(b"GET").await.expect("write");
+        assert_eq!(
+            read_fails(&mut stream, Duration::from_secs(60)).await,
+            Some((io::ErrorKind::TimedOut, Duration::from_secs(1)))
+        );
     }
 
     const STALLED: &str = "client took no bytes for send_timeout";

@@ -9,6 +9,7 @@ mod clients;
 mod hardening;
 mod http_cache;
 mod isolation;
+mod keep_alive;
 mod leak_search;
 mod limits;
 mod origins;
