@@ -173,26 +173,6 @@ fn main_and_backup(main: &TestOrigin, backup: &TestOrigin, main_extra: &str) -> 
     )
 }
 
-/// `GET /origins` on the admin listener, as JSON.
-async fn origins(node: &TestNode) -> serde_json::Value {
-    let admin = node.node().admin_addr().expect("admin listener");
-    let (text, _) = raw(
-        admin,
-        b"GET /origins HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
-    let json = text.split("\r\n\r\n").nth(1).unwrap_or_default();
-    serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {text}"))
-}
-
-fn origin_field(list: &serde_json::Value, name: &str, field: &str) -> serde_json::Value {
-    list.as_array()
-        .and_then(|a| a.iter().find(|o| o["name"] == name))
-        .map(|o| o[field].clone())
-        .unwrap_or_else(|| panic!("{name} not in {list}"))
-}
-
 /// One client's odd requests must not eject an origin for everyone: only connection
 /// failures, timeouts and the statuses listed in `fail_on` (default 502, 503, 504) count.
 #[tokio::test]
@@ -213,16 +193,13 @@ async fn only_fail_on_statuses_eject_an_origin() {
     get(node.http, "site.test", "/ok").await;
     assert_eq!(main.count("/ok"), 1, "the main origin still serves");
     assert_eq!(backup.total(), 0);
-    assert_eq!(origin_field(&origins(&node).await, "main", "state"), "up");
+    assert_eq!(origin_state(&node, "main").await["state"], "up");
 
     // 503s do count: five in a row eject it, and the backup pool serves.
     for _ in 0..5 {
         get(node.http, "site.test", "/down").await;
     }
-    assert_eq!(
-        origin_field(&origins(&node).await, "main", "state"),
-        "ejected"
-    );
+    assert_eq!(origin_state(&node, "main").await["state"], "ejected");
     get(node.http, "site.test", "/ok").await;
     assert_eq!(
         backup.count("/ok"),
@@ -235,10 +212,7 @@ async fn only_fail_on_statuses_eject_an_origin() {
     for _ in 0..5 {
         get(node.http, "site.test", "/oops").await;
     }
-    assert_eq!(
-        origin_field(&origins(&node).await, "main", "state"),
-        "ejected"
-    );
+    assert_eq!(origin_state(&node, "main").await["state"], "ejected");
 }
 
 /// Clients that leave while their request waits for an origin give back its in-flight count
@@ -270,13 +244,13 @@ async fn clients_that_leave_mid_request_leave_no_in_flight_count() {
         "every request reached the origin ({})",
         main.total()
     );
-    let busy = origin_field(&origins(&node).await, "main", "in_flight");
+    let busy = origin_state(&node, "main").await["in_flight"].clone();
     assert_eq!(busy, 100, "counted while waiting");
     drop(clients);
     let mut left = serde_json::Value::Null;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::time::Instant::now() < deadline {
-        left = origin_field(&origins(&node).await, "main", "in_flight");
+        left = origin_state(&node, "main").await["in_flight"].clone();
         if left == 0 {
             break;
         }

@@ -552,20 +552,6 @@ async fn an_origin_response_with_both_framings_reaches_the_client_whole() {
     }
 }
 
-/// A gauge or counter's value from the admin listener's `/metrics`.
-async fn metric(node: &TestNode, name: &str) -> u64 {
-    let admin = node.node().admin_addr().expect("admin listener");
-    let (text, _) = raw(
-        admin,
-        b"GET /metrics HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
-}
-
 /// `cache.fill_memory` bounds what fills in flight hold for storing: past it a response is
 /// not stored but still reaches its clients whole, and a fetch that nobody reads any more and
 /// that will not be stored stops instead of downloading to the end.

@@ -251,23 +251,6 @@ async fn when_every_origin_is_down_stored_content_is_served() {
     );
 }
 
-/// One origin's entry in the admin listener's `GET /origins`.
-async fn origin_state(node: &TestNode, name: &str) -> serde_json::Value {
-    let admin = node.node().admin_addr().expect("admin listener configured");
-    let (text, _) = raw(
-        admin,
-        b"GET /origins HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
-    let json = text.split("\r\n\r\n").nth(1).unwrap_or_default();
-    let list: serde_json::Value = serde_json::from_str(json).expect("origins JSON");
-    list.as_array()
-        .and_then(|a| a.iter().find(|o| o["name"] == name))
-        .cloned()
-        .unwrap_or_else(|| panic!("{name} not listed in {list}"))
-}
-
 fn health_config(eu1: &str, eu2: &str, us: &str) -> String {
     format!(
         "[geo]\n[[geo.networks]]\ncidr = \"127.0.0.0/8\"\ncountry = \"DE\"\n\
@@ -418,19 +401,6 @@ async fn black_hole() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>
         }
     });
     (format!("http://{addr}"), accepted)
-}
-
-async fn metric(node: &TestNode, name: &str) -> u64 {
-    let admin = node.node().admin_addr().expect("admin listener configured");
-    let (text, _) = raw(
-        admin,
-        b"GET /metrics HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn pair(a: &str, b: &str, extra: &str) -> String {

@@ -369,3 +369,34 @@ pub async fn regional_origins() -> (TestOrigin, TestOrigin) {
     );
     (eu, us)
 }
+
+/// `GET path` on the node's admin listener with the tests' admin token (`token = "t"`); the
+/// whole response as text.
+pub async fn admin_get(node: &TestNode, path: &str) -> String {
+    let admin = node.node().admin_addr().expect("admin listener configured");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n"
+    );
+    raw(admin, req.as_bytes(), Duration::from_secs(5)).await.0
+}
+
+/// A series' value from the admin listener's `/metrics` (`name` with its labels); panics
+/// when the node does not export it.
+pub async fn metric(node: &TestNode, name: &str) -> u64 {
+    let text = admin_get(node, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+/// One origin's entry in the admin listener's `GET /origins`.
+pub async fn origin_state(node: &TestNode, name: &str) -> serde_json::Value {
+    let text = admin_get(node, "/origins").await;
+    let json = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let list: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {text}"));
+    list.as_array()
+        .and_then(|a| a.iter().find(|o| o["name"] == name))
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} not listed in {list}"))
+}
