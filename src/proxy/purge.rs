@@ -9,7 +9,14 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::body::Body;
+use super::{refuse, Answer, ConnInfo, Outcome_};
+use crate::cache::PurgeTarget;
 
 use crate::config::Admin;
 use crate::geo::Locator;
@@ -37,6 +44,51 @@ pub(crate) fn allowed(
     }
     let client = locator.client(peer, headers);
     admin.purge_allow.iter().any(|n| n.contains(&client))
+}
+
+impl super::Proxy {
+    /// The HTTP `PURGE` method: removes every stored variant of the URL, for clients in
+    /// allowed networks or bearing the admin token (see `purge`).
+    pub(super) fn purge_method(
+        &self,
+        req: &Request<Incoming>,
+        conn: ConnInfo,
+        host: &str,
+        pq: &str,
+    ) -> Answer {
+        let allowed = allowed(
+            self.config.admin.as_ref(),
+            &self.locator,
+            conn.peer.ip(),
+            req.headers(),
+        );
+        if !allowed {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "edgecache: PURGE is not allowed from this address\n",
+                false,
+            );
+        }
+        let soft = req
+            .headers()
+            .get("x-purge-soft")
+            .is_some_and(|v| v == "1" || v == "true");
+        let n = self.store.purge(
+            &PurgeTarget::Url {
+                host,
+                path_and_query: pq,
+            },
+            soft,
+        );
+        let mut resp = Response::new(Body::full(Bytes::from(format!("{{\"purged\":{n}}}\n"))));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        (resp, Outcome_::local("purge"))
+    }
 }
 
 #[cfg(test)]

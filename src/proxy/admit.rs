@@ -1,0 +1,621 @@
+//! The `admit` stage: the leader's origin fetch for a cacheable request and what becomes of
+//! the response: a 304 that refreshes the stored entry, stale on error, the store decision,
+//! small objects read whole, larger ones published as a fill and pumped into the store.
+
+use super::*;
+
+impl Proxy {
+    /// Fetches from the origin for `lookup` and publishes the result on `fill` for followers.
+    /// `registered` says whether `fill` is in the shared map (and must be removed from it).
+    pub(super) async fn lead(
+        self: &Arc<Self>,
+        lookup: &Lookup,
+        fill: Arc<Fill>,
+        registered: bool,
+        stale: Option<Arc<Entry>>,
+    ) -> Answer {
+        let (candidates, route) = self.candidates(lookup.site, lookup.conn, &lookup.parts.headers);
+        let (resp, mut outcome) = self
+            .lead_with(lookup, fill, registered, stale, &candidates)
+            .await;
+        outcome.route = route;
+        (resp, outcome)
+    }
+
+    pub(super) async fn lead_with(
+        self: &Arc<Self>,
+        lookup: &Lookup,
+        fill: Arc<Fill>,
+        registered: bool,
+        stale: Option<Arc<Entry>>,
+        candidates: &[usize],
+    ) -> Answer {
+        let mut guard = LeaderGuard {
+            proxy: self,
+            hash: lookup.hash,
+            fill: fill.clone(),
+            registered,
+            armed: true,
+        };
+        let site = &self.config.sites[lookup.site];
+        let client = &lookup.parts.headers;
+
+        // origin_fetch: a whole-object GET; our own validators when revalidating.
+        let mut up_headers = client.clone();
+        // The GET sent has no body, so no framing field goes with it (a request with a body
+        // never gets here).
+        up_headers.remove(header::CONTENT_LENGTH);
+        if up_headers.keys().any(|k| CONDITIONAL_FIELDS.contains(k)) {
+            for f in &CONDITIONAL_FIELDS {
+                up_headers.remove(f);
+            }
+        }
+        let validators = stale.as_ref().filter(|s| s.has_validator());
+        if let Some(s) = validators {
+            if let Some(etag) = s.headers.get(header::ETAG) {
+                up_headers.insert(header::IF_NONE_MATCH, etag.clone());
+            }
+            if let Some(lm) = s.headers.get(header::LAST_MODIFIED) {
+                up_headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
+            }
+        }
+        let trusted = self.trusted(lookup.conn, &mut up_headers);
+        forward_request_headers(
+            &mut up_headers,
+            lookup.conn.peer.ip(),
+            lookup.conn.https,
+            &lookup.host_value,
+            trusted,
+            self.via(lookup.parts.version),
+        );
+        self.mark_hop(&mut up_headers);
+        // The path and query as keyed, not as received: parameters the key drops or reorders
+        // never reach the origin (a response to `?id=1&utm_source=<script>` would otherwise
+        // be stored for `?id=1`).
+        let pq = match lookup.parts.uri.path_and_query() {
+            Some(raw) if raw.as_str() == &*lookup.key.path_and_query => raw.clone(),
+            _ => match PathAndQuery::try_from(&*lookup.key.path_and_query) {
+                Ok(pq) => pq,
+                Err(_) => {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        "edgecache: invalid request target\n",
+                        true,
+                    )
+                }
+            },
+        };
+        let request_time = SystemTime::now();
+        let Some((origin_index, origin_ms, result)) = self
+            .send_failover(
+                candidates,
+                &Method::GET,
+                &pq,
+                up_headers,
+                &lookup.host_value,
+                None,
+            )
+            .await
+        else {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "edgecache: invalid request target\n",
+                true,
+            );
+        };
+        let origin = &self.origins[origin_index];
+        let now = SystemTime::now();
+        let client_status_base = if lookup.forced {
+            "fwd=request"
+        } else if stale.is_some() {
+            "fwd=stale"
+        } else {
+            lookup.miss
+        };
+
+        let resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(origin = %origin.config.name, error = %ErrorChain(&e), "origin request failed");
+                let code = if e.is_timeout() {
+                    StatusCode::GATEWAY_TIMEOUT
+                } else if e.is_saturated() {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                // No answer at all (refused, reset, no address): the cache is disconnected from
+                // the origin, and RFC 9111 §4.2.4 lets it serve what it has unless the response
+                // says it must be revalidated, whatever grace the site gives.
+                let unreachable = e.is_connect() || e.is_broken();
+                guard.publish(Outcome::Failed {
+                    status: code,
+                    unreachable,
+                });
+                if let Some(s) = stale.as_ref().filter(|s| s.usable_if_error(now)) {
+                    let status = self.cache_status(&format!(
+                        "hit; fwd=stale; fwd-status={}; detail=stale-if-error",
+                        code.as_u16()
+                    ));
+                    return (
+                        self.answer_from_entry(s, client, lookup.head, now, status),
+                        Outcome_::origin("stale", origin_index, origin_ms),
+                    );
+                }
+                if let Some(s) = stale
+                    .as_ref()
+                    .filter(|s| unreachable && s.usable_when_disconnected())
+                {
+                    let status = self.cache_status(&format!(
+                        "hit; fwd=stale; fwd-status={}; detail=origin-unreachable",
+                        code.as_u16()
+                    ));
+                    return (
+                        self.answer_from_entry(s, client, lookup.head, now, status),
+                        Outcome_::origin("stale", origin_index, origin_ms),
+                    );
+                }
+                if stale.is_some() {
+                    // RFC 9111 §5.2.2.2: a stored response that may not be served stale and
+                    // cannot be revalidated is answered with 504, never reused.
+                    return (
+                        respond::simple(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "edgecache: the stored response could not be revalidated\n",
+                            false,
+                        ),
+                        Outcome_::origin("error", origin_index, origin_ms),
+                    );
+                }
+                return (
+                    respond::origin_error(&e),
+                    Outcome_::origin("error", origin_index, origin_ms),
+                );
+            }
+        };
+        let response_time = SystemTime::now();
+        let (mut rparts, rbody) = resp.into_parts();
+        remove_hop_by_hop(&mut rparts.headers);
+        rparts
+            .headers
+            .append(header::VIA, self.via(rparts.version).clone());
+        rparts.version = Version::HTTP_11;
+
+        // A 304 for our validators refreshes the stored response (RFC 9111 §4.3.4).
+        if rparts.status == StatusCode::NOT_MODIFIED {
+            if let Some(s) = validators {
+                let mut headers = s.headers.clone();
+                policy::refresh_headers(&mut headers, &rparts.headers);
+                let facts = RequestFacts {
+                    method: &Method::GET,
+                    has_authorization: client.contains_key(header::AUTHORIZATION),
+                    cache_control: &CacheControl::default(),
+                };
+                let decision =
+                    policy::storable(facts, s.status, &headers, &lookup.settings, response_time);
+                let initial_age =
+                    policy::corrected_initial_age(&rparts.headers, request_time, response_time);
+                // What the 304 says to this client alone (`Set-Cookie`, fields named by
+                // `private=` / `no-cache=`) is stripped as on store: it never enters the
+                // shared copy, and only this client receives it.
+                let mut strip = decision
+                    .as_ref()
+                    .map(|d| d.strip.clone())
+                    .unwrap_or_default();
+                if !strip.iter().any(|n| n.eq_ignore_ascii_case("set-cookie")) {
+                    strip.push("set-cookie".into());
+                }
+                let personal: Vec<(HeaderName, HeaderValue)> = rparts
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| strip.iter().any(|f| f.eq_ignore_ascii_case(n.as_str())))
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect();
+                let stored_ok = decision.is_ok();
+                let refreshed = s.refreshed(
+                    strip_cache_only(headers, &strip),
+                    response_time,
+                    initial_age,
+                    decision.unwrap_or_else(|_| s.decision.clone()),
+                );
+                // The refreshed entry is built once: stored, shared with followers and
+                // answered from when storable; otherwise answered from for this client only,
+                // the old one removed, and followers fetch for themselves.
+                let entry = if stored_ok {
+                    let entry = self.store.insert_shared(lookup.hash, refreshed);
+                    guard.publish(Outcome::Ready(entry.clone()));
+                    entry
+                } else {
+                    self.store.remove(lookup.hash);
+                    guard.publish(Outcome::Uncacheable);
+                    Arc::new(refreshed)
+                };
+                let status = self.cache_status(&format!("{client_status_base}; fwd-status=304"));
+                let mut resp =
+                    self.answer_from_entry(&entry, client, lookup.head, response_time, status);
+                for (name, value) in personal {
+                    resp.headers_mut().append(name, value);
+                }
+                return (
+                    resp,
+                    Outcome_::origin("revalidated", origin_index, origin_ms),
+                );
+            }
+        }
+        // An origin error with a usable stale response: serve stale (RFC 5861 §4).
+        if rparts.status.is_server_error() {
+            if let Some(s) = stale.as_ref().filter(|s| s.usable_if_error(now)) {
+                guard.publish(Outcome::Failed {
+                    status: rparts.status,
+                    unreachable: false,
+                });
+                let status = self.cache_status(&format!(
+                    "hit; fwd=stale; fwd-status={}; detail=stale-if-error",
+                    rparts.status.as_u16()
+                ));
+                return (
+                    self.answer_from_entry(s, client, lookup.head, now, status),
+                    Outcome_::origin("stale", origin_index, origin_ms),
+                );
+            }
+        }
+
+        // cache_store
+        let facts = RequestFacts {
+            method: &Method::GET,
+            has_authorization: client.contains_key(header::AUTHORIZATION),
+            cache_control: &CacheControl::from_headers(client),
+        };
+        let limit = self.config.cache.max_object_size;
+        let content_length = rparts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse::<u64>().ok());
+        let decision = policy::storable(
+            facts,
+            rparts.status,
+            &rparts.headers,
+            &lookup.settings,
+            response_time,
+        )
+        .and_then(|d| {
+            if content_length.is_some_and(|n| n > limit) {
+                Err(NoStoreReason::TooLarge)
+            } else {
+                Ok(d)
+            }
+        });
+        let tags = tags(&rparts.headers);
+        let strip: Vec<Box<str>> = decision
+            .as_ref()
+            .map(|d| d.strip.clone())
+            .unwrap_or_default();
+        rparts.headers = strip_cache_only(std::mem::take(&mut rparts.headers), &strip);
+        let vary = VaryKey::from_response(&rparts.headers, client).with_extra(lookup.extra.clone());
+        // A new variant past the URL's budget is served, not stored (see `Store::admit_variant`).
+        let decision = decision.and_then(|d| {
+            let admitted = self.store.admit_variant(lookup.hash, &lookup.key, &vary);
+            admitted.map(|()| d)
+        });
+        let decision = match decision {
+            Ok(d) => d,
+            Err(reason) => {
+                guard.publish(Outcome::Uncacheable);
+                // Errors are not a property of the URL: keep collapsing so a failing origin is
+                // not hit by every waiting client at once.
+                if !rparts.status.is_server_error()
+                    && !matches!(
+                        reason,
+                        NoStoreReason::RequestNoStore
+                            | NoStoreReason::Authorization
+                            | NoStoreReason::VariantRate
+                    )
+                {
+                    self.store
+                        .mark_hit_for_miss(lookup.hash, site.cache.hit_for_miss);
+                }
+                if stale.is_some() && !rparts.status.is_server_error() {
+                    // The origin's current answer supersedes what we held (a 5xx does not: §4.3.3).
+                    self.store.remove(lookup.hash);
+                }
+                let ours =
+                    self.cache_status(&format!("{client_status_base}; detail={}", reason.as_str()));
+                let status = after_upstream(&rparts.headers, ours);
+                rparts.headers.insert(CACHE_STATUS.clone(), status);
+                let body = if lookup.head {
+                    Body::empty()
+                } else {
+                    Body::stream(rbody)
+                };
+                return (
+                    Response::from_parts(rparts, body),
+                    Outcome_::origin("pass", origin_index, origin_ms),
+                );
+            }
+        };
+        if content_length.is_some_and(|n| n <= SMALL_OBJECT) {
+            // A small object is read whole before anyone is answered: followers are then
+            // served from the stored entry, with no streaming machinery per request.
+            let mut body = rbody;
+            let mut buf = bytes::BytesMut::with_capacity(content_length.unwrap_or(0) as usize);
+            let complete = loop {
+                match tokio::time::timeout(origin.config.timeout, body.frame()).await {
+                    Ok(None) => break true,
+                    Ok(Some(Ok(frame))) => {
+                        if let Some(d) = frame.data_ref() {
+                            buf.extend_from_slice(d);
+                        }
+                    }
+                    _ => break false,
+                }
+            };
+            if !complete || buf.len() as u64 != content_length.unwrap_or(0) {
+                guard.publish(Outcome::Failed {
+                    status: StatusCode::BAD_GATEWAY,
+                    unreachable: false,
+                });
+                return (
+                    respond::simple(
+                        StatusCode::BAD_GATEWAY,
+                        "edgecache: the origin's response was cut off\n",
+                        false,
+                    ),
+                    Outcome_::origin("error", origin_index, origin_ms),
+                );
+            }
+            let initial_age =
+                policy::corrected_initial_age(&rparts.headers, request_time, response_time);
+            let entry = Entry::new(
+                lookup.key.clone(),
+                vary,
+                rparts.status,
+                rparts.headers,
+                buf.freeze(),
+                response_time,
+                initial_age,
+                decision,
+                tags,
+            );
+            let entry = self.store.insert_shared(lookup.hash, entry);
+            guard.publish(Outcome::Ready(entry.clone()));
+            let status = self.stored_status(client_status_base, stale.is_some());
+            let resp =
+                self.answer_from_entry(&entry, client, lookup.head, SystemTime::now(), status);
+            return (resp, Outcome_::origin("miss", origin_index, origin_ms));
+        }
+        let fhead = Arc::new(FillHead {
+            status: rparts.status,
+            headers: rparts.headers.clone(),
+            vary: vary.clone(),
+            content_length,
+        });
+        guard.publish(Outcome::Streaming(fhead.clone()));
+        guard.armed = false;
+        let range = client.contains_key(header::RANGE) && !lookup.ignore_range;
+        let reader = if lookup.head || range {
+            None
+        } else {
+            fill.reader()
+        };
+        let done = range.then(|| fill.clone());
+        let pump = Pump {
+            store: self.store.clone(),
+            proxy: self.clone(),
+            hash: lookup.hash,
+            fill,
+            registered,
+            key: lookup.key.clone(),
+            vary,
+            status: rparts.status,
+            headers: rparts.headers,
+            request_time,
+            response_time,
+            decision,
+            tags,
+            limit,
+            idle: origin.config.timeout,
+            hit_for_miss: site.cache.hit_for_miss,
+        };
+        tokio::spawn(pump.run(rbody));
+        if let Some(fill) = done {
+            // A range is cut from the stored object once it is complete.
+            if let Some(e) = self.stored_after(&fill, lookup).await {
+                let status = self.miss_status(client_status_base, false);
+                return (
+                    self.answer_from_entry(&e, client, lookup.head, SystemTime::now(), status),
+                    Outcome_::origin("miss", origin_index, origin_ms),
+                );
+            }
+            let lookup = Lookup {
+                ignore_range: true,
+                ..lookup.clone()
+            };
+            return Box::pin(self.lead(&lookup, Arc::new(Fill::default()), false, None)).await;
+        }
+        let status = self.stored_status(client_status_base, stale.is_some());
+        (
+            self.answer_from_fill(&fhead, reader, client, lookup.head, status),
+            Outcome_::origin("miss", origin_index, origin_ms),
+        )
+    }
+
+    /// Waits for `fill` to complete and returns the entry it stored for `lookup`, if any.
+    pub(super) async fn stored_after(&self, fill: &Fill, lookup: &Lookup) -> Option<Arc<Entry>> {
+        if !fill.wait_done().await {
+            return None;
+        }
+        let parts = lookup.key.parts();
+        self.store.get(
+            lookup.hash,
+            &parts,
+            lookup.extra.as_deref(),
+            &lookup.parts.headers,
+        )
+    }
+}
+
+/// Publishes `Retry` if the leader goes away (client disconnect) before publishing.
+pub(super) struct LeaderGuard<'a> {
+    proxy: &'a Proxy,
+    hash: u64,
+    fill: Arc<Fill>,
+    registered: bool,
+    armed: bool,
+}
+
+impl LeaderGuard<'_> {
+    fn publish(&mut self, outcome: Outcome) {
+        let streaming = matches!(outcome, Outcome::Streaming(_));
+        self.fill.publish(outcome);
+        if !streaming {
+            self.release();
+        }
+    }
+
+    fn release(&mut self) {
+        self.armed = false;
+        if self.registered {
+            self.proxy.fills.remove(self.hash, &self.fill);
+        }
+    }
+}
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.fill.publish(Outcome::Retry);
+            self.release();
+        }
+    }
+}
+
+/// Reads an origin body into a fill, then stores it (stream-while-caching). Runs on its own
+/// task, so the object is completed for the cache even if every client leaves.
+pub(super) struct Pump {
+    store: Store,
+    proxy: Arc<Proxy>,
+    hash: u64,
+    fill: Arc<Fill>,
+    registered: bool,
+    key: OwnedKey,
+    vary: VaryKey,
+    status: StatusCode,
+    headers: HeaderMap,
+    request_time: SystemTime,
+    response_time: SystemTime,
+    decision: StoreDecision,
+    tags: Box<[Box<str>]>,
+    limit: u64,
+    idle: Duration,
+    hit_for_miss: Duration,
+}
+
+impl Pump {
+    async fn run(self, mut body: Incoming) {
+        let mut abandoned = false;
+        // Bytes counted against `cache.fill_memory` while this fill is kept for storing.
+        let mut charged = 0u64;
+        let complete = loop {
+            let frame = match tokio::time::timeout(self.idle, body.frame()).await {
+                Err(_) => break false,
+                Ok(None) => break true,
+                Ok(Some(Err(_))) => break false,
+                Ok(Some(Ok(f))) => f,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let last = body.is_end_stream();
+            let n = data.len() as u64;
+            let mut over_budget = false;
+            if !abandoned {
+                charged += n;
+                over_budget = !self.proxy.fills.charge(n);
+            }
+            if last && !abandoned && !over_budget && self.fill.len() + n <= self.limit {
+                // The last bytes: store first, then let readers finish, so a client that has
+                // read everything always finds the object stored.
+                self.fill.push_hidden(data);
+                break true;
+            }
+            self.fill.push(data);
+            if !abandoned && (over_budget || self.fill.len() > self.limit) {
+                // Too large to store after all, or fills in flight hold too much: keep
+                // streaming to the readers we have, with the fetch held to their pace (and
+                // stopped when none is left), and let new requests go their own way.
+                abandoned = true;
+                self.fill.abandon();
+                self.release();
+                self.proxy.fills.uncharge(std::mem::take(&mut charged));
+                if over_budget {
+                    tracing::debug!("fill memory full: not storing this response");
+                } else {
+                    self.store.mark_hit_for_miss(self.hash, self.hit_for_miss);
+                }
+            }
+            if abandoned && !self.fill.wait_for_readers(STREAM_WINDOW).await {
+                break false;
+            }
+        };
+        if complete && !abandoned {
+            if let Some(bytes) = self.fill.collect(self.proxy.config.cache.sendfile_min_size) {
+                let initial_age = policy::corrected_initial_age(
+                    &self.headers,
+                    self.request_time,
+                    self.response_time,
+                );
+                let entry = Entry::new(
+                    self.key.clone(),
+                    self.vary.clone(),
+                    self.status,
+                    self.headers.clone(),
+                    bytes,
+                    self.response_time,
+                    initial_age,
+                    self.decision.clone(),
+                    self.tags.clone(),
+                );
+                self.store.insert(self.hash, entry);
+            }
+        }
+        self.proxy.fills.uncharge(charged);
+        self.fill.finish(complete);
+        self.release();
+    }
+
+    fn release(&self) {
+        if self.registered {
+            self.proxy.fills.remove(self.hash, &self.fill);
+        }
+    }
+}
+
+/// Purge tags from `Surrogate-Key` and `Cache-Tag` (space or comma separated).
+pub(super) fn tags(headers: &HeaderMap) -> Box<[Box<str>]> {
+    let mut out: Vec<Box<str>> = Vec::new();
+    for name in [&policy::SURROGATE_KEY, &policy::CACHE_TAG] {
+        for v in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
+            for t in v.split([' ', ',']).map(str::trim).filter(|t| !t.is_empty()) {
+                if !out.iter().any(|o| **o == *t) {
+                    out.push(t.into());
+                }
+            }
+        }
+    }
+    out.into_boxed_slice()
+}
+
+/// Removes fields meant for this cache only, and `strip` (lowercase names).
+pub(super) fn strip_cache_only(mut headers: HeaderMap, strip: &[Box<str>]) -> HeaderMap {
+    // One look at the names first: most responses carry none of these.
+    if headers.keys().any(|n| CACHE_ONLY_FIELDS.contains(&n)) {
+        for name in CACHE_ONLY_FIELDS {
+            headers.remove(name);
+        }
+    }
+    for name in strip {
+        headers.remove(&**name);
+    }
+    headers
+}

@@ -1,0 +1,211 @@
+//! The `answer` stage: a response made from a stored entry (preconditions, ranges, `Age`,
+//! `Cache-Status` on prepared headers) or from a fill still arriving.
+
+use super::*;
+
+impl Proxy {
+    /// Answers from a stored response: preconditions (304/412), ranges (206/416), HEAD.
+    pub(super) fn answer_from_entry(
+        &self,
+        entry: &Entry,
+        request: &HeaderMap,
+        head: bool,
+        now: SystemTime,
+        status: HeaderValue,
+    ) -> Response<Body> {
+        let status = chain_status(entry.upstream_status.as_ref(), status);
+        let age = headers::age_value(entry.age(now).as_secs());
+        let ok = entry.status == StatusCode::OK;
+        match policy::evaluate_preconditions(request, &entry.headers) {
+            Precondition::NotModified if ok || entry.headers.contains_key(header::ETAG) => {
+                return not_modified(&entry.headers, age, status);
+            }
+            Precondition::Failed => {
+                let mut r = respond::simple(
+                    StatusCode::PRECONDITION_FAILED,
+                    "edgecache: precondition failed\n",
+                    false,
+                );
+                r.headers_mut().insert(CACHE_STATUS.clone(), status);
+                return r;
+            }
+            Precondition::IgnoreRange => return self.whole(entry, head, age, status),
+            Precondition::NotModified | Precondition::Proceed => {}
+        }
+        if let (true, Some(r)) = (ok, request.get(header::RANGE).and_then(|v| v.to_str().ok())) {
+            let len = entry.body.len() as u64;
+            match range::parse(r, len) {
+                range::Ranges::Ignore => {}
+                range::Ranges::Unsatisfiable => {
+                    let mut resp = respond::simple(
+                        StatusCode::RANGE_NOT_SATISFIABLE,
+                        "edgecache: range not satisfiable\n",
+                        false,
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                        resp.headers_mut().insert(header::CONTENT_RANGE, v);
+                    }
+                    resp.headers_mut().insert(CACHE_STATUS.clone(), status);
+                    return resp;
+                }
+                range::Ranges::Satisfiable(ranges) => {
+                    let mut headers = entry.headers.clone();
+                    headers.insert(header::AGE, age);
+                    headers.insert(CACHE_STATUS.clone(), status);
+                    let (body, length) = if let [(first, last)] = ranges[..] {
+                        if let Ok(v) =
+                            HeaderValue::from_str(&range::content_range(first, last, len))
+                        {
+                            headers.insert(header::CONTENT_RANGE, v);
+                        }
+                        let b = entry.body.slice(first as usize..=last as usize);
+                        let n = b.len() as u64;
+                        (b, n)
+                    } else {
+                        let ct = entry
+                            .headers
+                            .get(header::CONTENT_TYPE)
+                            .and_then(|v| v.to_str().ok());
+                        // HEAD gets the length a GET would, with no body built.
+                        let (b, n) = if head {
+                            let n = range::multipart_len(len, &ranges, ct, &self.boundary);
+                            (Bytes::new(), n)
+                        } else {
+                            let b = range::multipart(&entry.body, &ranges, ct, &self.boundary);
+                            let n = b.len() as u64;
+                            (b, n)
+                        };
+                        if let Ok(v) = HeaderValue::from_str(&format!(
+                            "multipart/byteranges; boundary={}",
+                            self.boundary
+                        )) {
+                            headers.insert(header::CONTENT_TYPE, v);
+                        }
+                        (b, n)
+                    };
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+                    let mut resp = Response::new(if head {
+                        Body::empty()
+                    } else {
+                        Body::full(body)
+                    });
+                    *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+                    *resp.headers_mut() = headers;
+                    return resp;
+                }
+            }
+        }
+        self.whole(entry, head, age, status)
+    }
+
+    /// The whole stored response; only `Age` and `Cache-Status` are added per hit.
+    pub(super) fn whole(
+        &self,
+        entry: &Entry,
+        head: bool,
+        age: HeaderValue,
+        status: HeaderValue,
+    ) -> Response<Body> {
+        let mut headers = entry.headers.clone();
+        // The stored map holds both fields already (placeholders): replacing a value in place
+        // skips the capacity check and the old value's return that `insert` does.
+        set(&mut headers, header::AGE, age);
+        set(&mut headers, CACHE_STATUS.clone(), status);
+        let body = if head {
+            Body::empty()
+        } else {
+            Body::full(entry.body.clone())
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = entry.status;
+        *resp.headers_mut() = headers;
+        resp
+    }
+
+    /// Answers from a fill that is still arriving.
+    pub(super) fn answer_from_fill(
+        &self,
+        head: &FillHead,
+        reader: Option<crate::cache::fill::FillReader>,
+        request: &HeaderMap,
+        head_only: bool,
+        status: HeaderValue,
+    ) -> Response<Body> {
+        let status = after_upstream(&head.headers, status);
+        if head.status == StatusCode::OK
+            && matches!(
+                policy::evaluate_preconditions(request, &head.headers),
+                Precondition::NotModified
+            )
+        {
+            return not_modified(&head.headers, HeaderValue::from_static("0"), status);
+        }
+        let mut headers = head.headers.clone();
+        headers.insert(CACHE_STATUS.clone(), status);
+        let body = match (head_only, reader) {
+            (false, Some(r)) => Body::fill(r),
+            _ => Body::empty(),
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = head.status;
+        *resp.headers_mut() = headers;
+        resp
+    }
+}
+
+/// A 304 built from stored headers (RFC 9110 §15.4.5).
+pub(super) fn not_modified(
+    stored: &HeaderMap,
+    age: HeaderValue,
+    status: HeaderValue,
+) -> Response<Body> {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::NOT_MODIFIED;
+    let h = resp.headers_mut();
+    for name in &policy::NOT_MODIFIED_FIELDS {
+        for v in stored.get_all(name) {
+            h.append(name.clone(), v.clone());
+        }
+    }
+    for v in stored.get_all(header::VIA) {
+        h.append(header::VIA, v.clone());
+    }
+    h.insert(header::AGE, age);
+    h.insert(CACHE_STATUS.clone(), status);
+    resp
+}
+
+/// Sets a field that a stored map holds exactly once (`Age` and `Cache-Status`, which
+/// `cache::entry::prepare` puts there as placeholders); inserts it where it is missing.
+pub(super) fn set(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
+    match headers.get_mut(&name) {
+        Some(v) => *v = value,
+        None => {
+            headers.insert(name, value);
+        }
+    }
+}
+
+/// Our `Cache-Status` member after those of the caches behind us, when there are any
+/// (RFC 9211 §2); our value alone, with no allocation, when there are none.
+pub(super) fn chain_status(upstream: Option<&HeaderValue>, ours: HeaderValue) -> HeaderValue {
+    let Some(up) = upstream else {
+        return ours;
+    };
+    let mut v = Vec::with_capacity(up.len() + 2 + ours.len());
+    v.extend_from_slice(up.as_bytes());
+    v.extend_from_slice(b", ");
+    v.extend_from_slice(ours.as_bytes());
+    HeaderValue::from_bytes(&v).unwrap_or(ours)
+}
+
+/// Our `Cache-Status` member after those `headers` arrived with from the origin.
+pub(super) fn after_upstream(headers: &HeaderMap, ours: HeaderValue) -> HeaderValue {
+    chain_status(upstream_status(headers).as_ref(), ours)
+}
+
+/// Remaining freshness in seconds, negative when stale (RFC 9211 `ttl`).
+pub(super) fn ttl(entry: &Entry, now: SystemTime) -> i64 {
+    let lifetime = entry.lifetime().as_secs() as i64;
+    lifetime - entry.age(now).as_secs() as i64
+}

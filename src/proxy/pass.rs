@@ -1,0 +1,192 @@
+//! The `pass` stage: requests the cache does not handle (other methods, bypass rules) are
+//! streamed to the origin and back; a successful unsafe method invalidates what it names.
+
+use super::*;
+
+impl Proxy {
+    /// Forwards a request that the cache does not handle (other methods, bypass rules).
+    pub(super) async fn pass(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        site_idx: usize,
+        host: &str,
+        host_value: HeaderValue,
+        status: HeaderValue,
+    ) -> Answer {
+        let (candidates, route) = self.candidates(site_idx, conn, req.headers());
+        let (resp, mut outcome) = self
+            .pass_with(req, conn, site_idx, host, host_value, status, &candidates)
+            .await;
+        outcome.route = route;
+        (resp, outcome)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn pass_with(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        site_idx: usize,
+        host: &str,
+        host_value: HeaderValue,
+        status: HeaderValue,
+        candidates: &[usize],
+    ) -> Answer {
+        let method = req.method().clone();
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let (mut parts, body) = req.into_parts();
+        let mut up_headers = std::mem::take(&mut parts.headers);
+        let trusted = self.trusted(conn, &mut up_headers);
+        forward_request_headers(
+            &mut up_headers,
+            conn.peer.ip(),
+            conn.https,
+            &host_value,
+            trusted,
+            self.via(parts.version),
+        );
+        self.mark_hop(&mut up_headers);
+        // Only a request without a body to replay may be retried on another origin.
+        let up_body = if body.is_end_stream() {
+            None
+        } else {
+            match preread(body, self.config.server.header_read_timeout).await {
+                Ok(b) => Some(b),
+                Err(PrereadError::Malformed) => {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        "edgecache: malformed request body\n",
+                        true,
+                    )
+                }
+                Err(PrereadError::TimedOut) => {
+                    return refuse(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "edgecache: request body too slow\n",
+                        true,
+                    )
+                }
+            }
+        };
+        let retry_ok = up_body.is_none() && method.is_idempotent();
+        let attempts = if retry_ok {
+            candidates
+        } else {
+            &candidates[..candidates.len().min(1)]
+        };
+        let Some((origin_index, origin_ms, result)) = self
+            .send_failover(attempts, &method, &pq, up_headers, &host_value, up_body)
+            .await
+        else {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "edgecache: invalid request target\n",
+                true,
+            );
+        };
+        let origin = &self.origins[origin_index];
+        let resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(origin = %origin.config.name, error = %ErrorChain(&e), "origin request failed");
+                return (
+                    respond::origin_error(&e),
+                    Outcome_::origin("error", origin_index, origin_ms),
+                );
+            }
+        };
+        let (mut rparts, rbody) = resp.into_parts();
+        remove_hop_by_hop(&mut rparts.headers);
+        rparts
+            .headers
+            .append(header::VIA, self.via(rparts.version).clone());
+        rparts.version = Version::HTTP_11;
+        // RFC 9111 §4.4: a successful unsafe request invalidates the target URI and the same-host
+        // URIs named by Location and Content-Location.
+        if !method.is_safe() && (rparts.status.is_success() || rparts.status.is_redirection()) {
+            let site = &self.config.sites[site_idx];
+            self.store.purge(
+                &PurgeTarget::Url {
+                    host,
+                    path_and_query: &key_target(site, pq.as_str()),
+                },
+                false,
+            );
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                if let Some(target) = rparts
+                    .headers
+                    .get(&name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|s| s.parse::<Uri>().ok())
+                {
+                    let same_host = target.host().is_none_or(|h| h.eq_ignore_ascii_case(host));
+                    if let (true, Some(p)) = (same_host, target.path_and_query()) {
+                        if p.as_str().starts_with('/') {
+                            self.store.purge(
+                                &PurgeTarget::Url {
+                                    host,
+                                    path_and_query: &key_target(site, p.as_str()),
+                                },
+                                false,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        rparts.headers = strip_cache_only(std::mem::take(&mut rparts.headers), &[]);
+        let status = after_upstream(&rparts.headers, status);
+        rparts.headers.insert(CACHE_STATUS.clone(), status);
+        let cache = if method.is_safe() { "bypass" } else { "pass" };
+        let body = if method == Method::HEAD {
+            Body::empty()
+        } else {
+            Body::stream(rbody)
+        };
+        (
+            Response::from_parts(rparts, body),
+            Outcome_::origin(cache, origin_index, origin_ms),
+        )
+    }
+}
+
+/// Bytes of a request body read before the origin is contacted (as nginx's
+/// `client_body_buffer_size`): a body that is malformed or stalls within them never reaches
+/// an origin. Larger bodies stream after this prefix.
+pub(super) const PREREAD_BYTES: usize = 64 << 10;
+
+pub(super) enum PrereadError {
+    Malformed,
+    TimedOut,
+}
+
+/// Reads up to [`PREREAD_BYTES`] of a request body, each frame within `timeout`.
+pub(super) async fn preread(
+    mut body: Incoming,
+    timeout: Duration,
+) -> Result<UpstreamBody, PrereadError> {
+    let mut buf = bytes::BytesMut::new();
+    while buf.len() < PREREAD_BYTES {
+        if body.is_end_stream() {
+            return Ok(UpstreamBody::new(buf.freeze(), None, None));
+        }
+        match tokio::time::timeout(timeout, body.frame()).await {
+            Err(_) => return Err(PrereadError::TimedOut),
+            Ok(None) => return Ok(UpstreamBody::new(buf.freeze(), None, None)),
+            Ok(Some(Err(_))) => return Err(PrereadError::Malformed),
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(d) => buf.extend_from_slice(&d),
+                Err(frame) => {
+                    let trailers = frame.into_trailers().ok();
+                    return Ok(UpstreamBody::new(buf.freeze(), trailers, None));
+                }
+            },
+        }
+    }
+    Ok(UpstreamBody::new(buf.freeze(), None, Some(body)))
+}
