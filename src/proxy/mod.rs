@@ -11,11 +11,13 @@ pub mod body;
 mod collapse;
 pub mod headers;
 mod limit;
+mod lookup;
 mod pass;
 pub mod path;
 mod purge;
 pub mod range;
 mod respond;
+mod route;
 pub mod sites;
 
 use std::borrow::Cow;
@@ -51,6 +53,8 @@ use admit::strip_cache_only;
 use answer::{after_upstream, ttl};
 use body::Body;
 use headers::{forward_request_headers, remove_hop_by_hop, via_value};
+use lookup::{host_value, key_target, Looked};
+use route::{Detour, Routed};
 use sites::{host_without_port, SiteTable};
 
 use crate::cache::entry::upstream_status;
@@ -612,213 +616,39 @@ impl Proxy {
         resp
     }
 
-    /// `normal`: the request's path was normalised already (see `path`).
+    /// Routes a request and answers it from the cache, or returns the work that waits for an
+    /// origin. `normal`: the request's path was normalised already (see `route`).
     fn serve(self: &Arc<Self>, req: Request<Incoming>, conn: ConnInfo, normal: bool) -> Served {
-        let h = req.headers();
-        // One pass over the field names for the fields asked about below: a request has a
-        // handful of fields, and comparing a standard name is comparing a byte, where each
-        // `contains_key` hashes the name and probes the map.
-        let (mut chunked, mut length, mut has_cc, mut has_pragma) = (false, false, false, false);
-        let (mut host_field, mut host_fields) = (None, 0u32);
-        let (mut connection, mut cdn_loop) = (false, false);
-        for (name, value) in h {
-            if name == header::CONNECTION {
-                connection = true;
-            } else if name == CDN_LOOP {
-                cdn_loop = true;
-            } else if name == header::HOST {
-                host_field = Some(value);
-                host_fields += 1;
-            } else if name == header::TRANSFER_ENCODING {
-                chunked = true;
-            } else if name == header::CONTENT_LENGTH {
-                length = true;
-            } else if name == header::CACHE_CONTROL {
-                has_cc = true;
-            } else if name == header::PRAGMA {
-                has_pragma = true;
+        let routed = match self.route(&req, conn, normal) {
+            Ok(routed) => routed,
+            Err(Detour::Answer(answer)) => return Served::Now(*answer),
+            Err(Detour::StripConnection) => {
+                let mut req = req;
+                headers::remove_hop_by_hop(req.headers_mut());
+                return self.serve(req, conn, normal);
             }
-        }
-        // RFC 9112 §6.3: both framings at once is how request smuggling starts; refuse and close.
-        // hyper's HTTP/1 parser already drops the length and closes after the response, so this
-        // guards any path (or future parser) that hands us both.
-        if chunked && length {
-            return Served::Now(refuse(
-                StatusCode::BAD_REQUEST,
-                "edgecache: Content-Length and Transfer-Encoding together\n",
-                true,
-            ));
-        }
-        // The fields `Connection` names are for this hop only and are never forwarded, so
-        // the key, `Vary` matching and rules must not see them either: otherwise
-        // `Accept-Language: de` with `Connection: accept-language` reaches the origin without
-        // the field and its default answer is stored as the `de` variant. Removed once, up
-        // front; the request then has no `Connection` field and is served as if sent so.
-        if connection {
-            let mut req = req;
-            headers::remove_hop_by_hop(req.headers_mut());
-            return self.serve(req, conn, normal);
-        }
-        // RFC 8586: our own `CDN-Loop` member means a site's origin leads back to this node
-        // (directly or through others); forwarding again would loop until a limit broke it.
-        if cdn_loop && self.is_loop(h) {
-            return Served::Now(refuse(
-                StatusCode::LOOP_DETECTED,
-                "edgecache: request loop: this request has already passed this node\n",
-                true,
-            ));
-        }
-        if req.method() == Method::CONNECT {
-            return Served::Now(refuse(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "edgecache: CONNECT is not supported\n",
-                false,
-            ));
-        }
-        let Some(pq) = req
-            .uri()
-            .path_and_query()
-            .filter(|p| p.as_str().starts_with('/'))
-        else {
-            return Served::Now(refuse(
-                StatusCode::BAD_REQUEST,
-                "edgecache: the request target must be a path\n",
-                true,
-            ));
+            Err(Detour::Rewrite(uri)) => {
+                let mut req = req;
+                *req.uri_mut() = uri;
+                return self.serve(req, conn, true);
+            }
         };
-        // The target's authority (absolute-form, HTTP/2 :authority) takes precedence over Host.
-        let authority = match req.uri().authority() {
-            Some(a) => a.as_str(),
-            None => match (host_field.and_then(|v| v.to_str().ok()), host_fields) {
-                (Some(v), 1) => v,
-                _ => {
-                    return Served::Now(refuse(
-                        StatusCode::BAD_REQUEST,
-                        "edgecache: exactly one Host header is required\n",
-                        true,
-                    ))
-                }
-            },
-        };
-        let Some(host) = host_without_port(authority).filter(|_| !authority.contains('@')) else {
-            return Served::Now(refuse(
-                StatusCode::BAD_REQUEST,
-                "edgecache: invalid Host\n",
-                true,
-            ));
-        };
-        let host: Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            Cow::Owned(host.to_ascii_lowercase())
-        } else {
-            Cow::Borrowed(host)
-        };
-        let Some(site_idx) = self.sites.find(&host) else {
-            // Never an open proxy: an unknown host reaches no origin.
-            return Served::Now(refuse(
-                StatusCode::MISDIRECTED_REQUEST,
-                "edgecache: this host is not served here\n",
-                false,
-            ));
-        };
+        let site_idx = routed.site;
         let site = &self.config.sites[site_idx];
-        // The `Host` sent upstream; built only where a request goes upstream, not per hit.
-        // The host as the key and the site table saw it (lowercase, no port, no trailing
-        // dot), as nginx's `$host`: the origin must not answer a request the key cannot tell
-        // apart from another (`Host: site.test:1337` stored for every client of `site.test`).
-        let host_value =
-            || HeaderValue::from_str(&host).unwrap_or(HeaderValue::from_static("invalid"));
-
-        // Methods the site does not serve are answered here, never forwarded (TRACE never is:
-        // it would echo the request, cookies and all, as nginx also refuses).
-        if !site.methods.allows(req.method()) {
-            let (mut resp, outcome) = refuse(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "edgecache: method not allowed\n",
-                false,
-            );
-            resp.headers_mut()
-                .insert(header::ALLOW, site.methods.allow().clone());
-            return Served::Now((resp, outcome));
-        }
-        // RFC 9110 §9.3.1: a GET or HEAD body has no meaning, and forwarding its framing
-        // without the bytes (or the bytes to an origin that does not expect them) leaves a
-        // pooled origin connection reading one request as another.
-        let cache_method = req.method() == Method::GET || req.method() == Method::HEAD;
-        if cache_method && !req.body().is_end_stream() {
-            return Served::Now(refuse(
-                StatusCode::BAD_REQUEST,
-                "edgecache: a GET or HEAD request may not have a body\n",
-                true,
-            ));
-        }
-        // The path as the key, the rules and the origin all see it: dot segments resolved,
-        // unreserved characters decoded (RFC 3986 §6.2.2). Normalised once; the request
-        // then carries the normal path and is served as if sent so.
-        if !normal {
-            match path::normalise(req.uri().path(), site.refuse_escaped_slashes) {
-                Ok(Cow::Borrowed(_)) => {}
-                Ok(Cow::Owned(p)) => {
-                    let target = match req.uri().query() {
-                        Some(q) => format!("{p}?{q}"),
-                        None => p,
-                    };
-                    let mut uri = req.uri().clone().into_parts();
-                    uri.path_and_query = PathAndQuery::try_from(target).ok();
-                    let Ok(uri) = Uri::from_parts(uri) else {
-                        return Served::Now(refuse(
-                            StatusCode::BAD_REQUEST,
-                            "edgecache: invalid request target\n",
-                            true,
-                        ));
-                    };
-                    let mut req = req;
-                    *req.uri_mut() = uri;
-                    return self.serve(req, conn, true);
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "path refused");
-                    return Served::Now(refuse(
-                        StatusCode::BAD_REQUEST,
-                        match e {
-                            path::PathError::AboveRoot => {
-                                "edgecache: the path climbs above the root\n"
-                            }
-                            path::PathError::EscapedSlash => {
-                                "edgecache: encoded slashes are not accepted here\n"
-                            }
-                            path::PathError::BadEncoding => {
-                                "edgecache: invalid percent-encoding in the path\n"
-                            }
-                        },
-                        true,
-                    ));
-                }
-            }
-        }
-
-        // Request rates (per client, per site): here, once the path is final, so a request
-        // served again after normalising is counted once.
-        if let Some(answer) = self
-            .limits
-            .check(site_idx, conn.peer.ip(), h, &self.locator)
-        {
-            return Served::Now(answer);
-        }
         if req.method().as_str() == "PURGE" {
-            let host = host.into_owned();
-            let key_pq = key_target(site, pq.as_str());
-            return Served::Now(self.purge_method(&req, conn, &host, &key_pq));
+            let key_pq = key_target(site, routed.pq.as_str());
+            return Served::Now(self.purge_method(&req, conn, &routed.host, &key_pq));
         }
         let rule = site.rule(req.uri().path());
-        if !cache_method || rule.is_some_and(|r| r.bypass) {
-            let detail = if cache_method {
+        if !routed.cache_method || rule.is_some_and(|r| r.bypass) {
+            let detail = if routed.cache_method {
                 "fwd=bypass"
             } else {
                 "fwd=method"
             };
             let status = self.cache_status(detail);
-            let host_value = host_value();
-            let host = host.into_owned();
+            let host_value = host_value(&routed.host);
+            let host = routed.host.into_owned();
             // Boxed, like the fetch below: only work that waits for an origin becomes a
             // future; everything before it (and every hit) runs in this call.
             let this = self.clone();
@@ -827,100 +657,14 @@ impl Proxy {
                     .await
             }));
         }
-
-        // cache_lookup
-        let req_cc = if has_cc {
-            CacheControl::from_headers(h)
-        } else {
-            CacheControl::default()
-        };
-        let asked_fresh = req_cc.no_cache
-            || req_cc.max_age == Some(0)
-            || (!has_cc
-                && has_pragma
-                && h.get(header::PRAGMA)
-                    .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"no-cache")));
-        let forced = asked_fresh && site.cache.client_no_cache == ClientNoCache::Revalidate;
-        let key_pq = key_target(site, pq.as_str());
-        let parts = KeyParts {
-            https: conn.https,
-            host: &host,
-            path_and_query: &key_pq,
-        };
-        let extra = key_extra(h, &site.cache.key_headers, &site.cache.key_cookies);
-        let hash = self.store.hash(&parts);
-        let now = SystemTime::now();
-        let stored = self.store.get(hash, &parts, extra.as_deref(), h);
-        let head = req.method() == Method::HEAD;
-        if let Some(entry) = &stored {
-            match policy::reuse(&entry.facts(now), &req_cc, forced) {
-                Reuse::Fresh => {
-                    return Served::Now((
-                        self.answer_from_entry(entry, h, head, now, self.hit.clone()),
-                        Outcome_::local("hit"),
-                    ))
-                }
-                Reuse::StaleAccepted => {
-                    let status = self
-                        .cache_status(&format!("hit; ttl={}; detail=max-stale", ttl(entry, now)));
-                    return Served::Now((
-                        self.answer_from_entry(entry, h, head, now, status),
-                        Outcome_::local("stale"),
-                    ));
-                }
-                Reuse::StaleWhileRevalidate => {
-                    let status = self.cache_status(&format!(
-                        "hit; fwd=stale; ttl={}; detail=stale-while-revalidate",
-                        ttl(entry, now)
-                    ));
-                    let resp = self.answer_from_entry(entry, h, head, now, status);
-                    self.refresh_in_background(
-                        &req,
-                        conn,
-                        site_idx,
-                        &parts,
-                        extra.clone(),
-                        hash,
-                        host_value(),
-                        entry.clone(),
-                    );
-                    return Served::Now((resp, Outcome_::local("stale")));
-                }
-                Reuse::Revalidate => {}
+        match self.lookup(&req, conn, &routed, rule) {
+            Looked::Answer(answer) => Served::Now(answer),
+            Looked::Miss(miss) => {
+                let (lookup, stale) = miss.into_lookup(req.into_parts().0);
+                let this = self.clone();
+                Served::Later(Box::pin(async move { this.fetch(lookup, stale).await }))
             }
         }
-        if req_cc.only_if_cached && stored.is_none() {
-            return Served::Now(refuse(
-                StatusCode::GATEWAY_TIMEOUT,
-                "edgecache: not cached (only-if-cached)\n",
-                false,
-            ));
-        }
-        let settings = rule
-            .map(|r| r.apply(&site.cache.settings))
-            .unwrap_or_else(|| site.cache.settings.clone());
-        let key = OwnedKey::new(&parts);
-        let miss = if stored.is_none() && self.store.contains(hash) {
-            "fwd=vary-miss"
-        } else {
-            "fwd=uri-miss"
-        };
-        let lookup = Lookup {
-            site: site_idx,
-            hash,
-            key,
-            extra,
-            settings,
-            forced,
-            head,
-            host_value: host_value(),
-            parts: Arc::new(req.into_parts().0),
-            conn,
-            ignore_range: false,
-            miss,
-        };
-        let this = self.clone();
-        Served::Later(Box::pin(async move { this.fetch(lookup, stored).await }))
     }
 
     /// Origins for a miss, best first: the site's route for where the client is, its pools in
@@ -1063,54 +807,6 @@ impl Proxy {
         }
     }
 
-    /// Starts one background revalidation for a stale entry (stale-while-revalidate).
-    #[allow(clippy::too_many_arguments)]
-    fn refresh_in_background(
-        self: &Arc<Self>,
-        req: &Request<Incoming>,
-        conn: ConnInfo,
-        site: usize,
-        parts: &KeyParts<'_>,
-        extra: Option<Box<str>>,
-        hash: u64,
-        host_value: HeaderValue,
-        stale: Arc<Entry>,
-    ) {
-        let (fill, leader) = self.fills.join(hash);
-        if !leader {
-            return;
-        }
-        let mut head = Request::new(());
-        *head.method_mut() = Method::GET;
-        *head.uri_mut() = req.uri().clone();
-        *head.version_mut() = req.version();
-        *head.headers_mut() = req.headers().clone();
-        let settings = {
-            let s = &self.config.sites[site];
-            s.rule(req.uri().path())
-                .map(|r| r.apply(&s.cache.settings))
-                .unwrap_or_else(|| s.cache.settings.clone())
-        };
-        let lookup = Lookup {
-            site,
-            hash,
-            key: OwnedKey::new(parts),
-            extra,
-            settings,
-            forced: false,
-            head: true,
-            parts: Arc::new(head.into_parts().0),
-            host_value,
-            conn,
-            ignore_range: true,
-            miss: "fwd=stale",
-        };
-        let proxy = self.clone();
-        tokio::spawn(async move {
-            let _ = proxy.lead(&lookup, fill, true, Some(stale)).await;
-        });
-    }
-
     /// Whether the peer is a trusted proxy whose forwarding fields are kept. The field it
     /// does not write (`server.client_address_header`) is the client's own and is dropped
     /// here, so it never reaches the origin as if the proxy had vouched for it.
@@ -1174,21 +870,6 @@ impl Drop for InFlight<'_> {
             s.inflight
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
-    }
-}
-
-/// The path and query as `site` keys them (parameters sorted or dropped as configured). The
-/// one normalisation for keys, what the origin is asked for, and purges: whatever the key
-/// ignores, the origin never sees. Borrows when nothing changes.
-fn key_target<'a>(site: &crate::config::Site, pq: &'a str) -> Cow<'a, str> {
-    match site.cache.query {
-        QueryMode::Keep if site.cache.query_ignore.is_empty() => Cow::Borrowed(pq),
-        mode => normalise_query(
-            pq,
-            mode == QueryMode::Sort,
-            mode == QueryMode::Ignore,
-            &site.cache.query_ignore,
-        ),
     }
 }
 
