@@ -37,11 +37,94 @@ impl Proxy {
             registered,
             armed: true,
         };
-        let site = &self.config.sites[lookup.site];
-        let client = &lookup.parts.headers;
+        let validators = stale.as_ref().filter(|s| s.has_validator());
+        let Some((pq, up_headers)) = self.upstream_request(lookup, validators) else {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "edgecache: invalid request target\n",
+                true,
+            );
+        };
+        let request_time = SystemTime::now();
+        let Some((origin, ms, result)) = self
+            .send_failover(
+                candidates,
+                &Method::GET,
+                &pq,
+                up_headers,
+                &lookup.host_value,
+                None,
+            )
+            .await
+        else {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "edgecache: invalid request target\n",
+                true,
+            );
+        };
+        let f = Fetched {
+            lookup,
+            stale: stale.as_ref(),
+            origin,
+            ms,
+            request_time,
+            base: if lookup.forced {
+                "fwd=request"
+            } else if stale.is_some() {
+                "fwd=stale"
+            } else {
+                lookup.miss
+            },
+        };
+        let resp = match result {
+            Ok(r) => r,
+            Err(e) => return self.origin_failed(&mut guard, &f, &e),
+        };
+        let response_time = SystemTime::now();
+        let (mut rparts, rbody) = resp.into_parts();
+        remove_hop_by_hop(&mut rparts.headers);
+        rparts
+            .headers
+            .append(header::VIA, self.via(rparts.version).clone());
+        rparts.version = Version::HTTP_11;
 
-        // origin_fetch: a whole-object GET; our own validators when revalidating.
-        let mut up_headers = client.clone();
+        // A 304 for our validators refreshes the stored response (RFC 9111 §4.3.4).
+        if let (StatusCode::NOT_MODIFIED, Some(s)) = (rparts.status, validators) {
+            return self.refresh(&mut guard, &f, s, &rparts.headers, response_time);
+        }
+        // An origin error with a usable stale response: serve stale (RFC 5861 §4).
+        let now = SystemTime::now();
+        if rparts.status.is_server_error() {
+            if let Some(s) = stale.as_ref().filter(|s| s.usable_if_error(now)) {
+                guard.publish(Outcome::Failed {
+                    status: rparts.status,
+                    unreachable: false,
+                });
+                let status = self.cache_status(&format!(
+                    "hit; fwd=stale; fwd-status={}; detail=stale-if-error",
+                    rparts.status.as_u16()
+                ));
+                return (
+                    self.answer_from_entry(s, &lookup.parts.headers, lookup.head, now, status),
+                    f.outcome("stale"),
+                );
+            }
+        }
+        let response = Response::from_parts(rparts, rbody);
+        self.admit(guard, &f, fill, registered, response, response_time)
+            .await
+    }
+
+    /// The whole-object GET for `lookup`: the client's fields without its conditionals,
+    /// range and framing, our validators when revalidating, forwarding fields and our
+    /// `CDN-Loop` member; the path and query as keyed. `None` for a target that is not one.
+    fn upstream_request(
+        &self,
+        lookup: &Lookup,
+        validators: Option<&Arc<Entry>>,
+    ) -> Option<(PathAndQuery, HeaderMap)> {
+        let mut up_headers = lookup.parts.headers.clone();
         // The GET sent has no body, so no framing field goes with it (a request with a body
         // never gets here).
         up_headers.remove(header::CONTENT_LENGTH);
@@ -50,7 +133,6 @@ impl Proxy {
                 up_headers.remove(f);
             }
         }
-        let validators = stale.as_ref().filter(|s| s.has_validator());
         if let Some(s) = validators {
             if let Some(etag) = s.headers.get(header::ETAG) {
                 up_headers.insert(header::IF_NONE_MATCH, etag.clone());
@@ -74,193 +156,154 @@ impl Proxy {
         // be stored for `?id=1`).
         let pq = match lookup.parts.uri.path_and_query() {
             Some(raw) if raw.as_str() == &*lookup.key.path_and_query => raw.clone(),
-            _ => match PathAndQuery::try_from(&*lookup.key.path_and_query) {
-                Ok(pq) => pq,
-                Err(_) => {
-                    return refuse(
-                        StatusCode::BAD_REQUEST,
-                        "edgecache: invalid request target\n",
-                        true,
-                    )
-                }
-            },
+            _ => PathAndQuery::try_from(&*lookup.key.path_and_query).ok()?,
         };
-        let request_time = SystemTime::now();
-        let Some((origin_index, origin_ms, result)) = self
-            .send_failover(
-                candidates,
-                &Method::GET,
-                &pq,
-                up_headers,
-                &lookup.host_value,
-                None,
-            )
-            .await
-        else {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "edgecache: invalid request target\n",
-                true,
-            );
-        };
-        let origin = &self.origins[origin_index];
-        let now = SystemTime::now();
-        let client_status_base = if lookup.forced {
-            "fwd=request"
-        } else if stale.is_some() {
-            "fwd=stale"
+        Some((pq, up_headers))
+    }
+
+    /// No response from the origin: stale if the entry allows it (stale-if-error, or the
+    /// origin unreachable), else 504 for an entry that had to be revalidated, else the error.
+    fn origin_failed(
+        &self,
+        guard: &mut LeaderGuard<'_>,
+        f: &Fetched<'_>,
+        e: &origin::Error,
+    ) -> Answer {
+        let (lookup, client) = (f.lookup, &f.lookup.parts.headers);
+        let name = &self.origins[f.origin].config.name;
+        tracing::warn!(origin = %name, error = %ErrorChain(e), "origin request failed");
+        let code = if e.is_timeout() {
+            StatusCode::GATEWAY_TIMEOUT
+        } else if e.is_saturated() {
+            StatusCode::SERVICE_UNAVAILABLE
         } else {
-            lookup.miss
+            StatusCode::BAD_GATEWAY
         };
+        // No answer at all (refused, reset, no address): the cache is disconnected from the
+        // origin, and RFC 9111 §4.2.4 lets it serve what it has unless the response says it
+        // must be revalidated, whatever grace the site gives.
+        let unreachable = e.is_connect() || e.is_broken();
+        guard.publish(Outcome::Failed {
+            status: code,
+            unreachable,
+        });
+        let now = SystemTime::now();
+        if let Some(s) = f.stale.filter(|s| s.usable_if_error(now)) {
+            let status = self.cache_status(&format!(
+                "hit; fwd=stale; fwd-status={}; detail=stale-if-error",
+                code.as_u16()
+            ));
+            return (
+                self.answer_from_entry(s, client, lookup.head, now, status),
+                f.outcome("stale"),
+            );
+        }
+        if let Some(s) = f
+            .stale
+            .filter(|s| unreachable && s.usable_when_disconnected())
+        {
+            let status = self.cache_status(&format!(
+                "hit; fwd=stale; fwd-status={}; detail=origin-unreachable",
+                code.as_u16()
+            ));
+            return (
+                self.answer_from_entry(s, client, lookup.head, now, status),
+                f.outcome("stale"),
+            );
+        }
+        if f.stale.is_some() {
+            // RFC 9111 §5.2.2.2: a stored response that may not be served stale and cannot be
+            // revalidated is answered with 504, never reused.
+            return (
+                respond::simple(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "edgecache: the stored response could not be revalidated\n",
+                    false,
+                ),
+                f.outcome("error"),
+            );
+        }
+        (respond::origin_error(e), f.outcome("error"))
+    }
 
-        let resp = match result {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(origin = %origin.config.name, error = %ErrorChain(&e), "origin request failed");
-                let code = if e.is_timeout() {
-                    StatusCode::GATEWAY_TIMEOUT
-                } else if e.is_saturated() {
-                    StatusCode::SERVICE_UNAVAILABLE
-                } else {
-                    StatusCode::BAD_GATEWAY
-                };
-                // No answer at all (refused, reset, no address): the cache is disconnected from
-                // the origin, and RFC 9111 §4.2.4 lets it serve what it has unless the response
-                // says it must be revalidated, whatever grace the site gives.
-                let unreachable = e.is_connect() || e.is_broken();
-                guard.publish(Outcome::Failed {
-                    status: code,
-                    unreachable,
-                });
-                if let Some(s) = stale.as_ref().filter(|s| s.usable_if_error(now)) {
-                    let status = self.cache_status(&format!(
-                        "hit; fwd=stale; fwd-status={}; detail=stale-if-error",
-                        code.as_u16()
-                    ));
-                    return (
-                        self.answer_from_entry(s, client, lookup.head, now, status),
-                        Outcome_::origin("stale", origin_index, origin_ms),
-                    );
-                }
-                if let Some(s) = stale
-                    .as_ref()
-                    .filter(|s| unreachable && s.usable_when_disconnected())
-                {
-                    let status = self.cache_status(&format!(
-                        "hit; fwd=stale; fwd-status={}; detail=origin-unreachable",
-                        code.as_u16()
-                    ));
-                    return (
-                        self.answer_from_entry(s, client, lookup.head, now, status),
-                        Outcome_::origin("stale", origin_index, origin_ms),
-                    );
-                }
-                if stale.is_some() {
-                    // RFC 9111 §5.2.2.2: a stored response that may not be served stale and
-                    // cannot be revalidated is answered with 504, never reused.
-                    return (
-                        respond::simple(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "edgecache: the stored response could not be revalidated\n",
-                            false,
-                        ),
-                        Outcome_::origin("error", origin_index, origin_ms),
-                    );
-                }
-                return (
-                    respond::origin_error(&e),
-                    Outcome_::origin("error", origin_index, origin_ms),
-                );
-            }
+    /// A 304 for our validators: the stored response refreshed with its fields (RFC 9111
+    /// §4.3.4), stored and shared when it may be, answered from either way.
+    fn refresh(
+        &self,
+        guard: &mut LeaderGuard<'_>,
+        f: &Fetched<'_>,
+        s: &Entry,
+        not_modified: &HeaderMap,
+        response_time: SystemTime,
+    ) -> Answer {
+        let (lookup, client) = (f.lookup, &f.lookup.parts.headers);
+        let mut headers = s.headers.clone();
+        policy::refresh_headers(&mut headers, not_modified);
+        let facts = RequestFacts {
+            method: &Method::GET,
+            has_authorization: client.contains_key(header::AUTHORIZATION),
+            cache_control: &CacheControl::default(),
         };
-        let response_time = SystemTime::now();
-        let (mut rparts, rbody) = resp.into_parts();
-        remove_hop_by_hop(&mut rparts.headers);
-        rparts
-            .headers
-            .append(header::VIA, self.via(rparts.version).clone());
-        rparts.version = Version::HTTP_11;
-
-        // A 304 for our validators refreshes the stored response (RFC 9111 §4.3.4).
-        if rparts.status == StatusCode::NOT_MODIFIED {
-            if let Some(s) = validators {
-                let mut headers = s.headers.clone();
-                policy::refresh_headers(&mut headers, &rparts.headers);
-                let facts = RequestFacts {
-                    method: &Method::GET,
-                    has_authorization: client.contains_key(header::AUTHORIZATION),
-                    cache_control: &CacheControl::default(),
-                };
-                let decision =
-                    policy::storable(facts, s.status, &headers, &lookup.settings, response_time);
-                let initial_age =
-                    policy::corrected_initial_age(&rparts.headers, request_time, response_time);
-                // What the 304 says to this client alone (`Set-Cookie`, fields named by
-                // `private=` / `no-cache=`) is stripped as on store: it never enters the
-                // shared copy, and only this client receives it.
-                let mut strip = decision
-                    .as_ref()
-                    .map(|d| d.strip.clone())
-                    .unwrap_or_default();
-                if !strip.iter().any(|n| n.eq_ignore_ascii_case("set-cookie")) {
-                    strip.push("set-cookie".into());
-                }
-                let personal: Vec<(HeaderName, HeaderValue)> = rparts
-                    .headers
-                    .iter()
-                    .filter(|(n, _)| strip.iter().any(|f| f.eq_ignore_ascii_case(n.as_str())))
-                    .map(|(n, v)| (n.clone(), v.clone()))
-                    .collect();
-                let stored_ok = decision.is_ok();
-                let refreshed = s.refreshed(
-                    strip_cache_only(headers, &strip),
-                    response_time,
-                    initial_age,
-                    decision.unwrap_or_else(|_| s.decision.clone()),
-                );
-                // The refreshed entry is built once: stored, shared with followers and
-                // answered from when storable; otherwise answered from for this client only,
-                // the old one removed, and followers fetch for themselves.
-                let entry = if stored_ok {
-                    let entry = self.store.insert_shared(lookup.hash, refreshed);
-                    guard.publish(Outcome::Ready(entry.clone()));
-                    entry
-                } else {
-                    self.store.remove(lookup.hash);
-                    guard.publish(Outcome::Uncacheable);
-                    Arc::new(refreshed)
-                };
-                let status = self.cache_status(&format!("{client_status_base}; fwd-status=304"));
-                let mut resp =
-                    self.answer_from_entry(&entry, client, lookup.head, response_time, status);
-                for (name, value) in personal {
-                    resp.headers_mut().append(name, value);
-                }
-                return (
-                    resp,
-                    Outcome_::origin("revalidated", origin_index, origin_ms),
-                );
-            }
+        let decision = policy::storable(facts, s.status, &headers, &lookup.settings, response_time);
+        let initial_age =
+            policy::corrected_initial_age(not_modified, f.request_time, response_time);
+        // What the 304 says to this client alone (`Set-Cookie`, fields named by `private=` /
+        // `no-cache=`) is stripped as on store: it never enters the shared copy, and only
+        // this client receives it.
+        let mut strip = decision
+            .as_ref()
+            .map(|d| d.strip.clone())
+            .unwrap_or_default();
+        if !strip.iter().any(|n| n.eq_ignore_ascii_case("set-cookie")) {
+            strip.push("set-cookie".into());
         }
-        // An origin error with a usable stale response: serve stale (RFC 5861 §4).
-        if rparts.status.is_server_error() {
-            if let Some(s) = stale.as_ref().filter(|s| s.usable_if_error(now)) {
-                guard.publish(Outcome::Failed {
-                    status: rparts.status,
-                    unreachable: false,
-                });
-                let status = self.cache_status(&format!(
-                    "hit; fwd=stale; fwd-status={}; detail=stale-if-error",
-                    rparts.status.as_u16()
-                ));
-                return (
-                    self.answer_from_entry(s, client, lookup.head, now, status),
-                    Outcome_::origin("stale", origin_index, origin_ms),
-                );
-            }
+        let personal: Vec<(HeaderName, HeaderValue)> = not_modified
+            .iter()
+            .filter(|(n, _)| strip.iter().any(|f| f.eq_ignore_ascii_case(n.as_str())))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        let stored_ok = decision.is_ok();
+        let refreshed = s.refreshed(
+            strip_cache_only(headers, &strip),
+            response_time,
+            initial_age,
+            decision.unwrap_or_else(|_| s.decision.clone()),
+        );
+        // The refreshed entry is built once: stored, shared with followers and answered from
+        // when storable; otherwise answered from for this client only, the old one removed,
+        // and followers fetch for themselves.
+        let entry = if stored_ok {
+            let entry = self.store.insert_shared(lookup.hash, refreshed);
+            guard.publish(Outcome::Ready(entry.clone()));
+            entry
+        } else {
+            self.store.remove(lookup.hash);
+            guard.publish(Outcome::Uncacheable);
+            Arc::new(refreshed)
+        };
+        let status = self.cache_status(&format!("{}; fwd-status=304", f.base));
+        let mut resp = self.answer_from_entry(&entry, client, lookup.head, response_time, status);
+        for (name, value) in personal {
+            resp.headers_mut().append(name, value);
         }
+        (resp, f.outcome("revalidated"))
+    }
 
-        // cache_store
+    /// cache_store: whether the response may be stored (and as which variant); if not, it is
+    /// passed on as it comes; a small one is read whole and stored before anyone is answered;
+    /// a larger one is published as a fill that a [`Pump`] reads into the store.
+    async fn admit(
+        self: &Arc<Self>,
+        mut guard: LeaderGuard<'_>,
+        f: &Fetched<'_>,
+        fill: Arc<Fill>,
+        registered: bool,
+        response: Response<Incoming>,
+        response_time: SystemTime,
+    ) -> Answer {
+        let (lookup, client) = (f.lookup, &f.lookup.parts.headers);
+        let site = &self.config.sites[lookup.site];
+        let (mut rparts, rbody) = response.into_parts();
         let facts = RequestFacts {
             method: &Method::GET,
             has_authorization: client.contains_key(header::AUTHORIZATION),
@@ -302,92 +345,25 @@ impl Proxy {
             Ok(d) => d,
             Err(reason) => {
                 guard.publish(Outcome::Uncacheable);
-                // Errors are not a property of the URL: keep collapsing so a failing origin is
-                // not hit by every waiting client at once.
-                if !rparts.status.is_server_error()
-                    && !matches!(
-                        reason,
-                        NoStoreReason::RequestNoStore
-                            | NoStoreReason::Authorization
-                            | NoStoreReason::VariantRate
-                    )
-                {
-                    self.store
-                        .mark_hit_for_miss(lookup.hash, site.cache.hit_for_miss);
-                }
-                if stale.is_some() && !rparts.status.is_server_error() {
-                    // The origin's current answer supersedes what we held (a 5xx does not: §4.3.3).
-                    self.store.remove(lookup.hash);
-                }
-                let ours =
-                    self.cache_status(&format!("{client_status_base}; detail={}", reason.as_str()));
-                let status = after_upstream(&rparts.headers, ours);
-                rparts.headers.insert(CACHE_STATUS.clone(), status);
-                let body = if lookup.head {
-                    Body::empty()
-                } else {
-                    Body::stream(rbody)
-                };
-                return (
-                    Response::from_parts(rparts, body),
-                    Outcome_::origin("pass", origin_index, origin_ms),
-                );
+                return self.not_stored(f, reason, rparts, rbody);
             }
         };
+        let stored = Stored {
+            vary,
+            decision,
+            tags,
+            response_time,
+        };
         if content_length.is_some_and(|n| n <= SMALL_OBJECT) {
-            // A small object is read whole before anyone is answered: followers are then
-            // served from the stored entry, with no streaming machinery per request.
-            let mut body = rbody;
-            let mut buf = bytes::BytesMut::with_capacity(content_length.unwrap_or(0) as usize);
-            let complete = loop {
-                match tokio::time::timeout(origin.config.timeout, body.frame()).await {
-                    Ok(None) => break true,
-                    Ok(Some(Ok(frame))) => {
-                        if let Some(d) = frame.data_ref() {
-                            buf.extend_from_slice(d);
-                        }
-                    }
-                    _ => break false,
-                }
-            };
-            if !complete || buf.len() as u64 != content_length.unwrap_or(0) {
-                guard.publish(Outcome::Failed {
-                    status: StatusCode::BAD_GATEWAY,
-                    unreachable: false,
-                });
-                return (
-                    respond::simple(
-                        StatusCode::BAD_GATEWAY,
-                        "edgecache: the origin's response was cut off\n",
-                        false,
-                    ),
-                    Outcome_::origin("error", origin_index, origin_ms),
-                );
-            }
-            let initial_age =
-                policy::corrected_initial_age(&rparts.headers, request_time, response_time);
-            let entry = Entry::new(
-                lookup.key.clone(),
-                vary,
-                rparts.status,
-                rparts.headers,
-                buf.freeze(),
-                response_time,
-                initial_age,
-                decision,
-                tags,
-            );
-            let entry = self.store.insert_shared(lookup.hash, entry);
-            guard.publish(Outcome::Ready(entry.clone()));
-            let status = self.stored_status(client_status_base, stale.is_some());
-            let resp =
-                self.answer_from_entry(&entry, client, lookup.head, SystemTime::now(), status);
-            return (resp, Outcome_::origin("miss", origin_index, origin_ms));
+            let expected = content_length.unwrap_or(0);
+            return self
+                .store_small(guard, f, stored, rparts, rbody, expected)
+                .await;
         }
         let fhead = Arc::new(FillHead {
             status: rparts.status,
             headers: rparts.headers.clone(),
-            vary: vary.clone(),
+            vary: stored.vary.clone(),
             content_length,
         });
         guard.publish(Outcome::Streaming(fhead.clone()));
@@ -406,25 +382,25 @@ impl Proxy {
             fill,
             registered,
             key: lookup.key.clone(),
-            vary,
+            vary: stored.vary,
             status: rparts.status,
             headers: rparts.headers,
-            request_time,
+            request_time: f.request_time,
             response_time,
-            decision,
-            tags,
+            decision: stored.decision,
+            tags: stored.tags,
             limit,
-            idle: origin.config.timeout,
+            idle: self.origins[f.origin].config.timeout,
             hit_for_miss: site.cache.hit_for_miss,
         };
         tokio::spawn(pump.run(rbody));
         if let Some(fill) = done {
             // A range is cut from the stored object once it is complete.
             if let Some(e) = self.stored_after(&fill, lookup).await {
-                let status = self.miss_status(client_status_base, false);
+                let status = self.miss_status(f.base, false);
                 return (
                     self.answer_from_entry(&e, client, lookup.head, SystemTime::now(), status),
-                    Outcome_::origin("miss", origin_index, origin_ms),
+                    f.outcome("miss"),
                 );
             }
             let lookup = Lookup {
@@ -433,11 +409,109 @@ impl Proxy {
             };
             return Box::pin(self.lead(&lookup, Arc::new(Fill::default()), false, None)).await;
         }
-        let status = self.stored_status(client_status_base, stale.is_some());
+        let status = self.stored_status(f.base, f.stale.is_some());
         (
             self.answer_from_fill(&fhead, reader, client, lookup.head, status),
-            Outcome_::origin("miss", origin_index, origin_ms),
+            f.outcome("miss"),
         )
+    }
+
+    /// A response that may not be stored, passed on as it comes (marked hit-for-miss when
+    /// that is a property of the URL).
+    fn not_stored(
+        &self,
+        f: &Fetched<'_>,
+        reason: NoStoreReason,
+        mut rparts: http::response::Parts,
+        rbody: Incoming,
+    ) -> Answer {
+        let lookup = f.lookup;
+        // Errors are not a property of the URL: keep collapsing so a failing origin is not hit
+        // by every waiting client at once.
+        if !rparts.status.is_server_error()
+            && !matches!(
+                reason,
+                NoStoreReason::RequestNoStore
+                    | NoStoreReason::Authorization
+                    | NoStoreReason::VariantRate
+            )
+        {
+            let hit_for_miss = self.config.sites[lookup.site].cache.hit_for_miss;
+            self.store.mark_hit_for_miss(lookup.hash, hit_for_miss);
+        }
+        if f.stale.is_some() && !rparts.status.is_server_error() {
+            // The origin's current answer supersedes what we held (a 5xx does not: §4.3.3).
+            self.store.remove(lookup.hash);
+        }
+        let ours = self.cache_status(&format!("{}; detail={}", f.base, reason.as_str()));
+        let status = after_upstream(&rparts.headers, ours);
+        rparts.headers.insert(CACHE_STATUS.clone(), status);
+        let body = if lookup.head {
+            Body::empty()
+        } else {
+            Body::stream(rbody)
+        };
+        (Response::from_parts(rparts, body), f.outcome("pass"))
+    }
+
+    /// A small object is read whole before anyone is answered: followers are then served from
+    /// the stored entry, with no streaming machinery per request.
+    async fn store_small(
+        &self,
+        mut guard: LeaderGuard<'_>,
+        f: &Fetched<'_>,
+        stored: Stored,
+        rparts: http::response::Parts,
+        mut body: Incoming,
+        expected: u64,
+    ) -> Answer {
+        let lookup = f.lookup;
+        let timeout = self.origins[f.origin].config.timeout;
+        let mut buf = bytes::BytesMut::with_capacity(expected as usize);
+        let complete = loop {
+            match tokio::time::timeout(timeout, body.frame()).await {
+                Ok(None) => break true,
+                Ok(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        buf.extend_from_slice(d);
+                    }
+                }
+                _ => break false,
+            }
+        };
+        if !complete || buf.len() as u64 != expected {
+            guard.publish(Outcome::Failed {
+                status: StatusCode::BAD_GATEWAY,
+                unreachable: false,
+            });
+            return (
+                respond::simple(
+                    StatusCode::BAD_GATEWAY,
+                    "edgecache: the origin's response was cut off\n",
+                    false,
+                ),
+                f.outcome("error"),
+            );
+        }
+        let initial_age =
+            policy::corrected_initial_age(&rparts.headers, f.request_time, stored.response_time);
+        let entry = Entry::new(
+            lookup.key.clone(),
+            stored.vary,
+            rparts.status,
+            rparts.headers,
+            buf.freeze(),
+            stored.response_time,
+            initial_age,
+            stored.decision,
+            stored.tags,
+        );
+        let entry = self.store.insert_shared(lookup.hash, entry);
+        guard.publish(Outcome::Ready(entry.clone()));
+        let status = self.stored_status(f.base, f.stale.is_some());
+        let client = &lookup.parts.headers;
+        let resp = self.answer_from_entry(&entry, client, lookup.head, SystemTime::now(), status);
+        (resp, f.outcome("miss"))
     }
 
     /// Waits for `fill` to complete and returns the entry it stored for `lookup`, if any.
@@ -453,6 +527,33 @@ impl Proxy {
             &lookup.parts.headers,
         )
     }
+}
+
+/// What the leader knows once the origin has answered or failed.
+pub(super) struct Fetched<'a> {
+    lookup: &'a Lookup,
+    /// The stored response being revalidated, if any.
+    stale: Option<&'a Arc<Entry>>,
+    /// The origin asked, and its time to the response head in milliseconds.
+    origin: usize,
+    ms: f64,
+    request_time: SystemTime,
+    /// The forward reason in the client's `Cache-Status` (`fwd=uri-miss`, `fwd=stale`...).
+    base: &'static str,
+}
+
+impl Fetched<'_> {
+    fn outcome(&self, cache: &'static str) -> Outcome_ {
+        Outcome_::origin(cache, self.origin, self.ms)
+    }
+}
+
+/// How a storable response is stored.
+pub(super) struct Stored {
+    vary: VaryKey,
+    decision: StoreDecision,
+    tags: Box<[Box<str>]>,
+    response_time: SystemTime,
 }
 
 /// Publishes `Retry` if the leader goes away (client disconnect) before publishing.
