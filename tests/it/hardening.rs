@@ -355,3 +355,44 @@ async fn a_dead_origin_does_not_turn_cached_content_into_errors() {
         assert_eq!(g.status, 504, "{p}: {:?}", g.header("cache-status"));
     }
 }
+
+/// A write to one URL invalidates that URL only: it used to clear every hit-for-miss marker,
+/// turning collapsing back on for every uncacheable URL. With its marker kept, concurrent
+/// requests for an uncacheable URL each go to the origin at once instead of queueing behind
+/// one another's fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_one_url_keeps_other_urls_hit_for_miss_markers() {
+    let origin = TestOrigin::start().await;
+    origin.route("/nc", Route::ok("nc").header("cache-control", "no-store"));
+    origin.route(
+        "/other",
+        Route::ok("o").header("cache-control", "max-age=60"),
+    );
+    let node = TestNode::start("", &one_site(&origin, "")).await;
+    // Uncacheable once: marked hit-for-miss (10 s by default).
+    get(node.http, "site.test", "/nc").await;
+    let post = send(node.http, request("POST", "site.test", "/other", &[])).await;
+    assert_eq!(post.status, 200);
+    // Now slow: a collapsed request would wait for the first one's 6 s answer.
+    origin.route(
+        "/nc",
+        Route::ok("nc")
+            .header("cache-control", "no-store")
+            .delay(Duration::from_secs(6)),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let addr = node.http;
+        tasks.push(tokio::spawn(
+            async move { get(addr, "site.test", "/nc").await },
+        ));
+    }
+    assert!(
+        eventually(Duration::from_secs(4), || origin.count("/nc") == 5).await,
+        "the four requests went to the origin at once ({})",
+        origin.count("/nc")
+    );
+    for t in tasks {
+        assert_eq!(&t.await.expect("client").body[..], b"nc");
+    }
+}
