@@ -1,7 +1,7 @@
 //! Raw TOML types to validated [`Config`]: every problem is collected, with its position.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -681,6 +681,7 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
     }
 
     let admin = raw.admin.as_ref().map(|a| admin(ck, a));
+    overlapping_listeners(ck, &raw, &server, admin.as_ref());
     let retries = retries(ck, &raw.retries);
     let dns = dns(ck, &raw.dns);
 
@@ -1330,6 +1331,130 @@ fn addresses(ck: &mut Checker<'_>, key: &str, list: &[Spanned<String>]) -> Vec<S
     out
 }
 
+/// One listen address as configured: `span` is `None` for a default (`server.http` when no
+/// listener is given, `admin.listen` when `[admin]` names none).
+struct Listener {
+    addr: SocketAddr,
+    key: &'static str,
+    span: Option<Range<usize>>,
+}
+
+/// Reports every listen address (`server.http`, `server.https`, `admin.listen`) that `run`
+/// could not bind because an earlier one holds its port: the same address, or an address
+/// under a wildcard on the same port (`0.0.0.0:P` holds P on every IPv4 address; `[::]:P` on
+/// every IPv6 and IPv4 address, since `server::bind` leaves the socket dual-stack, Linux's
+/// default with `net.ipv6.bindv6only = 0`). Port 0 (any free port) never clashes. Each later
+/// address is reported once, at its own position, naming the first one it clashes with.
+fn overlapping_listeners(
+    ck: &mut Checker<'_>,
+    raw: &RawConfig,
+    server: &Server,
+    admin: Option<&Admin>,
+) {
+    let mut all = Vec::new();
+    let written = |key: &'static str, list: &[Spanned<String>], all: &mut Vec<Listener>| {
+        for a in list {
+            if let Ok(addr) = a.get_ref().parse() {
+                all.push(Listener {
+                    addr,
+                    key,
+                    span: Some(a.span()),
+                });
+            }
+        }
+    };
+    if raw.server.http.is_empty() && raw.server.https.is_empty() {
+        all.extend(server.http.iter().map(|&addr| Listener {
+            addr,
+            key: "server.http",
+            span: None,
+        }));
+    }
+    written("server.http", &raw.server.http, &mut all);
+    written("server.https", &raw.server.https, &mut all);
+    match (admin, raw.admin.as_ref().and_then(|a| a.listen.as_ref())) {
+        (Some(_), Some(l)) => written("admin.listen", std::slice::from_ref(l), &mut all),
+        (Some(a), None) => all.push(Listener {
+            addr: a.listen,
+            key: "admin.listen",
+            span: None,
+        }),
+        (None, _) => {}
+    }
+    for (i, later) in all.iter().enumerate() {
+        let Some((earlier, why)) = all[..i]
+            .iter()
+            .find_map(|e| listeners_clash(e.addr, later.addr).map(|why| (e, why)))
+        else {
+            continue;
+        };
+        // Reported where it was written; a default has no position, so a clash with one is
+        // reported at the other address.
+        let (at, other) = match &later.span {
+            Some(_) => (later, earlier),
+            None => (earlier, later),
+        };
+        let Some(span) = at.span.clone() else {
+            continue;
+        };
+        let other_is = match &other.span {
+            Some(s) => {
+                let (line, column) = ck.position(s.start);
+                format!("{} at {line}:{column}", other.key)
+            }
+            None => format!("the default {}", other.key),
+        };
+        let message = match why {
+            Clash::Same => format!(
+                "{} is also {other_is}: run could not bind it twice",
+                at.addr
+            ),
+            Clash::Under(wildcard) => format!(
+                "{} overlaps {} ({other_is}): {wildcard}, so run could not bind both",
+                at.addr, other.addr
+            ),
+        };
+        ck.error(span, at.key, message);
+    }
+}
+
+/// Why two listen addresses cannot both be bound.
+#[derive(Debug, PartialEq)]
+enum Clash {
+    Same,
+    /// One is a wildcard holding the other's port; the text says which and how far it reaches.
+    Under(&'static str),
+}
+
+fn listeners_clash(a: SocketAddr, b: SocketAddr) -> Option<Clash> {
+    if a.port() == 0 || a.port() != b.port() {
+        return None;
+    }
+    // An IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) is bound as the IPv4 address.
+    let ip = |s: SocketAddr| match s.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let (x, y) = (ip(a), ip(b));
+    if x == y {
+        return Some(Clash::Same);
+    }
+    let under = |wild: IpAddr, other: IpAddr| match wild {
+        IpAddr::V4(w) => w.is_unspecified() && other.is_ipv4(),
+        IpAddr::V6(w) => w.is_unspecified(),
+    };
+    for (wild, other) in [(x, y), (y, x)] {
+        if under(wild, other) {
+            return Some(Clash::Under(if wild.is_ipv4() {
+                "0.0.0.0 holds the port on every IPv4 address"
+            } else {
+                "[::] holds the port on every IPv6 and IPv4 address (a dual-stack socket)"
+            }));
+        }
+    }
+    None
+}
+
 /// An address or CIDR block. IPv4-mapped IPv6 forms (`::ffff:10.0.0.0/104`) become the IPv4
 /// network they name: peers and forwarded addresses are matched as IPv4 (`server::canonical`),
 /// so a mapped network would otherwise never match anything.
@@ -1653,6 +1778,62 @@ mod tests {
         check("::ffff:0:0/95", "::ffff:0:0/95");
         check("2001:db8::/32", "2001:db8::/32");
         check("10.0.0.0/8", "10.0.0.0/8");
+    }
+
+    #[test]
+    fn listeners_that_run_could_not_bind_are_reported_where_written() {
+        // HTTPS listeners without certificates are reported too; not the point here.
+        let with = |server: &str, admin: &str| -> Vec<String> {
+            let mut e = errors(&format!("{server}{admin}{MINIMAL}"));
+            e.retain(|e| !e.contains("[[tls.certificates]]"));
+            e
+        };
+        let e = with(
+            "[server]\nhttp = [\"127.0.0.1:8080\", \"0.0.0.0:8080\"]\nhttps = [\"127.0.0.1:8080\"]\n",
+            "[admin]\nlisten = \"127.0.0.1:8080\"\n",
+        );
+        assert_eq!(
+            e,
+            [
+                "t.toml:2:27: server.http: 0.0.0.0:8080 overlaps 127.0.0.1:8080 (server.http at 2:9): \
+                 0.0.0.0 holds the port on every IPv4 address, so run could not bind both",
+                "t.toml:3:10: server.https: 127.0.0.1:8080 is also server.http at 2:9: \
+                 run could not bind it twice",
+                "t.toml:5:10: admin.listen: 127.0.0.1:8080 is also server.http at 2:9: \
+                 run could not bind it twice",
+            ]
+        );
+        // [::] is dual-stack: it holds the port for IPv4 too.
+        let e = with(
+            "[server]\nhttp = [\"[::]:80\"]\nhttps = [\"10.0.0.1:80\"]\n",
+            "",
+        );
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("t.toml:3:10: server.https: 10.0.0.1:80 overlaps [::]:80 (server.http at 2:9): [::] holds"),
+            "{e:?}"
+        );
+        // A default has no position: the address written is reported.
+        let e = with("[server]\nhttp = [\"0.0.0.0:9090\"]\n", "[admin]\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("t.toml:2:9: server.http: 0.0.0.0:9090 overlaps 127.0.0.1:9090 (the default admin.listen)"),
+            "{e:?}"
+        );
+        let e = with("", "[admin]\nlisten = \"[::ffff:127.0.0.1]:8080\"\n");
+        assert!(
+            e[0].starts_with("t.toml:2:10: admin.listen: [::ffff:127.0.0.1]:8080 overlaps 0.0.0.0:8080 (the default server.http)"),
+            "{e:?}"
+        );
+        // What binds side by side is accepted: port 0 (any free port each time), other
+        // ports, other addresses of one family, [::1] beside 0.0.0.0.
+        for ok in [
+            "[server]\nhttp = [\"127.0.0.1:0\", \"127.0.0.1:0\"]\nhttps = [\"[::]:0\"]\n",
+            "[server]\nhttp = [\"127.0.0.1:80\", \"127.0.0.2:80\", \"127.0.0.1:81\"]\n",
+            "[server]\nhttp = [\"0.0.0.0:80\", \"[::1]:80\"]\n",
+        ] {
+            assert_eq!(with(ok, "[admin]\n"), Vec::<String>::new(), "{ok}");
+        }
     }
 
     #[test]

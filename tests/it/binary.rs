@@ -91,6 +91,27 @@ fn malformed_config_names_file_line_and_key() {
     assert!(e.starts_with("bad.toml:1:"), "{e}");
 }
 
+/// `check` used to accept listen addresses that `run` then failed to bind.
+#[test]
+fn check_refuses_listen_addresses_that_run_could_not_bind() {
+    let text = "[server]\nhttp = [\"0.0.0.0:8080\", \"127.0.0.1:8081\"]\n\
+                [admin]\nlisten = \"127.0.0.1:8080\"\n\
+                [[origins]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\n\
+                [[sites]]\nhosts = [\"x\"]\norigin = \"a\"\n";
+    let e = check_error(text);
+    assert_eq!(
+        e.trim_end(),
+        "bad.toml:4:10: admin.listen: 127.0.0.1:8080 overlaps 0.0.0.0:8080 (server.http at 2:9): \
+         0.0.0.0 holds the port on every IPv4 address, so run could not bind both",
+    );
+    let e = check_error(&text.replace("127.0.0.1:8081", "0.0.0.0:8080"));
+    assert_eq!(e.lines().count(), 2, "{e}");
+    assert!(
+        e.starts_with("bad.toml:2:25: server.http: 0.0.0.0:8080 is also server.http at 2:9"),
+        "{e}"
+    );
+}
+
 #[test]
 fn certificate_not_matching_its_key_is_reported() {
     let dir = tempfile::tempdir().expect("tempdir");
