@@ -632,17 +632,20 @@ pub fn evaluate_preconditions(request: &HeaderMap, stored: &HeaderMap) -> Precon
     }
     let etag = stored.get(header::ETAG).and_then(|v| v.to_str().ok());
     let last_modified = stored.get(header::LAST_MODIFIED).and_then(http_date);
+    // `*` holds for any current representation (RFC 9110 §13.1.1, §13.1.2): the stored one,
+    // with or without an ETag.
     if let Some(im) = joined(request, header::IF_MATCH) {
-        if !etag.is_some_and(|e| list_matches(&im, e, true)) {
+        if !(im.trim() == "*" || etag.is_some_and(|e| list_matches(&im, e, true))) {
             return Precondition::Failed;
         }
     } else if let Some(ius) = request.get(header::IF_UNMODIFIED_SINCE).and_then(http_date) {
-        if last_modified.is_none_or(|lm| lm > ius) {
+        // Ignored when there is no Last-Modified to compare (RFC 9110 §13.1.4).
+        if last_modified.is_some_and(|lm| lm > ius) {
             return Precondition::Failed;
         }
     }
     if let Some(inm) = joined(request, header::IF_NONE_MATCH) {
-        if list_matches(&inm, etag.unwrap_or(""), false) && (etag.is_some() || inm.trim() == "*") {
+        if inm.trim() == "*" || etag.is_some_and(|e| list_matches(&inm, e, false)) {
             return Precondition::NotModified;
         }
     } else if let Some(ims) = request.get(header::IF_MODIFIED_SINCE).and_then(http_date) {
@@ -1335,6 +1338,33 @@ mod tests {
             pre(&[("if-match", "W/\"v1\"")], &weak),
             Precondition::Failed,
             "If-Match is strong"
+        );
+    }
+
+    /// Found by the property `preconditions_follow_rfc_9110_section_13_2_2`: a stored response
+    /// without Last-Modified answered If-Unmodified-Since with 412.
+    #[test]
+    fn if_unmodified_since_without_last_modified_is_ignored_rfc_9110_section_13_1_4() {
+        let since = [("if-unmodified-since", "Mon, 02 Nov 2026 10:00:00 GMT")];
+        assert_eq!(pre(&since, &[("etag", "\"v1\"")]), Precondition::Proceed);
+        assert_eq!(pre(&since, &[]), Precondition::Proceed);
+    }
+
+    /// Found by the same property: `*` needed a stored ETag, so a GET with `If-Match: *`
+    /// got 412 and one with `If-None-Match: *` got 200 from a response stored without one.
+    #[test]
+    fn star_matches_a_stored_response_without_an_etag_rfc_9110_section_13_1_1() {
+        assert_eq!(pre(&[("if-match", "*")], &[]), Precondition::Proceed);
+        assert_eq!(
+            pre(&[("if-none-match", "*")], &[]),
+            Precondition::NotModified
+        );
+        let dated = [("last-modified", "Tue, 03 Nov 2026 10:00:00 GMT")];
+        assert_eq!(pre(&[("if-match", "*")], &dated), Precondition::Proceed);
+        assert_eq!(pre(&[("if-match", "\"v1\"")], &dated), Precondition::Failed);
+        assert_eq!(
+            pre(&[("if-none-match", " * ")], &dated),
+            Precondition::NotModified
         );
     }
 
