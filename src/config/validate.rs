@@ -64,7 +64,7 @@ pub(super) fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, E
                 line,
                 column,
                 key: e.span().and_then(|s| key_at(text, s.start)),
-                message: e.message().trim_end().to_owned(),
+                message: parse_message(e.message(), e.span().and_then(|s| text.get(s.start..))),
             }]));
         }
     };
@@ -73,6 +73,26 @@ pub(super) fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, E
         Ok(config)
     } else {
         Err(Error::Invalid(ck.errors))
+    }
+}
+
+/// The parser's message on one line: it puts what it expected on a line of its own
+/// ("invalid array\nexpected `]`"), and every line of a report starts `FILE:LINE:COLUMN:`.
+/// For some characters it has no message at all (a carriage return alone in a comment);
+/// then the character at the position (`at`, the text from there) is named.
+fn parse_message(message: &str, at: Option<&str>) -> String {
+    let line = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if !line.is_empty() {
+        return line;
+    }
+    match at.and_then(|t| t.chars().next()) {
+        Some(c) => format!("{c:?} is not allowed here"),
+        None => "not valid TOML".to_owned(),
     }
 }
 
@@ -1564,6 +1584,31 @@ mod tests {
         assert_eq!(
             key_at(text, text.len() - 3).as_deref(),
             Some("server.workers")
+        );
+    }
+
+    /// Found by the property `any_text_is_loaded_or_reported_by_position`: the parser's "expected
+    /// ..." went on a line of its own, which started with no position.
+    #[test]
+    fn syntax_errors_are_reported_on_one_line() {
+        assert_eq!(
+            errors("a=."),
+            ["t.toml:1:3: a: invalid floating-point number; expected leading digit"]
+        );
+        assert_eq!(
+            errors("[server]\nhttp = [1,\n"),
+            ["t.toml:3:1: server: invalid array; expected `]`"]
+        );
+    }
+
+    /// Found by the property `an_edited_shipped_config_is_loaded_or_reported_by_position`: for a
+    /// carriage return alone in a comment the parser has no message, and the report ended
+    /// at its position.
+    #[test]
+    fn a_syntax_error_without_a_message_names_the_character() {
+        assert_eq!(
+            errors("# a\rcomment\n"),
+            ["t.toml:1:4: '\\r' is not allowed here"]
         );
     }
 
