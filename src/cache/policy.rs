@@ -1532,8 +1532,11 @@ mod props {
                     varied.push_str(&",".repeat(1 + empty));
                     varied.push_str(after);
                 }
-                let (name, arg) = d.split_once('=').map_or((d.as_str(), None), |(n, a)| (n, Some(a)));
-                varied.extend(name.chars().zip(&upper).map(|(c, &u)| if u { c.to_ascii_uppercase() } else { c }));
+                let (name, arg) = d
+                    .split_once('=')
+                    .map_or((d.as_str(), None), |(n, a)| (n, Some(a)));
+                let cased = name.chars().zip(&upper);
+                varied.extend(cased.map(|(c, &u)| if u { c.to_ascii_uppercase() } else { c }));
                 if let Some(a) = arg {
                     varied.push('=');
                     varied.push_str(a);
@@ -1801,7 +1804,14 @@ mod props {
 
         #[test]
         fn preconditions_never_panic_on_any_bytes(
-            request in fields(&["if-match", "if-none-match", "if-modified-since", "if-unmodified-since", "if-range", "range"]),
+            request in fields(&[
+                "if-match",
+                "if-none-match",
+                "if-modified-since",
+                "if-unmodified-since",
+                "if-range",
+                "range",
+            ]),
             stored in fields(&["etag", "last-modified"]),
         ) {
             let _ = evaluate_preconditions(&request, &stored);
@@ -1836,7 +1846,9 @@ mod props {
             let stored = c.etag.clone();
             let list: Vec<Tag> = list
                 .into_iter()
-                .filter(|t| !stored.as_ref().is_some_and(|e| !e.weak && !t.weak && e.opaque == t.opaque))
+                .filter(|t| {
+                    !stored.as_ref().is_some_and(|e| !e.weak && !t.weak && e.opaque == t.opaque)
+                })
                 .collect();
             prop_assume!(!list.is_empty());
             c.if_match = Some(Tags::List(list, false));

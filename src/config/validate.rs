@@ -2091,8 +2091,10 @@ mod props {
     fn value() -> impl Strategy<Value = String> {
         prop_oneof![
             3 => scalar(),
-            1 => proptest::collection::vec(scalar(), 0..4).prop_map(|v| format!("[{}]", v.join(", "))),
-            1 => proptest::collection::vec(scalar(), 1..3).prop_map(|v| format!("[\n  {},\n]", v.join(",\n  "))),
+            1 => proptest::collection::vec(scalar(), 0..4)
+                .prop_map(|v| format!("[{}]", v.join(", "))),
+            1 => proptest::collection::vec(scalar(), 1..3)
+                .prop_map(|v| format!("[\n  {},\n]", v.join(",\n  "))),
         ]
     }
 
@@ -2129,7 +2131,8 @@ mod props {
         let chars = SHIPPED.chars().count();
         let lines = SHIPPED.lines().count();
         let edit = prop_oneof![
-            1 => (0..chars, 0usize..12, line()).prop_map(|(at, cut, put)| Edit::Splice(at, cut, put)),
+            1 => (0..chars, 0usize..12, line())
+                .prop_map(|(at, cut, put)| Edit::Splice(at, cut, put)),
             3 => (0..lines, prop_oneof![3 => plausible(), 1 => value()])
                 .prop_map(|(i, v)| Edit::Value(i, v)),
             3 => (0..lines).prop_map(Edit::Uncomment),

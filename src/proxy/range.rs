@@ -311,17 +311,24 @@ mod props {
         /// coalesced, RFC 9110 §14.2), so they add up to at most the object; at most 64.
         #[test]
         fn satisfiable_ranges_are_inside_the_object_apart_and_no_larger_than_it(
-            (len, v) in prop_oneof![0u64..64, any::<u64>()].prop_flat_map(|len| (Just(len), value(len))),
+            (len, v) in prop_oneof![0u64..64, any::<u64>()]
+                .prop_flat_map(|len| (Just(len), value(len))),
         ) {
             let Ranges::Satisfiable(ranges) = parse(&v, len) else { return Ok(()) };
             prop_assert!(!ranges.is_empty() && ranges.len() <= MAX_RANGES);
             for &(first, last) in &ranges {
-                prop_assert!(first <= last && last < len, "{:?} of {} in {:?}", (first, last), len, v);
+                prop_assert!(
+                    first <= last && last < len,
+                    "{:?} of {} in {:?}", (first, last), len, v
+                );
             }
             let mut sorted = ranges.clone();
             sorted.sort_unstable();
             for w in sorted.windows(2) {
-                prop_assert!(w[0].1.saturating_add(1) < w[1].0, "{:?} overlap or touch in {:?}", w, v);
+                prop_assert!(
+                    w[0].1.saturating_add(1) < w[1].0,
+                    "{:?} overlap or touch in {:?}", w, v
+                );
             }
             let total = ranges.iter().map(|&(f, l)| u128::from(l - f) + 1).sum::<u128>();
             prop_assert!(total <= u128::from(len));
@@ -366,7 +373,10 @@ mod props {
                     head.push_str(&format!("Content-Type: {ct}\r\n"));
                 }
                 head.push_str(&format!("Content-Range: bytes {first}-{last}/{len}\r\n\r\n"));
-                prop_assert!(rest.starts_with(head.as_bytes()), "{:?}", String::from_utf8_lossy(rest));
+                prop_assert!(
+                    rest.starts_with(head.as_bytes()),
+                    "{:?}", String::from_utf8_lossy(rest)
+                );
                 rest = &rest[head.len()..];
                 let part = (last - first + 1) as usize;
                 prop_assert_eq!(&rest[..part], &body[first as usize..=last as usize]);

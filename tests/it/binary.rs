@@ -1,4 +1,5 @@
-//! The real `edgecache` binary: `check`, `run`, `--help`, memory while streaming, signals and SIGTERM drain.
+//! The real `edgecache` binary: `check`, `run`, `--help`, memory while streaming, signals
+//! (SIGUSR1, SIGUSR2, SIGHUP) and SIGTERM drain.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
