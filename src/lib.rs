@@ -13,6 +13,8 @@ pub mod origin;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -10,8 +10,22 @@ use clap::{Parser, Subcommand, ValueEnum};
 use edgecache::telemetry::{self, LogFormat};
 use edgecache::Config;
 
+/// What each signal does to `run` (and `demo`), shown at the end of `--help`.
+const SIGNALS: &str = "\
+Signals (run, demo):
+  SIGTERM, SIGINT  stop accepting, let in-flight requests finish within shutdown_grace, exit
+  SIGHUP           read [geo] database again; the one in use stays if the new file is bad
+  SIGUSR1          reopen log files (logrotate); logs go to stderr, so there is none to reopen
+  SIGUSR2          ignored (logged); reserved
+  SIGQUIT          not handled: the default action (exit with a core dump)";
+
 #[derive(Parser)]
-#[command(name = "edgecache", version, about = "An edge caching reverse proxy")]
+#[command(
+    name = "edgecache",
+    version,
+    about = "An edge caching reverse proxy",
+    after_help = SIGNALS
+)]
 struct Cli {
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -29,6 +43,7 @@ enum Format {
 #[derive(Subcommand)]
 enum Command {
     /// Serve with a configuration file.
+    #[command(after_help = SIGNALS)]
     Run {
         #[arg(long, default_value = "config/edgecache.toml")]
         config: PathBuf,
@@ -39,6 +54,7 @@ enum Command {
         config: PathBuf,
     },
     /// Start a sample origin and edgecache in front of it, and print commands to try.
+    #[command(after_help = SIGNALS)]
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
         http: SocketAddr,
@@ -70,10 +86,12 @@ fn main() -> ExitCode {
             raise_open_file_limit();
             let workers = config.server.workers;
             run_runtime(workers, async move {
+                let mut signals =
+                    Signals::install().map_err(|e| format!("install signal handlers: {e}"))?;
                 let node = edgecache::start(config)
                     .await
                     .map_err(|e| Box::new(e) as BoxError)?;
-                wait_for_signal(Some(&node)).await;
+                signals.wait_for_stop(Some(&node)).await;
                 tracing::info!("shutting down");
                 node.shutdown().await;
                 Ok(())
@@ -83,6 +101,8 @@ fn main() -> ExitCode {
             telemetry::init(format);
             raise_open_file_limit();
             run_runtime(None, async move {
+                let mut signals =
+                    Signals::install().map_err(|e| format!("install signal handlers: {e}"))?;
                 let origin =
                     edgecache::demo::start_sample_origin(SocketAddr::from(([127, 0, 0, 1], 0)))
                         .await?;
@@ -92,7 +112,7 @@ fn main() -> ExitCode {
                     .map_err(|e| Box::new(e) as BoxError)?;
                 let (h, s) = (node.http_addrs()[0], node.https_addrs()[0]);
                 println!("{}", edgecache::demo::instructions(h, s, origin));
-                wait_for_signal(None).await;
+                signals.wait_for_stop(None).await;
                 node.shutdown().await;
                 Ok(())
             })
@@ -182,35 +202,67 @@ fn report(e: &(dyn std::error::Error + 'static)) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// Waits for SIGTERM or SIGINT. SIGHUP meanwhile reads the geo database again (`node`).
-async fn wait_for_signal(node: Option<&edgecache::Node>) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
+/// The signals `run` and `demo` act on (listed in `--help`). They are installed before any
+/// listener is bound, so from the first "listening" log line on none of them has its default
+/// action, which for SIGHUP, SIGUSR1 and SIGUSR2 is to end the process and lose the cache.
+#[cfg(unix)]
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-        ) else {
-            let _ = ctrl_c.await;
-            return;
-        };
-        tokio::pin!(ctrl_c);
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
+    }
+
+    /// Returns on SIGTERM or SIGINT. Meanwhile SIGHUP reads the geo database again (`node`),
+    /// SIGUSR1 would reopen log files (logrotate's signal for nginx-style servers; every log
+    /// goes to stderr, so it says there is nothing to reopen) and SIGUSR2 is logged and
+    /// otherwise ignored.
+    async fn wait_for_stop(&mut self, node: Option<&edgecache::Node>) {
         loop {
             tokio::select! {
-                _ = &mut ctrl_c => return,
-                _ = term.recv() => return,
-                _ = hup.recv() => match node.map(|n| n.reload_geo_database()) {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => match node.map(|n| n.reload_geo_database()) {
                     Some(Ok(Some(db))) => tracing::info!(database = %db, "geo database reloaded"),
                     Some(Ok(None)) | None => tracing::info!("SIGHUP: no geo database to reload"),
                     Some(Err(e)) => tracing::error!(error = %e, "geo database reload failed; keeping the one in use"),
                 },
+                _ = self.usr1.recv() => {
+                    tracing::info!("SIGUSR1: no log files to reopen; logs go to stderr");
+                }
+                _ = self.usr2.recv() => {
+                    tracing::warn!("SIGUSR2 ignored: it has no meaning yet");
+                }
             }
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = node;
-        let _ = ctrl_c.await;
+}
+
+/// Elsewhere only Ctrl-C is known.
+#[cfg(not(unix))]
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals)
+    }
+
+    async fn wait_for_stop(&mut self, _node: Option<&edgecache::Node>) {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

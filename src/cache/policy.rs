@@ -638,17 +638,20 @@ pub fn evaluate_preconditions(request: &HeaderMap, stored: &HeaderMap) -> Precon
     }
     let etag = stored.get(header::ETAG).and_then(|v| v.to_str().ok());
     let last_modified = stored.get(header::LAST_MODIFIED).and_then(http_date);
+    // `*` holds for any current representation (RFC 9110 §13.1.1, §13.1.2): the stored one,
+    // with or without an ETag.
     if let Some(im) = joined(request, header::IF_MATCH) {
-        if !etag.is_some_and(|e| list_matches(&im, e, true)) {
+        if !(im.trim() == "*" || etag.is_some_and(|e| list_matches(&im, e, true))) {
             return Precondition::Failed;
         }
     } else if let Some(ius) = request.get(header::IF_UNMODIFIED_SINCE).and_then(http_date) {
-        if last_modified.is_none_or(|lm| lm > ius) {
+        // Ignored when there is no Last-Modified to compare (RFC 9110 §13.1.4).
+        if last_modified.is_some_and(|lm| lm > ius) {
             return Precondition::Failed;
         }
     }
     if let Some(inm) = joined(request, header::IF_NONE_MATCH) {
-        if list_matches(&inm, etag.unwrap_or(""), false) && (etag.is_some() || inm.trim() == "*") {
+        if inm.trim() == "*" || etag.is_some_and(|e| list_matches(&inm, e, false)) {
             return Precondition::NotModified;
         }
     } else if let Some(ims) = request.get(header::IF_MODIFIED_SINCE).and_then(http_date) {
@@ -1344,6 +1347,33 @@ mod tests {
         );
     }
 
+    /// Found by the property `preconditions_follow_rfc_9110_section_13_2_2`: a stored response
+    /// without Last-Modified answered If-Unmodified-Since with 412.
+    #[test]
+    fn if_unmodified_since_without_last_modified_is_ignored_rfc_9110_section_13_1_4() {
+        let since = [("if-unmodified-since", "Mon, 02 Nov 2026 10:00:00 GMT")];
+        assert_eq!(pre(&since, &[("etag", "\"v1\"")]), Precondition::Proceed);
+        assert_eq!(pre(&since, &[]), Precondition::Proceed);
+    }
+
+    /// Found by the same property: `*` needed a stored ETag, so a GET with `If-Match: *`
+    /// got 412 and one with `If-None-Match: *` got 200 from a response stored without one.
+    #[test]
+    fn star_matches_a_stored_response_without_an_etag_rfc_9110_section_13_1_1() {
+        assert_eq!(pre(&[("if-match", "*")], &[]), Precondition::Proceed);
+        assert_eq!(
+            pre(&[("if-none-match", "*")], &[]),
+            Precondition::NotModified
+        );
+        let dated = [("last-modified", "Tue, 03 Nov 2026 10:00:00 GMT")];
+        assert_eq!(pre(&[("if-match", "*")], &dated), Precondition::Proceed);
+        assert_eq!(pre(&[("if-match", "\"v1\"")], &dated), Precondition::Failed);
+        assert_eq!(
+            pre(&[("if-none-match", " * ")], &dated),
+            Precondition::NotModified
+        );
+    }
+
     #[test]
     fn refresh_from_304_section_3_2() {
         let mut stored = headers(&[
@@ -1395,5 +1425,441 @@ mod tests {
             current_age(got, t(1_000_000), t(1_000_005)),
             Duration::from_secs(37)
         );
+    }
+}
+
+/// Properties of the parsers and of precondition evaluation over generated input.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Every directive this parser knows; anything else is ignored.
+    const KNOWN: [&str; 13] = [
+        "no-store",
+        "no-cache",
+        "private",
+        "public",
+        "must-revalidate",
+        "proxy-revalidate",
+        "only-if-cached",
+        "max-age",
+        "s-maxage",
+        "max-stale",
+        "min-fresh",
+        "stale-while-revalidate",
+        "stale-if-error",
+    ];
+
+    fn parse(text: &str) -> CacheControl {
+        match HeaderValue::from_str(text) {
+            Ok(v) => CacheControl::parse_values(std::iter::once(&v)),
+            Err(e) => panic!("{text:?} is a field value: {e}"),
+        }
+    }
+
+    /// A known directive as `(name, argument)`: no argument, delta-seconds (sometimes
+    /// invalid or past 2^31), or a quoted field list.
+    fn known() -> impl Strategy<Value = (String, Option<String>)> {
+        let arg = prop_oneof![
+            Just(None),
+            (0u64..100_000).prop_map(|n| Some(n.to_string())),
+            Just(Some("99999999999999999999".to_owned())),
+            Just(Some("-1".to_owned())),
+            "[a-z-]{1,8}(, ?[a-z-]{1,8}){0,2}".prop_map(|f| Some(format!("\"{f}\""))),
+        ];
+        (proptest::sample::select(&KNOWN[..]), arg).prop_map(|(n, a)| (n.to_owned(), a))
+    }
+
+    /// A directive this parser does not know, with any argument the grammar allows:
+    /// a token, or a quoted string holding commas, `=`, escaped quotes and known names.
+    fn unknown() -> impl Strategy<Value = String> {
+        let name = "[a-z][a-z0-9-]{0,10}".prop_filter("unknown", |n| {
+            !KNOWN.iter().any(|k| k.eq_ignore_ascii_case(n))
+        });
+        let arg = prop_oneof![
+            Just(String::new()),
+            "=[a-zA-Z0-9!#$%&'*+.^_`|~-]{1,8}",
+            "(max-age=1|no-store|, |=|\\\\\"|[ a-z]){0,6}".prop_map(|q| format!("=\"{q}\"")),
+        ];
+        (name, arg).prop_map(|(n, a)| format!("{n}{a}"))
+    }
+
+    fn joined(list: &[(String, Option<String>)]) -> Vec<String> {
+        list.iter()
+            .map(|(n, a)| match a {
+                Some(a) => format!("{n}={a}"),
+                None => n.clone(),
+            })
+            .collect()
+    }
+
+    /// Optional whitespace (RFC 9110 §5.6.3 OWS: spaces and tabs).
+    fn ows() -> impl Strategy<Value = String> {
+        "[ \t]{0,3}"
+    }
+
+    proptest! {
+        #![proptest_config(crate::testing::props())]
+
+        #[test]
+        fn cache_control_never_panics_on_any_bytes(
+            bytes in proptest::collection::vec(any::<u8>(), 0..120),
+            text in any::<String>(),
+        ) {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+                for name in [&header::CACHE_CONTROL, &CDN_CACHE_CONTROL, &SURROGATE_CONTROL] {
+                    h.append(name, v.clone());
+                }
+            }
+            let _ = CacheControl::from_headers(&h);
+            let _ = response_directives(&h);
+            // The directive splitter on any text, not only what a field value may hold: it
+            // ends, and yields no more items than there are bytes.
+            prop_assert!(Directives::new(&text).count() <= text.len());
+        }
+
+        /// RFC 9111 §5.2: directive names are case-insensitive; RFC 9110 §5.6.1: a list may
+        /// have whitespace around its commas and empty elements.
+        #[test]
+        fn cache_control_ignores_case_and_whitespace_around_commas(
+            list in proptest::collection::vec(known(), 1..6),
+            upper in proptest::collection::vec(any::<bool>(), 64),
+            spaces in proptest::collection::vec((ows(), ows(), 0usize..2), 6),
+        ) {
+            let plain = joined(&list).join(",");
+            let mut varied = String::new();
+            for (i, d) in joined(&list).iter().enumerate() {
+                let (before, after, empty) = &spaces[i];
+                if i > 0 {
+                    varied.push_str(before);
+                    varied.push_str(&",".repeat(1 + empty));
+                    varied.push_str(after);
+                }
+                let (name, arg) = d
+                    .split_once('=')
+                    .map_or((d.as_str(), None), |(n, a)| (n, Some(a)));
+                let cased = name.chars().zip(&upper);
+                varied.extend(cased.map(|(c, &u)| if u { c.to_ascii_uppercase() } else { c }));
+                if let Some(a) = arg {
+                    varied.push('=');
+                    varied.push_str(a);
+                }
+            }
+            prop_assert_eq!(parse(&varied), parse(&plain), "{:?} vs {:?}", varied, plain);
+        }
+
+        /// RFC 9111 §5.2.3: a cache ignores directives it does not know, in every field it
+        /// reads directives from, and one with a quoted argument hides nothing after it.
+        #[test]
+        fn unknown_directives_are_ignored(
+            list in proptest::collection::vec(known(), 0..5),
+            extra in proptest::collection::vec((unknown(), 0usize..6), 1..4),
+        ) {
+            let plain = joined(&list);
+            let mut with = plain.clone();
+            for (u, at) in &extra {
+                with.insert((*at).min(with.len()), u.clone());
+            }
+            let (plain, with) = (plain.join(", "), with.join(", "));
+            prop_assert_eq!(parse(&with), parse(&plain), "{:?}", with);
+            for name in [&CDN_CACHE_CONTROL, &SURROGATE_CONTROL, &header::CACHE_CONTROL] {
+                let fields = |v: &str| {
+                    let mut h = HeaderMap::new();
+                    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=7"));
+                    if let Ok(v) = HeaderValue::from_str(v) {
+                        h.insert(name, v);
+                    }
+                    response_directives(&h)
+                };
+                prop_assert_eq!(fields(&with), fields(&plain), "{}: {:?}", name, with);
+            }
+        }
+    }
+
+    /// An entity tag from a small alphabet, so that lists often hold the stored one.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Tag {
+        weak: bool,
+        opaque: String,
+    }
+
+    impl Tag {
+        fn text(&self) -> String {
+            format!("{}\"{}\"", if self.weak { "W/" } else { "" }, self.opaque)
+        }
+    }
+
+    fn tag() -> impl Strategy<Value = Tag> {
+        (any::<bool>(), "[ab,]{0,2}").prop_map(|(weak, opaque)| Tag { weak, opaque })
+    }
+
+    /// `*`, or a list of tags sent on one line or one line per tag.
+    #[derive(Debug, Clone)]
+    enum Tags {
+        Any,
+        List(Vec<Tag>, bool),
+    }
+
+    fn tags() -> impl Strategy<Value = Tags> {
+        prop_oneof![
+            1 => Just(Tags::Any),
+            4 => (proptest::collection::vec(tag(), 1..4), any::<bool>())
+                .prop_map(|(t, lines)| Tags::List(t, lines)),
+        ]
+    }
+
+    /// A date `n` seconds after a base, or a value that is no HTTP-date.
+    fn date() -> impl Strategy<Value = Option<u64>> {
+        prop_oneof![1 => Just(None), 4 => (0u64..3).prop_map(Some)]
+    }
+
+    const BASE: u64 = 1_790_000_000;
+
+    fn date_text(d: Option<u64>) -> String {
+        match d {
+            Some(n) => {
+                httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(BASE + n))
+            }
+            None => "yesterday".to_owned(),
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum IfRange {
+        Tag(Tag),
+        Date(Option<u64>),
+    }
+
+    /// A stored response's validators and a GET's preconditions.
+    #[derive(Debug, Clone)]
+    struct Case {
+        etag: Option<Tag>,
+        last_modified: Option<u64>,
+        if_match: Option<Tags>,
+        if_none_match: Option<Tags>,
+        if_modified_since: Option<Option<u64>>,
+        if_unmodified_since: Option<Option<u64>>,
+        range: bool,
+        if_range: Option<IfRange>,
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        (
+            proptest::option::of(tag()),
+            proptest::option::of(0u64..3),
+            proptest::option::of(tags()),
+            proptest::option::of(tags()),
+            proptest::option::of(date()),
+            proptest::option::of(date()),
+            any::<bool>(),
+            proptest::option::of(prop_oneof![
+                tag().prop_map(IfRange::Tag),
+                date().prop_map(IfRange::Date),
+            ]),
+        )
+            .prop_map(
+                |(etag, last_modified, if_match, if_none_match, ims, ius, range, if_range)| Case {
+                    etag,
+                    last_modified,
+                    if_match,
+                    if_none_match,
+                    if_modified_since: ims,
+                    if_unmodified_since: ius,
+                    range,
+                    if_range,
+                },
+            )
+    }
+
+    impl Case {
+        fn evaluate(&self) -> Precondition {
+            let mut stored = HeaderMap::new();
+            let value =
+                |s: String| HeaderValue::from_str(&s).expect("generated values are visible ASCII");
+            if let Some(e) = &self.etag {
+                stored.insert(header::ETAG, value(e.text()));
+            }
+            if let Some(lm) = self.last_modified {
+                stored.insert(header::LAST_MODIFIED, value(date_text(Some(lm))));
+            }
+            let mut req = HeaderMap::new();
+            for (name, tags) in [
+                (header::IF_MATCH, &self.if_match),
+                (header::IF_NONE_MATCH, &self.if_none_match),
+            ] {
+                match tags {
+                    None => {}
+                    Some(Tags::Any) => {
+                        req.append(name, HeaderValue::from_static("*"));
+                    }
+                    Some(Tags::List(list, false)) => {
+                        let line = list.iter().map(Tag::text).collect::<Vec<_>>().join(", ");
+                        req.append(name, value(line));
+                    }
+                    Some(Tags::List(list, true)) => {
+                        for t in list {
+                            req.append(name.clone(), value(t.text()));
+                        }
+                    }
+                }
+            }
+            for (name, d) in [
+                (header::IF_MODIFIED_SINCE, self.if_modified_since),
+                (header::IF_UNMODIFIED_SINCE, self.if_unmodified_since),
+            ] {
+                if let Some(d) = d {
+                    req.insert(name, value(date_text(d)));
+                }
+            }
+            if self.range {
+                req.insert(header::RANGE, HeaderValue::from_static("bytes=0-0"));
+            }
+            match &self.if_range {
+                Some(IfRange::Tag(t)) => {
+                    req.insert(header::IF_RANGE, value(t.text()));
+                }
+                Some(IfRange::Date(d)) => {
+                    req.insert(header::IF_RANGE, value(date_text(*d)));
+                }
+                None => {}
+            }
+            evaluate_preconditions(&req, &stored)
+        }
+
+        /// RFC 9110 §13.2.2's order, read off the RFC, for a GET that found this stored
+        /// response (a current representation, so `*` matches it, §13.1.1, §13.1.2).
+        fn expected(&self) -> Precondition {
+            let strong_match = |t: &Tag| {
+                self.etag
+                    .as_ref()
+                    .is_some_and(|e| !e.weak && !t.weak && e.opaque == t.opaque)
+            };
+            let weak_match = |t: &Tag| self.etag.as_ref().is_some_and(|e| e.opaque == t.opaque);
+            // 1. If-Match; 2. without it, If-Unmodified-Since, ignored when it is no date or
+            // there is no Last-Modified to compare (§13.1.4).
+            match (&self.if_match, self.if_unmodified_since) {
+                (Some(Tags::Any), _) => {}
+                (Some(Tags::List(list, _)), _) => {
+                    if !list.iter().any(strong_match) {
+                        return Precondition::Failed;
+                    }
+                }
+                (None, Some(Some(since))) => {
+                    if self.last_modified.is_some_and(|lm| lm > since) {
+                        return Precondition::Failed;
+                    }
+                }
+                (None, _) => {}
+            }
+            // 3. If-None-Match; 4. without it, If-Modified-Since (§13.1.3: ignored when no date).
+            match (&self.if_none_match, self.if_modified_since) {
+                (Some(Tags::Any), _) => return Precondition::NotModified,
+                (Some(Tags::List(list, _)), _) => {
+                    if list.iter().any(weak_match) {
+                        return Precondition::NotModified;
+                    }
+                }
+                (None, Some(Some(since))) => {
+                    if self.last_modified.is_some_and(|lm| lm <= since) {
+                        return Precondition::NotModified;
+                    }
+                }
+                (None, _) => {}
+            }
+            // 5. If-Range, only with Range (§13.1.5): a strong match of the tag, or the date
+            // exactly the stored Last-Modified.
+            let range_holds = match &self.if_range {
+                _ if !self.range => true,
+                None => true,
+                Some(IfRange::Tag(t)) => strong_match(t),
+                Some(IfRange::Date(d)) => d.is_some() && *d == self.last_modified,
+            };
+            if range_holds {
+                Precondition::Proceed
+            } else {
+                Precondition::IgnoreRange
+            }
+        }
+    }
+
+    /// Field values of any bytes a field may hold, under the names that matter here.
+    fn fields(names: &'static [&'static str]) -> impl Strategy<Value = HeaderMap> {
+        proptest::collection::vec(
+            (
+                proptest::sample::select(names),
+                proptest::collection::vec(any::<u8>(), 0..40),
+            ),
+            0..8,
+        )
+        .prop_map(|list| {
+            let mut h = HeaderMap::new();
+            for (name, bytes) in list {
+                if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+                    h.append(HeaderName::from_static(name), v);
+                }
+            }
+            h
+        })
+    }
+
+    proptest! {
+        #![proptest_config(crate::testing::props())]
+
+        #[test]
+        fn preconditions_never_panic_on_any_bytes(
+            request in fields(&[
+                "if-match",
+                "if-none-match",
+                "if-modified-since",
+                "if-unmodified-since",
+                "if-range",
+                "range",
+            ]),
+            stored in fields(&["etag", "last-modified"]),
+        ) {
+            let _ = evaluate_preconditions(&request, &stored);
+        }
+
+        #[test]
+        fn preconditions_follow_rfc_9110_section_13_2_2(c in case()) {
+            prop_assert_eq!(c.evaluate(), c.expected(), "{:?}", c);
+        }
+
+        /// §13.1.2: `If-None-Match: *` is false when there is a current representation,
+        /// and a GET then gets 304, whatever If-Modified-Since or If-Range say.
+        #[test]
+        fn if_none_match_star_with_a_stored_etag_is_not_modified(
+            mut c in case(),
+            etag in tag(),
+        ) {
+            c.etag = Some(etag);
+            c.if_none_match = Some(Tags::Any);
+            c.if_match = None;
+            c.if_unmodified_since = None;
+            prop_assert_eq!(c.evaluate(), Precondition::NotModified);
+        }
+
+        /// §13.2.2: If-Match is evaluated first; when it fails, the answer is 412 whatever
+        /// If-None-Match (which would say 304) and the date fields say.
+        #[test]
+        fn a_failing_if_match_wins_over_if_none_match(
+            mut c in case(),
+            list in proptest::collection::vec(tag(), 1..4),
+        ) {
+            let stored = c.etag.clone();
+            let list: Vec<Tag> = list
+                .into_iter()
+                .filter(|t| {
+                    !stored.as_ref().is_some_and(|e| !e.weak && !t.weak && e.opaque == t.opaque)
+                })
+                .collect();
+            prop_assume!(!list.is_empty());
+            c.if_match = Some(Tags::List(list, false));
+            c.if_none_match = Some(c.if_none_match.clone().unwrap_or(Tags::Any));
+            prop_assert_eq!(c.evaluate(), Precondition::Failed);
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Raw TOML types to validated [`Config`]: every problem is collected, with its position.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -64,7 +64,7 @@ pub(super) fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, E
                 line,
                 column,
                 key: e.span().and_then(|s| key_at(text, s.start)),
-                message: e.message().trim_end().to_owned(),
+                message: parse_message(e.message(), e.span().and_then(|s| text.get(s.start..))),
             }]));
         }
     };
@@ -73,6 +73,26 @@ pub(super) fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, E
         Ok(config)
     } else {
         Err(Error::Invalid(ck.errors))
+    }
+}
+
+/// The parser's message on one line: it puts what it expected on a line of its own
+/// ("invalid array\nexpected `]`"), and every line of a report starts `FILE:LINE:COLUMN:`.
+/// For some characters it has no message at all (a carriage return alone in a comment);
+/// then the character at the position (`at`, the text from there) is named.
+fn parse_message(message: &str, at: Option<&str>) -> String {
+    let line = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if !line.is_empty() {
+        return line;
+    }
+    match at.and_then(|t| t.chars().next()) {
+        Some(c) => format!("{c:?} is not allowed here"),
+        None => "not valid TOML".to_owned(),
     }
 }
 
@@ -745,6 +765,7 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
     }
 
     let admin = raw.admin.as_ref().map(|a| admin(ck, a));
+    overlapping_listeners(ck, &raw, &server, admin.as_ref());
     let retries = retries(ck, &raw.retries);
     let dns = dns(ck, &raw.dns);
 
@@ -1512,6 +1533,130 @@ fn addresses(ck: &mut Checker<'_>, key: &str, list: &[Spanned<String>]) -> Vec<S
     out
 }
 
+/// One listen address as configured: `span` is `None` for a default (`server.http` when no
+/// listener is given, `admin.listen` when `[admin]` names none).
+struct Listener {
+    addr: SocketAddr,
+    key: &'static str,
+    span: Option<Range<usize>>,
+}
+
+/// Reports every listen address (`server.http`, `server.https`, `admin.listen`) that `run`
+/// could not bind because an earlier one holds its port: the same address, or an address
+/// under a wildcard on the same port (`0.0.0.0:P` holds P on every IPv4 address; `[::]:P` on
+/// every IPv6 and IPv4 address, since `server::bind` leaves the socket dual-stack, Linux's
+/// default with `net.ipv6.bindv6only = 0`). Port 0 (any free port) never clashes. Each later
+/// address is reported once, at its own position, naming the first one it clashes with.
+fn overlapping_listeners(
+    ck: &mut Checker<'_>,
+    raw: &RawConfig,
+    server: &Server,
+    admin: Option<&Admin>,
+) {
+    let mut all = Vec::new();
+    let written = |key: &'static str, list: &[Spanned<String>], all: &mut Vec<Listener>| {
+        for a in list {
+            if let Ok(addr) = a.get_ref().parse() {
+                all.push(Listener {
+                    addr,
+                    key,
+                    span: Some(a.span()),
+                });
+            }
+        }
+    };
+    if raw.server.http.is_empty() && raw.server.https.is_empty() {
+        all.extend(server.http.iter().map(|&addr| Listener {
+            addr,
+            key: "server.http",
+            span: None,
+        }));
+    }
+    written("server.http", &raw.server.http, &mut all);
+    written("server.https", &raw.server.https, &mut all);
+    match (admin, raw.admin.as_ref().and_then(|a| a.listen.as_ref())) {
+        (Some(_), Some(l)) => written("admin.listen", std::slice::from_ref(l), &mut all),
+        (Some(a), None) => all.push(Listener {
+            addr: a.listen,
+            key: "admin.listen",
+            span: None,
+        }),
+        (None, _) => {}
+    }
+    for (i, later) in all.iter().enumerate() {
+        let Some((earlier, why)) = all[..i]
+            .iter()
+            .find_map(|e| listeners_clash(e.addr, later.addr).map(|why| (e, why)))
+        else {
+            continue;
+        };
+        // Reported where it was written; a default has no position, so a clash with one is
+        // reported at the other address.
+        let (at, other) = match &later.span {
+            Some(_) => (later, earlier),
+            None => (earlier, later),
+        };
+        let Some(span) = at.span.clone() else {
+            continue;
+        };
+        let other_is = match &other.span {
+            Some(s) => {
+                let (line, column) = ck.position(s.start);
+                format!("{} at {line}:{column}", other.key)
+            }
+            None => format!("the default {}", other.key),
+        };
+        let message = match why {
+            Clash::Same => format!(
+                "{} is also {other_is}: run could not bind it twice",
+                at.addr
+            ),
+            Clash::Under(wildcard) => format!(
+                "{} overlaps {} ({other_is}): {wildcard}, so run could not bind both",
+                at.addr, other.addr
+            ),
+        };
+        ck.error(span, at.key, message);
+    }
+}
+
+/// Why two listen addresses cannot both be bound.
+#[derive(Debug, PartialEq)]
+enum Clash {
+    Same,
+    /// One is a wildcard holding the other's port; the text says which and how far it reaches.
+    Under(&'static str),
+}
+
+fn listeners_clash(a: SocketAddr, b: SocketAddr) -> Option<Clash> {
+    if a.port() == 0 || a.port() != b.port() {
+        return None;
+    }
+    // An IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) is bound as the IPv4 address.
+    let ip = |s: SocketAddr| match s.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let (x, y) = (ip(a), ip(b));
+    if x == y {
+        return Some(Clash::Same);
+    }
+    let under = |wild: IpAddr, other: IpAddr| match wild {
+        IpAddr::V4(w) => w.is_unspecified() && other.is_ipv4(),
+        IpAddr::V6(w) => w.is_unspecified(),
+    };
+    for (wild, other) in [(x, y), (y, x)] {
+        if under(wild, other) {
+            return Some(Clash::Under(if wild.is_ipv4() {
+                "0.0.0.0 holds the port on every IPv4 address"
+            } else {
+                "[::] holds the port on every IPv6 and IPv4 address (a dual-stack socket)"
+            }));
+        }
+    }
+    None
+}
+
 /// An address or CIDR block. IPv4-mapped IPv6 forms (`::ffff:10.0.0.0/104`) become the IPv4
 /// network they name: peers and forwarded addresses are matched as IPv4 (`server::canonical`),
 /// so a mapped network would otherwise never match anything.
@@ -1621,6 +1766,31 @@ mod tests {
         assert_eq!(
             key_at(text, text.len() - 3).as_deref(),
             Some("server.workers")
+        );
+    }
+
+    /// Found by the property `any_text_is_loaded_or_reported_by_position`: the parser's "expected
+    /// ..." went on a line of its own, which started with no position.
+    #[test]
+    fn syntax_errors_are_reported_on_one_line() {
+        assert_eq!(
+            errors("a=."),
+            ["t.toml:1:3: a: invalid floating-point number; expected leading digit"]
+        );
+        assert_eq!(
+            errors("[server]\nhttp = [1,\n"),
+            ["t.toml:3:1: server: invalid array; expected `]`"]
+        );
+    }
+
+    /// Found by the property `an_edited_shipped_config_is_loaded_or_reported_by_position`: for a
+    /// carriage return alone in a comment the parser has no message, and the report ended
+    /// at its position.
+    #[test]
+    fn a_syntax_error_without_a_message_names_the_character() {
+        assert_eq!(
+            errors("# a\rcomment\n"),
+            ["t.toml:1:4: '\\r' is not allowed here"]
         );
     }
 
@@ -1967,6 +2137,62 @@ mod tests {
     }
 
     #[test]
+    fn listeners_that_run_could_not_bind_are_reported_where_written() {
+        // HTTPS listeners without certificates are reported too; not the point here.
+        let with = |server: &str, admin: &str| -> Vec<String> {
+            let mut e = errors(&format!("{server}{admin}{MINIMAL}"));
+            e.retain(|e| !e.contains("[[tls.certificates]]"));
+            e
+        };
+        let e = with(
+            "[server]\nhttp = [\"127.0.0.1:8080\", \"0.0.0.0:8080\"]\nhttps = [\"127.0.0.1:8080\"]\n",
+            "[admin]\nlisten = \"127.0.0.1:8080\"\n",
+        );
+        assert_eq!(
+            e,
+            [
+                "t.toml:2:27: server.http: 0.0.0.0:8080 overlaps 127.0.0.1:8080 (server.http at 2:9): \
+                 0.0.0.0 holds the port on every IPv4 address, so run could not bind both",
+                "t.toml:3:10: server.https: 127.0.0.1:8080 is also server.http at 2:9: \
+                 run could not bind it twice",
+                "t.toml:5:10: admin.listen: 127.0.0.1:8080 is also server.http at 2:9: \
+                 run could not bind it twice",
+            ]
+        );
+        // [::] is dual-stack: it holds the port for IPv4 too.
+        let e = with(
+            "[server]\nhttp = [\"[::]:80\"]\nhttps = [\"10.0.0.1:80\"]\n",
+            "",
+        );
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("t.toml:3:10: server.https: 10.0.0.1:80 overlaps [::]:80 (server.http at 2:9): [::] holds"),
+            "{e:?}"
+        );
+        // A default has no position: the address written is reported.
+        let e = with("[server]\nhttp = [\"0.0.0.0:9090\"]\n", "[admin]\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("t.toml:2:9: server.http: 0.0.0.0:9090 overlaps 127.0.0.1:9090 (the default admin.listen)"),
+            "{e:?}"
+        );
+        let e = with("", "[admin]\nlisten = \"[::ffff:127.0.0.1]:8080\"\n");
+        assert!(
+            e[0].starts_with("t.toml:2:10: admin.listen: [::ffff:127.0.0.1]:8080 overlaps 0.0.0.0:8080 (the default server.http)"),
+            "{e:?}"
+        );
+        // What binds side by side is accepted: port 0 (any free port each time), other
+        // ports, other addresses of one family, [::1] beside 0.0.0.0.
+        for ok in [
+            "[server]\nhttp = [\"127.0.0.1:0\", \"127.0.0.1:0\"]\nhttps = [\"[::]:0\"]\n",
+            "[server]\nhttp = [\"127.0.0.1:80\", \"127.0.0.2:80\", \"127.0.0.1:81\"]\n",
+            "[server]\nhttp = [\"0.0.0.0:80\", \"[::1]:80\"]\n",
+        ] {
+            assert_eq!(with(ok, "[admin]\n"), Vec::<String>::new(), "{ok}");
+        }
+    }
+
+    #[test]
     fn host_patterns() {
         assert_eq!(
             host_pattern("Static.Example.COM", false),
@@ -1981,5 +2207,340 @@ mod tests {
         assert!(host_pattern("example.com:80", true).is_err());
         assert!(host_pattern("http://x", true).is_err());
         assert_eq!(host_pattern("127.0.0.1", true), Ok("127.0.0.1".into()));
+    }
+}
+
+/// Properties of the loader over generated text: it never panics, and every problem it
+/// reports reads `FILE:LINE:COLUMN: ` on a line of its own, at a place inside the text.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../../config/edgecache.toml");
+
+    const HEADERS: &[&str] = &[
+        "[server]",
+        "[cache]",
+        "[admin]",
+        "[tls]",
+        "[[tls.certificates]]",
+        "[[origins]]",
+        "[origins.health]",
+        "[health]",
+        "[dns]",
+        "[retries]",
+        "[[pools]]",
+        "[geo]",
+        "[[geo.networks]]",
+        "[[sites]]",
+        "[[sites.routes]]",
+        "[sites.cache]",
+        "[[sites.rules]]",
+        "[ sites . cache ]",
+        "[[ x ]]",
+        "[server",
+    ];
+
+    /// Every key `raw.rs` knows, and a few it does not.
+    const KEYS: &[&str] = &[
+        "admin",
+        "budget",
+        "bypass",
+        "ca",
+        "cache",
+        "cert",
+        "cidr",
+        "cidrs",
+        "client_address_header",
+        "client_cert",
+        "client_key",
+        "client_no_cache",
+        "connect_timeout",
+        "continents",
+        "countries",
+        "country",
+        "database",
+        "enabled",
+        "expect_status",
+        "fall",
+        "fill_memory",
+        "h2_max_concurrent_streams",
+        "h2_max_pending_resets",
+        "header",
+        "header_read_timeout",
+        "heuristic_fraction",
+        "heuristic_max",
+        "hit_for_miss",
+        "host_header",
+        "hosts",
+        "http",
+        "https",
+        "idle_timeout",
+        "interval",
+        "keep",
+        "key",
+        "key_cookies",
+        "key_headers",
+        "listen",
+        "match",
+        "max_connections",
+        "max_header_bytes",
+        "max_idle_connections",
+        "max_object_size",
+        "max_ttl",
+        "memory",
+        "min_per_second",
+        "min_ttl",
+        "name",
+        "networks",
+        "origin",
+        "origins",
+        "path",
+        "pools",
+        "prefix",
+        "purge_allow",
+        "query",
+        "query_ignore",
+        "region",
+        "rise",
+        "sendfile",
+        "sendfile_min_size",
+        "shutdown_grace",
+        "spill_latency",
+        "stale_if_error",
+        "stale_while_revalidate",
+        "status_ttl",
+        "store_set_cookie",
+        "timeout",
+        "token",
+        "token_env",
+        "trusted_proxies",
+        "ttl",
+        "url",
+        "via_name",
+        "weight",
+        "workers",
+        "memroy",
+        "\"quoted key\"",
+        "a.b",
+        "é",
+    ];
+
+    /// Scalars that are right for some key and wrong for most.
+    fn scalar() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::sample::select(
+                &[
+                    "\"127.0.0.1:0\"",
+                    "\"0.0.0.0:8080\"",
+                    "\"[::]:8443\"",
+                    "\"localhost\"",
+                    "\"1GiB\"",
+                    "\"512 MiB\"",
+                    "\"10s\"",
+                    "\"5 parsecs\"",
+                    "\"http://127.0.0.1:9\"",
+                    "\"https://x:1\"",
+                    "\"a\"",
+                    "\"\"",
+                    "\"*.example.com\"",
+                    "\"10.0.0.0/8\"",
+                    "\"GET\"",
+                    "\"é😀\"",
+                    "'literal'",
+                    "\"\"\"multi\nline\"\"\"",
+                    "\"\\u00e9\"",
+                    "\"\\uD800\"",
+                    "0",
+                    "1",
+                    "-1",
+                    "18446744073709551616",
+                    "1.5",
+                    "nan",
+                    "true",
+                    "1979-05-27T07:32:00Z",
+                    "{ continents = [\"EU\"] }",
+                    "{}",
+                    "[]",
+                ][..]
+            )
+            .prop_map(str::to_owned),
+            "\"[ -~é😀]{0,12}\"",
+        ]
+    }
+
+    /// Values of the type most keys take, with content validation refuses.
+    fn plausible() -> impl Strategy<Value = String> {
+        proptest::sample::select(
+            &[
+                "\"\"",
+                "\"localhost\"",
+                "\"0.0.0.0:8080\"",
+                "\"127.0.0.1:9090\"",
+                "\"5 parsecs\"",
+                "\"0s\"",
+                "\"0B\"",
+                "\"1TiB\"",
+                "\"ftp://x\"",
+                "\"http://\"",
+                "\"*\"",
+                "\"GET\"",
+                "\"10.0.0.0/33\"",
+                "\"nope\"",
+                "\"é\"",
+                "0",
+                "2000000",
+                "[\"\"]",
+                "[\"a\", \"a\"]",
+            ][..],
+        )
+        .prop_map(str::to_owned)
+    }
+
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => scalar(),
+            1 => proptest::collection::vec(scalar(), 0..4)
+                .prop_map(|v| format!("[{}]", v.join(", "))),
+            1 => proptest::collection::vec(scalar(), 1..3)
+                .prop_map(|v| format!("[\n  {},\n]", v.join(",\n  "))),
+        ]
+    }
+
+    fn line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            2 => proptest::sample::select(HEADERS).prop_map(str::to_owned),
+            6 => (proptest::sample::select(KEYS), "[ \t]{0,2}", value())
+                .prop_map(|(k, ws, v)| format!("{k}{ws}={ws}{v}")),
+            1 => Just("# a comment é".to_owned()),
+            1 => Just(String::new()),
+            1 => "[^\n]{0,20}",
+        ]
+    }
+
+    /// TOML-shaped text: mostly lines of known tables and keys, some junk.
+    fn tomlish() -> impl Strategy<Value = String> {
+        proptest::collection::vec(line(), 0..30).prop_map(|l| l.join("\n"))
+    }
+
+    /// An edit of the shipped configuration.
+    #[derive(Debug, Clone)]
+    enum Edit {
+        /// Characters cut out at a place, and a line put in.
+        Splice(usize, usize, String),
+        /// A setting's value replaced.
+        Value(usize, String),
+        /// A commented-out line (`# [health]`, `# workers = 2`) made live.
+        Uncomment(usize),
+    }
+
+    /// The shipped configuration, a few edits away: deep in a file that is otherwise valid,
+    /// so validation (not only parsing) has its say.
+    fn edited() -> impl Strategy<Value = String> {
+        let chars = SHIPPED.chars().count();
+        let lines = SHIPPED.lines().count();
+        let edit = prop_oneof![
+            1 => (0..chars, 0usize..12, line())
+                .prop_map(|(at, cut, put)| Edit::Splice(at, cut, put)),
+            3 => (0..lines, prop_oneof![3 => plausible(), 1 => value()])
+                .prop_map(|(i, v)| Edit::Value(i, v)),
+            3 => (0..lines).prop_map(Edit::Uncomment),
+        ];
+        proptest::collection::vec(edit, 1..5).prop_map(|edits| {
+            let mut lines: Vec<String> = SHIPPED.lines().map(str::to_owned).collect();
+            for e in edits {
+                match e {
+                    Edit::Value(i, v) => {
+                        if let Some((key, _)) = lines[i].split_once(" = ") {
+                            if !key.starts_with('#') {
+                                lines[i] = format!("{key} = {v}");
+                            }
+                        }
+                    }
+                    Edit::Uncomment(i) => {
+                        let live = lines[i]
+                            .strip_prefix("# ")
+                            .map(|l| l.split("  #").next().unwrap_or(l));
+                        // Settings and table headers only, not the prose around them.
+                        if let Some(l) = live.filter(|l| l.starts_with('[') || l.contains(" = ")) {
+                            lines[i] = l.to_owned();
+                        }
+                    }
+                    Edit::Splice(at, cut, put) => {
+                        let mut text: Vec<char> = lines.join("\n").chars().collect();
+                        let at = at.min(text.len());
+                        let end = (at + cut).min(text.len());
+                        text.splice(at..end, put.chars());
+                        lines = text
+                            .into_iter()
+                            .collect::<String>()
+                            .lines()
+                            .map(str::to_owned)
+                            .collect();
+                        lines.resize(SHIPPED.lines().count().max(lines.len()), String::new());
+                    }
+                }
+            }
+            lines.join("\n")
+        })
+    }
+
+    fn check_report(text: &str) -> Result<(), TestCaseError> {
+        let base = Path::new("/nonexistent/edgecache-props");
+        let Err(e) = Config::from_toml(text, "t.toml", base) else {
+            return Ok(());
+        };
+        let Error::Invalid(diagnostics) = &e else {
+            return Err(TestCaseError::fail(format!("not a diagnostic: {e}")));
+        };
+        prop_assert!(!diagnostics.is_empty());
+        let report = e.to_string();
+        prop_assert_eq!(
+            report.lines().count(),
+            diagnostics.len(),
+            "one line each:\n{}",
+            report
+        );
+        let lines = text.lines().count() + 1;
+        for l in report.lines() {
+            let mut parts = l.splitn(4, ':');
+            let (file, line, column) = (parts.next(), parts.next(), parts.next());
+            let number = |n: Option<&str>| n.and_then(|n| n.parse::<usize>().ok());
+            prop_assert_eq!(file, Some("t.toml"), "{}", l);
+            prop_assert!(
+                number(line).is_some_and(|n| (1..=lines).contains(&n)),
+                "{}",
+                l
+            );
+            prop_assert!(number(column).is_some_and(|n| n >= 1), "{}", l);
+            let rest = parts.next().unwrap_or("");
+            prop_assert!(
+                rest.starts_with(' ') && !rest.ends_with(": "),
+                "says what is wrong: {}",
+                l
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(crate::testing::props())]
+
+        #[test]
+        fn any_text_is_loaded_or_reported_by_position(text in any::<String>()) {
+            check_report(&text)?;
+        }
+
+        #[test]
+        fn toml_shaped_text_is_loaded_or_reported_by_position(text in tomlish()) {
+            check_report(&text)?;
+        }
+
+        #[test]
+        fn an_edited_shipped_config_is_loaded_or_reported_by_position(text in edited()) {
+            check_report(&text)?;
+        }
     }
 }

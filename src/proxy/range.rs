@@ -223,3 +223,167 @@ mod tests {
         assert!(text.contains("Content-Range: bytes 8-9/10\r\n\r\n89\r\n--B--\r\n"));
     }
 }
+
+/// Properties of `Range` parsing and multipart bodies over generated input.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One range-spec as a client may write it, the numbers near the object's length or huge.
+    fn spec(len: u64) -> impl Strategy<Value = String> {
+        let near = prop_oneof![
+            4 => 0..len.saturating_add(4),
+            1 => Just(u64::MAX),
+            1 => any::<u64>(),
+        ];
+        let n = || near.clone().prop_map(|n| n.to_string());
+        prop_oneof![
+            // Narrow ranges, so that several stay apart after coalescing.
+            8 => (0..len.saturating_add(4), 0u64..3)
+                .prop_map(|(a, k)| format!("{a}-{}", a.saturating_add(k))),
+            1 => (n(), n()).prop_map(|(a, b)| format!("{a}-{b}")),
+            1 => n().prop_map(|a| format!("{a}-")),
+            1 => n().prop_map(|b| format!("-{b}")),
+            1 => Just("99999999999999999999999-".to_owned()),
+            1 => Just("-99999999999999999999999".to_owned()),
+        ]
+    }
+
+    /// A `Range` value: mostly well formed for an object of `len`, sometimes not at all.
+    fn value(len: u64) -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => (
+                "(bytes|BYTES|Bytes) ?= ?",
+                proptest::collection::vec((spec(len), "[ \t]{0,2}", "(,[ \t]?){1,2}"), 1..8),
+            )
+                .prop_map(|(unit, specs)| {
+                    let mut v = unit;
+                    for (s, ws, comma) in specs {
+                        v.push_str(&ws);
+                        v.push_str(&s);
+                        v.push_str(&comma);
+                    }
+                    v
+                }),
+            1 => "[bytes=0-9, \t-]{0,30}",
+            1 => any::<String>(),
+        ]
+    }
+
+    /// The byte positions `value` asks for that exist in an object of `len`, read off the
+    /// RFC 9110 §14.1.2 grammar by hand (only for values made by `value` that parse).
+    fn requested(value: &str, len: u64) -> Vec<bool> {
+        let mut covered = vec![false; len as usize];
+        let set = value.split_once('=').map_or("", |(_, s)| s);
+        for spec in set.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let Some((a, b)) = spec.split_once('-') else {
+                continue;
+            };
+            let num = |s: &str| s.trim().parse::<u64>().unwrap_or(u64::MAX);
+            let (first, last) = match (a.trim().is_empty(), b.trim().is_empty()) {
+                (true, _) => (len.saturating_sub(num(b)), len.saturating_sub(1)),
+                (false, true) => (num(a), u64::MAX),
+                (false, false) => (num(a), num(b)),
+            };
+            if a.trim().is_empty() && num(b) == 0 {
+                continue;
+            }
+            for i in first..=last.min(len.saturating_sub(1)) {
+                if i < len {
+                    covered[i as usize] = true;
+                }
+            }
+        }
+        covered
+    }
+
+    proptest! {
+        #![proptest_config(crate::testing::props())]
+
+        #[test]
+        fn range_never_panics(text in any::<String>(), len in any::<u64>()) {
+            let _ = parse(&text, len);
+        }
+
+        /// Every range lies inside the object; no two overlap or touch (they were
+        /// coalesced, RFC 9110 §14.2), so they add up to at most the object; at most 64.
+        #[test]
+        fn satisfiable_ranges_are_inside_the_object_apart_and_no_larger_than_it(
+            (len, v) in prop_oneof![0u64..64, any::<u64>()]
+                .prop_flat_map(|len| (Just(len), value(len))),
+        ) {
+            let Ranges::Satisfiable(ranges) = parse(&v, len) else { return Ok(()) };
+            prop_assert!(!ranges.is_empty() && ranges.len() <= MAX_RANGES);
+            for &(first, last) in &ranges {
+                prop_assert!(
+                    first <= last && last < len,
+                    "{:?} of {} in {:?}", (first, last), len, v
+                );
+            }
+            let mut sorted = ranges.clone();
+            sorted.sort_unstable();
+            for w in sorted.windows(2) {
+                prop_assert!(
+                    w[0].1.saturating_add(1) < w[1].0,
+                    "{:?} overlap or touch in {:?}", w, v
+                );
+            }
+            let total = ranges.iter().map(|&(f, l)| u128::from(l - f) + 1).sum::<u128>();
+            prop_assert!(total <= u128::from(len));
+        }
+
+        /// Coalescing loses and adds nothing: the parts cover exactly the bytes asked for.
+        #[test]
+        fn satisfiable_ranges_cover_exactly_what_was_asked(
+            (len, v) in (1u64..48).prop_flat_map(|len| (Just(len), value(len))),
+        ) {
+            if let Ranges::Satisfiable(ranges) = parse(&v, len) {
+                let mut covered = vec![false; len as usize];
+                for (first, last) in ranges {
+                    for i in first..=last {
+                        covered[i as usize] = true;
+                    }
+                }
+                prop_assert_eq!(covered, requested(&v, len), "{:?}", v);
+            }
+        }
+
+        /// The multipart body is as long as `multipart_len` says (HEAD and Content-Length
+        /// rely on it), and each part holds the object's bytes at its range.
+        #[test]
+        fn multipart_parts_are_the_objects_bytes_and_multipart_len_is_exact(
+            (body, v) in proptest::collection::vec(any::<u8>(), 1..200)
+                .prop_flat_map(|b| { let len = b.len() as u64; (Just(b), value(len)) }),
+            content_type in proptest::option::of("[ -~]{0,20}"),
+            boundary in "[0-9a-zA-Z'()+_,./:=?-]{1,40}",
+        ) {
+            let len = body.len() as u64;
+            let Ranges::Satisfiable(ranges) = parse(&v, len) else { return Ok(()) };
+            let body = Bytes::from(body);
+            let ct = content_type.as_deref();
+            let m = multipart(&body, &ranges, ct, &boundary);
+            prop_assert_eq!(multipart_len(len, &ranges, ct, &boundary), m.len() as u64);
+            // Walk the body: each part's head as RFC 9110 §14.6 lays it out, then its bytes.
+            let mut rest = &m[..];
+            for &(first, last) in &ranges {
+                let mut head = format!("\r\n--{boundary}\r\n");
+                if let Some(ct) = ct {
+                    head.push_str(&format!("Content-Type: {ct}\r\n"));
+                }
+                head.push_str(&format!("Content-Range: bytes {first}-{last}/{len}\r\n\r\n"));
+                prop_assert!(
+                    rest.starts_with(head.as_bytes()),
+                    "{:?}", String::from_utf8_lossy(rest)
+                );
+                rest = &rest[head.len()..];
+                let part = (last - first + 1) as usize;
+                prop_assert_eq!(&rest[..part], &body[first as usize..=last as usize]);
+                rest = &rest[part..];
+            }
+            let end = format!("\r\n--{boundary}--\r\n");
+            prop_assert_eq!(rest, end.as_bytes());
+        }
+    }
+}

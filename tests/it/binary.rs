@@ -1,4 +1,5 @@
-//! The real `edgecache` binary: `check`, `run`, memory while streaming, and SIGTERM drain.
+//! The real `edgecache` binary: `check`, `run`, `--help`, memory while streaming, signals
+//! (SIGUSR1, SIGUSR2, SIGHUP) and SIGTERM drain.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -90,6 +91,27 @@ fn malformed_config_names_file_line_and_key() {
     );
     let e = check_error("[server\nhttp = 1\n");
     assert!(e.starts_with("bad.toml:1:"), "{e}");
+}
+
+/// `check` used to accept listen addresses that `run` then failed to bind.
+#[test]
+fn check_refuses_listen_addresses_that_run_could_not_bind() {
+    let text = "[server]\nhttp = [\"0.0.0.0:8080\", \"127.0.0.1:8081\"]\n\
+                [admin]\nlisten = \"127.0.0.1:8080\"\n\
+                [[origins]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\n\
+                [[sites]]\nhosts = [\"x\"]\norigin = \"a\"\n";
+    let e = check_error(text);
+    assert_eq!(
+        e.trim_end(),
+        "bad.toml:4:10: admin.listen: 127.0.0.1:8080 overlaps 0.0.0.0:8080 (server.http at 2:9): \
+         0.0.0.0 holds the port on every IPv4 address, so run could not bind both",
+    );
+    let e = check_error(&text.replace("127.0.0.1:8081", "0.0.0.0:8080"));
+    assert_eq!(e.lines().count(), 2, "{e}");
+    assert!(
+        e.starts_with("bad.toml:2:25: server.http: 0.0.0.0:8080 is also server.http at 2:9"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -423,12 +445,29 @@ async fn a_100_mib_body_streams_through_with_flat_memory() {
     }
 }
 
-fn sigterm(p: &Proc) {
+/// Sends `signal` (`TERM`, `USR1`, …) to the process.
+fn kill(p: &Proc, signal: &str) {
     let status = Command::new("kill")
-        .args(["-TERM", &p.child.id().to_string()])
+        .args([&format!("-{signal}"), &p.child.id().to_string()])
         .status()
         .expect("kill");
-    assert!(status.success());
+    assert!(status.success(), "kill -{signal}");
+}
+
+fn sigterm(p: &Proc) {
+    kill(p, "TERM");
+}
+
+/// Waits (at most 10 s) for a stderr line containing `what`; true when one came.
+async fn logged(p: &Proc, what: &str) -> bool {
+    let seen = || {
+        p.lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|l| l.contains(what))
+    };
+    eventually(Duration::from_secs(10), seen).await
 }
 
 /// Waits (at most 20 s) for the process to exit, and asserts it exited successfully.
@@ -642,4 +681,52 @@ async fn a_non_loopback_admin_address_is_warned_about_at_start() {
     };
     assert!(warned("0.0.0.0:0"));
     assert!(!warned("127.0.0.1:0"));
+}
+
+/// SIGUSR1 (logrotate's "reopen your logs") and SIGUSR2 used to end the process with the
+/// signal's default action (exit 138 / 140), and the cache with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_and_sigusr2_are_logged_and_the_node_keeps_serving_its_cache() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/hit",
+        Route::ok("cached").header("cache-control", "max-age=600"),
+    );
+    let mut p = spawn(&origin, "");
+    assert_eq!(get(p.http, "site.test", "/hit").await.status, 200);
+    assert_eq!(origin.count("/hit"), 1);
+
+    kill(&p, "USR1");
+    assert!(
+        logged(&p, "SIGUSR1: no log files to reopen; logs go to stderr").await,
+        "{:?}",
+        p.lines.lock().expect("lock")
+    );
+    kill(&p, "USR2");
+    assert!(logged(&p, "SIGUSR2 ignored").await);
+    assert!(p.child.try_wait().expect("wait").is_none(), "still running");
+
+    let r = get(p.http, "site.test", "/hit").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], b"cached");
+    assert_eq!(r.header("cache-status"), Some("edgecache; hit"));
+    assert_eq!(origin.count("/hit"), 1, "the cache survived both signals");
+
+    sigterm(&p);
+    assert_exits_cleanly(&mut p).await;
+}
+
+#[test]
+fn help_lists_the_signals_and_what_they_do() {
+    for args in [&["--help"][..], &["run", "--help"]] {
+        let out = Command::new(BIN).args(args).output().expect("run --help");
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        for signal in ["SIGTERM, SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGQUIT"] {
+            assert!(
+                text.contains(signal),
+                "{args:?}: {signal} missing in\n{text}"
+            );
+        }
+    }
 }

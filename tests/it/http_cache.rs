@@ -105,6 +105,36 @@ async fn stale_entry_is_revalidated_and_a_304_refreshes_it_without_a_body() {
     assert_eq!(seen["if-modified-since"], "Tue, 03 Nov 2026 10:00:00 GMT");
 }
 
+/// A response stored without ETag or Last-Modified is still a current representation: `*`
+/// matches it (RFC 9110 §13.1.1, §13.1.2) and If-Unmodified-Since is ignored (§13.1.4).
+/// These used to get 412, 200 and 412.
+#[tokio::test]
+async fn conditionals_on_a_response_stored_without_validators() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/plain",
+        Route::ok("content").header("cache-control", "max-age=60"),
+    );
+    let node = TestNode::start("", &site(&origin, "site.test", "")).await;
+    get(node.http, "site.test", "/plain").await;
+    let cases: [(&str, &str, u16); 3] = [
+        ("if-match", "*", 200),
+        ("if-none-match", "*", 304),
+        ("if-unmodified-since", "Mon, 02 Nov 2026 10:00:00 GMT", 200),
+    ];
+    for (name, value, status) in cases {
+        let r = send(
+            node.http,
+            request("GET", "site.test", "/plain", &[(name, value)]),
+        )
+        .await;
+        assert_eq!(r.status.as_u16(), status, "{name}: {value}");
+        let body: &[u8] = if status == 200 { b"content" } else { b"" };
+        assert_eq!(&r.body[..], body);
+    }
+    assert_eq!(origin.count("/plain"), 1, "answered from the cache");
+}
+
 #[tokio::test]
 async fn client_conditionals_are_answered_from_the_cache() {
     let origin = TestOrigin::start().await;
