@@ -212,3 +212,97 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A path segment as clients spell them: names, dots, encoded dots and other unreserved
+    /// characters, reserved encodings, empty segments.
+    fn segment() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            Just("a"),
+            Just("b.c"),
+            Just(""),
+            Just("."),
+            Just(".."),
+            Just("%2e"),
+            Just("%2E%2e"),
+            Just(".%2e"),
+            Just("%41"),
+            Just("%7e"),
+            Just("%2F"),
+            Just("%20"),
+            Just("..."),
+            Just(".a"),
+        ]
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        prop::collection::vec(segment(), 0..8).prop_map(|s| format!("/{}", s.join("/")))
+    }
+
+    /// The same path with its unreserved encodings spelled out (`%2e` is `.`): RFC 3986
+    /// §6.2.2.2 makes them equivalent.
+    fn decoded(p: &str) -> String {
+        p.replace("%2e", ".")
+            .replace("%2E", ".")
+            .replace("%41", "A")
+            .replace("%7e", "~")
+    }
+
+    proptest! {
+        #![proptest_config(crate::testing::props())]
+
+        #[test]
+        fn normalising_is_idempotent(p in path()) {
+            if let Ok(once) = normalise(&p, false) {
+                let twice = normalise(&once, false);
+                prop_assert_eq!(twice.as_deref(), Ok(once.as_ref()));
+            }
+        }
+
+        #[test]
+        fn a_normal_path_never_climbs_or_keeps_a_dot_segment(p in path()) {
+            if let Ok(n) = normalise(&p, false) {
+                prop_assert!(n.starts_with('/'));
+                for seg in n.split('/') {
+                    prop_assert!(seg != "." && seg != "..", "{} -> {}", p, n);
+                }
+            }
+        }
+
+        #[test]
+        fn a_path_is_refused_exactly_when_it_climbs_above_the_root(p in path()) {
+            // Walk the decoded segments as a stack: popping an empty stack climbs.
+            let mut depth = 0i32;
+            let mut climbs = false;
+            for seg in decoded(&p).split('/').skip(1) {
+                match seg {
+                    "." => {}
+                    ".." => {
+                        depth -= 1;
+                        climbs |= depth < 0;
+                    }
+                    _ => depth += 1,
+                }
+            }
+            prop_assert_eq!(normalise(&p, false).is_err(), climbs, "{}", p);
+        }
+
+        #[test]
+        fn equivalent_encodings_normalise_alike(p in path()) {
+            let a = normalise(&p, false).map(|c| c.into_owned());
+            let b = normalise(&decoded(&p), false).map(|c| c.into_owned());
+            prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(p in "/[ -~]{0,40}") {
+            let _ = normalise(&p, true);
+            let _ = normalise(&p, false);
+        }
+    }
+}
