@@ -955,7 +955,7 @@ pub(crate) fn human_size(n: u64) -> String {
         ("KiB", 1 << 10),
     ];
     for (name, size) in UNITS {
-        if n >= size && n % size == 0 {
+        if n >= size && n.is_multiple_of(size) {
             return format!("{}{}", n / size, name);
         }
     }
