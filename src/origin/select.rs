@@ -87,43 +87,72 @@ struct Checks {
     last: Option<super::health::CheckResult>,
 }
 
-/// Live state of one origin, updated by every request to it.
+/// Live state of one origin, updated by every request to it. Read from outside through
+/// [`Selector::snapshot`]; the in-flight count is changed only by [`InFlight`].
 #[derive(Debug, Default)]
 pub struct OriginStats {
     ewma: Mutex<PeakEwma>,
     /// Set by active checks after `fall` failures, cleared after `rise` passes.
     down: AtomicBool,
     checks: Mutex<Checks>,
-    pub inflight: AtomicU32,
+    inflight: AtomicU32,
     failures: AtomicU32,
     ejections: AtomicU32,
     /// Milliseconds since the selector's epoch until which the origin is ejected.
     ejected_until: AtomicU64,
-    pub requests: AtomicU64,
-    pub errors: AtomicU64,
+    requests: AtomicU64,
+    errors: AtomicU64,
 }
 
 impl OriginStats {
     /// Current latency estimate in microseconds.
-    pub fn latency_us(&self, now: Instant) -> f64 {
+    fn latency_us(&self, now: Instant) -> f64 {
         self.ewma.lock().map(|e| e.get(now)).unwrap_or(0.0)
     }
+}
 
-    pub fn ejections(&self) -> u32 {
-        self.ejections.load(Ordering::Relaxed)
+/// One origin's state at one instant, as `GET /origins` and `/metrics` show it.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Taken out of rotation by its active checks.
+    pub down: bool,
+    /// Taken out of rotation by passive detection, for a back-off that has not run out.
+    pub ejected: bool,
+    /// Peak-EWMA time to first byte in microseconds, decayed to the snapshot's instant (zero
+    /// before any sample).
+    pub latency_us: f64,
+    /// Requests waiting for the origin's response head.
+    pub in_flight: u32,
+    /// Requests answered or failed.
+    pub requests: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// Times passive detection ejected the origin.
+    pub ejections: u32,
+    /// Active checks run so far.
+    pub checks: u64,
+    /// The last active check's result.
+    pub last_check: Option<super::health::CheckResult>,
+}
+
+impl Snapshot {
+    /// True when the origin is neither down by its checks nor ejected.
+    pub fn in_rotation(&self) -> bool {
+        !self.down && !self.ejected
     }
+}
 
-    /// True when active checks have taken the origin out of rotation.
-    pub fn checked_down(&self) -> bool {
-        self.down.load(Ordering::Relaxed)
-    }
+/// An origin's in-flight count, raised while a request waits for it and lowered on drop (so
+/// a request whose future is dropped mid-wait gives its count back).
+#[derive(Debug)]
+#[must_use = "the request counts as in flight only while the guard lives"]
+pub struct InFlight<'a>(Option<&'a OriginStats>);
 
-    /// Checks run so far and the last one's result.
-    pub fn last_check(&self) -> (u64, Option<super::health::CheckResult>) {
-        self.checks
-            .lock()
-            .map(|c| (c.total, c.last.clone()))
-            .unwrap_or((0, None))
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.0 {
+            s.inflight.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -156,8 +185,34 @@ impl Selector {
         }
     }
 
-    pub fn stats(&self, origin: usize) -> Option<&OriginStats> {
-        self.stats.get(origin)
+    /// Origin `origin`'s state at `now`; `None` for an index past the configured origins.
+    pub fn snapshot(&self, origin: usize, now: Instant) -> Option<Snapshot> {
+        let s = self.stats.get(origin)?;
+        let (checks, last_check) = s
+            .checks
+            .lock()
+            .map(|c| (c.total, c.last.clone()))
+            .unwrap_or((0, None));
+        Some(Snapshot {
+            down: s.down.load(Ordering::Relaxed),
+            ejected: s.ejected_until.load(Ordering::Relaxed) > self.now_ms(now),
+            latency_us: s.latency_us(now),
+            in_flight: s.inflight.load(Ordering::Relaxed),
+            requests: s.requests.load(Ordering::Relaxed),
+            errors: s.errors.load(Ordering::Relaxed),
+            ejections: s.ejections.load(Ordering::Relaxed),
+            checks,
+            last_check,
+        })
+    }
+
+    /// Counts a request to `origin` as in flight until the guard is dropped.
+    pub fn enter(&self, origin: usize) -> InFlight<'_> {
+        let s = self.stats.get(origin);
+        if let Some(s) = s {
+            s.inflight.fetch_add(1, Ordering::Relaxed);
+        }
+        InFlight(s)
     }
 
     fn now_ms(&self, now: Instant) -> u64 {
@@ -170,13 +225,6 @@ impl Selector {
             !s.down.load(Ordering::Relaxed)
                 && s.ejected_until.load(Ordering::Relaxed) <= self.now_ms(now)
         })
-    }
-
-    /// True when the origin is ejected by passive detection at `now`.
-    pub fn is_ejected(&self, origin: usize, now: Instant) -> bool {
-        self.stats
-            .get(origin)
-            .is_some_and(|s| s.ejected_until.load(Ordering::Relaxed) > self.now_ms(now))
     }
 
     /// Records an active check. An answered check feeds the latency average; `fall` failures
