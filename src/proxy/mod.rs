@@ -313,7 +313,7 @@ impl Proxy {
             .iter()
             .enumerate()
             .map(|(i, o)| {
-                let s = self.selector.snapshot(i, now).unwrap_or_default();
+                let s = self.selector.state().snapshot(i, now).unwrap_or_default();
                 serde_json::json!({
                     "name": o.config.name,
                     "url": format!("{}://{}", o.config.scheme, o.config.authority),
@@ -362,7 +362,7 @@ impl Proxy {
         let now = Instant::now();
         // One snapshot per origin, so the series of one scrape agree with each other.
         let states: Vec<_> = (0..self.origins.len())
-            .map(|o| self.selector.snapshot(o, now))
+            .map(|o| self.selector.state().snapshot(o, now))
             .collect();
         type Series = (&'static str, &'static str, &'static str);
         let series: [Series; 6] = [
@@ -448,7 +448,7 @@ impl Proxy {
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
                 if let Some(client) = proxy.origins.get(i) {
-                    origin::health::run(client, &proxy.selector, i, &check, shutdown).await;
+                    origin::health::run(client, proxy.selector.state(), i, &check, shutdown).await;
                 }
             });
         }
@@ -1540,7 +1540,7 @@ impl Proxy {
             *up.headers_mut() = h;
             // Counted while the request waits, and given back however the wait ends (a client
             // that leaves drops this future mid-await).
-            let in_flight = self.selector.enter(index);
+            let in_flight = self.selector.state().enter(index);
             let sent_at = Instant::now();
             let result = origin.send(up).await;
             let elapsed = sent_at.elapsed();
@@ -1551,7 +1551,11 @@ impl Proxy {
                     self.note_failure(index, Failure::Status(r.status()));
                 }
                 Ok(_) => {
-                    if self.selector.success(index, elapsed, Instant::now()) {
+                    if self
+                        .selector
+                        .state()
+                        .success(index, elapsed, Instant::now())
+                    {
                         tracing::info!(origin = %origin.config.name, "origin back in rotation after its ejection");
                     }
                 }
@@ -1585,11 +1589,11 @@ impl Proxy {
     }
 
     fn note_failure(&self, index: usize, why: Failure) {
-        if let Some(back_off) = self.selector.failure(index, Instant::now()) {
+        if let Some(back_off) = self.selector.state().failure(index, Instant::now()) {
             if let Some(o) = self.origins.get(index) {
                 tracing::warn!(
                     origin = %o.config.name,
-                    failures = origin::select::EJECT_AFTER,
+                    failures = origin::state::EJECT_AFTER,
                     last = %why,
                     ejected_for_s = back_off.as_secs(),
                     "origin ejected after failures in a row"
