@@ -17,7 +17,9 @@ fn bench(c: &mut Criterion) {
     let selector = Selector::new(vec![1; 16]);
     let now = tokio::time::Instant::now();
     for o in 0..16 {
-        selector.success(o, Duration::from_millis(5 + o as u64), now);
+        selector
+            .state()
+            .success(o, Duration::from_millis(5 + o as u64), now);
     }
     let a: Vec<usize> = (0..8).collect();
     let b: Vec<usize> = (8..16).collect();

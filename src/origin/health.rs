@@ -5,16 +5,15 @@
 //! current latency when it is compared with the others.
 //!
 //! Written here rather than taken from a crate: a check is one request through the origin's
-//! own client, and its result is three atomics in the selector.
+//! own client, and its result is recorded in the origin's `state` (which `select` reads; this
+//! module never sees the selector).
 
-use std::time::Duration;
-
-use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
+use http::{header, HeaderValue, Method, Request, Uri};
 use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::select::{Health, Selector};
+use super::state::{CheckResult, Health, OriginStates};
 use super::{OriginClient, UpstreamBody};
 use crate::config::HealthCheck;
 
@@ -22,21 +21,10 @@ use crate::config::HealthCheck;
 /// a larger body is dropped, closing its connection.
 const DRAIN_LIMIT: usize = 64 << 10;
 
-/// The outcome of one check, kept for `GET /origins`.
-#[derive(Debug, Clone)]
-pub struct CheckResult {
-    pub at: Instant,
-    pub passed: bool,
-    pub status: Option<StatusCode>,
-    /// Time to the response head (or to the failure).
-    pub latency: Duration,
-    pub error: Option<String>,
-}
-
 /// Runs the checks of origin `index` until `shutdown` turns true.
 pub async fn run(
     client: &OriginClient,
-    selector: &Selector,
+    state: &OriginStates,
     index: usize,
     check: &HealthCheck,
     mut shutdown: watch::Receiver<bool>,
@@ -64,7 +52,7 @@ pub async fn run(
                 tracing::debug!(origin = %name, error = error.as_deref().unwrap_or(""), "health check failed")
             }
         }
-        match selector.check_result(index, result, check.rise, check.fall) {
+        match state.check_result(index, result, check.rise, check.fall) {
             Some(Health::Down) => tracing::warn!(
                 origin = %name,
                 fall = check.fall,

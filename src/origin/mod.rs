@@ -3,7 +3,8 @@
 //! Connections are kept alive and reused (hyper-util's pool); `https` origins are verified
 //! against the Mozilla root set built into `webpki-roots` (so a slim container needs no CA
 //! bundle) plus the origin's own `ca` file, and speak HTTP/2 when the origin offers it by ALPN.
-//! Choosing among several origins (geo rules, latency, health) lives in later submodules.
+//! Per-origin state lives in `state` (written by the proxy and `health`, read by `select`);
+//! choosing among origins in `select`; active checks in `health`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,7 @@ pub mod health;
 pub mod limit;
 pub mod retry;
 pub mod select;
+pub mod state;
 
 pub use body::UpstreamBody;
 

@@ -323,29 +323,27 @@ impl Proxy {
             .iter()
             .enumerate()
             .map(|(i, o)| {
-                let s = self.selector.stats(i);
-                let load = |f: fn(&origin::select::OriginStats) -> u64| s.map(f).unwrap_or(0);
+                let s = self.selector.state().snapshot(i, now).unwrap_or_default();
                 serde_json::json!({
                     "name": o.config.name,
                     "url": format!("{}://{}", o.config.scheme, o.config.authority),
                     "region": o.config.region,
                     "weight": o.config.weight,
-                    "state": if s.is_some_and(|s| s.checked_down()) {
+                    "state": if s.down {
                         "down"
-                    } else if self.selector.is_ejected(i, now) {
+                    } else if s.ejected {
                         "ejected"
                     } else {
                         "up"
                     },
                     "health": o.config.health.as_ref().map(|h| {
-                        let (checks, last) = s.map(|s| s.last_check()).unwrap_or((0, None));
                         serde_json::json!({
                             "path": h.path.as_str(),
                             "interval_ms": h.interval.as_millis() as u64,
                             "rise": h.rise,
                             "fall": h.fall,
-                            "checks": checks,
-                            "last_check": last.map(|c| serde_json::json!({
+                            "checks": s.checks,
+                            "last_check": s.last_check.as_ref().map(|c| serde_json::json!({
                                 "passed": c.passed,
                                 "status": c.status.map(|st| st.as_u16()),
                                 "latency_ms": (c.latency.as_secs_f64() * 100_000.0).round() / 100.0,
@@ -354,11 +352,11 @@ impl Proxy {
                             })),
                         })
                     }),
-                    "latency_ms": s.map(|s| (s.latency_us(now) / 10.0).round() / 100.0).unwrap_or(0.0),
-                    "in_flight": load(|s| u64::from(s.inflight.load(std::sync::atomic::Ordering::Relaxed))),
-                    "requests": load(|s| s.requests.load(std::sync::atomic::Ordering::Relaxed)),
-                    "errors": load(|s| s.errors.load(std::sync::atomic::Ordering::Relaxed)),
-                    "ejections": load(|s| u64::from(s.ejections())),
+                    "latency_ms": (s.latency_us / 10.0).round() / 100.0,
+                    "in_flight": s.in_flight,
+                    "requests": s.requests,
+                    "errors": s.errors,
+                    "ejections": s.ejections,
                 })
             })
             .collect();
@@ -371,8 +369,11 @@ impl Proxy {
     /// latency estimate, in-flight, requests, errors, ejections.
     pub fn render_origin_metrics(&self, out: &mut String) {
         use std::fmt::Write;
-        use std::sync::atomic::Ordering::Relaxed;
         let now = Instant::now();
+        // One snapshot per origin, so the series of one scrape agree with each other.
+        let states: Vec<_> = (0..self.origins.len())
+            .map(|o| self.selector.state().snapshot(o, now))
+            .collect();
         type Series = (&'static str, &'static str, &'static str);
         let series: [Series; 6] = [
             (
@@ -408,17 +409,17 @@ impl Proxy {
         ];
         for (i, (name, kind, help)) in series.iter().enumerate() {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (o, client) in self.origins.iter().enumerate() {
-                let Some(st) = self.selector.stats(o) else {
+            for (client, st) in self.origins.iter().zip(&states) {
+                let Some(st) = st else {
                     continue;
                 };
                 let value = match i {
-                    0 => f64::from(u8::from(self.selector.is_up(o, now))),
-                    1 => st.latency_us(now) / 1e6,
-                    2 => f64::from(st.inflight.load(Relaxed)),
-                    3 => st.requests.load(Relaxed) as f64,
-                    4 => st.errors.load(Relaxed) as f64,
-                    _ => f64::from(st.ejections()),
+                    0 => f64::from(u8::from(st.in_rotation())),
+                    1 => st.latency_us / 1e6,
+                    2 => f64::from(st.in_flight),
+                    3 => st.requests as f64,
+                    4 => st.errors as f64,
+                    _ => f64::from(st.ejections),
                 };
                 let label = client
                     .config
@@ -457,7 +458,7 @@ impl Proxy {
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
                 if let Some(client) = proxy.origins.get(i) {
-                    origin::health::run(client, &proxy.selector, i, &check, shutdown).await;
+                    origin::health::run(client, proxy.selector.state(), i, &check, shutdown).await;
                 }
             });
         }
@@ -749,7 +750,7 @@ impl Proxy {
             *up.headers_mut() = h;
             // Counted while the request waits, and given back however the wait ends (a client
             // that leaves drops this future mid-await).
-            let in_flight = InFlight::enter(self.selector.stats(index));
+            let in_flight = self.selector.state().enter(index);
             let sent_at = Instant::now();
             let result = origin.send(up).await;
             let elapsed = sent_at.elapsed();
@@ -760,7 +761,11 @@ impl Proxy {
                     self.note_failure(index, Failure::Status(r.status()));
                 }
                 Ok(_) => {
-                    if self.selector.success(index, elapsed, Instant::now()) {
+                    if self
+                        .selector
+                        .state()
+                        .success(index, elapsed, Instant::now())
+                    {
                         tracing::info!(origin = %origin.config.name, "origin back in rotation after its ejection");
                     }
                 }
@@ -794,11 +799,11 @@ impl Proxy {
     }
 
     fn note_failure(&self, index: usize, why: Failure) {
-        if let Some(back_off) = self.selector.failure(index, Instant::now()) {
+        if let Some(back_off) = self.selector.state().failure(index, Instant::now()) {
             if let Some(o) = self.origins.get(index) {
                 tracing::warn!(
                     origin = %o.config.name,
-                    failures = origin::select::EJECT_AFTER,
+                    failures = origin::state::EJECT_AFTER,
                     last = %why,
                     ejected_for_s = back_off.as_secs(),
                     "origin ejected after failures in a row"
@@ -847,28 +852,6 @@ impl std::fmt::Display for Failure {
             Failure::Timeout => f.write_str("timed out"),
             Failure::Broken => f.write_str("connection broke"),
             Failure::Status(s) => write!(f, "status {}", s.as_u16()),
-        }
-    }
-}
-
-/// An origin's in-flight count, raised while a request waits for it and lowered on drop.
-struct InFlight<'a>(Option<&'a origin::select::OriginStats>);
-
-impl<'a> InFlight<'a> {
-    fn enter(stats: Option<&'a origin::select::OriginStats>) -> InFlight<'a> {
-        if let Some(s) = stats {
-            s.inflight
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        InFlight(stats)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if let Some(s) = self.0 {
-            s.inflight
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

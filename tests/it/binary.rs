@@ -430,7 +430,7 @@ async fn a_100_mib_body_streams_through_with_flat_memory() {
                 total += d.len();
             }
             frames += 1;
-            if frames % 64 == 0 {
+            if frames.is_multiple_of(64) {
                 peak = peak.max(rss_kib(pid));
             }
         }
