@@ -1,0 +1,203 @@
+//! The `upstream` stage (origin_select and the send): the origins a miss may go to, best
+//! first, by the site's route for where the client is and by measured latency and health;
+//! the send with failover and the retry budget; what counts against an origin.
+
+use super::*;
+
+impl Proxy {
+    /// Origins for a miss, best first: the site's route for where the client is, its pools in
+    /// order, each origin by latency and health (see `origin::select`); and the route's name.
+    pub(super) fn candidates(
+        &self,
+        site: usize,
+        conn: ConnInfo,
+        headers: &HeaderMap,
+    ) -> (Vec<usize>, Option<Arc<str>>) {
+        let site = &self.config.sites[site];
+        let loc = self.locator.locate(conn.peer.ip(), headers);
+        let Some(route) = site.route(&loc) else {
+            return (vec![site.origin], None);
+        };
+        let views: Vec<PoolView<'_>> = route
+            .pools
+            .iter()
+            .filter_map(|&p| self.config.pools.get(p))
+            .map(|p| PoolView {
+                origins: &p.origins,
+                spill_latency: p.spill_latency,
+            })
+            .collect();
+        let out = self.selector.candidates(&views, Instant::now());
+        let name = Some(route.name.clone());
+        if out.is_empty() {
+            (vec![site.origin], name)
+        } else {
+            (out, name)
+        }
+    }
+
+    /// Sends a request to the first candidate. A bodiless idempotent request is sent again to
+    /// the next candidate when nothing came back: after a failed connection (down the list, up
+    /// to [`MAX_ATTEMPTS`] in all) or once after a connection that broke before the response
+    /// head; each retry is taken from the retry budget. A request with a body is sent once.
+    /// Returns the origin used, the time to its response head in milliseconds, and the
+    /// result; `None` for an invalid target.
+    pub(super) async fn send_failover(
+        &self,
+        candidates: &[usize],
+        method: &Method,
+        pq: &PathAndQuery,
+        mut headers: HeaderMap,
+        host: &HeaderValue,
+        mut body: Option<UpstreamBody>,
+    ) -> Option<(usize, f64, Result<Response<Incoming>, origin::Error>)> {
+        let retryable = body.is_none() && method.is_idempotent();
+        let attempts = candidates.len().min(MAX_ATTEMPTS);
+        self.retry_budget.request(Instant::now());
+        let mut last = None;
+        let mut broken_retried = false;
+        for (attempt, &index) in candidates.iter().take(attempts).enumerate() {
+            if attempt > 0 {
+                if !self.retry_budget.try_retry(Instant::now()) {
+                    self.metrics.retry(false);
+                    tracing::debug!("retry budget spent: not retrying");
+                    break;
+                }
+                self.metrics.retry(true);
+            }
+            let origin = self.origins.get(index)?;
+            let uri = origin_uri(origin, pq.clone())?;
+            let mut up = Request::new(body.take().unwrap_or_else(UpstreamBody::empty));
+            *up.method_mut() = method.clone();
+            *up.uri_mut() = uri;
+            // The last attempt takes the fields; earlier ones send a copy.
+            let mut h = if attempt + 1 < attempts {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
+            h.insert(
+                header::HOST,
+                origin
+                    .config
+                    .host_header
+                    .clone()
+                    .unwrap_or_else(|| host.clone()),
+            );
+            *up.headers_mut() = h;
+            // Counted while the request waits, and given back however the wait ends (a client
+            // that leaves drops this future mid-await).
+            let in_flight = self.selector.state().enter(index);
+            let sent_at = Instant::now();
+            let result = origin.send(up).await;
+            let elapsed = sent_at.elapsed();
+            drop(in_flight);
+            let ms = elapsed.as_secs_f64() * 1000.0;
+            match &result {
+                Ok(r) if origin.config.fail_on.contains(&r.status().as_u16()) => {
+                    self.note_failure(index, Failure::Status(r.status()));
+                }
+                Ok(_) => {
+                    if self
+                        .selector
+                        .state()
+                        .success(index, elapsed, Instant::now())
+                    {
+                        tracing::info!(origin = %origin.config.name, "origin back in rotation after its ejection");
+                    }
+                }
+                Err(e) => {
+                    if !e.is_saturated() {
+                        self.note_failure(
+                            index,
+                            if e.is_timeout() {
+                                Failure::Timeout
+                            } else if e.is_connect() {
+                                Failure::Connect
+                            } else {
+                                Failure::Broken
+                            },
+                        );
+                    }
+                    let again = retryable
+                        && attempt + 1 < attempts
+                        && (e.is_connect() || (e.is_broken() && !broken_retried));
+                    if again {
+                        broken_retried |= !e.is_connect();
+                        tracing::warn!(origin = %origin.config.name, error = %ErrorChain(e), "no answer from origin, trying the next one");
+                        last = Some((index, ms, result));
+                        continue;
+                    }
+                }
+            }
+            return Some((index, ms, result));
+        }
+        last
+    }
+
+    pub(super) fn note_failure(&self, index: usize, why: Failure) {
+        if let Some(back_off) = self.selector.state().failure(index, Instant::now()) {
+            if let Some(o) = self.origins.get(index) {
+                tracing::warn!(
+                    origin = %o.config.name,
+                    failures = origin::state::EJECT_AFTER,
+                    last = %why,
+                    ejected_for_s = back_off.as_secs(),
+                    "origin ejected after failures in a row"
+                );
+            }
+        }
+    }
+
+    /// Whether the peer is a trusted proxy whose forwarding fields are kept. The field it
+    /// does not write (`server.client_address_header`) is the client's own and is dropped
+    /// here, so it never reaches the origin as if the proxy had vouched for it.
+    pub(super) fn trusted(&self, conn: ConnInfo, headers: &mut HeaderMap) -> bool {
+        let trusted = self
+            .config
+            .server
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&conn.peer.ip()));
+        if trusted {
+            match self.config.server.client_address_header {
+                crate::geo::AddressHeader::XForwardedFor => {
+                    headers.remove(header::FORWARDED);
+                }
+                crate::geo::AddressHeader::Forwarded => {
+                    headers.remove(&X_FORWARDED_FOR_NAME);
+                }
+            }
+        }
+        trusted
+    }
+}
+
+/// What counted against an origin, for the ejection log line.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Failure {
+    Connect,
+    Timeout,
+    Broken,
+    Status(StatusCode),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Connect => f.write_str("connection failed"),
+            Failure::Timeout => f.write_str("timed out"),
+            Failure::Broken => f.write_str("connection broke"),
+            Failure::Status(s) => write!(f, "status {}", s.as_u16()),
+        }
+    }
+}
+
+pub(super) fn origin_uri(origin: &OriginClient, pq: PathAndQuery) -> Option<Uri> {
+    Uri::builder()
+        .scheme(origin.config.scheme.clone())
+        .authority(origin.config.authority.clone())
+        .path_and_query(pq)
+        .build()
+        .ok()
+}
