@@ -83,11 +83,7 @@ impl Proxy {
         };
         let response_time = SystemTime::now();
         let (mut rparts, rbody) = resp.into_parts();
-        remove_hop_by_hop(&mut rparts.headers);
-        rparts
-            .headers
-            .append(header::VIA, self.via(rparts.version).clone());
-        rparts.version = Version::HTTP_11;
+        self.relay_head(&mut rparts);
 
         // A 304 for our validators refreshes the stored response (RFC 9111 §4.3.4).
         if let (StatusCode::NOT_MODIFIED, Some(s)) = (rparts.status, validators) {
@@ -141,16 +137,12 @@ impl Proxy {
                 up_headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
             }
         }
-        let trusted = self.trusted(lookup.conn, &mut up_headers);
-        forward_request_headers(
+        self.forward_fields(
             &mut up_headers,
-            lookup.conn.peer.ip(),
-            lookup.conn.https,
+            lookup.conn,
             &lookup.host_value,
-            trusted,
-            self.via(lookup.parts.version),
+            lookup.parts.version,
         );
-        self.mark_hop(&mut up_headers);
         // The path and query as keyed, not as received: parameters the key drops or reorders
         // never reach the origin (a response to `?id=1&utm_source=<script>` would otherwise
         // be stored for `?id=1`).
@@ -304,55 +296,24 @@ impl Proxy {
         let (lookup, client) = (f.lookup, &f.lookup.parts.headers);
         let site = &self.config.sites[lookup.site];
         let (mut rparts, rbody) = response.into_parts();
-        let facts = RequestFacts {
-            method: &Method::GET,
-            has_authorization: client.contains_key(header::AUTHORIZATION),
-            cache_control: &CacheControl::from_headers(client),
-        };
         let limit = self.config.cache.max_object_size;
         let content_length = rparts
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.parse::<u64>().ok());
-        let decision = policy::storable(
-            facts,
+        let stored = match self.store_decision(
+            lookup,
+            &mut rparts.headers,
             rparts.status,
-            &rparts.headers,
-            &lookup.settings,
+            content_length,
             response_time,
-        )
-        .and_then(|d| {
-            if content_length.is_some_and(|n| n > limit) {
-                Err(NoStoreReason::TooLarge)
-            } else {
-                Ok(d)
-            }
-        });
-        let tags = tags(&rparts.headers);
-        let strip: Vec<Box<str>> = decision
-            .as_ref()
-            .map(|d| d.strip.clone())
-            .unwrap_or_default();
-        rparts.headers = strip_cache_only(std::mem::take(&mut rparts.headers), &strip);
-        let vary = VaryKey::from_response(&rparts.headers, client).with_extra(lookup.extra.clone());
-        // A new variant past the URL's budget is served, not stored (see `Store::admit_variant`).
-        let decision = decision.and_then(|d| {
-            let admitted = self.store.admit_variant(lookup.hash, &lookup.key, &vary);
-            admitted.map(|()| d)
-        });
-        let decision = match decision {
-            Ok(d) => d,
+        ) {
+            Ok(stored) => stored,
             Err(reason) => {
                 guard.publish(Outcome::Uncacheable);
                 return self.not_stored(f, reason, rparts, rbody);
             }
-        };
-        let stored = Stored {
-            vary,
-            decision,
-            tags,
-            response_time,
         };
         if content_length.is_some_and(|n| n <= SMALL_OBJECT) {
             let expected = content_length.unwrap_or(0);
@@ -414,6 +375,49 @@ impl Proxy {
             self.answer_from_fill(&fhead, reader, client, lookup.head, status),
             f.outcome("miss"),
         )
+    }
+
+    /// Whether a response may be stored, and how: the policy's decision (too large counts
+    /// as no), the fields it says to strip removed from `headers`, its variant, and the
+    /// URL's budget for new variants (see `Store::admit_variant`).
+    fn store_decision(
+        &self,
+        lookup: &Lookup,
+        headers: &mut HeaderMap,
+        status: StatusCode,
+        content_length: Option<u64>,
+        response_time: SystemTime,
+    ) -> Result<Stored, NoStoreReason> {
+        let client = &lookup.parts.headers;
+        let facts = RequestFacts {
+            method: &Method::GET,
+            has_authorization: client.contains_key(header::AUTHORIZATION),
+            cache_control: &CacheControl::from_headers(client),
+        };
+        let limit = self.config.cache.max_object_size;
+        let decision = policy::storable(facts, status, headers, &lookup.settings, response_time)
+            .and_then(|d| {
+                if content_length.is_some_and(|n| n > limit) {
+                    Err(NoStoreReason::TooLarge)
+                } else {
+                    Ok(d)
+                }
+            });
+        let tags = tags(headers);
+        let strip: Vec<Box<str>> = decision
+            .as_ref()
+            .map(|d| d.strip.clone())
+            .unwrap_or_default();
+        *headers = strip_cache_only(std::mem::take(headers), &strip);
+        let vary = VaryKey::from_response(headers, client).with_extra(lookup.extra.clone());
+        let decision = decision?;
+        self.store.admit_variant(lookup.hash, &lookup.key, &vary)?;
+        Ok(Stored {
+            vary,
+            decision,
+            tags,
+            response_time,
+        })
     }
 
     /// A response that may not be stored, passed on as it comes (marked hit-for-miss when

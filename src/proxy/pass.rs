@@ -41,16 +41,7 @@ impl Proxy {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let (mut parts, body) = req.into_parts();
         let mut up_headers = std::mem::take(&mut parts.headers);
-        let trusted = self.trusted(conn, &mut up_headers);
-        forward_request_headers(
-            &mut up_headers,
-            conn.peer.ip(),
-            conn.https,
-            &host_value,
-            trusted,
-            self.via(parts.version),
-        );
-        self.mark_hop(&mut up_headers);
+        self.forward_fields(&mut up_headers, conn, &host_value, parts.version);
         // Only a request without a body to replay may be retried on another origin.
         let up_body = if body.is_end_stream() {
             None
@@ -101,43 +92,9 @@ impl Proxy {
             }
         };
         let (mut rparts, rbody) = resp.into_parts();
-        remove_hop_by_hop(&mut rparts.headers);
-        rparts
-            .headers
-            .append(header::VIA, self.via(rparts.version).clone());
-        rparts.version = Version::HTTP_11;
-        // RFC 9111 §4.4: a successful unsafe request invalidates the target URI and the same-host
-        // URIs named by Location and Content-Location.
+        self.relay_head(&mut rparts);
         if !method.is_safe() && (rparts.status.is_success() || rparts.status.is_redirection()) {
-            let site = &self.config.sites[site_idx];
-            self.store.purge(
-                &PurgeTarget::Url {
-                    host,
-                    path_and_query: &key_target(site, pq.as_str()),
-                },
-                false,
-            );
-            for name in [header::LOCATION, header::CONTENT_LOCATION] {
-                if let Some(target) = rparts
-                    .headers
-                    .get(&name)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|s| s.parse::<Uri>().ok())
-                {
-                    let same_host = target.host().is_none_or(|h| h.eq_ignore_ascii_case(host));
-                    if let (true, Some(p)) = (same_host, target.path_and_query()) {
-                        if p.as_str().starts_with('/') {
-                            self.store.purge(
-                                &PurgeTarget::Url {
-                                    host,
-                                    path_and_query: &key_target(site, p.as_str()),
-                                },
-                                false,
-                            );
-                        }
-                    }
-                }
-            }
+            self.invalidate_after_write(site_idx, host, pq.as_str(), &rparts.headers);
         }
         rparts.headers = strip_cache_only(std::mem::take(&mut rparts.headers), &[]);
         let status = after_upstream(&rparts.headers, status);
@@ -152,6 +109,39 @@ impl Proxy {
             Response::from_parts(rparts, body),
             Outcome_::origin(cache, origin_index, origin_ms),
         )
+    }
+
+    /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the
+    /// same-host URIs named by `Location` and `Content-Location`, as the site keys them.
+    fn invalidate_after_write(&self, site_idx: usize, host: &str, pq: &str, response: &HeaderMap) {
+        let site = &self.config.sites[site_idx];
+        self.store.purge(
+            &PurgeTarget::Url {
+                host,
+                path_and_query: &key_target(site, pq),
+            },
+            false,
+        );
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            if let Some(target) = response
+                .get(&name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.parse::<Uri>().ok())
+            {
+                let same_host = target.host().is_none_or(|h| h.eq_ignore_ascii_case(host));
+                if let (true, Some(p)) = (same_host, target.path_and_query()) {
+                    if p.as_str().starts_with('/') {
+                        self.store.purge(
+                            &PurgeTarget::Url {
+                                host,
+                                path_and_query: &key_target(site, p.as_str()),
+                            },
+                            false,
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 

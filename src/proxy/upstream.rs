@@ -5,6 +5,37 @@
 use super::*;
 
 impl Proxy {
+    /// A client's fields made ready for an origin: forwarding fields (kept from a trusted
+    /// proxy, and only the one it writes), hop-by-hop fields removed, `Via`, and this node's
+    /// `CDN-Loop` member. Misses and passes both go through it.
+    pub(super) fn forward_fields(
+        &self,
+        headers: &mut HeaderMap,
+        conn: ConnInfo,
+        host_value: &HeaderValue,
+        version: Version,
+    ) {
+        let trusted = self.trusted(conn, headers);
+        forward_request_headers(
+            headers,
+            conn.peer.ip(),
+            conn.https,
+            host_value,
+            trusted,
+            self.via(version),
+        );
+        self.mark_hop(headers);
+    }
+
+    /// An origin's response head as it goes on to the client: hop-by-hop fields removed, our
+    /// `Via` added, HTTP/1.1 semantics.
+    pub(super) fn relay_head(&self, head: &mut http::response::Parts) {
+        remove_hop_by_hop(&mut head.headers);
+        head.headers
+            .append(header::VIA, self.via(head.version).clone());
+        head.version = Version::HTTP_11;
+    }
+
     /// Origins for a miss, best first: the site's route for where the client is, its pools in
     /// order, each origin by latency and health (see `origin::select`); and the route's name.
     pub(super) fn candidates(
