@@ -770,6 +770,15 @@ impl Config {
             ", fills hold up to {}",
             human_size(self.cache.fill_memory)
         );
+        self.summary_origins(&mut s);
+        self.summary_sites(&mut s);
+        self.summary_pools_admin_limits(&mut s);
+        s
+    }
+
+    /// `check`'s lines for the origins and the geo database.
+    fn summary_origins(&self, s: &mut String) {
+        use std::fmt::Write;
         let _ = writeln!(s, "origins:");
         for o in &self.origins {
             let _ = write!(
@@ -797,6 +806,11 @@ impl Config {
         if let Some(db) = &self.geo.database {
             let _ = writeln!(s, "geo database: {} ({})", db.path().display(), db.kind());
         }
+    }
+
+    /// `check`'s lines for the sites: hosts, methods, routes, rules and keys.
+    fn summary_sites(&self, s: &mut String) {
+        use std::fmt::Write;
         let _ = writeln!(s, "sites:");
         for site in &self.sites {
             let origin = self
@@ -864,6 +878,11 @@ impl Config {
                 site.rules.len()
             );
         }
+    }
+
+    /// `check`'s lines for the pools, the admin listener and the per-client limits.
+    fn summary_pools_admin_limits(&self, s: &mut String) {
+        use std::fmt::Write;
         for p in self.pools.iter().filter(|p| !p.name.starts_with("origin:")) {
             let names: Vec<&str> = p
                 .origins
@@ -942,7 +961,6 @@ impl Config {
             self.server.send_timeout,
             self.server.shutdown_grace
         );
-        s
     }
 }
 
