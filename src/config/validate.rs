@@ -532,19 +532,7 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
             fail_on: vec![502, 503, 504],
         };
         if let Some(list) = &o.fail_on {
-            let mut statuses = Vec::new();
-            for s in list.get_ref() {
-                if (500..=599).contains(s.get_ref()) {
-                    statuses.push(*s.get_ref());
-                } else {
-                    ck.error(
-                        s.span(),
-                        format!("{key}.fail_on"),
-                        format!("{} is not a 5xx status", s.get_ref()),
-                    );
-                }
-            }
-            origin.fail_on = statuses;
+            origin.fail_on = fail_on(ck, &key, list);
         }
         if let Some(m) = &o.max_connections {
             if *m.get_ref() == 0 {
@@ -626,133 +614,15 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
     let mut sites = Vec::new();
     let mut seen_hosts: HashMap<String, usize> = HashMap::new();
     for (i, s) in raw.sites.iter().enumerate() {
-        let key = format!("sites[{i}]");
-        let mut hosts = Vec::new();
-        if s.hosts.get_ref().is_empty() {
-            ck.error(
-                s.hosts.span(),
-                format!("{key}.hosts"),
-                "needs at least one host name",
-            );
+        let known = SiteRefs {
+            origins: &origins,
+            origin_index: &origin_index,
+            pool_index: &pool_index,
+            purge_enabled: raw.admin.is_some(),
+        };
+        if let Some(site) = site(ck, i, s, &known, &mut pools, &mut seen_hosts) {
+            sites.push(site);
         }
-        for h in s.hosts.get_ref() {
-            match host_pattern(h.get_ref(), true) {
-                Ok(name) => {
-                    if let Some(prev) = seen_hosts.insert(name.clone(), i) {
-                        ck.error(
-                            h.span(),
-                            format!("{key}.hosts"),
-                            format!("{name:?} is already served by sites[{prev}]"),
-                        );
-                    }
-                    hosts.push(name);
-                }
-                Err(m) => ck.error(h.span(), format!("{key}.hosts"), m),
-            }
-        }
-        let routes: Vec<Route> = match (&s.origin, s.routes.is_empty()) {
-            (Some(o), true) => match origin_index.get(o.get_ref()) {
-                Some(&origin) => {
-                    // `origin = "name"` is the one-origin case: a pool of its own.
-                    pools.push(Pool {
-                        name: format!("origin:{}", o.get_ref()),
-                        origins: vec![origin],
-                        spill_latency: None,
-                    });
-                    vec![Route {
-                        name: Arc::from(format!("{key}.origin")),
-                        matcher: None,
-                        pools: vec![pools.len() - 1],
-                    }]
-                }
-                None => {
-                    let known: Vec<&str> = origins.iter().map(|o| o.name.as_str()).collect();
-                    ck.error(
-                        o.span(),
-                        format!("{key}.origin"),
-                        format!(
-                            "origin {:?} is not defined (known origins: {})",
-                            o.get_ref(),
-                            if known.is_empty() {
-                                "none".to_owned()
-                            } else {
-                                known.join(", ")
-                            }
-                        ),
-                    );
-                    continue;
-                }
-            },
-            (Some(o), false) => {
-                ck.error(
-                    o.span(),
-                    format!("{key}.origin"),
-                    "give either origin or [[sites.routes]], not both",
-                );
-                continue;
-            }
-            (None, true) => {
-                ck.error(
-                    s.hosts.span(),
-                    key.clone(),
-                    "a site needs origin = \"name\" or [[sites.routes]]",
-                );
-                continue;
-            }
-            (None, false) => s
-                .routes
-                .iter()
-                .enumerate()
-                .filter_map(|(j, r)| route(ck, &format!("{key}.routes[{j}]"), r, &pool_index))
-                .collect(),
-        };
-        let origin = routes
-            .last()
-            .and_then(|r| r.pools.first())
-            .and_then(|p| pools.get(*p))
-            .and_then(|p| p.origins.first().copied())
-            .unwrap_or(0);
-        let cache = site_cache(ck, &key, &s.cache);
-        let rules = s
-            .rules
-            .iter()
-            .enumerate()
-            .filter_map(|(j, r)| rule(ck, &format!("{key}.rules[{j}]"), r))
-            .collect();
-        let methods = match &s.methods {
-            None => Methods::default_for(raw.admin.is_some()),
-            Some(list) => site_methods(ck, &key, list),
-        };
-        let refuse_escaped_slashes = match &s.escaped_slashes {
-            None => false,
-            Some(v) => match v.get_ref().as_str() {
-                "keep" => false,
-                "refuse" => true,
-                other => {
-                    ck.error(
-                        v.span(),
-                        format!("{key}.escaped_slashes"),
-                        format!("{other:?} is not \"keep\" or \"refuse\""),
-                    );
-                    false
-                }
-            },
-        };
-        let rate = rate(
-            ck,
-            (&format!("{key}.limits.rate"), &s.limits.rate),
-            (&format!("{key}.limits.burst"), &s.limits.burst),
-        );
-        sites.push(Site {
-            hosts,
-            origin,
-            routes,
-            cache,
-            rules,
-            methods,
-            refuse_escaped_slashes,
-            rate,
-        });
     }
     if raw.sites.is_empty() {
         ck.errors.push(Diagnostic {
@@ -1342,6 +1212,194 @@ fn route(
         matcher,
         pools,
     })
+}
+
+/// What a site may name: origins and pools already validated, and whether purging is on.
+struct SiteRefs<'a> {
+    origins: &'a [Origin],
+    origin_index: &'a HashMap<String, usize>,
+    pool_index: &'a HashMap<String, usize>,
+    purge_enabled: bool,
+}
+
+/// `[[sites]]` entry `i`: its hosts (each served by one site only), its origin or routes
+/// (`origin = "name"` adds a one-origin pool), cache settings, rules, methods, path
+/// handling and rate. `None` when it cannot be built; its problems are in `ck`.
+fn site(
+    ck: &mut Checker<'_>,
+    i: usize,
+    s: &super::raw::RawSite,
+    known: &SiteRefs<'_>,
+    pools: &mut Vec<Pool>,
+    seen_hosts: &mut HashMap<String, usize>,
+) -> Option<Site> {
+    let (origins, origin_index, pool_index, purge_enabled) = (
+        known.origins,
+        known.origin_index,
+        known.pool_index,
+        known.purge_enabled,
+    );
+    let key = format!("sites[{i}]");
+    let hosts = site_hosts(ck, &key, i, &s.hosts, seen_hosts);
+    let routes: Vec<Route> = match (&s.origin, s.routes.is_empty()) {
+        (Some(o), true) => match origin_index.get(o.get_ref()) {
+            Some(&origin) => {
+                // `origin = "name"` is the one-origin case: a pool of its own.
+                pools.push(Pool {
+                    name: format!("origin:{}", o.get_ref()),
+                    origins: vec![origin],
+                    spill_latency: None,
+                });
+                vec![Route {
+                    name: Arc::from(format!("{key}.origin")),
+                    matcher: None,
+                    pools: vec![pools.len() - 1],
+                }]
+            }
+            None => {
+                let known: Vec<&str> = origins.iter().map(|o| o.name.as_str()).collect();
+                ck.error(
+                    o.span(),
+                    format!("{key}.origin"),
+                    format!(
+                        "origin {:?} is not defined (known origins: {})",
+                        o.get_ref(),
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+                return None;
+            }
+        },
+        (Some(o), false) => {
+            ck.error(
+                o.span(),
+                format!("{key}.origin"),
+                "give either origin or [[sites.routes]], not both",
+            );
+            return None;
+        }
+        (None, true) => {
+            ck.error(
+                s.hosts.span(),
+                key.clone(),
+                "a site needs origin = \"name\" or [[sites.routes]]",
+            );
+            return None;
+        }
+        (None, false) => s
+            .routes
+            .iter()
+            .enumerate()
+            .filter_map(|(j, r)| route(ck, &format!("{key}.routes[{j}]"), r, pool_index))
+            .collect(),
+    };
+    let origin = routes
+        .last()
+        .and_then(|r| r.pools.first())
+        .and_then(|p| pools.get(*p))
+        .and_then(|p| p.origins.first().copied())
+        .unwrap_or(0);
+    let cache = site_cache(ck, &key, &s.cache);
+    let rules = s
+        .rules
+        .iter()
+        .enumerate()
+        .filter_map(|(j, r)| rule(ck, &format!("{key}.rules[{j}]"), r))
+        .collect();
+    let methods = match &s.methods {
+        None => Methods::default_for(purge_enabled),
+        Some(list) => site_methods(ck, &key, list),
+    };
+    let refuse_escaped_slashes = s
+        .escaped_slashes
+        .as_ref()
+        .is_some_and(|v| escaped_slashes(ck, &key, v));
+    let rate = rate(
+        ck,
+        (&format!("{key}.limits.rate"), &s.limits.rate),
+        (&format!("{key}.limits.burst"), &s.limits.burst),
+    );
+    Some(Site {
+        hosts,
+        origin,
+        routes,
+        cache,
+        rules,
+        methods,
+        refuse_escaped_slashes,
+        rate,
+    })
+}
+
+/// `escaped_slashes = "keep" | "refuse"`: true for "refuse".
+fn escaped_slashes(ck: &mut Checker<'_>, key: &str, v: &Spanned<String>) -> bool {
+    match v.get_ref().as_str() {
+        "keep" => false,
+        "refuse" => true,
+        other => {
+            ck.error(
+                v.span(),
+                format!("{key}.escaped_slashes"),
+                format!("{other:?} is not \"keep\" or \"refuse\""),
+            );
+            false
+        }
+    }
+}
+
+/// A site's `hosts`: at least one, each a valid name or pattern served by no other site.
+fn site_hosts(
+    ck: &mut Checker<'_>,
+    key: &str,
+    i: usize,
+    list: &Spanned<Vec<Spanned<String>>>,
+    seen_hosts: &mut HashMap<String, usize>,
+) -> Vec<String> {
+    let mut hosts = Vec::new();
+    if list.get_ref().is_empty() {
+        ck.error(
+            list.span(),
+            format!("{key}.hosts"),
+            "needs at least one host name",
+        );
+    }
+    for h in list.get_ref() {
+        match host_pattern(h.get_ref(), true) {
+            Ok(name) => {
+                if let Some(prev) = seen_hosts.insert(name.clone(), i) {
+                    ck.error(
+                        h.span(),
+                        format!("{key}.hosts"),
+                        format!("{name:?} is already served by sites[{prev}]"),
+                    );
+                }
+                hosts.push(name);
+            }
+            Err(m) => ck.error(h.span(), format!("{key}.hosts"), m),
+        }
+    }
+    hosts
+}
+
+/// `fail_on = [...]`: 5xx statuses that count as the origin failing.
+fn fail_on(ck: &mut Checker<'_>, key: &str, list: &Spanned<Vec<Spanned<u16>>>) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for s in list.get_ref() {
+        if (500..=599).contains(s.get_ref()) {
+            statuses.push(*s.get_ref());
+        } else {
+            ck.error(
+                s.span(),
+                format!("{key}.fail_on"),
+                format!("{} is not a 5xx status", s.get_ref()),
+            );
+        }
+    }
+    statuses
 }
 
 /// `methods = [...]`: method names (tokens), never TRACE or CONNECT, each once.
