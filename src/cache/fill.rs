@@ -36,9 +36,10 @@ pub struct FillHead {
     pub content_length: Option<u64>,
 }
 
-/// What a fill turned into.
+/// What a fill turned into. `F` is what a failed fetch tells followers (the request path's
+/// error): this module only carries it.
 #[derive(Debug, Clone)]
-pub enum Outcome {
+pub enum Outcome<F> {
     /// The leader has not heard from the origin yet.
     Pending,
     /// A storable response is arriving: read it with [`Fill::reader`].
@@ -47,20 +48,15 @@ pub enum Outcome {
     Uncacheable,
     /// The stored response was revalidated (or is otherwise ready): serve it.
     Ready(Arc<Entry>),
-    /// The origin failed with this status (502/504 for transport failures); `unreachable`
-    /// when no origin could be reached at all (refused, reset, DNS), so stored responses may
-    /// be served stale (RFC 9111 §4.2.4).
-    Failed {
-        status: StatusCode,
-        unreachable: bool,
-    },
+    /// The fetch failed: followers get the leader's error itself.
+    Failed(F),
     /// The leader went away before an answer: join again.
     Retry,
 }
 
-#[derive(Debug, Default)]
-struct State {
-    outcome: Option<Outcome>,
+#[derive(Debug)]
+struct State<F> {
+    outcome: Option<Outcome<F>>,
     chunks: VecDeque<Bytes>,
     /// Offset of the first retained chunk.
     base: u64,
@@ -79,24 +75,52 @@ struct State {
 }
 
 /// One in-flight origin response shared by every request for its key.
-#[derive(Debug, Default)]
-pub struct Fill {
-    state: Mutex<State>,
+#[derive(Debug)]
+pub struct Fill<F> {
+    state: Mutex<State<F>>,
     /// Woken when the outcome is set.
     outcome_set: Notify,
     /// Woken when a reader advances or leaves (the pump waits on it once abandoned).
     progress: Notify,
 }
 
-impl Fill {
-    fn lock(&self) -> MutexGuard<'_, State> {
+impl<F> Default for State<F> {
+    fn default() -> Self {
+        State {
+            outcome: None,
+            chunks: VecDeque::new(),
+            base: 0,
+            len: 0,
+            visible: 0,
+            done: None,
+            abandoned: false,
+            readers: Vec::new(),
+            wakers: Vec::new(),
+        }
+    }
+}
+
+impl<F> Default for Fill<F> {
+    fn default() -> Self {
+        Fill {
+            state: Mutex::default(),
+            outcome_set: Notify::new(),
+            progress: Notify::new(),
+        }
+    }
+}
+
+impl<F> Fill<F> {
+    fn lock(&self) -> MutexGuard<'_, State<F>> {
         // A panic while holding this lock cannot leave the state inconsistent in a way that
         // matters more than losing the fill, so a poisoned lock is used as is.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
+impl<F: Clone> Fill<F> {
     /// Sets the outcome (once) and wakes everyone waiting for it.
-    pub fn publish(&self, outcome: Outcome) {
+    pub fn publish(&self, outcome: Outcome<F>) {
         {
             let mut st = self.lock();
             if st.outcome.is_some() {
@@ -114,7 +138,7 @@ impl Fill {
 
     /// Waits for the outcome. For a streaming outcome, a reader is registered at the same
     /// moment, so no byte can be trimmed before it starts.
-    pub async fn wait(self: &Arc<Self>, want_reader: bool) -> (Outcome, Option<FillReader>) {
+    pub async fn wait(self: &Arc<Self>, want_reader: bool) -> (Outcome<F>, Option<FillReader<F>>) {
         loop {
             let notified = self.outcome_set.notified();
             tokio::pin!(notified);
@@ -139,7 +163,7 @@ impl Fill {
         }
     }
 
-    fn register(self: &Arc<Self>, st: &mut State) -> FillReader {
+    fn register(self: &Arc<Self>, st: &mut State<F>) -> FillReader<F> {
         let id = st.readers.len();
         st.readers.push(Some(st.base));
         st.wakers.push(None);
@@ -152,7 +176,7 @@ impl Fill {
     }
 
     /// A reader from byte zero, for the leader after it publishes a streaming outcome.
-    pub fn reader(self: &Arc<Self>) -> Option<FillReader> {
+    pub fn reader(self: &Arc<Self>) -> Option<FillReader<F>> {
         let mut st = self.lock();
         (st.base == 0).then(|| self.register(&mut st))
     }
@@ -292,11 +316,11 @@ impl Fill {
     }
 }
 
-fn take_wakers(st: &mut State) -> Vec<Waker> {
+fn take_wakers<F>(st: &mut State<F>) -> Vec<Waker> {
     st.wakers.iter_mut().filter_map(Option::take).collect()
 }
 
-fn trim(st: &mut State) {
+fn trim<F>(st: &mut State<F>) {
     if !st.abandoned {
         return;
     }
@@ -313,8 +337,8 @@ fn trim(st: &mut State) {
 
 /// A client's view of a fill's body, from byte zero, at its own pace.
 #[derive(Debug)]
-pub struct FillReader {
-    fill: Arc<Fill>,
+pub struct FillReader<F> {
+    fill: Arc<Fill<F>>,
     id: usize,
     pos: u64,
     done: bool,
@@ -325,7 +349,7 @@ pub struct FillReader {
 #[error("the origin's response was cut off")]
 pub struct Aborted;
 
-impl Body for FillReader {
+impl<F: Clone> Body for FillReader<F> {
     type Data = Bytes;
     type Error = Aborted;
 
@@ -407,7 +431,7 @@ impl Body for FillReader {
     }
 }
 
-impl Drop for FillReader {
+impl<F> Drop for FillReader<F> {
     fn drop(&mut self) {
         {
             let mut st = self.fill.lock();
@@ -427,8 +451,8 @@ impl Drop for FillReader {
 /// The map of in-flight fills by primary key (a keyed hash already: not hashed again), and
 /// the budget of body bytes they may hold for storing.
 #[derive(Debug)]
-pub struct Fills {
-    map: Mutex<HashMap<u64, Arc<Fill>, PrehashedKey>>,
+pub struct Fills<F> {
+    map: Mutex<HashMap<u64, Arc<Fill<F>>, PrehashedKey>>,
     /// Body bytes held by fills that are still to be stored.
     held: AtomicU64,
     /// Bound on `held` (`cache.fill_memory`).
@@ -437,15 +461,15 @@ pub struct Fills {
     refused: AtomicU64,
 }
 
-impl Default for Fills {
+impl<F> Default for Fills<F> {
     fn default() -> Self {
         Fills::new(u64::MAX)
     }
 }
 
-impl Fills {
+impl<F> Fills<F> {
     /// No fill map yet; fills may hold `budget` body bytes in all for storing.
-    pub fn new(budget: u64) -> Fills {
+    pub fn new(budget: u64) -> Fills<F> {
         Fills {
             map: Mutex::default(),
             held: AtomicU64::new(0),
@@ -486,7 +510,7 @@ impl Fills {
 
     /// Joins the fill for `hash`, creating it if there is none. `true` means the caller created
     /// it and must lead (fetch and publish).
-    pub fn join(&self, hash: u64) -> (Arc<Fill>, bool) {
+    pub fn join(&self, hash: u64) -> (Arc<Fill<F>>, bool) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         match map.entry(hash) {
             Slot::Occupied(e) => (e.get().clone(), false),
@@ -499,7 +523,7 @@ impl Fills {
     }
 
     /// Removes `fill` from the map if it is still the one registered for `hash`.
-    pub fn remove(&self, hash: u64, fill: &Arc<Fill>) {
+    pub fn remove(&self, hash: u64, fill: &Arc<Fill<F>>) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Slot::Occupied(e) = map.entry(hash) {
             if Arc::ptr_eq(e.get(), fill) {
@@ -536,7 +560,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     /// The next data frame a reader gets.
-    async fn next_data(r: &mut FillReader) -> Bytes {
+    async fn next_data(r: &mut FillReader<()>) -> Bytes {
         r.frame()
             .await
             .expect("frame")
@@ -545,7 +569,7 @@ mod tests {
             .expect("data")
     }
 
-    fn head() -> Outcome {
+    fn head() -> Outcome<()> {
         Outcome::Streaming(Arc::new(FillHead {
             status: StatusCode::OK,
             headers: HeaderMap::new(),
@@ -556,7 +580,7 @@ mod tests {
 
     #[tokio::test]
     async fn late_readers_replay_from_zero_and_all_see_every_byte() {
-        let fill = Arc::new(Fill::default());
+        let fill = Arc::new(Fill::<()>::default());
         fill.publish(head());
         let early = fill.reader().expect("reader");
         fill.push(Bytes::from_static(b"hello "));
@@ -578,7 +602,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn a_large_body_is_collected_into_a_memory_file_and_readers_go_on_from_it() {
-        let fill = Arc::new(Fill::default());
+        let fill = Arc::new(Fill::<()>::default());
         fill.publish(head());
         let mut early = fill.reader().expect("reader");
         let a: Vec<u8> = (0..40_000u32).map(|i| (i % 253) as u8).collect();
@@ -609,7 +633,7 @@ mod tests {
 
     #[tokio::test]
     async fn abandoned_fill_trims_what_readers_have_passed() {
-        let fill = Arc::new(Fill::default());
+        let fill = Arc::new(Fill::<()>::default());
         fill.publish(head());
         let mut r = fill.reader().expect("reader");
         fill.push(Bytes::from(vec![1u8; 100]));
@@ -626,7 +650,7 @@ mod tests {
 
     #[tokio::test]
     async fn aborted_transfer_is_an_error_for_readers() {
-        let fill = Arc::new(Fill::default());
+        let fill = Arc::new(Fill::<()>::default());
         fill.publish(head());
         let r = fill.reader().expect("reader");
         fill.push(Bytes::from_static(b"part"));
@@ -636,7 +660,7 @@ mod tests {
 
     #[test]
     fn the_fill_budget_counts_and_gives_back() {
-        let fills = Fills::new(100);
+        let fills = Fills::<()>::new(100);
         assert!(fills.charge(60));
         assert!(fills.charge(40));
         assert!(!fills.charge(1), "past the budget");
@@ -648,7 +672,7 @@ mod tests {
 
     #[tokio::test]
     async fn followers_wait_for_the_outcome() {
-        let fills = Fills::default();
+        let fills = Fills::<()>::default();
         let (a, lead) = fills.join(7);
         assert!(lead);
         let (b, lead2) = fills.join(7);

@@ -39,11 +39,7 @@ impl Proxy {
         };
         let validators = stale.as_ref().filter(|s| s.has_validator());
         let Some((pq, up_headers)) = self.upstream_request(lookup, validators) else {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "edgecache: invalid request target\n",
-                true,
-            );
+            return refuse(ProxyError::InvalidTarget);
         };
         let request_time = SystemTime::now();
         let Some((origin, ms, result)) = self
@@ -57,11 +53,7 @@ impl Proxy {
             )
             .await
         else {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "edgecache: invalid request target\n",
-                true,
-            );
+            return refuse(ProxyError::InvalidTarget);
         };
         let f = Fetched {
             lookup,
@@ -93,10 +85,7 @@ impl Proxy {
         let now = SystemTime::now();
         if rparts.status.is_server_error() {
             if let Some(s) = stale.as_ref().filter(|s| s.usable_if_error(now)) {
-                guard.publish(Outcome::Failed {
-                    status: rparts.status,
-                    unreachable: false,
-                });
+                guard.publish(Outcome::Failed(ProxyError::OriginStatus(rparts.status)));
                 let status = self.cache_status(&format!(
                     "hit; fwd=stale; fwd-status={}; detail=stale-if-error",
                     rparts.status.as_u16()
@@ -164,21 +153,13 @@ impl Proxy {
         let (lookup, client) = (f.lookup, &f.lookup.parts.headers);
         let name = &self.origins[f.origin].config.name;
         tracing::warn!(origin = %name, error = %ErrorChain(e), "origin request failed");
-        let code = if e.is_timeout() {
-            StatusCode::GATEWAY_TIMEOUT
-        } else if e.is_saturated() {
-            StatusCode::SERVICE_UNAVAILABLE
-        } else {
-            StatusCode::BAD_GATEWAY
-        };
+        let error = ProxyError::from(e);
+        let code = error.status();
         // No answer at all (refused, reset, no address): the cache is disconnected from the
         // origin, and RFC 9111 §4.2.4 lets it serve what it has unless the response says it
         // must be revalidated, whatever grace the site gives.
-        let unreachable = e.is_connect() || e.is_broken();
-        guard.publish(Outcome::Failed {
-            status: code,
-            unreachable,
-        });
+        let unreachable = error.unreachable();
+        guard.publish(Outcome::Failed(error));
         let now = SystemTime::now();
         if let Some(s) = f.stale.filter(|s| s.usable_if_error(now)) {
             let status = self.cache_status(&format!(
@@ -207,15 +188,11 @@ impl Proxy {
             // RFC 9111 §5.2.2.2: a stored response that may not be served stale and cannot be
             // revalidated is answered with 504, never reused.
             return (
-                respond::simple(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "edgecache: the stored response could not be revalidated\n",
-                    false,
-                ),
+                respond::error(ProxyError::NotRevalidated),
                 f.outcome("error"),
             );
         }
-        (respond::origin_error(e), f.outcome("error"))
+        (respond::error(error), f.outcome("error"))
     }
 
     /// A 304 for our validators: the stored response refreshed with its fields (RFC 9111
@@ -484,18 +461,8 @@ impl Proxy {
             }
         };
         if !complete || buf.len() as u64 != expected {
-            guard.publish(Outcome::Failed {
-                status: StatusCode::BAD_GATEWAY,
-                unreachable: false,
-            });
-            return (
-                respond::simple(
-                    StatusCode::BAD_GATEWAY,
-                    "edgecache: the origin's response was cut off\n",
-                    false,
-                ),
-                f.outcome("error"),
-            );
+            guard.publish(Outcome::Failed(ProxyError::OriginCutOff));
+            return (respond::error(ProxyError::OriginCutOff), f.outcome("error"));
         }
         let initial_age =
             policy::corrected_initial_age(&rparts.headers, f.request_time, stored.response_time);

@@ -21,11 +21,7 @@ impl Proxy {
                 return not_modified(&entry.headers, age, status);
             }
             Precondition::Failed => {
-                let mut r = respond::simple(
-                    StatusCode::PRECONDITION_FAILED,
-                    "edgecache: precondition failed\n",
-                    false,
-                );
+                let mut r = respond::error(ProxyError::PreconditionFailed);
                 r.headers_mut().insert(CACHE_STATUS.clone(), status);
                 return r;
             }
@@ -37,11 +33,7 @@ impl Proxy {
             match range::parse(r, len) {
                 range::Ranges::Ignore => {}
                 range::Ranges::Unsatisfiable => {
-                    let mut resp = respond::simple(
-                        StatusCode::RANGE_NOT_SATISFIABLE,
-                        "edgecache: range not satisfiable\n",
-                        false,
-                    );
+                    let mut resp = respond::error(ProxyError::RangeNotSatisfiable);
                     if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
                         resp.headers_mut().insert(header::CONTENT_RANGE, v);
                     }
@@ -126,7 +118,7 @@ impl Proxy {
     pub(super) fn answer_from_fill(
         &self,
         head: &FillHead,
-        reader: Option<crate::cache::fill::FillReader>,
+        reader: Option<crate::cache::fill::FillReader<ProxyError>>,
         request: &HeaderMap,
         head_only: bool,
         status: HeaderValue,

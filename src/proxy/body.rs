@@ -9,8 +9,10 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::cache::fill::FillReader;
+use super::error::ProxyError;
 use crate::telemetry::AccessLog;
+
+type FillReader = crate::cache::fill::FillReader<ProxyError>;
 
 /// Errors a response body can end with (the client then sees a cut connection or stream).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -68,10 +68,8 @@ impl Proxy {
                         Outcome_::local("collapsed"),
                     );
                 }
-                Outcome::Failed {
-                    status: code,
-                    unreachable,
-                } => {
+                Outcome::Failed(error) => {
+                    let (code, unreachable) = (error.status(), error.unreachable());
                     if let Some(s) = stale.as_ref().filter(|s| s.usable_if_error(now)) {
                         let status = self.cache_status(&format!(
                             "hit; fwd=stale; fwd-status={}; collapsed; detail=stale-if-error",
@@ -95,12 +93,7 @@ impl Proxy {
                             Outcome_::local("stale"),
                         );
                     }
-                    let msg = if code == StatusCode::GATEWAY_TIMEOUT {
-                        "edgecache: the origin did not answer in time\n"
-                    } else {
-                        "edgecache: the origin failed to answer\n"
-                    };
-                    return (respond::simple(code, msg, false), Outcome_::local("error"));
+                    return (respond::error(error), Outcome_::local("error"));
                 }
                 Outcome::Uncacheable => break,
                 Outcome::Retry | Outcome::Pending => continue,

@@ -32,10 +32,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderValue, RETRY_AFTER};
-use http::StatusCode;
 use moka::sync::Cache;
 use tokio::time::Instant;
 
+use super::error::ProxyError;
 use super::{respond, Answer, Outcome_};
 use crate::config::{Config, Rate};
 use crate::geo::Locator;
@@ -186,11 +186,10 @@ fn buckets(gcra: &Gcra, capacity: u64) -> Cache<IpAddr, Arc<AtomicU64>> {
 /// 429 with `Retry-After` in whole seconds, rounded up (RFC 9110 §10.2.3 has no fractions),
 /// so a client that waits as told finds its allowance back.
 fn too_many(over: Over, wait_ns: u64) -> Answer {
-    let message = match over {
-        Over::Client => "edgecache: too many requests from this client\n",
-        Over::Site => "edgecache: too many requests for this site\n",
-    };
-    let mut resp = respond::simple(StatusCode::TOO_MANY_REQUESTS, message, false);
+    let mut resp = respond::error(match over {
+        Over::Client => ProxyError::ClientRate,
+        Over::Site => ProxyError::SiteRate,
+    });
     let seconds = wait_ns.div_ceil(1_000_000_000).max(1);
     resp.headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from(seconds));
@@ -393,7 +392,7 @@ mod tests {
     fn the_answer_is_429_with_whole_seconds_rounded_up() {
         let check = |wait_ns: u64, expected: &str| {
             let (resp, outcome) = too_many(Over::Client, wait_ns);
-            assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(resp.status(), http::StatusCode::TOO_MANY_REQUESTS);
             assert_eq!(
                 resp.headers().get(RETRY_AFTER).map(|v| v.as_bytes()),
                 Some(expected.as_bytes()),

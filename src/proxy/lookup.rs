@@ -126,11 +126,7 @@ impl Proxy {
             }
         }
         if req_cc.only_if_cached && stored.is_none() {
-            return Looked::Answer(refuse(
-                StatusCode::GATEWAY_TIMEOUT,
-                "edgecache: not cached (only-if-cached)\n",
-                false,
-            ));
+            return Looked::Answer(refuse(ProxyError::OnlyIfCached));
         }
         let settings = rule
             .map(|r| r.apply(&site.cache.settings))

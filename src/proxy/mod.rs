@@ -9,6 +9,7 @@ mod admit;
 mod answer;
 pub mod body;
 mod collapse;
+mod error;
 pub mod headers;
 mod limit;
 mod lookup;
@@ -41,7 +42,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::cache::fill::{Fill, FillHead, Fills, Outcome};
+use crate::cache::fill::FillHead;
 use crate::cache::key::{key_extra, normalise_query};
 use crate::cache::policy::{self, Precondition, RequestFacts, Reuse, Settings, StoreDecision};
 use crate::cache::{
@@ -54,6 +55,7 @@ use crate::telemetry::{self, AccessLog};
 use admit::strip_cache_only;
 use answer::{after_upstream, ttl};
 use body::Body;
+use error::ProxyError;
 use headers::{forward_request_headers, remove_hop_by_hop, via_value};
 use lookup::{host_value, key_target, Looked};
 use route::{Detour, Routed};
@@ -224,6 +226,11 @@ pub struct Proxy {
     /// start: a request that already carries it has come back to us (508).
     cdn_loop: HeaderValue,
 }
+
+/// A fill whose failure tells followers the leader's error.
+type Fill = crate::cache::fill::Fill<ProxyError>;
+type Fills = crate::cache::fill::Fills<ProxyError>;
+type Outcome = crate::cache::fill::Outcome<ProxyError>;
 
 static X_FORWARDED_FOR_NAME: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -554,11 +561,9 @@ impl Proxy {
 }
 
 /// A refusal made here (4xx, or 5xx that no origin produced), for the access log as "refused".
-fn refuse(status: StatusCode, message: &'static str, close: bool) -> Answer {
-    (
-        respond::simple(status, message, close),
-        Outcome_::local("refused"),
-    )
+fn refuse(e: ProxyError) -> Answer {
+    tracing::debug!(error = %e, side = ?e.side(), "request refused");
+    (respond::error(e), Outcome_::local("refused"))
 }
 
 fn status_value(name: &str, rest: &str) -> HeaderValue {

@@ -48,20 +48,8 @@ impl Proxy {
         } else {
             match preread(body, self.config.server.header_read_timeout).await {
                 Ok(b) => Some(b),
-                Err(PrereadError::Malformed) => {
-                    return refuse(
-                        StatusCode::BAD_REQUEST,
-                        "edgecache: malformed request body\n",
-                        true,
-                    )
-                }
-                Err(PrereadError::TimedOut) => {
-                    return refuse(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "edgecache: request body too slow\n",
-                        true,
-                    )
-                }
+                Err(PrereadError::Malformed) => return refuse(ProxyError::MalformedBody),
+                Err(PrereadError::TimedOut) => return refuse(ProxyError::SlowBody),
             }
         };
         let retry_ok = up_body.is_none() && method.is_idempotent();
@@ -74,11 +62,7 @@ impl Proxy {
             .send_failover(attempts, &method, &pq, up_headers, &host_value, up_body)
             .await
         else {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "edgecache: invalid request target\n",
-                true,
-            );
+            return refuse(ProxyError::InvalidTarget);
         };
         let origin = &self.origins[origin_index];
         let resp = match result {
@@ -86,7 +70,7 @@ impl Proxy {
             Err(e) => {
                 tracing::warn!(origin = %origin.config.name, error = %ErrorChain(&e), "origin request failed");
                 return (
-                    respond::origin_error(&e),
+                    respond::error(ProxyError::from(&e)),
                     Outcome_::origin("error", origin_index, origin_ms),
                 );
             }

@@ -11,11 +11,11 @@ use std::net::IpAddr;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use hyper::body::Incoming;
 
 use super::body::Body;
-use super::{refuse, Answer, ConnInfo, Outcome_};
+use super::{refuse, Answer, ConnInfo, Outcome_, ProxyError};
 use crate::cache::PurgeTarget;
 
 use crate::config::Admin;
@@ -63,11 +63,7 @@ impl super::Proxy {
             req.headers(),
         );
         if !allowed {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "edgecache: PURGE is not allowed from this address\n",
-                false,
-            );
+            return refuse(ProxyError::PurgeForbidden);
         }
         let soft = req
             .headers()

@@ -4,11 +4,11 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
 use super::body::Body;
-use crate::origin;
+use super::error::ProxyError;
 
 /// A short plain-text answer. `close` asks HTTP/1 clients to close the connection (used when
 /// the request's framing cannot be trusted).
-pub(crate) fn simple(status: StatusCode, message: &'static str, close: bool) -> Response<Body> {
+fn simple(status: StatusCode, message: &'static str, close: bool) -> Response<Body> {
     let mut resp = Response::new(Body::full(bytes::Bytes::from_static(message.as_bytes())));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -23,32 +23,9 @@ pub(crate) fn simple(status: StatusCode, message: &'static str, close: bool) -> 
     resp
 }
 
-/// The answer for a failed origin request: 504 when it timed out, 503 when every origin was
-/// at its connection limit, 502 otherwise.
-pub(crate) fn origin_error(e: &origin::Error) -> Response<Body> {
-    if e.is_timeout() {
-        simple(
-            StatusCode::GATEWAY_TIMEOUT,
-            "edgecache: the origin did not answer in time\n",
-            false,
-        )
-    } else if e.is_saturated() {
-        simple(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "edgecache: every origin is at its connection limit\n",
-            false,
-        )
-    } else if e.is_connect() {
-        simple(
-            StatusCode::BAD_GATEWAY,
-            "edgecache: the origin could not be reached\n",
-            false,
-        )
-    } else {
-        simple(
-            StatusCode::BAD_GATEWAY,
-            "edgecache: the origin failed to answer\n",
-            false,
-        )
-    }
+/// The answer for a request that failed: status, message and `Connection: close` from the one
+/// table in [`ProxyError::answer`].
+pub(crate) fn error(e: ProxyError) -> Response<Body> {
+    let a = e.answer();
+    simple(a.status, a.message, a.close)
 }

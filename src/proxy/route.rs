@@ -31,8 +31,8 @@ pub(super) enum Detour {
     Rewrite(Uri),
 }
 
-fn refused(status: StatusCode, message: &'static str, close: bool) -> Detour {
-    Detour::Answer(Box::new(refuse(status, message, close)))
+fn refused(e: ProxyError) -> Detour {
+    Detour::Answer(Box::new(refuse(e)))
 }
 
 impl Proxy {
@@ -73,11 +73,7 @@ impl Proxy {
         // close. hyper's HTTP/1 parser already drops the length and closes after the response,
         // so this guards any path (or future parser) that hands us both.
         if chunked && length {
-            return Err(refused(
-                StatusCode::BAD_REQUEST,
-                "edgecache: Content-Length and Transfer-Encoding together\n",
-                true,
-            ));
+            return Err(refused(ProxyError::AmbiguousFraming));
         }
         // `Accept-Language: de` with `Connection: accept-language` reaches the origin without
         // the field; its default answer must not be stored as the `de` variant.
@@ -87,50 +83,28 @@ impl Proxy {
         // RFC 8586: our own `CDN-Loop` member means a site's origin leads back to this node
         // (directly or through others); forwarding again would loop until a limit broke it.
         if cdn_loop && self.is_loop(h) {
-            return Err(refused(
-                StatusCode::LOOP_DETECTED,
-                "edgecache: request loop: this request has already passed this node\n",
-                true,
-            ));
+            return Err(refused(ProxyError::Loop));
         }
         if req.method() == Method::CONNECT {
-            return Err(refused(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "edgecache: CONNECT is not supported\n",
-                false,
-            ));
+            return Err(refused(ProxyError::Connect));
         }
         let Some(pq) = req
             .uri()
             .path_and_query()
             .filter(|p| p.as_str().starts_with('/'))
         else {
-            return Err(refused(
-                StatusCode::BAD_REQUEST,
-                "edgecache: the request target must be a path\n",
-                true,
-            ));
+            return Err(refused(ProxyError::TargetNotPath));
         };
         // The target's authority (absolute-form, HTTP/2 :authority) takes precedence over Host.
         let authority = match req.uri().authority() {
             Some(a) => a.as_str(),
             None => match (host_field.and_then(|v| v.to_str().ok()), host_fields) {
                 (Some(v), 1) => v,
-                _ => {
-                    return Err(refused(
-                        StatusCode::BAD_REQUEST,
-                        "edgecache: exactly one Host header is required\n",
-                        true,
-                    ))
-                }
+                _ => return Err(refused(ProxyError::HostCount)),
             },
         };
         let Some(host) = host_without_port(authority).filter(|_| !authority.contains('@')) else {
-            return Err(refused(
-                StatusCode::BAD_REQUEST,
-                "edgecache: invalid Host\n",
-                true,
-            ));
+            return Err(refused(ProxyError::InvalidHost));
         };
         let host: Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
             Cow::Owned(host.to_ascii_lowercase())
@@ -139,11 +113,7 @@ impl Proxy {
         };
         let Some(site) = self.sites.find(&host) else {
             // Never an open proxy: an unknown host reaches no origin.
-            return Err(refused(
-                StatusCode::MISDIRECTED_REQUEST,
-                "edgecache: this host is not served here\n",
-                false,
-            ));
+            return Err(refused(ProxyError::UnknownHost));
         };
         let cache_method = req.method() == Method::GET || req.method() == Method::HEAD;
         self.site_checks(req, conn, site, cache_method, normal)?;
@@ -171,11 +141,7 @@ impl Proxy {
         // Methods the site does not serve are answered here, never forwarded (TRACE never
         // is: it would echo the request, cookies and all, as nginx also refuses).
         if !site.methods.allows(req.method()) {
-            let (mut resp, outcome) = refuse(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "edgecache: method not allowed\n",
-                false,
-            );
+            let (mut resp, outcome) = refuse(ProxyError::MethodNotAllowed);
             resp.headers_mut()
                 .insert(header::ALLOW, site.methods.allow().clone());
             return Err(Detour::Answer(Box::new((resp, outcome))));
@@ -184,11 +150,7 @@ impl Proxy {
         // without the bytes (or the bytes to an origin that does not expect them) leaves a
         // pooled origin connection reading one request as another.
         if cache_method && !req.body().is_end_stream() {
-            return Err(refused(
-                StatusCode::BAD_REQUEST,
-                "edgecache: a GET or HEAD request may not have a body\n",
-                true,
-            ));
+            return Err(refused(ProxyError::BodyWithoutUse));
         }
         // The path as the key, the rules and the origin all see it: dot segments resolved,
         // unreserved characters decoded (RFC 3986 §6.2.2). Normalised once; the request
@@ -205,25 +167,12 @@ impl Proxy {
                     uri.path_and_query = PathAndQuery::try_from(target).ok();
                     return match Uri::from_parts(uri) {
                         Ok(uri) => Err(Detour::Rewrite(uri)),
-                        Err(_) => Err(refused(
-                            StatusCode::BAD_REQUEST,
-                            "edgecache: invalid request target\n",
-                            true,
-                        )),
+                        Err(_) => Err(refused(ProxyError::InvalidTarget)),
                     };
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "path refused");
-                    let message = match e {
-                        path::PathError::AboveRoot => "edgecache: the path climbs above the root\n",
-                        path::PathError::EscapedSlash => {
-                            "edgecache: encoded slashes are not accepted here\n"
-                        }
-                        path::PathError::BadEncoding => {
-                            "edgecache: invalid percent-encoding in the path\n"
-                        }
-                    };
-                    return Err(refused(StatusCode::BAD_REQUEST, message, true));
+                    return Err(refused(e.into()));
                 }
             }
         }

@@ -150,11 +150,15 @@ impl Proxy {
                             },
                         );
                     }
+                    // A broken connection is tried elsewhere once: twice in a row suggests
+                    // the request itself breaks origins.
+                    let broken = e.is_broken();
                     let again = retryable
                         && attempt + 1 < attempts
-                        && (e.is_connect() || (e.is_broken() && !broken_retried));
+                        && ProxyError::from(e).retryable()
+                        && !(broken && broken_retried);
                     if again {
-                        broken_retried |= !e.is_connect();
+                        broken_retried |= broken;
                         tracing::warn!(origin = %origin.config.name, error = %ErrorChain(e), "no answer from origin, trying the next one");
                         last = Some((index, ms, result));
                         continue;

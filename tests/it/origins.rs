@@ -216,6 +216,45 @@ async fn an_origin_never_gets_more_connections_than_its_limit() {
     assert_eq!(origin.total(), 1);
 }
 
+#[tokio::test]
+async fn collapsed_requests_at_a_connection_limit_are_told_what_their_leader_was_told() {
+    // The leader of a fill that cannot get a connection answers 503 "at its connection
+    // limit"; its followers receive the same error, not a status rebuilt as "failed to answer".
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/slow",
+        Route::ok("slow")
+            .header("cache-control", "no-store")
+            .delay(Duration::from_secs(3)),
+    );
+    origin.route(
+        "/page",
+        Route::ok("page").header("cache-control", "max-age=60"),
+    );
+    let body = format!(
+        "[[origins]]\nname = \"o\"\nurl = \"{}\"\nmax_connections = 1\nconnect_timeout = \"500ms\"\n\
+         [[sites]]\nhosts = [\"site.test\"]\norigin = \"o\"\n",
+        origin.url()
+    );
+    let node = TestNode::start("", &body).await;
+    let addr = node.http;
+    let first = tokio::spawn(async move { get(addr, "site.test", "/slow").await.status });
+    assert!(eventually(Duration::from_secs(5), || origin.total() == 1).await);
+    let waiting: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(async move { get(addr, "site.test", "/page").await }))
+        .collect();
+    for w in waiting {
+        let r = w.await.expect("task");
+        assert_eq!(r.status, 503);
+        assert_eq!(
+            String::from_utf8_lossy(&r.body),
+            "edgecache: every origin is at its connection limit\n"
+        );
+    }
+    assert_eq!(first.await.expect("task"), 200);
+    assert_eq!(origin.count("/page"), 0, "nothing reached the origin");
+}
+
 /// Two origins on the same port of 127.0.0.2 and 127.0.0.3, as two addresses of one name.
 async fn twin_origins() -> (TestOrigin, TestOrigin) {
     for _ in 0..50 {
