@@ -38,21 +38,11 @@ impl Proxy {
             armed: true,
         };
         let validators = stale.as_ref().filter(|s| s.has_validator());
-        let Some((pq, up_headers)) = self.upstream_request(lookup, validators) else {
+        let Some(up) = self.upstream_request(lookup, validators) else {
             return refuse(ProxyError::InvalidTarget);
         };
         let request_time = SystemTime::now();
-        let Some((origin, ms, result)) = self
-            .send_failover(
-                candidates,
-                &Method::GET,
-                &pq,
-                up_headers,
-                &lookup.host_value,
-                None,
-            )
-            .await
-        else {
+        let Some((origin, ms, result)) = self.send_failover(candidates, up).await else {
             return refuse(ProxyError::InvalidTarget);
         };
         let f = Fetched {
@@ -82,23 +72,49 @@ impl Proxy {
             return self.refresh(&mut guard, &f, s, &rparts.headers, response_time);
         }
         // An origin error with a usable stale response: serve stale (RFC 5861 §4).
-        let now = SystemTime::now();
         if rparts.status.is_server_error() {
-            if let Some(s) = stale.as_ref().filter(|s| s.usable_if_error(now)) {
-                guard.publish(Outcome::Failed(ProxyError::OriginStatus(rparts.status)));
-                let status = self.cache_status(&format!(
-                    "hit; fwd=stale; fwd-status={}; detail=stale-if-error",
-                    rparts.status.as_u16()
-                ));
-                return (
-                    self.answer_from_entry(s, &lookup.parts.headers, lookup.head, now, status),
-                    f.outcome("stale"),
-                );
+            let error = ProxyError::OriginStatus(rparts.status);
+            let client = &lookup.parts.headers;
+            if let Some(resp) =
+                self.stale_on_error(stale.as_ref(), error, false, client, lookup.head)
+            {
+                guard.publish(Outcome::Failed(error));
+                return (resp, f.outcome("stale"));
             }
         }
         let response = Response::from_parts(rparts, rbody);
         self.admit(guard, &f, fill, registered, response, response_time)
             .await
+    }
+
+    /// A stale answer for a fetch that failed with `error`, when the stored response allows
+    /// it: under stale-if-error (RFC 5861 §4), or when no origin could be reached at all
+    /// (refused, reset, no address: RFC 9111 §4.2.4 lets a disconnected cache serve what it
+    /// has unless the response must be revalidated, whatever grace the site gives).
+    /// `collapsed`: for a follower of the failed fill.
+    pub(super) fn stale_on_error(
+        &self,
+        stale: Option<&Arc<Entry>>,
+        error: ProxyError,
+        collapsed: bool,
+        client: &HeaderMap,
+        head: bool,
+    ) -> Option<Response<Body>> {
+        let s = stale?;
+        let now = SystemTime::now();
+        let detail = if s.usable_if_error(now) {
+            "stale-if-error"
+        } else if error.unreachable() && s.usable_when_disconnected() {
+            "origin-unreachable"
+        } else {
+            return None;
+        };
+        let code = error.status().as_u16();
+        let collapsed = if collapsed { " collapsed;" } else { "" };
+        let status = self.cache_status(&format!(
+            "hit; fwd=stale; fwd-status={code};{collapsed} detail={detail}"
+        ));
+        Some(self.answer_from_entry(s, client, head, now, status))
     }
 
     /// The whole-object GET for `lookup`: the client's fields without its conditionals,
@@ -108,7 +124,7 @@ impl Proxy {
         &self,
         lookup: &Lookup,
         validators: Option<&Arc<Entry>>,
-    ) -> Option<(PathAndQuery, HeaderMap)> {
+    ) -> Option<Upstream> {
         let mut up_headers = lookup.parts.headers.clone();
         // The GET sent has no body, so no framing field goes with it (a request with a body
         // never gets here).
@@ -126,12 +142,6 @@ impl Proxy {
                 up_headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
             }
         }
-        self.forward_fields(
-            &mut up_headers,
-            lookup.conn,
-            &lookup.host_value,
-            lookup.parts.version,
-        );
         // The path and query as keyed, not as received: parameters the key drops or reorders
         // never reach the origin (a response to `?id=1&utm_source=<script>` would otherwise
         // be stored for `?id=1`).
@@ -139,7 +149,14 @@ impl Proxy {
             Some(raw) if raw.as_str() == &*lookup.key.path_and_query => raw.clone(),
             _ => PathAndQuery::try_from(&*lookup.key.path_and_query).ok()?,
         };
-        Some((pq, up_headers))
+        Some(self.upstream(
+            Method::GET,
+            pq,
+            up_headers,
+            lookup.conn,
+            &lookup.host_value,
+            lookup.parts.version,
+        ))
     }
 
     /// No response from the origin: stale if the entry allows it (stale-if-error, or the
@@ -154,35 +171,9 @@ impl Proxy {
         let name = &self.origins[f.origin].config.name;
         tracing::warn!(origin = %name, error = %ErrorChain(e), "origin request failed");
         let error = ProxyError::from(e);
-        let code = error.status();
-        // No answer at all (refused, reset, no address): the cache is disconnected from the
-        // origin, and RFC 9111 §4.2.4 lets it serve what it has unless the response says it
-        // must be revalidated, whatever grace the site gives.
-        let unreachable = error.unreachable();
         guard.publish(Outcome::Failed(error));
-        let now = SystemTime::now();
-        if let Some(s) = f.stale.filter(|s| s.usable_if_error(now)) {
-            let status = self.cache_status(&format!(
-                "hit; fwd=stale; fwd-status={}; detail=stale-if-error",
-                code.as_u16()
-            ));
-            return (
-                self.answer_from_entry(s, client, lookup.head, now, status),
-                f.outcome("stale"),
-            );
-        }
-        if let Some(s) = f
-            .stale
-            .filter(|s| unreachable && s.usable_when_disconnected())
-        {
-            let status = self.cache_status(&format!(
-                "hit; fwd=stale; fwd-status={}; detail=origin-unreachable",
-                code.as_u16()
-            ));
-            return (
-                self.answer_from_entry(s, client, lookup.head, now, status),
-                f.outcome("stale"),
-            );
+        if let Some(resp) = self.stale_on_error(f.stale, error, false, client, lookup.head) {
+            return (resp, f.outcome("stale"));
         }
         if f.stale.is_some() {
             // RFC 9111 §5.2.2.2: a stored response that may not be served stale and cannot be

@@ -69,29 +69,10 @@ impl Proxy {
                     );
                 }
                 Outcome::Failed(error) => {
-                    let (code, unreachable) = (error.status(), error.unreachable());
-                    if let Some(s) = stale.as_ref().filter(|s| s.usable_if_error(now)) {
-                        let status = self.cache_status(&format!(
-                            "hit; fwd=stale; fwd-status={}; collapsed; detail=stale-if-error",
-                            code.as_u16()
-                        ));
-                        return (
-                            self.answer_from_entry(s, h, lookup.head, now, status),
-                            Outcome_::local("stale"),
-                        );
-                    }
-                    if let Some(s) = stale
-                        .as_ref()
-                        .filter(|s| unreachable && s.usable_when_disconnected())
+                    if let Some(resp) =
+                        self.stale_on_error(stale.as_ref(), error, true, h, lookup.head)
                     {
-                        let status = self.cache_status(&format!(
-                            "hit; fwd=stale; fwd-status={}; collapsed; detail=origin-unreachable",
-                            code.as_u16()
-                        ));
-                        return (
-                            self.answer_from_entry(s, h, lookup.head, now, status),
-                            Outcome_::local("stale"),
-                        );
+                        return (resp, Outcome_::local("stale"));
                     }
                     return (respond::error(error), Outcome_::local("error"));
                 }

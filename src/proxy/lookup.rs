@@ -13,43 +13,43 @@ pub(super) enum Looked {
     Miss(Miss),
 }
 
+/// What the lookup stage learnt about a cacheable request, kept for its fetch.
+#[derive(Clone)]
+pub(super) struct Keyed {
+    pub(super) site: usize,
+    pub(super) hash: u64,
+    pub(super) key: OwnedKey,
+    pub(super) extra: Option<Box<str>>,
+    /// The site's cache settings with the request's rule applied.
+    pub(super) settings: Settings,
+    /// The client asked for a fresh answer and the site lets it revalidate.
+    pub(super) forced: bool,
+    pub(super) head: bool,
+    /// The `Host` as keyed, for forwarding.
+    pub(super) host_value: HeaderValue,
+    pub(super) conn: ConnInfo,
+    /// RFC 9211 forward reason when nothing usable was stored: `fwd=uri-miss` (nothing for
+    /// the URL) or `fwd=vary-miss` (other variants only).
+    pub(super) miss: &'static str,
+}
+
 /// A cacheable request that the store cannot answer: everything the fetch needs but the
 /// request head, which the caller moves in ([`Miss::into_lookup`]).
 pub(super) struct Miss {
-    site: usize,
-    hash: u64,
-    key: OwnedKey,
-    extra: Option<Box<str>>,
-    settings: Settings,
-    forced: bool,
-    head: bool,
-    host_value: HeaderValue,
-    conn: ConnInfo,
-    miss: &'static str,
+    keyed: Keyed,
     /// The stored response to revalidate, if any.
-    pub(super) stale: Option<Arc<Entry>>,
+    stale: Option<Arc<Entry>>,
 }
 
 impl Miss {
     /// The fetch's view of the request, with its head.
     pub(super) fn into_lookup(self, parts: RequestParts) -> (Lookup, Option<Arc<Entry>>) {
-        (
-            Lookup {
-                site: self.site,
-                hash: self.hash,
-                key: self.key,
-                extra: self.extra,
-                settings: self.settings,
-                forced: self.forced,
-                head: self.head,
-                parts: Arc::new(parts),
-                host_value: self.host_value,
-                conn: self.conn,
-                ignore_range: false,
-                miss: self.miss,
-            },
-            self.stale,
-        )
+        let lookup = Lookup {
+            keyed: self.keyed,
+            parts: Arc::new(parts),
+            ignore_range: false,
+        };
+        (lookup, self.stale)
     }
 }
 
@@ -110,16 +110,19 @@ impl Proxy {
                         ttl(entry, now)
                     ));
                     let resp = self.answer_from_entry(entry, h, head, now, status);
-                    self.refresh_in_background(
-                        req,
-                        conn,
-                        site_idx,
-                        &parts,
-                        extra.clone(),
+                    let keyed = Keyed {
+                        site: site_idx,
                         hash,
-                        host_value(&routed.host),
-                        entry.clone(),
-                    );
+                        key: OwnedKey::new(&parts),
+                        extra,
+                        settings: settings(site, rule),
+                        forced: false,
+                        head: true,
+                        host_value: host_value(&routed.host),
+                        conn,
+                        miss: "fwd=stale",
+                    };
+                    self.refresh_in_background(req, keyed, entry.clone());
                     return Looked::Answer((resp, Outcome_::local("stale")));
                 }
                 Reuse::Revalidate => {}
@@ -128,43 +131,37 @@ impl Proxy {
         if req_cc.only_if_cached && stored.is_none() {
             return Looked::Answer(refuse(ProxyError::OnlyIfCached));
         }
-        let settings = rule
-            .map(|r| r.apply(&site.cache.settings))
-            .unwrap_or_else(|| site.cache.settings.clone());
         let miss = if stored.is_none() && self.store.contains(hash) {
             "fwd=vary-miss"
         } else {
             "fwd=uri-miss"
         };
         Looked::Miss(Miss {
-            site: site_idx,
-            hash,
-            key: OwnedKey::new(&parts),
-            extra,
-            settings,
-            forced,
-            head,
-            host_value: host_value(&routed.host),
-            conn,
-            miss,
+            keyed: Keyed {
+                site: site_idx,
+                hash,
+                key: OwnedKey::new(&parts),
+                extra,
+                settings: settings(site, rule),
+                forced,
+                head,
+                host_value: host_value(&routed.host),
+                conn,
+                miss,
+            },
             stale: stored,
         })
     }
 
-    /// Starts one background revalidation for a stale entry (stale-while-revalidate).
-    #[allow(clippy::too_many_arguments)]
+    /// Starts one background revalidation for a stale entry (stale-while-revalidate): a GET
+    /// with the client's fields, led like any miss but answered to no one.
     fn refresh_in_background(
         self: &Arc<Self>,
         req: &Request<Incoming>,
-        conn: ConnInfo,
-        site: usize,
-        parts: &KeyParts<'_>,
-        extra: Option<Box<str>>,
-        hash: u64,
-        host_value: HeaderValue,
+        keyed: Keyed,
         stale: Arc<Entry>,
     ) {
-        let (fill, leader) = self.fills.join(hash);
+        let (fill, leader) = self.fills.join(keyed.hash);
         if !leader {
             return;
         }
@@ -173,31 +170,22 @@ impl Proxy {
         *head.uri_mut() = req.uri().clone();
         *head.version_mut() = req.version();
         *head.headers_mut() = req.headers().clone();
-        let settings = {
-            let s = &self.config.sites[site];
-            s.rule(req.uri().path())
-                .map(|r| r.apply(&s.cache.settings))
-                .unwrap_or_else(|| s.cache.settings.clone())
-        };
         let lookup = Lookup {
-            site,
-            hash,
-            key: OwnedKey::new(parts),
-            extra,
-            settings,
-            forced: false,
-            head: true,
+            keyed,
             parts: Arc::new(head.into_parts().0),
-            host_value,
-            conn,
             ignore_range: true,
-            miss: "fwd=stale",
         };
         let proxy = self.clone();
         tokio::spawn(async move {
             let _ = proxy.lead(&lookup, fill, true, Some(stale)).await;
         });
     }
+}
+
+/// The site's cache settings with the request's rule applied.
+fn settings(site: &crate::config::Site, rule: Option<&crate::config::Rule>) -> Settings {
+    rule.map(|r| r.apply(&site.cache.settings))
+        .unwrap_or_else(|| site.cache.settings.clone())
 }
 
 /// The path and query as `site` keys them (parameters sorted or dropped as configured). The

@@ -60,6 +60,7 @@ use headers::{forward_request_headers, remove_hop_by_hop, via_value};
 use lookup::{host_value, key_target, Looked};
 use route::{Detour, Routed};
 use sites::{host_without_port, SiteTable};
+use upstream::Upstream;
 
 use crate::cache::entry::upstream_status;
 pub use crate::cache::entry::CACHE_STATUS;
@@ -178,27 +179,24 @@ impl Future for Handling {
     }
 }
 
-/// Everything about one cacheable request that the fetch and respond steps need.
+/// Everything about one cacheable request that the fetch and respond steps need: what the
+/// lookup stage learnt ([`lookup::Keyed`], read through `Deref`) and the request head.
 #[derive(Clone)]
 struct Lookup {
-    site: usize,
-    hash: u64,
-    key: OwnedKey,
-    extra: Option<Box<str>>,
-    settings: Settings,
-    forced: bool,
-    head: bool,
+    keyed: lookup::Keyed,
     /// The client's request head (headers as received).
     parts: Arc<RequestParts>,
-    /// The `Host` the client sent (with port), for forwarding.
-    host_value: HeaderValue,
-    conn: ConnInfo,
     /// Answer with the whole object even if the client asked for a range (a fallback when the
     /// object could not be stored to cut the range from).
     ignore_range: bool,
-    /// RFC 9211 forward reason when nothing usable was stored: `fwd=uri-miss` (nothing for
-    /// the URL) or `fwd=vary-miss` (other variants only).
-    miss: &'static str,
+}
+
+impl std::ops::Deref for Lookup {
+    type Target = lookup::Keyed;
+
+    fn deref(&self) -> &lookup::Keyed {
+        &self.keyed
+    }
 }
 
 /// Shared state of the request path.

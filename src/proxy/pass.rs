@@ -40,10 +40,18 @@ impl Proxy {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let (mut parts, body) = req.into_parts();
-        let mut up_headers = std::mem::take(&mut parts.headers);
-        self.forward_fields(&mut up_headers, conn, &host_value, parts.version);
-        // Only a request without a body to replay may be retried on another origin.
-        let up_body = if body.is_end_stream() {
+        let headers = std::mem::take(&mut parts.headers);
+        let mut up = self.upstream(
+            method.clone(),
+            pq.clone(),
+            headers,
+            conn,
+            &host_value,
+            parts.version,
+        );
+        // A body is read whole first (see `preread`); only a request without one may be
+        // retried on another origin.
+        up.body = if body.is_end_stream() {
             None
         } else {
             match preread(body, self.config.server.header_read_timeout).await {
@@ -52,15 +60,7 @@ impl Proxy {
                 Err(PrereadError::TimedOut) => return refuse(ProxyError::SlowBody),
             }
         };
-        let retry_ok = up_body.is_none() && method.is_idempotent();
-        let attempts = if retry_ok {
-            candidates
-        } else {
-            &candidates[..candidates.len().min(1)]
-        };
-        let Some((origin_index, origin_ms, result)) = self
-            .send_failover(attempts, &method, &pq, up_headers, &host_value, up_body)
-            .await
+        let Some((origin_index, origin_ms, result)) = self.send_failover(candidates, up).await
         else {
             return refuse(ProxyError::InvalidTarget);
         };

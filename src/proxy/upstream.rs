@@ -4,27 +4,49 @@
 
 use super::*;
 
+/// A request on its way to an origin, built by [`Proxy::upstream`] for misses and passes
+/// alike; [`Proxy::send_failover`] gives it each origin's URI and `Host`.
+pub(super) struct Upstream {
+    pub(super) method: Method,
+    /// The path and query sent (for a miss: as keyed).
+    pub(super) pq: PathAndQuery,
+    pub(super) headers: HeaderMap,
+    /// The `Host` as keyed, sent unless the origin names its own (`host_header`).
+    pub(super) host: HeaderValue,
+    /// A body read whole beforehand (so that it could be sent again); `None` for none.
+    pub(super) body: Option<UpstreamBody>,
+}
+
 impl Proxy {
-    /// A client's fields made ready for an origin: forwarding fields (kept from a trusted
-    /// proxy, and only the one it writes), hop-by-hop fields removed, `Via`, and this node's
-    /// `CDN-Loop` member. Misses and passes both go through it.
-    pub(super) fn forward_fields(
+    /// The one request builder: a client's fields made ready for an origin. Forwarding
+    /// fields (kept from a trusted proxy, and only the one it writes), hop-by-hop fields
+    /// removed, `Via`, and this node's `CDN-Loop` member.
+    pub(super) fn upstream(
         &self,
-        headers: &mut HeaderMap,
+        method: Method,
+        pq: PathAndQuery,
+        mut headers: HeaderMap,
         conn: ConnInfo,
-        host_value: &HeaderValue,
+        host: &HeaderValue,
         version: Version,
-    ) {
-        let trusted = self.trusted(conn, headers);
+    ) -> Upstream {
+        let trusted = self.trusted(conn, &mut headers);
         forward_request_headers(
-            headers,
+            &mut headers,
             conn.peer.ip(),
             conn.https,
-            host_value,
+            host,
             trusted,
             self.via(version),
         );
-        self.mark_hop(headers);
+        self.mark_hop(&mut headers);
+        Upstream {
+            method,
+            pq,
+            headers,
+            host: host.clone(),
+            body: None,
+        }
     }
 
     /// An origin's response head as it goes on to the client: hop-by-hop fields removed, our
@@ -76,14 +98,21 @@ impl Proxy {
     pub(super) async fn send_failover(
         &self,
         candidates: &[usize],
-        method: &Method,
-        pq: &PathAndQuery,
-        mut headers: HeaderMap,
-        host: &HeaderValue,
-        mut body: Option<UpstreamBody>,
+        up: Upstream,
     ) -> Option<(usize, f64, Result<Response<Incoming>, origin::Error>)> {
+        let Upstream {
+            method,
+            pq,
+            mut headers,
+            host,
+            mut body,
+        } = up;
         let retryable = body.is_none() && method.is_idempotent();
-        let attempts = candidates.len().min(MAX_ATTEMPTS);
+        let attempts = if retryable {
+            candidates.len().min(MAX_ATTEMPTS)
+        } else {
+            candidates.len().min(1)
+        };
         self.retry_budget.request(Instant::now());
         let mut last = None;
         let mut broken_retried = false;
