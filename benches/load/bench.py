@@ -12,6 +12,9 @@ absolute numbers from a shared machine mean little.
 Run from the repository root (as root, so missing packages can be installed):
     python3 benches/load/bench.py            # BENCH_SECONDS=8 BENCH_ROUNDS=3 by default
     BENCH_PROFILE=1 python3 benches/load/bench.py   # also: perf profile of edgecache's 1 KiB hits
+    BENCH_BASELINE=/path/to/old/edgecache python3 benches/load/bench.py
+        # also an earlier build of edgecache ("baseline") in every hit, TLS and miss case: a
+        # before/after ratio measured side by side, in one run
 It stops only the processes it started.
 """
 
@@ -34,6 +37,7 @@ CONNS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 # Run only the cases whose name contains this (e.g. "h2", "miss", "tls").
 ONLY = os.environ.get("BENCH_ONLY", "")
 PROFILE = os.environ.get("BENCH_PROFILE", "") not in ("", "0")
+BASELINE = os.environ.get("BENCH_BASELINE", "")
 # Offered load of the fixed-rate latency cases (requests/s, all servers alike): below what the
 # slowest server sustains, so every server sees the same load and the client is not saturated.
 RATE = int(os.environ.get("BENCH_RATE", "20000"))
@@ -50,6 +54,7 @@ PORTS = {
     "nginx": 18081, "nginx-tls": 18444,
     "varnish": 18082, "varnish-admin": 18083,
     "ceiling": 18084, "ceiling-h2": 18085,
+    "baseline": 18086, "baseline-tls": 18445,
 }
 HOST = "bench.test"
 NGINX_CACHE = "/dev/shm/edgecache-bench-nginx"
@@ -228,10 +233,15 @@ http {{
     write(f"{WORK}/default.vcl", f"""vcl 4.1;
 backend origin {{ .host = "127.0.0.1"; .port = "{PORTS['origin']}"; }}
 """)
-    write(f"{WORK}/edgecache.toml", f"""
+    write(f"{WORK}/edgecache.toml", edgecache_toml("edgecache"))
+    write(f"{WORK}/baseline.toml", edgecache_toml("baseline"))
+
+
+def edgecache_toml(name):
+    return f"""
 [server]
-http = ["127.0.0.1:{PORTS['edgecache']}"]
-https = ["127.0.0.1:{PORTS['edgecache-tls']}"]
+http = ["127.0.0.1:{PORTS[name]}"]
+https = ["127.0.0.1:{PORTS[name + '-tls']}"]
 workers = 1
 max_connections = 20000
 [[tls.certificates]]
@@ -248,7 +258,7 @@ max_idle_connections = 128
 [[sites]]
 hosts = ["{HOST}", "127.0.0.1", "localhost"]
 origin = "origin"
-""")
+"""
 
 
 def start_servers():
@@ -258,6 +268,10 @@ def start_servers():
     env = {**os.environ, "RUST_LOG": "warn"}
     pids["edgecache"] = spawn("edgecache", [f"{ROOT}/target/release/edgecache", "run", "--config",
                                             f"{WORK}/edgecache.toml"], SERVER_CPU, env=env).pid
+    if BASELINE:
+        pids["baseline"] = spawn("baseline", [BASELINE, "run", "--config", f"{WORK}/baseline.toml"], SERVER_CPU,
+                                 env=env).pid
+        wait_port(PORTS["baseline"])
     pids["nginx"] = spawn("nginx", ["nginx", "-c", f"{WORK}/nginx.conf", "-g", "daemon off;"], SERVER_CPU).pid
     os.makedirs(f"{WORK}/varnish", mode=0o755)
     pids["varnish"] = spawn("varnish", ["varnishd", "-F", "-j", "none", "-n", f"{WORK}/varnish",
@@ -364,13 +378,14 @@ def main():
     os.chmod(WORK, 0o755)
     prepare()
     pids = start_servers()
-    servers = ["edgecache", "nginx", "varnish"]
+    servers = ["edgecache", "nginx", "varnish"] + (["baseline"] if BASELINE else [])
     hits = servers + ["ceiling"]
+    tls_servers = ["edgecache", "nginx"] + (["baseline"] if BASELINE else [])
     # (name, path, tls, h2, servers, client)
     cases = [(f"hit {n} h1", f"/{n}", False, False, hits, "oha") for n, _ in SIZES]
     cases += [(f"hit {n} h1 wrk", f"/{n}", False, False, hits, "wrk") for n in ("1k", "16k")]
-    cases += [(f"hit {n} tls1.3 h1", f"/{n}", True, False, ["edgecache", "nginx"], "oha") for n in ("1k", "16k", "256k")]
-    cases += [(f"hit {n} tls h2", f"/{n}", True, True, ["edgecache", "nginx"], "oha") for n in ("1k", "16k")]
+    cases += [(f"hit {n} tls1.3 h1", f"/{n}", True, False, tls_servers, "oha") for n in ("1k", "16k", "256k")]
+    cases += [(f"hit {n} tls h2", f"/{n}", True, True, tls_servers, "oha") for n in ("1k", "16k")]
     # HTTP/2 without TLS (prior knowledge) against the bare hyper server: hyper's own HTTP/2
     # cost on this core, beside what edgecache adds to it (nginx serves h2c only on a port of its own).
     cases += [("hit 1k h2c", "/1k", False, True, ["edgecache", "ceiling"], "oha")]
@@ -440,20 +455,20 @@ def report(results, rss):
     print(f"{'case':<22} {'server':<10} {'req/s':>9} {'req/cpu-s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7}")
     for name in names:
         if name.startswith("coalesce"):
-            for s in ("edgecache", "nginx", "varnish"):
+            for s in ("edgecache", "nginx", "varnish", "baseline"):
                 rows = results.get((name, s))
                 if rows:
                     counts = [r["origin_requests"] for r in rows]
                     print(f"{name:<22} {s:<10} origin requests per 1000 cold requests: {counts}")
             continue
-        for s in ("edgecache", "nginx", "varnish", "ceiling"):
+        for s in ("edgecache", "nginx", "varnish", "ceiling", "baseline"):
             rows = results.get((name, s))
             if not rows:
                 continue
             print(f"{name:<22} {s:<10} {med(rows, 'rps'):>9.0f} {med(rows, 'per_cpu_s'):>10.0f} {med(rows, 'p50'):>8.2f} "
                   f"{med(rows, 'p99'):>8.2f} {med(rows, 'p999'):>9.2f} {int(med(rows, 'errors')):>7}")
         ec = results.get((name, "edgecache"))
-        for peer in ("nginx", "varnish", "ceiling"):
+        for peer in ("nginx", "varnish", "ceiling", "baseline"):
             pr = results.get((name, peer))
             if ec and pr and med(pr, "rps") > 0:
                 print(f"{'':<22} edgecache/{peer}: req/s x{med(ec, 'rps') / med(pr, 'rps'):.2f}, "
