@@ -6,6 +6,27 @@ use std::sync::Arc;
 use http::{Method, Version};
 use tracing_subscriber::EnvFilter;
 
+/// Span names: one per stage of the request path (`proxy`), so that a `debug` filter shows a
+/// request's way through them: `RUST_LOG=edgecache=debug`.
+pub mod spans {
+    /// The whole request (fields: `method`, `uri`).
+    pub const REQUEST: &str = "request";
+    /// Framing, host and site, method, path, request rates.
+    pub const ROUTE: &str = "route";
+    /// Key, stored response, reuse decision (and an answer from the cache).
+    pub const LOOKUP: &str = "lookup";
+    /// Joining another request's fetch for the same key, or leading it.
+    pub const COLLAPSE: &str = "collapse";
+    /// Candidates and the send with failover.
+    pub const UPSTREAM: &str = "upstream";
+    /// What becomes of the origin's response: refresh, stale on error, store.
+    pub const ADMIT: &str = "admit";
+    /// A request the cache does not handle, streamed to the origin.
+    pub const PASS: &str = "pass";
+    /// The PURGE method.
+    pub const PURGE: &str = "purge";
+}
+
 /// The target of the one-line-per-request access log; filter it with
 /// `RUST_LOG=edgecache::access=off` (or `=info`) independently of other logs.
 pub const ACCESS_TARGET: &str = "edgecache::access";

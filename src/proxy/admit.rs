@@ -42,7 +42,11 @@ impl Proxy {
             return refuse(ProxyError::InvalidTarget);
         };
         let request_time = SystemTime::now();
-        let Some((origin, ms, result)) = self.send_failover(candidates, up).await else {
+        let sent = self
+            .send_failover(candidates, up)
+            .instrument(tracing::debug_span!(telemetry::spans::UPSTREAM))
+            .await;
+        let Some((origin, ms, result)) = sent else {
             return refuse(ProxyError::InvalidTarget);
         };
         let f = Fetched {
@@ -84,6 +88,7 @@ impl Proxy {
         }
         let response = Response::from_parts(rparts, rbody);
         self.admit(guard, &f, fill, registered, response, response_time)
+            .instrument(tracing::debug_span!(telemetry::spans::ADMIT))
             .await
     }
 

@@ -41,6 +41,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::cache::fill::FillHead;
 use crate::cache::key::{key_extra, normalise_query};
@@ -472,10 +473,22 @@ impl Proxy {
                 aborted: false,
             })
         });
-        match self.serve(req, conn, false) {
+        // Spans name the stages (see `telemetry::spans`); at `debug`, so with the default
+        // filter each costs one check of a cached interest and the hit path is unchanged.
+        let span = tracing::debug_span!(
+            telemetry::spans::REQUEST,
+            method = %req.method(),
+            uri = %req.uri()
+        );
+        let served = span.in_scope(|| self.serve(req, conn, false));
+        match served {
             Served::Now(answer) => Handling(HandlingState::Ready(Some(self.finish(answer, log)))),
             Served::Later(fut) => Handling(HandlingState::Waiting {
-                fut,
+                fut: if span.is_disabled() {
+                    fut
+                } else {
+                    Box::pin(fut.instrument(span))
+                },
                 proxy: self.clone(),
                 log,
             }),
@@ -509,7 +522,9 @@ impl Proxy {
     /// Routes a request and answers it from the cache, or returns the work that waits for an
     /// origin. `normal`: the request's path was normalised already (see `route`).
     fn serve(self: &Arc<Self>, req: Request<Incoming>, conn: ConnInfo, normal: bool) -> Served {
-        let routed = match self.route(&req, conn, normal) {
+        let routed = tracing::debug_span!(telemetry::spans::ROUTE)
+            .in_scope(|| self.route(&req, conn, normal));
+        let routed = match routed {
             Ok(routed) => routed,
             Err(Detour::Answer(answer)) => return Served::Now(*answer),
             Err(Detour::StripConnection) => {
@@ -527,6 +542,7 @@ impl Proxy {
         let site = &self.config.sites[site_idx];
         if req.method().as_str() == "PURGE" {
             let key_pq = key_target(site, routed.pq.as_str());
+            let _span = tracing::debug_span!(telemetry::spans::PURGE).entered();
             return Served::Now(self.purge_method(&req, conn, &routed.host, &key_pq));
         }
         let rule = site.rule(req.uri().path());
@@ -544,15 +560,22 @@ impl Proxy {
             let this = self.clone();
             return Served::Later(Box::pin(async move {
                 this.pass(req, conn, site_idx, &host, host_value, status)
+                    .instrument(tracing::debug_span!(telemetry::spans::PASS))
                     .await
             }));
         }
-        match self.lookup(&req, conn, &routed, rule) {
+        let looked = tracing::debug_span!(telemetry::spans::LOOKUP)
+            .in_scope(|| self.lookup(&req, conn, &routed, rule));
+        match looked {
             Looked::Answer(answer) => Served::Now(answer),
             Looked::Miss(miss) => {
                 let (lookup, stale) = miss.into_lookup(req.into_parts().0);
                 let this = self.clone();
-                Served::Later(Box::pin(async move { this.fetch(lookup, stale).await }))
+                Served::Later(Box::pin(async move {
+                    this.fetch(lookup, stale)
+                        .instrument(tracing::debug_span!(telemetry::spans::COLLAPSE))
+                        .await
+                }))
             }
         }
     }

@@ -60,8 +60,11 @@ impl Proxy {
                 Err(PrereadError::TimedOut) => return refuse(ProxyError::SlowBody),
             }
         };
-        let Some((origin_index, origin_ms, result)) = self.send_failover(candidates, up).await
-        else {
+        let sent = self
+            .send_failover(candidates, up)
+            .instrument(tracing::debug_span!(telemetry::spans::UPSTREAM))
+            .await;
+        let Some((origin_index, origin_ms, result)) = sent else {
             return refuse(ProxyError::InvalidTarget);
         };
         let origin = &self.origins[origin_index];
