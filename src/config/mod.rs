@@ -158,20 +158,12 @@ pub struct Route {
     pub pools: Vec<usize>,
 }
 
-/// A route's `match`: any listed continent, country or network.
+/// A route's `match`: any listed continent, country or network (matched in `origin::route`).
 #[derive(Clone, Debug, Default)]
 pub struct RouteMatch {
     pub continents: Vec<crate::geo::Code>,
     pub countries: Vec<crate::geo::Code>,
     pub cidrs: Vec<IpNet>,
-}
-
-impl RouteMatch {
-    pub fn matches(&self, loc: &crate::geo::Location) -> bool {
-        loc.continent.is_some_and(|c| self.continents.contains(&c))
-            || loc.country.is_some_and(|c| self.countries.contains(&c))
-            || self.cidrs.iter().any(|n| n.contains(&loc.ip))
-    }
 }
 
 /// `[admin]`: the loopback listener for metrics, health, origins and purge. It shares the
@@ -433,7 +425,8 @@ pub struct Site {
     pub hosts: Vec<String>,
     /// The first origin of the default route (for summaries).
     pub origin: usize,
-    /// `[[sites.routes]]`, first match wins; the last route serves clients no route matches.
+    /// `[[sites.routes]]`, first match wins; the last route serves clients no route matches
+    /// (see `origin::route`).
     pub routes: Vec<Route>,
     /// `[sites.cache]`: keys and defaults.
     pub cache: SiteCache,
@@ -462,14 +455,6 @@ impl Site {
             refuse_escaped_slashes: false,
             rate: None,
         }
-    }
-
-    /// The route for a client at `loc`: the first that matches, else the last.
-    pub fn route(&self, loc: &crate::geo::Location) -> Option<&Route> {
-        self.routes
-            .iter()
-            .find(|r| r.matcher.as_ref().is_none_or(|m| m.matches(loc)))
-            .or_else(|| self.routes.last())
     }
 
     /// The first rule matching `path`.
