@@ -457,9 +457,17 @@ impl Site {
         }
     }
 
-    /// The first rule matching `path`.
-    pub fn rule(&self, path: &str) -> Option<&Rule> {
-        self.rules.iter().find(|r| r.path.matches(path))
+    /// The first rule matching `path`, by its place in `rules`.
+    pub fn rule(&self, path: &str) -> Option<usize> {
+        self.rules.iter().position(|r| r.path.matches(path))
+    }
+
+    /// The storage settings under `rule` (from [`Site::rule`]): the rule's, else the site's.
+    pub fn settings(&self, rule: Option<usize>) -> &crate::cache::policy::Settings {
+        match rule.and_then(|i| self.rules.get(i)) {
+            Some(r) => &r.settings,
+            None => &self.cache.settings,
+        }
     }
 }
 
@@ -614,26 +622,10 @@ pub struct Rule {
     pub path: PathMatch,
     /// Never look up or store: always forward.
     pub bypass: bool,
-    pub ttl: Option<Duration>,
-    pub min_ttl: Option<Duration>,
-    pub max_ttl: Option<Duration>,
-    pub stale_while_revalidate: Option<Duration>,
-    pub stale_if_error: Option<Duration>,
-    pub status_ttl: Vec<(u16, Duration)>,
-}
-
-impl Rule {
-    /// The site's settings with this rule's overrides applied.
-    pub fn apply(&self, base: &crate::cache::policy::Settings) -> crate::cache::policy::Settings {
-        let mut s = base.clone();
-        s.force_ttl = self.ttl;
-        s.min_ttl = self.min_ttl;
-        s.max_ttl = self.max_ttl;
-        s.stale_while_revalidate = self.stale_while_revalidate;
-        s.stale_if_error = self.stale_if_error;
-        s.status_ttl = self.status_ttl.clone();
-        s
-    }
+    /// The site's `[sites.cache]` settings with this rule's `ttl`, `min_ttl`, `max_ttl`,
+    /// stale windows and `status_ttl` in place of theirs, resolved at load: a miss under the
+    /// rule borrows them.
+    pub settings: crate::cache::policy::Settings,
 }
 
 /// A configuration problem, located in its file.

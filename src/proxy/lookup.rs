@@ -20,7 +20,7 @@ pub(super) struct Miss {
     hash: u64,
     key: OwnedKey,
     extra: Option<Box<str>>,
-    settings: Settings,
+    rule: Option<usize>,
     forced: bool,
     head: bool,
     host_value: HeaderValue,
@@ -39,7 +39,7 @@ impl Miss {
                 hash: self.hash,
                 key: self.key,
                 extra: self.extra,
-                settings: self.settings,
+                rule: self.rule,
                 forced: self.forced,
                 head: self.head,
                 parts: Arc::new(parts),
@@ -60,7 +60,7 @@ impl Proxy {
         req: &Request<Incoming>,
         conn: ConnInfo,
         routed: &Routed<'_>,
-        rule: Option<&crate::config::Rule>,
+        rule: Option<usize>,
     ) -> Looked {
         let h = req.headers();
         let site_idx = routed.site;
@@ -119,6 +119,7 @@ impl Proxy {
                         hash,
                         host_value(&routed.host),
                         entry.clone(),
+                        rule,
                     );
                     return Looked::Answer((resp, Outcome_::local("stale")));
                 }
@@ -132,9 +133,6 @@ impl Proxy {
                 false,
             ));
         }
-        let settings = rule
-            .map(|r| r.apply(&site.cache.settings))
-            .unwrap_or_else(|| site.cache.settings.clone());
         let miss = if stored.is_none() && self.store.contains(hash) {
             "fwd=vary-miss"
         } else {
@@ -145,7 +143,7 @@ impl Proxy {
             hash,
             key: OwnedKey::new(&parts),
             extra,
-            settings,
+            rule,
             forced,
             head,
             host_value: host_value(&routed.host),
@@ -167,6 +165,7 @@ impl Proxy {
         hash: u64,
         host_value: HeaderValue,
         stale: Arc<Entry>,
+        rule: Option<usize>,
     ) {
         let (fill, leader) = self.fills.join(hash);
         if !leader {
@@ -177,18 +176,12 @@ impl Proxy {
         *head.uri_mut() = req.uri().clone();
         *head.version_mut() = req.version();
         *head.headers_mut() = req.headers().clone();
-        let settings = {
-            let s = &self.config.sites[site];
-            s.rule(req.uri().path())
-                .map(|r| r.apply(&s.cache.settings))
-                .unwrap_or_else(|| s.cache.settings.clone())
-        };
         let lookup = Lookup {
             site,
             hash,
             key: OwnedKey::new(parts),
             extra,
-            settings,
+            rule,
             forced: false,
             head: true,
             parts: Arc::new(head.into_parts().0),

@@ -183,7 +183,8 @@ struct Lookup {
     hash: u64,
     key: OwnedKey,
     extra: Option<Box<str>>,
-    settings: Settings,
+    /// The site's rule for the path, if any (see [`Lookup::settings`]).
+    rule: Option<usize>,
     forced: bool,
     head: bool,
     /// The client's request head (headers as received).
@@ -197,6 +198,14 @@ struct Lookup {
     /// RFC 9211 forward reason when nothing usable was stored: `fwd=uri-miss` (nothing for
     /// the URL) or `fwd=vary-miss` (other variants only).
     miss: &'static str,
+}
+
+impl Lookup {
+    /// The settings the store decision is made under: the path's rule's, else the site's;
+    /// resolved at load and borrowed here.
+    fn settings<'c>(&self, config: &'c Config) -> &'c Settings {
+        config.sites[self.site].settings(self.rule)
+    }
 }
 
 /// Shared state of the request path.
@@ -525,7 +534,11 @@ impl Proxy {
             return Served::Now(self.purge_method(&req, conn, &routed.host, &key_pq));
         }
         let rule = site.rule(req.uri().path());
-        if !routed.cache_method || rule.is_some_and(|r| r.bypass) {
+        if !routed.cache_method
+            || rule
+                .and_then(|i| site.rules.get(i))
+                .is_some_and(|r| r.bypass)
+        {
             let detail = if routed.cache_method {
                 "fwd=bypass"
             } else {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use toml::Spanned;
 
 use super::{host_pattern, parse_cidr, rate, Checker};
+use crate::cache::policy::Settings;
 use crate::config::raw::{self, RawRoute, RawRule, RawSite, RawSiteCache};
 use crate::config::{
     ClientNoCache, Methods, Origin, PathMatch, Pool, QueryMode, Route, RouteMatch, Rule, Site,
@@ -212,7 +213,7 @@ fn site(
         .rules
         .iter()
         .enumerate()
-        .filter_map(|(j, r)| rule(ck, &format!("{key}.rules[{j}]"), r))
+        .filter_map(|(j, r)| rule(ck, &format!("{key}.rules[{j}]"), r, &cache.settings))
         .collect();
     let methods = match &s.methods {
         None => Methods::default_for(purge_enabled),
@@ -399,7 +400,9 @@ fn site_cache(ck: &mut Checker<'_>, key: &str, raw: &RawSiteCache) -> SiteCache 
     c
 }
 
-fn rule(ck: &mut Checker<'_>, key: &str, raw: &RawRule) -> Option<Rule> {
+/// One `[[sites.rules]]` entry: its path (glob or prefix), whether it bypasses the cache,
+/// and `site`'s settings with its overrides in place.
+fn rule(ck: &mut Checker<'_>, key: &str, raw: &RawRule, site: &Settings) -> Option<Rule> {
     let path = match (&raw.path, &raw.prefix) {
         (Some(g), None) if g.get_ref().starts_with('/') || g.get_ref().starts_with('*') => {
             PathMatch::Glob(g.get_ref().clone())
@@ -442,21 +445,54 @@ fn rule(ck: &mut Checker<'_>, key: &str, raw: &RawRule) -> Option<Rule> {
             ),
         }
     }
-    Some(Rule {
-        path,
-        bypass: raw.bypass.unwrap_or(false),
-        ttl: d(&raw.ttl),
+    // The site's settings never hold these (they are rule keys only): the rule's replace them.
+    let settings = Settings {
+        force_ttl: d(&raw.ttl),
         min_ttl: d(&raw.min_ttl),
         max_ttl: d(&raw.max_ttl),
         stale_while_revalidate: d(&raw.stale_while_revalidate),
         stale_if_error: d(&raw.stale_if_error),
         status_ttl,
+        ..site.clone()
+    };
+    Some(Rule {
+        path,
+        bypass: raw.bypass.unwrap_or(false),
+        settings,
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::errors;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::super::{errors, MINIMAL};
+    use crate::config::Config;
+
+    #[test]
+    fn rule_settings_are_the_sites_with_the_rules_overrides() {
+        let text = format!(
+            "{MINIMAL}[sites.cache]\nstale_if_error = \"1m\"\n\
+             [[sites.rules]]\nprefix = \"/api/\"\nttl = \"5s\"\nstatus_ttl = {{ 404 = \"30s\" }}\n\
+             [[sites.rules]]\npath = \"*.css\"\nbypass = true\n"
+        );
+        let c = Config::from_toml(&text, "t.toml", Path::new(".")).map_err(|e| e.to_string());
+        let c = c.expect("valid");
+        let site = &c.sites[0];
+        assert_eq!(site.rule("/api/v1"), Some(0));
+        assert_eq!(site.rule("/a/b.css"), Some(1));
+        assert_eq!(site.rule("/index.html"), None);
+        let api = site.settings(site.rule("/api/v1"));
+        assert_eq!(api.force_ttl, Some(Duration::from_secs(5)));
+        assert_eq!(api.status_ttl, [(404, Duration::from_secs(30))]);
+        assert_eq!(api.default_stale_if_error, Duration::from_secs(60));
+        let css = site.settings(Some(1));
+        assert!(site.rules[1].bypass);
+        assert_eq!((css.force_ttl, css.status_ttl.len()), (None, 0));
+        assert_eq!(site.settings(None), &site.cache.settings);
+        assert_eq!(site.settings(Some(7)), &site.cache.settings, "no such rule");
+    }
     #[test]
     fn site_naming_unknown_origin() {
         let e = errors("[[origins]]\nname = \"a\"\nurl = \"http://x:1\"\n[[sites]]\nhosts = [\"h\"]\norigin = \"b\"\n");
