@@ -1,10 +1,12 @@
 //! Configuration: the TOML file, its validation, and the validated types the runtime sees.
 //!
 //! `raw` holds serde types that mirror the file; `validate` turns them into [`Config`], collecting
-//! every problem (with file, line and column) before reporting. Runtime code only ever sees a
-//! validated [`Config`], shared as an `Arc` snapshot.
+//! every problem (with file, line and column) before reporting; `summary` is what
+//! `edgecache check` prints. Runtime code only ever sees a validated [`Config`], shared as an
+//! `Arc` snapshot.
 
 mod raw;
+mod summary;
 mod validate;
 
 use std::fmt;
@@ -156,20 +158,12 @@ pub struct Route {
     pub pools: Vec<usize>,
 }
 
-/// A route's `match`: any listed continent, country or network.
+/// A route's `match`: any listed continent, country or network (matched in `origin::route`).
 #[derive(Clone, Debug, Default)]
 pub struct RouteMatch {
     pub continents: Vec<crate::geo::Code>,
     pub countries: Vec<crate::geo::Code>,
     pub cidrs: Vec<IpNet>,
-}
-
-impl RouteMatch {
-    pub fn matches(&self, loc: &crate::geo::Location) -> bool {
-        loc.continent.is_some_and(|c| self.continents.contains(&c))
-            || loc.country.is_some_and(|c| self.countries.contains(&c))
-            || self.cidrs.iter().any(|n| n.contains(&loc.ip))
-    }
 }
 
 /// `[admin]`: the loopback listener for metrics, health, origins and purge. It shares the
@@ -431,7 +425,8 @@ pub struct Site {
     pub hosts: Vec<String>,
     /// The first origin of the default route (for summaries).
     pub origin: usize,
-    /// `[[sites.routes]]`, first match wins; the last route serves clients no route matches.
+    /// `[[sites.routes]]`, first match wins; the last route serves clients no route matches
+    /// (see `origin::route`).
     pub routes: Vec<Route>,
     /// `[sites.cache]`: keys and defaults.
     pub cache: SiteCache,
@@ -462,17 +457,17 @@ impl Site {
         }
     }
 
-    /// The route for a client at `loc`: the first that matches, else the last.
-    pub fn route(&self, loc: &crate::geo::Location) -> Option<&Route> {
-        self.routes
-            .iter()
-            .find(|r| r.matcher.as_ref().is_none_or(|m| m.matches(loc)))
-            .or_else(|| self.routes.last())
+    /// The first rule matching `path`, by its place in `rules`.
+    pub fn rule(&self, path: &str) -> Option<usize> {
+        self.rules.iter().position(|r| r.path.matches(path))
     }
 
-    /// The first rule matching `path`.
-    pub fn rule(&self, path: &str) -> Option<&Rule> {
-        self.rules.iter().find(|r| r.path.matches(path))
+    /// The storage settings under `rule` (from [`Site::rule`]): the rule's, else the site's.
+    pub fn settings(&self, rule: Option<usize>) -> &crate::cache::policy::Settings {
+        match rule.and_then(|i| self.rules.get(i)) {
+            Some(r) => &r.settings,
+            None => &self.cache.settings,
+        }
     }
 }
 
@@ -627,26 +622,10 @@ pub struct Rule {
     pub path: PathMatch,
     /// Never look up or store: always forward.
     pub bypass: bool,
-    pub ttl: Option<Duration>,
-    pub min_ttl: Option<Duration>,
-    pub max_ttl: Option<Duration>,
-    pub stale_while_revalidate: Option<Duration>,
-    pub stale_if_error: Option<Duration>,
-    pub status_ttl: Vec<(u16, Duration)>,
-}
-
-impl Rule {
-    /// The site's settings with this rule's overrides applied.
-    pub fn apply(&self, base: &crate::cache::policy::Settings) -> crate::cache::policy::Settings {
-        let mut s = base.clone();
-        s.force_ttl = self.ttl;
-        s.min_ttl = self.min_ttl;
-        s.max_ttl = self.max_ttl;
-        s.stale_while_revalidate = self.stale_while_revalidate;
-        s.stale_if_error = self.stale_if_error;
-        s.status_ttl = self.status_ttl.clone();
-        s
-    }
+    /// The site's `[sites.cache]` settings with this rule's `ttl`, `min_ttl`, `max_ttl`,
+    /// stale windows and `status_ttl` in place of theirs, resolved at load: a miss under the
+    /// rule borrows them.
+    pub settings: crate::cache::policy::Settings,
 }
 
 /// A configuration problem, located in its file.
@@ -712,277 +691,6 @@ impl Config {
     pub fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, Error> {
         validate::from_toml(text, file, base)
     }
-
-    /// A one-screen description of what would be served, for `edgecache check`.
-    pub fn summary(&self) -> String {
-        use std::fmt::Write;
-        let mut s = String::new();
-        let _ = writeln!(s, "configuration {} is valid", self.source);
-        let list = |v: &[SocketAddr]| {
-            if v.is_empty() {
-                "none".to_owned()
-            } else {
-                v.iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            }
-        };
-        let _ = writeln!(s, "listeners:");
-        let _ = writeln!(s, "  http   {}", list(&self.server.http));
-        let _ = writeln!(s, "  https  {}", list(&self.server.https));
-        if !self.tls.certificates.is_empty() {
-            let _ = writeln!(s, "certificates:");
-            for (i, c) in self.tls.certificates.iter().enumerate() {
-                let default = if i == 0 { " (default)" } else { "" };
-                let _ = writeln!(s, "  {}{}  from {}", c.hosts.join(", "), default, c.source);
-            }
-        }
-        let trusted: Vec<String> = self
-            .server
-            .trusted_proxies
-            .iter()
-            .chain(&self.geo.trusted_proxies)
-            .map(|n| n.to_string())
-            .collect();
-        let _ = writeln!(
-            s,
-            "clients: named in {} by trusted proxies ({}), else the socket's address",
-            self.server.client_address_header.as_str(),
-            if trusted.is_empty() {
-                "none".to_owned()
-            } else {
-                trusted.join(", ")
-            }
-        );
-        let _ = write!(
-            s,
-            "cache: {} in memory, objects up to {}",
-            human_size(self.cache.memory),
-            human_size(self.cache.max_object_size)
-        );
-        let _ = match self.cache.sendfile_min_size {
-            Some(min) => write!(s, ", sendfile from {}", human_size(min)),
-            None => write!(s, ", sendfile off"),
-        };
-        let _ = writeln!(
-            s,
-            ", fills hold up to {}",
-            human_size(self.cache.fill_memory)
-        );
-        self.summary_origins(&mut s);
-        self.summary_sites(&mut s);
-        self.summary_pools_admin_limits(&mut s);
-        s
-    }
-
-    /// `check`'s lines for the origins and the geo database.
-    fn summary_origins(&self, s: &mut String) {
-        use std::fmt::Write;
-        let _ = writeln!(s, "origins:");
-        for o in &self.origins {
-            let _ = write!(
-                s,
-                "  {:<12} {}://{}  connect {:?}, response {:?}",
-                o.name, o.scheme, o.authority, o.connect_timeout, o.timeout
-            );
-            if let Some(h) = &o.health {
-                let _ = write!(
-                    s,
-                    "; checked: GET {} every {:?} (rise {}, fall {})",
-                    h.path, h.interval, h.rise, h.fall
-                );
-            }
-            if let Some(m) = o.max_connections {
-                let _ = write!(s, "; at most {m} connections");
-            }
-            if o.client_auth.is_some() {
-                let _ = write!(s, "; client certificate");
-            }
-            let fail_on: Vec<String> = o.fail_on.iter().map(u16::to_string).collect();
-            let _ = write!(s, "; failing on {}", fail_on.join(" "));
-            let _ = writeln!(s);
-        }
-        if let Some(db) = &self.geo.database {
-            let _ = writeln!(s, "geo database: {} ({})", db.path().display(), db.kind());
-        }
-    }
-
-    /// `check`'s lines for the sites: hosts, methods, routes, rules and keys.
-    fn summary_sites(&self, s: &mut String) {
-        use std::fmt::Write;
-        let _ = writeln!(s, "sites:");
-        for site in &self.sites {
-            let origin = self
-                .origins
-                .get(site.origin)
-                .map(|o| o.name.as_str())
-                .unwrap_or("?");
-            let _ = writeln!(s, "  {}  ->  {}", site.hosts.join(", "), origin);
-            let methods: Vec<&str> = site.methods.list().iter().map(|m| m.as_str()).collect();
-            let _ = writeln!(
-                s,
-                "    methods {}; encoded slashes {}",
-                methods.join(" "),
-                if site.refuse_escaped_slashes {
-                    "refused"
-                } else {
-                    "kept"
-                }
-            );
-            let named_routes = site.routes.len() > 1
-                || site.routes.iter().any(|r| {
-                    r.pools.iter().any(|&p| {
-                        self.pools
-                            .get(p)
-                            .is_some_and(|p| !p.name.starts_with("origin:"))
-                    })
-                });
-            if named_routes {
-                for r in &site.routes {
-                    let pools: Vec<&str> = r
-                        .pools
-                        .iter()
-                        .filter_map(|&p| self.pools.get(p))
-                        .map(|p| p.name.as_str())
-                        .collect();
-                    let when = match &r.matcher {
-                        None => "default".to_owned(),
-                        Some(m) => {
-                            let code =
-                                |c: &crate::geo::Code| String::from_utf8_lossy(c).into_owned();
-                            let mut parts: Vec<String> = m.continents.iter().map(code).collect();
-                            parts.extend(m.countries.iter().map(code));
-                            parts.extend(m.cidrs.iter().map(|n| n.to_string()));
-                            parts.join(" ")
-                        }
-                    };
-                    let _ = writeln!(
-                        s,
-                        "    route {} ({when}): pools {}",
-                        r.name,
-                        pools.join(" > ")
-                    );
-                }
-            }
-            if let Some(r) = &site.rate {
-                let _ = writeln!(s, "    rate limit {r}, all clients together");
-            }
-            let c = &site.cache.settings;
-            let _ = writeln!(
-                s,
-                "    grace: stale-while-revalidate {:?}, stale-if-error {:?}, keep {:?}; {} path rule(s)",
-                c.default_stale_while_revalidate,
-                c.default_stale_if_error,
-                c.keep,
-                site.rules.len()
-            );
-        }
-    }
-
-    /// `check`'s lines for the pools, the admin listener and the per-client limits.
-    fn summary_pools_admin_limits(&self, s: &mut String) {
-        use std::fmt::Write;
-        for p in self.pools.iter().filter(|p| !p.name.starts_with("origin:")) {
-            let names: Vec<&str> = p
-                .origins
-                .iter()
-                .filter_map(|&o| self.origins.get(o))
-                .map(|o| o.name.as_str())
-                .collect();
-            let _ = writeln!(s, "pool {}: {}", p.name, names.join(", "));
-        }
-        match &self.admin {
-            Some(a) => {
-                let (open, guarded) = if a.public_metrics {
-                    ("healthz, readyz, metrics", "origins, purge")
-                } else {
-                    ("healthz, readyz", "metrics, origins, purge")
-                };
-                let guard = if a.token.is_some() {
-                    "with the token"
-                } else {
-                    "refused: no token"
-                };
-                let _ = writeln!(
-                    s,
-                    "admin: {}{} ({open}; {guarded} {guard}), at most {} connections",
-                    a.listen,
-                    if a.listen.ip().is_loopback() {
-                        ""
-                    } else {
-                        " (not loopback)"
-                    },
-                    a.max_connections
-                );
-                let nets: Vec<String> = a.purge_allow.iter().map(|n| n.to_string()).collect();
-                let _ = writeln!(
-                    s,
-                    "PURGE method: from clients in {}{}",
-                    if nets.is_empty() {
-                        "no network".to_owned()
-                    } else {
-                        nets.join(", ")
-                    },
-                    if a.token.is_some() {
-                        ", or with the admin token"
-                    } else {
-                        ""
-                    }
-                );
-            }
-            None => {
-                let _ = writeln!(s, "admin: off");
-            }
-        }
-        let mut per_client = Vec::new();
-        if let Some(r) = &self.server.rate_per_client {
-            per_client.push(r.to_string());
-        }
-        if let Some(n) = self.server.max_connections_per_client {
-            per_client.push(format!("{n} connections (trusted proxies exempt)"));
-        }
-        let _ = writeln!(
-            s,
-            "per client: {}",
-            if per_client.is_empty() {
-                "no limits".to_owned()
-            } else {
-                per_client.join("; ")
-            }
-        );
-        let _ = write!(
-            s,
-            "limits: {} connections, {} header bytes, header read {:?}, idle {:?}, send {:?}, grace {:?}",
-            self.server.max_connections,
-            self.server.max_header_bytes,
-            self.server.header_read_timeout,
-            self.server.idle_timeout,
-            self.server.send_timeout,
-            self.server.shutdown_grace
-        );
-    }
-}
-
-/// Formats a byte count with a binary unit, for summaries.
-pub(crate) fn human_size(n: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("TiB", 1 << 40),
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-    ];
-    for (name, size) in UNITS {
-        if n >= size && n.is_multiple_of(size) {
-            return format!("{}{}", n / size, name);
-        }
-    }
-    for (name, size) in UNITS {
-        if n >= size {
-            return format!("{:.1}{}", n as f64 / size as f64, name);
-        }
-    }
-    format!("{n}B")
 }
 
 #[cfg(test)]

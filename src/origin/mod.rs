@@ -4,7 +4,8 @@
 //! against the Mozilla root set built into `webpki-roots` (so a slim container needs no CA
 //! bundle) plus the origin's own `ca` file, and speak HTTP/2 when the origin offers it by ALPN.
 //! Per-origin state lives in `state` (written by the proxy and `health`, read by `select`);
-//! choosing among origins in `select`; active checks in `health`.
+//! a site's route for a client in `route`; choosing among origins in `select`; active checks
+//! in `health`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,7 @@ pub mod dns;
 pub mod health;
 pub mod limit;
 pub mod retry;
+pub(crate) mod route;
 pub mod select;
 pub mod state;
 

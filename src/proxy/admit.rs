@@ -209,7 +209,8 @@ impl Proxy {
             has_authorization: client.contains_key(header::AUTHORIZATION),
             cache_control: &CacheControl::default(),
         };
-        let decision = policy::storable(facts, s.status, &headers, &lookup.settings, response_time);
+        let settings = lookup.settings(&self.config);
+        let decision = policy::storable(facts, s.status, &headers, settings, response_time);
         let initial_age =
             policy::corrected_initial_age(not_modified, f.request_time, response_time);
         // What the 304 says to this client alone (`Set-Cookie`, fields named by `private=` /
@@ -368,8 +369,9 @@ impl Proxy {
             cache_control: &CacheControl::from_headers(client),
         };
         let limit = self.config.cache.max_object_size;
-        let decision = policy::storable(facts, status, headers, &lookup.settings, response_time)
-            .and_then(|d| {
+        let settings = lookup.settings(&self.config);
+        let decision =
+            policy::storable(facts, status, headers, settings, response_time).and_then(|d| {
                 if content_length.is_some_and(|n| n > limit) {
                     Err(NoStoreReason::TooLarge)
                 } else {

@@ -20,8 +20,8 @@ pub(super) struct Keyed {
     pub(super) hash: u64,
     pub(super) key: OwnedKey,
     pub(super) extra: Option<Box<str>>,
-    /// The site's cache settings with the request's rule applied.
-    pub(super) settings: Settings,
+    /// The site's rule for the path, if any (see `Lookup::settings`).
+    pub(super) rule: Option<usize>,
     /// The client asked for a fresh answer and the site lets it revalidate.
     pub(super) forced: bool,
     pub(super) head: bool,
@@ -60,7 +60,7 @@ impl Proxy {
         req: &Request<Incoming>,
         conn: ConnInfo,
         routed: &Routed<'_>,
-        rule: Option<&crate::config::Rule>,
+        rule: Option<usize>,
     ) -> Looked {
         let h = req.headers();
         let site_idx = routed.site;
@@ -115,7 +115,7 @@ impl Proxy {
                         hash,
                         key: OwnedKey::new(&parts),
                         extra,
-                        settings: settings(site, rule),
+                        rule,
                         forced: false,
                         head: true,
                         host_value: host_value(&routed.host),
@@ -142,7 +142,7 @@ impl Proxy {
                 hash,
                 key: OwnedKey::new(&parts),
                 extra,
-                settings: settings(site, rule),
+                rule,
                 forced,
                 head,
                 host_value: host_value(&routed.host),
@@ -180,12 +180,6 @@ impl Proxy {
             let _ = proxy.lead(&lookup, fill, true, Some(stale)).await;
         });
     }
-}
-
-/// The site's cache settings with the request's rule applied.
-fn settings(site: &crate::config::Site, rule: Option<&crate::config::Rule>) -> Settings {
-    rule.map(|r| r.apply(&site.cache.settings))
-        .unwrap_or_else(|| site.cache.settings.clone())
 }
 
 /// The path and query as `site` keys them (parameters sorted or dropped as configured). The

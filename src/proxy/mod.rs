@@ -200,6 +200,14 @@ impl std::ops::Deref for Lookup {
     }
 }
 
+impl Lookup {
+    /// The settings the store decision is made under: the path's rule's, else the site's;
+    /// resolved at load and borrowed here.
+    fn settings<'c>(&self, config: &'c Config) -> &'c Settings {
+        config.sites[self.site].settings(self.rule)
+    }
+}
+
 /// Shared state of the request path.
 pub struct Proxy {
     config: Arc<Config>,
@@ -546,7 +554,11 @@ impl Proxy {
             return Served::Now(self.purge_method(&req, conn, &routed.host, &key_pq));
         }
         let rule = site.rule(req.uri().path());
-        if !routed.cache_method || rule.is_some_and(|r| r.bypass) {
+        if !routed.cache_method
+            || rule
+                .and_then(|i| site.rules.get(i))
+                .is_some_and(|r| r.bypass)
+        {
             let detail = if routed.cache_method {
                 "fwd=bypass"
             } else {

@@ -68,7 +68,7 @@ impl Proxy {
     ) -> (Vec<usize>, Option<Arc<str>>) {
         let site = &self.config.sites[site];
         let loc = self.locator.locate(conn.peer.ip(), headers);
-        let Some(route) = site.route(&loc) else {
+        let Some(route) = origin::route::find(&site.routes, &loc) else {
             return (vec![site.origin], None);
         };
         let views: Vec<PoolView<'_>> = route
