@@ -76,7 +76,9 @@ fn world() -> &'static World {
                 .expect("the fuzzing configuration is valid");
             let config = Arc::new(config);
             let store = Store::new(config.cache.memory);
-            Arc::new(Proxy::new(config, store).expect("the proxy starts"))
+            edgecache::node::build_runtime(config, store)
+                .expect("the proxy starts")
+                .proxy
         });
         World { runtime, proxy }
     })

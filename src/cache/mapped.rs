@@ -6,8 +6,8 @@
 //! The mapping is an ordinary `Bytes` (via `Bytes::from_owner`), so everything else — ranges,
 //! TLS, HTTP/2, coalesced readers — reads it as memory like any other body. The mapping's
 //! address range is recorded in a process-wide table; the plain-TCP stream under hyper
-//! (`server::conn::Plain`) looks up each large slice hyper hands it to write, and when the slice
-//! lies inside a mapping it asks the kernel to send those pages from the file instead.
+//! (`server::plain::Plain`) looks up each large slice hyper hands it to write, and when the
+//! slice lies inside a mapping it asks the kernel to send those pages from the file instead.
 //!
 //! Why by hand: the saving is the kernel's copy of every byte of every hit from user memory
 //! into socket buffers. On loopback with 1 MiB objects that copy is about half the server's

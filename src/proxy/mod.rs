@@ -245,27 +245,14 @@ static X_FORWARDED_FOR_NAME: HeaderName = HeaderName::from_static("x-forwarded-f
 static CDN_LOOP: HeaderName = HeaderName::from_static("cdn-loop");
 
 impl Proxy {
-    /// Builds the request path for a validated configuration and a store.
-    pub fn new(config: Arc<Config>, store: Store) -> Result<Proxy, origin::Error> {
-        let names_used = config.origins.iter().any(|o| {
-            o.authority.host().parse::<std::net::IpAddr>().is_err()
-                && !o.authority.host().starts_with('[')
-        });
-        let resolver = origin::dns::Resolver::new(&config.dns, names_used)?;
-        let roots = if config
-            .origins
-            .iter()
-            .any(|o| o.scheme == http::uri::Scheme::HTTPS)
-        {
-            origin::system_roots()
-        } else {
-            rustls::RootCertStore::empty()
-        };
-        let origins = config
-            .origins
-            .iter()
-            .map(|o| OriginClient::new(o.clone(), resolver.clone(), &roots))
-            .collect::<Result<Vec<_>, _>>()?;
+    /// Builds the request path for a validated configuration over ready parts: the store,
+    /// one client per configured origin (in configuration order) and the geo locator.
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        origins: Vec<OriginClient>,
+        locator: crate::geo::Locator,
+    ) -> Proxy {
         let name = config.server.via_name.clone();
         // Random per process (the store's hasher is randomly keyed).
         let node_id = store.hash(&KeyParts {
@@ -276,7 +263,7 @@ impl Proxy {
         let boundary = format!("edgecache-{node_id:016x}");
         let cdn_loop = HeaderValue::from_str(&format!("{name}; node={node_id:016x}"))
             .unwrap_or_else(|_| HeaderValue::from_static("edgecache"));
-        Ok(Proxy {
+        Proxy {
             sites: SiteTable::new(&config.sites),
             origin_names: config
                 .origins
@@ -286,19 +273,7 @@ impl Proxy {
             origins,
             store,
             fills: Fills::new(config.cache.fill_memory),
-            locator: crate::geo::Locator::new(
-                config.geo.networks.clone(),
-                config.geo.header.clone(),
-                config
-                    .server
-                    .trusted_proxies
-                    .iter()
-                    .chain(&config.geo.trusted_proxies)
-                    .copied()
-                    .collect(),
-                config.geo.database.clone(),
-            )
-            .with_address_header(config.server.client_address_header),
+            locator,
             limits: limit::Limits::new(&config),
             selector: Selector::new(config.origins.iter().map(|o| o.weight).collect()),
             retry_budget: origin::retry::RetryBudget::new(&config.retries),
@@ -317,7 +292,7 @@ impl Proxy {
             boundary,
             cdn_loop,
             config,
-        })
+        }
     }
 
     /// The store this proxy reads and fills.
@@ -341,25 +316,14 @@ impl Proxy {
         }
     }
 
-    /// Starts the active health checks of every origin that has them; each task ends when
-    /// `shutdown` turns true.
-    pub fn spawn_health_checks(
-        self: &Arc<Self>,
-        tasks: &mut tokio::task::JoinSet<()>,
-        shutdown: &tokio::sync::watch::Receiver<bool>,
-    ) {
-        for (i, o) in self.origins.iter().enumerate() {
-            let Some(check) = o.config.health.clone() else {
-                continue;
-            };
-            let proxy = self.clone();
-            let shutdown = shutdown.clone();
-            tasks.spawn(async move {
-                if let Some(client) = proxy.origins.get(i) {
-                    origin::health::run(client, proxy.selector.state(), i, &check, shutdown).await;
-                }
-            });
-        }
+    /// The origin clients, in configuration order (for the health checks `node` starts).
+    pub(crate) fn origins(&self) -> &[OriginClient] {
+        &self.origins
+    }
+
+    /// Per-origin state, which the health checks write and selection reads.
+    pub(crate) fn origin_states(&self) -> &origin::state::OriginStates {
+        self.selector.state()
     }
 
     /// The host and path-and-query under which a URL is keyed: the host lowercased without

@@ -6,9 +6,14 @@
 //! ([`conn::serve_plain`]) with its own service.
 
 pub mod conn;
+mod drain;
 pub mod limit;
 pub mod plain;
+mod reporting;
+mod sniff;
+mod timeouts;
 pub mod tls;
+mod tracked;
 
 use std::future::Future;
 use std::net::SocketAddr;
