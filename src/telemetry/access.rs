@@ -1,36 +1,12 @@
-//! Logging setup and the access log. Field names used in events are defined here once.
+//! The access log: one INFO event per request on [`ACCESS_TARGET`], written when the response
+//! body ends, so it has the bytes sent and whether the body was sent whole.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{Method, Version};
-use tracing_subscriber::EnvFilter;
 
-/// The target of the one-line-per-request access log; filter it with
-/// `RUST_LOG=edgecache::access=off` (or `=info`) independently of other logs.
-pub const ACCESS_TARGET: &str = "edgecache::access";
-
-/// Output format of logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-/// Installs the global subscriber; the level comes from `RUST_LOG` (default `info`).
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // A second init (tests start several nodes) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
-}
+use super::ACCESS_TARGET;
 
 /// True when access-log events would be recorded; checked once per request so that no log
 /// record is built when the access log is off.
