@@ -7,31 +7,14 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Cache results as they appear in the access log and the `result` label. `limited`: refused
-/// for a request rate (`proxy::limit`).
-pub const RESULTS: [&str; 11] = [
-    "hit",
-    "stale",
-    "miss",
-    "collapsed",
-    "revalidated",
-    "pass",
-    "bypass",
-    "error",
-    "limited",
-    "refused",
-    "purge",
-];
-
-/// Where a result not in [`RESULTS`] is counted: `refused`.
-const UNKNOWN_RESULT: usize = RESULTS.len() - 2;
+use crate::telemetry::CacheResult;
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Counters shared by every request.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    requests: [[AtomicU64; 5]; RESULTS.len()],
+    requests: [[AtomicU64; 5]; CacheResult::ALL.len()],
     origin_requests: AtomicU64,
     origin_errors: AtomicU64,
     purged: AtomicU64,
@@ -72,17 +55,13 @@ pub struct MemoryFiles {
 
 impl Metrics {
     /// Counts one answered request.
-    pub fn request(&self, result: &str, status: u16, used_origin: bool) {
-        let r = RESULTS
-            .iter()
-            .position(|x| *x == result)
-            .unwrap_or(UNKNOWN_RESULT);
+    pub fn request(&self, result: CacheResult, status: u16, used_origin: bool) {
         let c = usize::from((status / 100).clamp(1, 5)) - 1;
-        self.requests[r][c].fetch_add(1, Ordering::Relaxed);
+        self.requests[result as usize][c].fetch_add(1, Ordering::Relaxed);
         if used_origin {
             self.origin_requests.fetch_add(1, Ordering::Relaxed);
         }
-        if result == "error" {
+        if result == CacheResult::Error {
             self.origin_errors.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -102,17 +81,11 @@ impl Metrics {
     }
 
     /// Requests so far with this result (all status classes).
-    pub fn requests_with(&self, result: &str) -> u64 {
-        RESULTS
+    pub fn requests_with(&self, result: CacheResult) -> u64 {
+        self.requests[result as usize]
             .iter()
-            .position(|x| *x == result)
-            .map(|r| {
-                self.requests[r]
-                    .iter()
-                    .map(|a| a.load(Ordering::Relaxed))
-                    .sum()
-            })
-            .unwrap_or(0)
+            .map(|a| a.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Counts a connection closed at accept for `server.max_connections_per_client`.
@@ -143,9 +116,10 @@ impl Metrics {
             "# HELP edgecache_requests_total Requests answered, by cache result and status class."
         );
         let _ = writeln!(s, "# TYPE edgecache_requests_total counter");
-        for (r, name) in RESULTS.iter().enumerate() {
+        for result in CacheResult::ALL {
+            let name = result.as_str();
             for (c, class) in CLASSES.iter().enumerate() {
-                let v = self.requests[r][c].load(Ordering::Relaxed);
+                let v = self.requests[result as usize][c].load(Ordering::Relaxed);
                 if v > 0 {
                     let _ = writeln!(
                         s,
@@ -257,9 +231,9 @@ mod tests {
     #[test]
     fn counts_render_in_prometheus_format() {
         let m = Metrics::default();
-        m.request("hit", 200, false);
-        m.request("miss", 200, true);
-        m.request("error", 502, true);
+        m.request(CacheResult::Hit, 200, false);
+        m.request(CacheResult::Miss, 200, true);
+        m.request(CacheResult::Error, 502, true);
         let text = m.render(Gauges {
             cache_objects: 3,
             ..Gauges::default()
@@ -269,20 +243,20 @@ mod tests {
         assert!(text.contains("edgecache_origin_requests_total 2"));
         assert!(text.contains("edgecache_origin_errors_total 1"));
         assert!(text.contains("edgecache_cache_objects 3"));
-        assert_eq!(m.requests_with("hit"), 1);
+        assert_eq!(m.requests_with(CacheResult::Hit), 1);
     }
 
     #[test]
-    fn limited_has_its_own_label_and_unknown_results_count_as_refused() {
+    fn limited_has_its_own_label() {
         let m = Metrics::default();
-        m.request("limited", 429, false);
-        m.request("no-such-result", 400, false);
+        m.request(CacheResult::Limited, 429, false);
+        m.request(CacheResult::Refused, 400, false);
         m.connection_refused();
         let text = m.render(Gauges::default());
         assert!(text.contains("edgecache_requests_total{result=\"limited\",status=\"4xx\"} 1"));
         assert!(text.contains("edgecache_requests_total{result=\"refused\",status=\"4xx\"} 1"));
-        assert_eq!(m.requests_with("limited"), 1);
-        assert_eq!(m.requests_with("refused"), 1);
+        assert_eq!(m.requests_with(CacheResult::Limited), 1);
+        assert_eq!(m.requests_with(CacheResult::Refused), 1);
         assert!(text.contains("edgecache_client_connections_refused_total 1"));
     }
 }

@@ -103,7 +103,7 @@ impl Proxy {
                 ));
                 return (
                     self.answer_from_entry(s, &lookup.parts.headers, lookup.head, now, status),
-                    f.outcome("stale"),
+                    f.outcome(CacheResult::Stale),
                 );
             }
         }
@@ -187,7 +187,7 @@ impl Proxy {
             ));
             return (
                 self.answer_from_entry(s, client, lookup.head, now, status),
-                f.outcome("stale"),
+                f.outcome(CacheResult::Stale),
             );
         }
         if let Some(s) = f
@@ -200,7 +200,7 @@ impl Proxy {
             ));
             return (
                 self.answer_from_entry(s, client, lookup.head, now, status),
-                f.outcome("stale"),
+                f.outcome(CacheResult::Stale),
             );
         }
         if f.stale.is_some() {
@@ -212,10 +212,10 @@ impl Proxy {
                     "edgecache: the stored response could not be revalidated\n",
                     false,
                 ),
-                f.outcome("error"),
+                f.outcome(CacheResult::Error),
             );
         }
-        (respond::origin_error(e), f.outcome("error"))
+        (respond::origin_error(e), f.outcome(CacheResult::Error))
     }
 
     /// A 304 for our validators: the stored response refreshed with its fields (RFC 9111
@@ -278,7 +278,7 @@ impl Proxy {
         for (name, value) in personal {
             resp.headers_mut().append(name, value);
         }
-        (resp, f.outcome("revalidated"))
+        (resp, f.outcome(CacheResult::Revalidated))
     }
 
     /// cache_store: whether the response may be stored (and as which variant); if not, it is
@@ -361,7 +361,7 @@ impl Proxy {
                 let status = self.miss_status(f.base, false);
                 return (
                     self.answer_from_entry(&e, client, lookup.head, SystemTime::now(), status),
-                    f.outcome("miss"),
+                    f.outcome(CacheResult::Miss),
                 );
             }
             let lookup = Lookup {
@@ -373,7 +373,7 @@ impl Proxy {
         let status = self.stored_status(f.base, f.stale.is_some());
         (
             self.answer_from_fill(&fhead, reader, client, lookup.head, status),
-            f.outcome("miss"),
+            f.outcome(CacheResult::Miss),
         )
     }
 
@@ -455,7 +455,10 @@ impl Proxy {
         } else {
             Body::stream(rbody)
         };
-        (Response::from_parts(rparts, body), f.outcome("pass"))
+        (
+            Response::from_parts(rparts, body),
+            f.outcome(CacheResult::Pass),
+        )
     }
 
     /// A small object is read whole before anyone is answered: followers are then served from
@@ -494,7 +497,7 @@ impl Proxy {
                     "edgecache: the origin's response was cut off\n",
                     false,
                 ),
-                f.outcome("error"),
+                f.outcome(CacheResult::Error),
             );
         }
         let initial_age =
@@ -515,7 +518,7 @@ impl Proxy {
         let status = self.stored_status(f.base, f.stale.is_some());
         let client = &lookup.parts.headers;
         let resp = self.answer_from_entry(&entry, client, lookup.head, SystemTime::now(), status);
-        (resp, f.outcome("miss"))
+        (resp, f.outcome(CacheResult::Miss))
     }
 
     /// Waits for `fill` to complete and returns the entry it stored for `lookup`, if any.
@@ -547,7 +550,7 @@ pub(super) struct Fetched<'a> {
 }
 
 impl Fetched<'_> {
-    fn outcome(&self, cache: &'static str) -> Outcome_ {
+    fn outcome(&self, cache: CacheResult) -> Outcome_ {
         Outcome_::origin(cache, self.origin, self.ms)
     }
 }

@@ -39,7 +39,7 @@ impl Proxy {
                             let status = self.miss_status(lookup.miss, true);
                             return (
                                 self.answer_from_entry(&e, h, false, now, status),
-                                Outcome_::local("collapsed"),
+                                Outcome_::local(CacheResult::Collapsed),
                             );
                         }
                         break;
@@ -47,7 +47,7 @@ impl Proxy {
                     let status = self.miss_status(lookup.miss, true);
                     return (
                         self.answer_from_fill(&fhead, reader, h, lookup.head, status),
-                        Outcome_::local("collapsed"),
+                        Outcome_::local(CacheResult::Collapsed),
                     );
                 }
                 Outcome::Ready(entry) => {
@@ -65,7 +65,7 @@ impl Proxy {
                     };
                     return (
                         self.answer_from_entry(&entry, h, lookup.head, now, status),
-                        Outcome_::local("collapsed"),
+                        Outcome_::local(CacheResult::Collapsed),
                     );
                 }
                 Outcome::Failed {
@@ -79,7 +79,7 @@ impl Proxy {
                         ));
                         return (
                             self.answer_from_entry(s, h, lookup.head, now, status),
-                            Outcome_::local("stale"),
+                            Outcome_::local(CacheResult::Stale),
                         );
                     }
                     if let Some(s) = stale
@@ -92,7 +92,7 @@ impl Proxy {
                         ));
                         return (
                             self.answer_from_entry(s, h, lookup.head, now, status),
-                            Outcome_::local("stale"),
+                            Outcome_::local(CacheResult::Stale),
                         );
                     }
                     let msg = if code == StatusCode::GATEWAY_TIMEOUT {
@@ -100,7 +100,10 @@ impl Proxy {
                     } else {
                         "edgecache: the origin failed to answer\n"
                     };
-                    return (respond::simple(code, msg, false), Outcome_::local("error"));
+                    return (
+                        respond::simple(code, msg, false),
+                        Outcome_::local(CacheResult::Error),
+                    );
                 }
                 Outcome::Uncacheable => break,
                 Outcome::Retry | Outcome::Pending => continue,

@@ -50,7 +50,7 @@ use crate::cache::{
 use crate::config::{ClientNoCache, Config, QueryMode};
 use crate::origin::select::{PoolView, Selector};
 use crate::origin::{self, OriginClient, UpstreamBody};
-use crate::telemetry::{self, AccessLog};
+use crate::telemetry::{self, AccessLog, CacheResult};
 use admit::strip_cache_only;
 use answer::{after_upstream, ttl};
 use body::Body;
@@ -99,9 +99,9 @@ pub struct ConnInfo {
     pub https: bool,
 }
 
-/// How a request was answered, for the access log.
+/// How a request was answered, for the access log and the metrics.
 struct Outcome_ {
-    cache: &'static str,
+    cache: CacheResult,
     origin: Option<usize>,
     origin_ms: Option<f64>,
     /// The geo route that chose the origin.
@@ -109,7 +109,7 @@ struct Outcome_ {
 }
 
 impl Outcome_ {
-    fn local(cache: &'static str) -> Outcome_ {
+    fn local(cache: CacheResult) -> Outcome_ {
         Outcome_ {
             cache,
             origin: None,
@@ -118,7 +118,7 @@ impl Outcome_ {
         }
     }
 
-    fn origin(cache: &'static str, origin: usize, ms: f64) -> Outcome_ {
+    fn origin(cache: CacheResult, origin: usize, ms: f64) -> Outcome_ {
         Outcome_ {
             cache,
             origin: Some(origin),
@@ -460,7 +460,7 @@ impl Proxy {
                     .unwrap_or("-")
                     .to_owned(),
                 status: 0,
-                cache: "-",
+                cache: None,
                 origin: None,
                 origin_ms: None,
                 route: None,
@@ -490,7 +490,7 @@ impl Proxy {
         );
         if let Some(l) = &mut log {
             l.status = resp.status().as_u16();
-            l.cache = outcome.cache;
+            l.cache = Some(outcome.cache);
             l.origin = outcome
                 .origin
                 .and_then(|i| self.origin_names.get(i).cloned());
@@ -553,11 +553,11 @@ impl Proxy {
     }
 }
 
-/// A refusal made here (4xx, or 5xx that no origin produced), for the access log as "refused".
+/// A refusal made here (4xx, or 5xx that no origin produced): [`CacheResult::Refused`].
 fn refuse(status: StatusCode, message: &'static str, close: bool) -> Answer {
     (
         respond::simple(status, message, close),
-        Outcome_::local("refused"),
+        Outcome_::local(CacheResult::Refused),
     )
 }
 

@@ -20,6 +20,7 @@ use crate::cache::PurgeTarget;
 
 use crate::config::Admin;
 use crate::geo::Locator;
+use crate::telemetry::CacheResult;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -87,7 +88,7 @@ impl super::Proxy {
         );
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        (resp, Outcome_::local("purge"))
+        (resp, Outcome_::local(CacheResult::Purge))
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use http::{Method, Version};
 
-use super::ACCESS_TARGET;
+use super::{CacheResult, ACCESS_TARGET};
 
 /// True when access-log events would be recorded; checked once per request so that no log
 /// record is built when the access log is off.
@@ -25,8 +25,8 @@ pub struct AccessLog {
     pub host: String,
     pub path: String,
     pub status: u16,
-    /// `hit`, `miss`, `pass`, `refused`, `limited` or `error` (`admin::metrics::RESULTS`).
-    pub cache: &'static str,
+    /// What happened to the request; `None` (written `-`) until it is answered.
+    pub cache: Option<CacheResult>,
     pub origin: Option<Arc<str>>,
     pub origin_ms: Option<f64>,
     /// The geo route (`[[sites.routes]]` name) that chose the origin.
@@ -54,7 +54,7 @@ impl AccessLog {
             status = self.status,
             bytes,
             duration_ms = (duration_ms * 1000.0).round() / 1000.0,
-            cache = self.cache,
+            cache = self.cache.map_or("-", CacheResult::as_str),
             origin = self.origin.as_deref().unwrap_or("-"),
             origin_ms = self.origin_ms.map(|m| (m * 1000.0).round() / 1000.0),
             route = self.route.as_deref().unwrap_or("-"),
@@ -104,7 +104,7 @@ mod tests {
                    status=200\r\u{1b}[2K\t\u{7f}"
                 .to_owned(),
             status: 421,
-            cache: "refused",
+            cache: Some(CacheResult::Refused),
             origin: None,
             origin_ms: None,
             route: None,

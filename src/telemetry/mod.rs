@@ -3,6 +3,7 @@
 //!
 //! - [`init`] installs the subscriber (text or JSON, filtered by `RUST_LOG`).
 //! - `access`: the access-log record, one INFO event per request on [`ACCESS_TARGET`].
+//! - [`CacheResult`]: what happened to a request, as the access log and the metrics name it.
 
 pub mod access;
 
@@ -34,4 +35,115 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// What happened to a request, decided by the request path and reported in three places
+/// under one name ([`CacheResult::as_str`]): the access log's `cache` field, the `result`
+/// label of `edgecache_requests_total`, and (in its own RFC 9211 terms) the `Cache-Status`
+/// the client receives, as each variant notes.
+///
+/// Adding a variant adds a row of series to `edgecache_requests_total`; the names are part
+/// of what dashboards read, so an existing one never changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheResult {
+    /// Answered from a fresh stored response. `Cache-Status: …; hit`.
+    Hit,
+    /// Answered from a stored response past its freshness: allowed by the client's
+    /// `max-stale`, served while a background refresh runs (stale-while-revalidate), or in
+    /// place of an origin that failed (stale-if-error, origin unreachable). `Cache-Status:
+    /// …; hit; fwd=stale; …` with the reason in `detail`.
+    Stale,
+    /// Fetched from an origin by this request (the leader of its fill), and stored when
+    /// storable. `Cache-Status: …; fwd=uri-miss` or `fwd=vary-miss`, with `stored`.
+    Miss,
+    /// Answered by following another request's fill for the same key, without a fetch of
+    /// its own. `Cache-Status: …; fwd=…; collapsed`.
+    Collapsed,
+    /// A stored response the origin confirmed with 304, refreshed and served.
+    /// `Cache-Status: …; fwd=stale; fwd-status=304` (`fwd=request` when the client's
+    /// `no-cache` asked for the check).
+    Revalidated,
+    /// Forwarded and relayed without storing: an unsafe method (POST, PUT, …) or a response
+    /// the cache may not store. `Cache-Status: …; fwd=method`, or the miss's `fwd` with
+    /// `detail=` the reason it was not stored.
+    Pass,
+    /// A safe method forwarded without looking in the cache: a site rule with `bypass`, or
+    /// another safe method the cache does not handle (OPTIONS, for one). `Cache-Status: …;
+    /// fwd=bypass` or `fwd=method`.
+    Bypass,
+    /// The origin failed (connect, reset, timeout, a cut-off body) and nothing stored could
+    /// stand in, or a stored response that may not be served stale could not be
+    /// revalidated: 502 or 504 made here, with no `Cache-Status`. Also counted in
+    /// `edgecache_origin_errors_total`.
+    Error,
+    /// Refused with 429 for a request rate, per client or per site (`proxy::limit`).
+    Limited,
+    /// Refused here without an origin: a malformed or misdirected request, a method or
+    /// path not allowed, a loop, `only-if-cached` with nothing stored.
+    Refused,
+    /// A `PURGE` request, answered here with what it removed.
+    Purge,
+}
+
+impl CacheResult {
+    /// Every result, in the order their series are exposed.
+    pub const ALL: [CacheResult; 11] = [
+        CacheResult::Hit,
+        CacheResult::Stale,
+        CacheResult::Miss,
+        CacheResult::Collapsed,
+        CacheResult::Revalidated,
+        CacheResult::Pass,
+        CacheResult::Bypass,
+        CacheResult::Error,
+        CacheResult::Limited,
+        CacheResult::Refused,
+        CacheResult::Purge,
+    ];
+
+    /// The name in the access log and the `result` label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Stale => "stale",
+            CacheResult::Miss => "miss",
+            CacheResult::Collapsed => "collapsed",
+            CacheResult::Revalidated => "revalidated",
+            CacheResult::Pass => "pass",
+            CacheResult::Bypass => "bypass",
+            CacheResult::Error => "error",
+            CacheResult::Limited => "limited",
+            CacheResult::Refused => "refused",
+            CacheResult::Purge => "purge",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CacheResult;
+
+    #[test]
+    fn results_are_listed_once_in_declaration_order() {
+        for (i, r) in CacheResult::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+        let names: Vec<&str> = CacheResult::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "hit",
+                "stale",
+                "miss",
+                "collapsed",
+                "revalidated",
+                "pass",
+                "bypass",
+                "error",
+                "limited",
+                "refused",
+                "purge"
+            ]
+        );
+    }
 }
