@@ -52,7 +52,8 @@ pub struct Node {
 pub async fn start(config: Config) -> Result<Node, Error> {
     let config = Arc::new(config);
     let store = Store::new(config.cache.memory);
-    let proxy = Arc::new(Proxy::new(config.clone(), store)?);
+    let metrics = Arc::new(telemetry::metrics::Metrics::default());
+    let proxy = Arc::new(Proxy::new(config.clone(), store, metrics.clone())?);
     let tls = server::tls::server_config(&config.tls.certificates)?.map(TlsAcceptor::from);
     let (tx, rx) = watch::channel(false);
     let shared = Shared {
@@ -118,6 +119,7 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         let state = Arc::new(admin::AdminState {
             config: admin.clone(),
             proxy: proxy.clone(),
+            metrics: metrics.clone(),
             tracker: shared.tracker.clone(),
             capacity: config.cache.memory,
             draining: shared.shutdown.clone(),
@@ -167,7 +169,7 @@ impl Node {
     }
 
     /// The request counters.
-    pub fn metrics(&self) -> &admin::metrics::Metrics {
+    pub fn metrics(&self) -> &telemetry::metrics::Metrics {
         self.proxy.metrics()
     }
 

@@ -76,7 +76,8 @@ fn world() -> &'static World {
                 .expect("the fuzzing configuration is valid");
             let config = Arc::new(config);
             let store = Store::new(config.cache.memory);
-            Arc::new(Proxy::new(config, store).expect("the proxy starts"))
+            let metrics = Arc::new(edgecache::telemetry::metrics::Metrics::default());
+            Arc::new(Proxy::new(config, store, metrics).expect("the proxy starts"))
         });
         World { runtime, proxy }
     })

@@ -50,6 +50,7 @@ use crate::cache::{
 use crate::config::{ClientNoCache, Config, QueryMode};
 use crate::origin::select::{PoolView, Selector};
 use crate::origin::{self, OriginClient, UpstreamBody};
+use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{self, AccessLog, CacheResult};
 use admit::strip_cache_only;
 use answer::{after_upstream, ttl};
@@ -211,7 +212,7 @@ pub struct Proxy {
     limits: limit::Limits,
     selector: Selector,
     retry_budget: origin::retry::RetryBudget,
-    metrics: crate::admin::metrics::Metrics,
+    metrics: Arc<Metrics>,
     name: String,
     hit: HeaderValue,
     /// `Cache-Status` values for the common miss answers, made once (see `miss_status`).
@@ -231,8 +232,13 @@ static X_FORWARDED_FOR_NAME: HeaderName = HeaderName::from_static("x-forwarded-f
 static CDN_LOOP: HeaderName = HeaderName::from_static("cdn-loop");
 
 impl Proxy {
-    /// Builds the request path for a validated configuration and a store.
-    pub fn new(config: Arc<Config>, store: Store) -> Result<Proxy, origin::Error> {
+    /// Builds the request path for a validated configuration and a store; it counts into
+    /// `metrics`.
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Result<Proxy, origin::Error> {
         let names_used = config.origins.iter().any(|o| {
             o.authority.host().parse::<std::net::IpAddr>().is_err()
                 && !o.authority.host().starts_with('[')
@@ -288,7 +294,7 @@ impl Proxy {
             limits: limit::Limits::new(&config),
             selector: Selector::new(config.origins.iter().map(|o| o.weight).collect()),
             retry_budget: origin::retry::RetryBudget::new(&config.retries),
-            metrics: crate::admin::metrics::Metrics::default(),
+            metrics,
             hit: status_value(&name, "hit"),
             miss_statuses: [
                 status_value(&name, "fwd=uri-miss; stored"),
@@ -311,8 +317,8 @@ impl Proxy {
         &self.store
     }
 
-    /// The request counters.
-    pub fn metrics(&self) -> &crate::admin::metrics::Metrics {
+    /// The counters this proxy adds to.
+    pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 

@@ -3,9 +3,11 @@
 //!
 //! - [`init`] installs the subscriber (text or JSON, filtered by `RUST_LOG`).
 //! - `access`: the access-log record, one INFO event per request on [`ACCESS_TARGET`].
+//! - `metrics`: every metric, counted in atomics and exposed through `prometheus-client`.
 //! - [`CacheResult`]: what happened to a request, as the access log and the metrics name it.
 
 pub mod access;
+pub mod metrics;
 
 use tracing_subscriber::EnvFilter;
 
