@@ -58,6 +58,7 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     let (tx, rx) = watch::channel(false);
     let shared = Shared {
         proxy: proxy.clone(),
+        metrics: metrics.clone(),
         builders: Arc::new(Builders::new(&config.server)),
         limit: Arc::new(Semaphore::new(config.server.max_connections)),
         per_client: config.server.max_connections_per_client.map(|max| {

@@ -42,6 +42,7 @@ use super::plain::Plain;
 use crate::config::Server as ServerConfig;
 use crate::proxy::body::Body;
 use crate::proxy::{ConnInfo, Handling, Proxy};
+use crate::telemetry::metrics::Metrics;
 
 /// What an HTTP/2 client sends first (RFC 9113 §3.4); on a plain port it asks for h2c.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -186,6 +187,7 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     builders: Arc<Builders>,
     proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -202,9 +204,9 @@ pub async fn serve(
             let Some(h2) = plain_protocol(&stream, &builders, info.peer).await else {
                 return;
             };
-            // The plain stream counts the bytes it sends from memory files in the proxy's
+            // The plain stream counts the bytes it sends from memory files in the node's
             // metrics. It is tracked from outside: its sendfile calls are its writes.
-            let plain = Plain::new(stream, proxy.clone());
+            let plain = Plain::new(stream, metrics);
             let mut tracked = Tracked::new(plain, activity);
             if !h2 {
                 tracked.time_heads(builders.header_read);
