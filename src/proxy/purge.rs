@@ -81,6 +81,7 @@ impl super::Proxy {
             },
             soft,
         );
+        self.metrics.purged(n as u64);
         let mut resp = Response::new(Body::full(Bytes::from(format!("{{\"purged\":{n}}}\n"))));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
