@@ -18,6 +18,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use crate::telemetry::metrics::Metrics;
+
 use crate::admin;
 use crate::cache::Store;
 use crate::config::Config;
@@ -46,8 +48,6 @@ pub struct Node {
 /// What one configuration determines: the unit a reload will replace. The store is not in
 /// it: stored responses outlive a configuration.
 ///
-/// The request counters are still made by [`Proxy::new`]; they join the long-lived parts
-/// passed to [`build_runtime`] once they are a shared handle of their own.
 pub struct Runtime {
     /// The configuration the parts were built from.
     pub config: Arc<Config>,
@@ -55,13 +55,17 @@ pub struct Runtime {
     pub proxy: Arc<Proxy>,
 }
 
-/// Builds the parts one configuration determines over the long-lived `store`: the origin
+/// Builds the parts one configuration determines over the long-lived `store` and `metrics`: the origin
 /// clients (DNS resolver and TLS roots shared among them), the geo locator, and the proxy.
 /// Nothing is bound or spawned, and no origin is connected to.
-pub fn build_runtime(config: Arc<Config>, store: Store) -> Result<Runtime, Error> {
+pub fn build_runtime(
+    config: Arc<Config>,
+    store: Store,
+    metrics: Arc<Metrics>,
+) -> Result<Runtime, Error> {
     let origins = origin_clients(&config)?;
     let locator = locator(&config);
-    let proxy = Arc::new(Proxy::new(config.clone(), store, origins, locator));
+    let proxy = Arc::new(Proxy::new(config.clone(), store, metrics, origins, locator));
     Ok(Runtime { config, proxy })
 }
 
@@ -189,6 +193,7 @@ fn start_admin(
     let state = Arc::new(admin::AdminState {
         config: admin.clone(),
         proxy: proxy.clone(),
+        metrics: shared.metrics.clone(),
         tracker: shared.tracker.clone(),
         capacity: config.cache.memory,
         draining: shared.shutdown.clone(),
@@ -207,12 +212,14 @@ fn start_admin(
 pub async fn start(config: Config) -> Result<Node, Error> {
     let config = Arc::new(config);
     let store = Store::new(config.cache.memory);
-    let runtime = build_runtime(config.clone(), store)?;
+    let metrics = Arc::new(Metrics::default());
+    let runtime = build_runtime(config.clone(), store, metrics.clone())?;
     let proxy = runtime.proxy.clone();
     let tls = server::tls::server_config(&config.tls.certificates)?.map(TlsAcceptor::from);
     let (tx, rx) = watch::channel(false);
     let shared = Shared {
         proxy: proxy.clone(),
+        metrics,
         builders: Arc::new(Builders::new(&config.server)),
         limit: Arc::new(Semaphore::new(config.server.max_connections)),
         per_client: config.server.max_connections_per_client.map(|max| {
@@ -274,7 +281,7 @@ impl Node {
     }
 
     /// The request counters.
-    pub fn metrics(&self) -> &admin::metrics::Metrics {
+    pub fn metrics(&self) -> &Metrics {
         self.runtime.proxy.metrics()
     }
 

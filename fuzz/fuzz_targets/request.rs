@@ -76,7 +76,11 @@ fn world() -> &'static World {
                 .expect("the fuzzing configuration is valid");
             let config = Arc::new(config);
             let store = Store::new(config.cache.memory);
-            edgecache::node::build_runtime(config, store)
+            edgecache::node::build_runtime(
+                config,
+                store,
+                Arc::new(edgecache::telemetry::metrics::Metrics::default()),
+            )
                 .expect("the proxy starts")
                 .proxy
         });

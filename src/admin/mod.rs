@@ -4,8 +4,6 @@
 //! (`server::accept_with`, `server::conn::serve_plain`), so it has the same header-read and
 //! idle timeouts, with its own connection limit. The data path never waits on it.
 
-pub mod metrics;
-
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -24,12 +22,13 @@ use crate::config::Admin as AdminConfig;
 use crate::proxy::Proxy;
 use crate::server::conn::Builders;
 use crate::server::ConnTracker;
-use metrics::Gauges;
+use crate::telemetry::metrics::{self, Gauges, Metrics, Scrape};
 
 /// What the admin endpoints read.
 pub struct AdminState {
     pub config: AdminConfig,
     pub proxy: Arc<Proxy>,
+    pub metrics: Arc<Metrics>,
     pub tracker: ConnTracker,
     pub capacity: u64,
     /// The data listeners' shutdown signal: once set, the node is draining and `/readyz`
@@ -108,9 +107,16 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         (&Method::GET, "/metrics") => {
             let store = state.proxy.store();
             #[cfg(target_os = "linux")]
-            let memory_files = crate::cache::mapped::usage();
+            let memory_files = {
+                let usage = crate::cache::mapped::usage();
+                metrics::MemoryFiles {
+                    objects: usage.objects,
+                    bytes: usage.bytes,
+                    fallbacks: usage.fallbacks,
+                }
+            };
             #[cfg(not(target_os = "linux"))]
-            let memory_files = Default::default();
+            let memory_files = metrics::MemoryFiles::default();
             let gauges = Gauges {
                 cache_objects: store.entry_count(),
                 cache_bytes: store.weighted_size(),
@@ -121,9 +127,12 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
                 open_connections: state.tracker.open() as u64,
                 memory_files,
             };
-            let mut body = state.proxy.metrics().render(gauges);
-            state.proxy.render_origin_metrics(&mut body);
-            text(StatusCode::OK, "text/plain; version=0.0.4", body)
+            let scrape = Scrape {
+                metrics: state.metrics.clone(),
+                gauges,
+                origins: state.proxy.origin_series(),
+            };
+            text(StatusCode::OK, metrics::CONTENT_TYPE, scrape.render())
         }
         (&Method::POST, "/purge") => purge(state, req).await,
         (&Method::GET, "/origins") => text(
@@ -256,7 +265,7 @@ async fn purge(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         _ => PurgeTarget::All,
     };
     let n = state.proxy.store().purge(&target, p.soft);
-    state.proxy.metrics().purged(n as u64);
+    state.metrics.purged(n as u64);
     tracing::info!(target = ?target, soft = p.soft, purged = n, "purge");
     text(
         StatusCode::OK,

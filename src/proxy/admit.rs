@@ -83,7 +83,7 @@ impl Proxy {
                 self.stale_on_error(stale.as_ref(), error, false, client, lookup.head)
             {
                 guard.publish(Outcome::Failed(error));
-                return (resp, f.outcome("stale"));
+                return (resp, f.outcome(CacheResult::Stale));
             }
         }
         let response = Response::from_parts(rparts, rbody);
@@ -178,17 +178,17 @@ impl Proxy {
         let error = ProxyError::from(e);
         guard.publish(Outcome::Failed(error));
         if let Some(resp) = self.stale_on_error(f.stale, error, false, client, lookup.head) {
-            return (resp, f.outcome("stale"));
+            return (resp, f.outcome(CacheResult::Stale));
         }
         if f.stale.is_some() {
             // RFC 9111 §5.2.2.2: a stored response that may not be served stale and cannot be
             // revalidated is answered with 504, never reused.
             return (
                 respond::error(ProxyError::NotRevalidated),
-                f.outcome("error"),
+                f.outcome(CacheResult::Error),
             );
         }
-        (respond::error(error), f.outcome("error"))
+        (respond::error(error), f.outcome(CacheResult::Error))
     }
 
     /// A 304 for our validators: the stored response refreshed with its fields (RFC 9111
@@ -252,7 +252,7 @@ impl Proxy {
         for (name, value) in personal {
             resp.headers_mut().append(name, value);
         }
-        (resp, f.outcome("revalidated"))
+        (resp, f.outcome(CacheResult::Revalidated))
     }
 
     /// cache_store: whether the response may be stored (and as which variant); if not, it is
@@ -335,7 +335,7 @@ impl Proxy {
                 let status = self.miss_status(f.base, false);
                 return (
                     self.answer_from_entry(&e, client, lookup.head, SystemTime::now(), status),
-                    f.outcome("miss"),
+                    f.outcome(CacheResult::Miss),
                 );
             }
             let lookup = Lookup {
@@ -347,7 +347,7 @@ impl Proxy {
         let status = self.stored_status(f.base, f.stale.is_some());
         (
             self.answer_from_fill(&fhead, reader, client, lookup.head, status),
-            f.outcome("miss"),
+            f.outcome(CacheResult::Miss),
         )
     }
 
@@ -430,7 +430,10 @@ impl Proxy {
         } else {
             Body::stream(rbody)
         };
-        (Response::from_parts(rparts, body), f.outcome("pass"))
+        (
+            Response::from_parts(rparts, body),
+            f.outcome(CacheResult::Pass),
+        )
     }
 
     /// A small object is read whole before anyone is answered: followers are then served from
@@ -460,7 +463,10 @@ impl Proxy {
         };
         if !complete || buf.len() as u64 != expected {
             guard.publish(Outcome::Failed(ProxyError::OriginCutOff));
-            return (respond::error(ProxyError::OriginCutOff), f.outcome("error"));
+            return (
+                respond::error(ProxyError::OriginCutOff),
+                f.outcome(CacheResult::Error),
+            );
         }
         let initial_age =
             policy::corrected_initial_age(&rparts.headers, f.request_time, stored.response_time);
@@ -480,7 +486,7 @@ impl Proxy {
         let status = self.stored_status(f.base, f.stale.is_some());
         let client = &lookup.parts.headers;
         let resp = self.answer_from_entry(&entry, client, lookup.head, SystemTime::now(), status);
-        (resp, f.outcome("miss"))
+        (resp, f.outcome(CacheResult::Miss))
     }
 
     /// Waits for `fill` to complete and returns the entry it stored for `lookup`, if any.
@@ -512,7 +518,7 @@ pub(super) struct Fetched<'a> {
 }
 
 impl Fetched<'_> {
-    fn outcome(&self, cache: &'static str) -> Outcome_ {
+    fn outcome(&self, cache: CacheResult) -> Outcome_ {
         Outcome_::origin(cache, self.origin, self.ms)
     }
 }

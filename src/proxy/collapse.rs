@@ -39,7 +39,7 @@ impl Proxy {
                             let status = self.miss_status(lookup.miss, true);
                             return (
                                 self.answer_from_entry(&e, h, false, now, status),
-                                Outcome_::local("collapsed"),
+                                Outcome_::local(CacheResult::Collapsed),
                             );
                         }
                         break;
@@ -47,7 +47,7 @@ impl Proxy {
                     let status = self.miss_status(lookup.miss, true);
                     return (
                         self.answer_from_fill(&fhead, reader, h, lookup.head, status),
-                        Outcome_::local("collapsed"),
+                        Outcome_::local(CacheResult::Collapsed),
                     );
                 }
                 Outcome::Ready(entry) => {
@@ -65,16 +65,16 @@ impl Proxy {
                     };
                     return (
                         self.answer_from_entry(&entry, h, lookup.head, now, status),
-                        Outcome_::local("collapsed"),
+                        Outcome_::local(CacheResult::Collapsed),
                     );
                 }
                 Outcome::Failed(error) => {
                     if let Some(resp) =
                         self.stale_on_error(stale.as_ref(), error, true, h, lookup.head)
                     {
-                        return (resp, Outcome_::local("stale"));
+                        return (resp, Outcome_::local(CacheResult::Stale));
                     }
-                    return (respond::error(error), Outcome_::local("error"));
+                    return (respond::error(error), Outcome_::local(CacheResult::Error));
                 }
                 Outcome::Uncacheable => break,
                 Outcome::Retry | Outcome::Pending => continue,

@@ -39,6 +39,7 @@ use super::error::ProxyError;
 use super::{respond, Answer, Outcome_};
 use crate::config::{Config, Rate};
 use crate::geo::Locator;
+use crate::telemetry::CacheResult;
 
 /// Client addresses whose buckets are kept at most (each an `Arc<AtomicU64>` and moka's
 /// entry around it). Past it, addresses seen rarely go first.
@@ -193,7 +194,7 @@ fn too_many(over: Over, wait_ns: u64) -> Answer {
     let seconds = wait_ns.div_ceil(1_000_000_000).max(1);
     resp.headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from(seconds));
-    (resp, Outcome_::local("limited"))
+    (resp, Outcome_::local(CacheResult::Limited))
 }
 
 #[cfg(test)]
@@ -399,7 +400,7 @@ mod tests {
                 "{wait_ns} ns"
             );
             assert!(!resp.headers().contains_key("cache-status"));
-            assert_eq!(outcome.cache, "limited");
+            assert_eq!(outcome.cache, CacheResult::Limited);
         };
         check(1, "1");
         check(SECOND, "1");

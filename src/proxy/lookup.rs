@@ -93,7 +93,7 @@ impl Proxy {
                 Reuse::Fresh => {
                     return Looked::Answer((
                         self.answer_from_entry(entry, h, head, now, self.hit.clone()),
-                        Outcome_::local("hit"),
+                        Outcome_::local(CacheResult::Hit),
                     ))
                 }
                 Reuse::StaleAccepted => {
@@ -101,7 +101,7 @@ impl Proxy {
                         .cache_status(&format!("hit; ttl={}; detail=max-stale", ttl(entry, now)));
                     return Looked::Answer((
                         self.answer_from_entry(entry, h, head, now, status),
-                        Outcome_::local("stale"),
+                        Outcome_::local(CacheResult::Stale),
                     ));
                 }
                 Reuse::StaleWhileRevalidate => {
@@ -123,7 +123,7 @@ impl Proxy {
                         miss: "fwd=stale",
                     };
                     self.refresh_in_background(req, keyed, entry.clone());
-                    return Looked::Answer((resp, Outcome_::local("stale")));
+                    return Looked::Answer((resp, Outcome_::local(CacheResult::Stale)));
                 }
                 Reuse::Revalidate => {}
             }

@@ -52,7 +52,8 @@ use crate::cache::{
 use crate::config::{ClientNoCache, Config, QueryMode};
 use crate::origin::select::{PoolView, Selector};
 use crate::origin::{self, OriginClient, UpstreamBody};
-use crate::telemetry::{self, AccessLog};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::{self, AccessLog, CacheResult};
 use admit::strip_cache_only;
 use answer::{after_upstream, ttl};
 use body::Body;
@@ -103,9 +104,9 @@ pub struct ConnInfo {
     pub https: bool,
 }
 
-/// How a request was answered, for the access log.
+/// How a request was answered, for the access log and the metrics.
 struct Outcome_ {
-    cache: &'static str,
+    cache: CacheResult,
     origin: Option<usize>,
     origin_ms: Option<f64>,
     /// The geo route that chose the origin.
@@ -113,7 +114,7 @@ struct Outcome_ {
 }
 
 impl Outcome_ {
-    fn local(cache: &'static str) -> Outcome_ {
+    fn local(cache: CacheResult) -> Outcome_ {
         Outcome_ {
             cache,
             origin: None,
@@ -122,7 +123,7 @@ impl Outcome_ {
         }
     }
 
-    fn origin(cache: &'static str, origin: usize, ms: f64) -> Outcome_ {
+    fn origin(cache: CacheResult, origin: usize, ms: f64) -> Outcome_ {
         Outcome_ {
             cache,
             origin: Some(origin),
@@ -220,7 +221,7 @@ pub struct Proxy {
     limits: limit::Limits,
     selector: Selector,
     retry_budget: origin::retry::RetryBudget,
-    metrics: crate::admin::metrics::Metrics,
+    metrics: Arc<Metrics>,
     name: String,
     hit: HeaderValue,
     /// `Cache-Status` values for the common miss answers, made once (see `miss_status`).
@@ -250,6 +251,7 @@ impl Proxy {
     pub fn new(
         config: Arc<Config>,
         store: Store,
+        metrics: Arc<Metrics>,
         origins: Vec<OriginClient>,
         locator: crate::geo::Locator,
     ) -> Proxy {
@@ -277,7 +279,7 @@ impl Proxy {
             limits: limit::Limits::new(&config),
             selector: Selector::new(config.origins.iter().map(|o| o.weight).collect()),
             retry_budget: origin::retry::RetryBudget::new(&config.retries),
-            metrics: crate::admin::metrics::Metrics::default(),
+            metrics,
             hit: status_value(&name, "hit"),
             miss_statuses: [
                 status_value(&name, "fwd=uri-miss; stored"),
@@ -300,8 +302,8 @@ impl Proxy {
         &self.store
     }
 
-    /// The request counters.
-    pub fn metrics(&self) -> &crate::admin::metrics::Metrics {
+    /// The counters this proxy adds to.
+    pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
@@ -438,7 +440,7 @@ impl Proxy {
                     .unwrap_or("-")
                     .to_owned(),
                 status: 0,
-                cache: "-",
+                cache: None,
                 origin: None,
                 origin_ms: None,
                 route: None,
@@ -480,7 +482,7 @@ impl Proxy {
         );
         if let Some(l) = &mut log {
             l.status = resp.status().as_u16();
-            l.cache = outcome.cache;
+            l.cache = Some(outcome.cache);
             l.origin = outcome
                 .origin
                 .and_then(|i| self.origin_names.get(i).cloned());
@@ -560,7 +562,7 @@ impl Proxy {
 /// A refusal made here (4xx, or 5xx that no origin produced), for the access log as "refused".
 fn refuse(e: ProxyError) -> Answer {
     tracing::debug!(error = %e, side = ?e.side(), "request refused");
-    (respond::error(e), Outcome_::local("refused"))
+    (respond::error(e), Outcome_::local(CacheResult::Refused))
 }
 
 fn status_value(name: &str, rest: &str) -> HeaderValue {

@@ -74,7 +74,7 @@ impl Proxy {
                 tracing::warn!(origin = %origin.config.name, error = %ErrorChain(&e), "origin request failed");
                 return (
                     respond::error(ProxyError::from(&e)),
-                    Outcome_::origin("error", origin_index, origin_ms),
+                    Outcome_::origin(CacheResult::Error, origin_index, origin_ms),
                 );
             }
         };
@@ -86,7 +86,11 @@ impl Proxy {
         rparts.headers = strip_cache_only(std::mem::take(&mut rparts.headers), &[]);
         let status = after_upstream(&rparts.headers, status);
         rparts.headers.insert(CACHE_STATUS.clone(), status);
-        let cache = if method.is_safe() { "bypass" } else { "pass" };
+        let cache = if method.is_safe() {
+            CacheResult::Bypass
+        } else {
+            CacheResult::Pass
+        };
         let body = if method == Method::HEAD {
             Body::empty()
         } else {

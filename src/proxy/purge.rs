@@ -20,6 +20,7 @@ use crate::cache::PurgeTarget;
 
 use crate::config::Admin;
 use crate::geo::Locator;
+use crate::telemetry::CacheResult;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -76,6 +77,7 @@ impl super::Proxy {
             },
             soft,
         );
+        self.metrics.purged(n as u64);
         let mut resp = Response::new(Body::full(Bytes::from(format!("{{\"purged\":{n}}}\n"))));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -83,7 +85,7 @@ impl super::Proxy {
         );
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        (resp, Outcome_::local("purge"))
+        (resp, Outcome_::local(CacheResult::Purge))
     }
 }
 

@@ -1,7 +1,9 @@
 //! Views of the request path's state for the admin listener: per-origin JSON for
-//! `GET /origins` and per-origin series for `/metrics`, read from `origin::state` snapshots.
+//! `GET /origins` and per-origin values for `/metrics` (telemetry's `OriginSeries`), read
+//! from `origin::state` snapshots.
 
 use super::*;
+use crate::telemetry::metrics::OriginSeries;
 
 impl Proxy {
     /// Each origin's state for `GET /origins`: up or ejected, latency estimate, in-flight
@@ -55,70 +57,25 @@ impl Proxy {
         text
     }
 
-    /// Per-origin series for `/metrics`: up (1, or 0 when down by its checks or ejected),
-    /// latency estimate, in-flight, requests, errors, ejections.
-    pub fn render_origin_metrics(&self, out: &mut String) {
-        use std::fmt::Write;
+    /// Each origin's values for `/metrics`, from one snapshot per origin so that the series
+    /// of one scrape agree with each other; an origin without a state is left out.
+    pub fn origin_series(&self) -> Vec<OriginSeries> {
         let now = Instant::now();
-        // One snapshot per origin, so the series of one scrape agree with each other.
-        let states: Vec<_> = (0..self.origins.len())
-            .map(|o| self.selector.state().snapshot(o, now))
-            .collect();
-        type Series = (&'static str, &'static str, &'static str);
-        let series: [Series; 6] = [
-            (
-                "edgecache_origin_up",
-                "gauge",
-                "1 when the origin is in rotation, 0 when down by its health checks or ejected.",
-            ),
-            (
-                "edgecache_origin_latency_seconds",
-                "gauge",
-                "Peak-EWMA time to first byte.",
-            ),
-            (
-                "edgecache_origin_in_flight",
-                "gauge",
-                "Requests waiting for the origin's answer.",
-            ),
-            (
-                "edgecache_origin_responses_total",
-                "counter",
-                "Origin requests answered or failed, by origin.",
-            ),
-            (
-                "edgecache_origin_failures_total",
-                "counter",
-                "Origin requests that failed (connect, reset, timeout, 5xx), by origin.",
-            ),
-            (
-                "edgecache_origin_ejections_total",
-                "counter",
-                "Times passive detection ejected the origin.",
-            ),
-        ];
-        for (i, (name, kind, help)) in series.iter().enumerate() {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (client, st) in self.origins.iter().zip(&states) {
-                let Some(st) = st else {
-                    continue;
-                };
-                let value = match i {
-                    0 => f64::from(u8::from(st.in_rotation())),
-                    1 => st.latency_us / 1e6,
-                    2 => f64::from(st.in_flight),
-                    3 => st.requests as f64,
-                    4 => st.errors as f64,
-                    _ => f64::from(st.ejections),
-                };
-                let label = client
-                    .config
-                    .name
-                    .replace('\\', "\\\\")
-                    .replace('"', "\\\"")
-                    .replace('\n', "\\n");
-                let _ = writeln!(out, "{name}{{origin=\"{label}\"}} {value}");
-            }
-        }
+        self.origin_names
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| {
+                let s = self.selector.state().snapshot(i, now)?;
+                Some(OriginSeries {
+                    name: name.clone(),
+                    up: s.in_rotation(),
+                    latency_seconds: s.latency_us / 1e6,
+                    in_flight: s.in_flight,
+                    responses: s.requests,
+                    failures: s.errors,
+                    ejections: s.ejections,
+                })
+            })
+            .collect()
     }
 }

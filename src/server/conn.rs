@@ -45,6 +45,7 @@ use super::timeouts::Limits;
 use super::tracked::{Activity, Cycle, Tracked};
 use crate::config::Server as ServerConfig;
 use crate::proxy::{ConnInfo, Proxy};
+use crate::telemetry::metrics::Metrics;
 
 /// hyper connection builders prepared once from the configuration.
 ///
@@ -151,6 +152,7 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     builders: Arc<Builders>,
     proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -167,9 +169,9 @@ pub async fn serve(
             let Some(h2) = plain_protocol(&stream, &builders, info.peer).await else {
                 return;
             };
-            // The plain stream counts the bytes it sends from memory files in the proxy's
+            // The plain stream counts the bytes it sends from memory files in the node's
             // metrics. It is tracked from outside: its sendfile calls are its writes.
-            let plain = Plain::new(stream, proxy.clone());
+            let plain = Plain::new(stream, metrics);
             let mut tracked = Tracked::new(plain, activity);
             if !h2 {
                 tracked.time_heads(builders.header_read);

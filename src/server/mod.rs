@@ -1,9 +1,10 @@
 //! Sockets: listeners, the accept loop with the connection limits (in all, and per client
 //! address in `limit`), TLS, and connection drain.
 //!
-//! Only this module touches sockets and TLS. It hands every request to [`Proxy::handle`]; the
-//! admin listener runs the same accept loop ([`accept_with`]) and connection handling
-//! ([`conn::serve_plain`]) with its own service.
+//! Only this module touches sockets and TLS. It hands every request to [`Proxy::handle`] and
+//! counts what it does itself (connections refused at accept, bytes sent with `sendfile`) in
+//! telemetry's `Metrics`; the admin listener runs the same accept loop ([`accept_with`]) and
+//! connection handling ([`conn::serve_plain`]) with its own service.
 
 pub mod conn;
 mod drain;
@@ -26,6 +27,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::{ConnInfo, Proxy};
+use crate::telemetry::metrics::Metrics;
 use conn::Builders;
 
 /// Counts open connections so shutdown can wait for them to drain.
@@ -71,6 +73,8 @@ impl Drop for ConnGuard {
 #[derive(Clone)]
 pub struct Shared {
     pub proxy: Arc<Proxy>,
+    /// Where connections refused at accept and bytes sent with `sendfile` are counted.
+    pub metrics: Arc<Metrics>,
     pub builders: Arc<Builders>,
     pub limit: Arc<Semaphore>,
     /// `max_connections_per_client`, when set.
@@ -83,6 +87,7 @@ pub struct Shared {
 pub async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Shared) {
     let Shared {
         proxy,
+        metrics,
         builders,
         limit,
         per_client,
@@ -109,13 +114,14 @@ pub async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared
                     tls.clone(),
                     builders.clone(),
                     proxy.clone(),
+                    metrics.clone(),
                     shutdown.clone(),
                 );
                 Some((task, guard, slot))
             }
             Err(()) => {
                 tracing::debug!(peer = %peer, "connection refused: max_connections_per_client");
-                proxy.metrics().connection_refused();
+                metrics.connection_refused();
                 limit::refuse(stream);
                 None
             }

@@ -17,19 +17,19 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::proxy::Proxy;
+use crate::telemetry::metrics::Metrics;
 
 /// A client connection without TLS.
 pub struct Plain {
     tcp: TcpStream,
     /// Where the bytes sent from files are counted.
     #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-    proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
 }
 
 impl Plain {
-    pub fn new(tcp: TcpStream, proxy: Arc<Proxy>) -> Plain {
-        Plain { tcp, proxy }
+    pub fn new(tcp: TcpStream, metrics: Arc<Metrics>) -> Plain {
+        Plain { tcp, metrics }
     }
 
     /// One system call on the socket once it is writable; `WouldBlock` waits for the next
@@ -87,7 +87,7 @@ impl Plain {
             }
         });
         if let Poll::Ready(Ok(n)) = sent {
-            self.proxy.metrics().sent_from_file(n as u64);
+            self.metrics.sent_from_file(n as u64);
         }
         Some(sent)
     }

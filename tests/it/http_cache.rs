@@ -939,6 +939,23 @@ async fn purge_method_only_from_allowed_networks() {
     );
 }
 
+/// The PURGE method removed stored responses without counting them in
+/// `edgecache_purged_objects_total`, which counts the admin listener's purges.
+#[tokio::test]
+async fn purge_method_counts_purged_objects() {
+    let origin = TestOrigin::start().await;
+    origin.route("/p", Route::ok("x").header("cache-control", "max-age=600"));
+    let config = format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"t\"\npurge_allow = [\"127.0.0.1/32\"]\n",
+        site(&origin, "site.test", "")
+    );
+    let node = TestNode::start("", &config).await;
+    get(node.http, "site.test", "/p").await;
+    let r = send(node.http, request("PURGE", "site.test", "/p", &[])).await;
+    assert_eq!(&r.body[..], b"{\"purged\":1}\n");
+    assert_eq!(metric(&node, "edgecache_purged_objects_total").await, 1);
+}
+
 #[tokio::test]
 async fn unsafe_methods_invalidate_location_and_content_location() {
     let origin = TestOrigin::start().await;

@@ -12,6 +12,8 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use edgecache::telemetry::CacheResult;
+
 use crate::support::*;
 
 async fn cached_origin() -> TestOrigin {
@@ -59,7 +61,7 @@ async fn a_client_over_its_rate_gets_429_while_other_clients_are_served() {
     let r = get_as(&node, "site.test", None).await;
     assert_eq!(r.status, 200, "the proxy's own requests are its own client");
     assert_eq!(origin.count("/p"), 1, "limited requests reach nothing");
-    assert_eq!(node.node().metrics().requests_with("limited"), 2);
+    assert_eq!(node.node().metrics().requests_with(CacheResult::Limited), 2);
 }
 
 #[tokio::test]
@@ -90,7 +92,7 @@ async fn a_site_rate_applies_across_clients_and_to_that_site_only() {
         200,
         "the other site has no limit"
     );
-    assert_eq!(node.node().metrics().requests_with("limited"), 1);
+    assert_eq!(node.node().metrics().requests_with(CacheResult::Limited), 1);
 }
 
 /// A keep-alive HTTP/1.1 connection to `addr`, and its first answer for `/p`.
@@ -128,7 +130,7 @@ async fn limits_are_off_by_default() {
             assert_eq!(ask(c).await, 200);
         }
     }
-    assert_eq!(node.node().metrics().requests_with("limited"), 0);
+    assert_eq!(node.node().metrics().requests_with(CacheResult::Limited), 0);
     assert_eq!(node.node().metrics().connections_refused(), 0);
 }
 

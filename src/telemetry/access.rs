@@ -1,57 +1,12 @@
-//! Logging setup and the access log. Field names used in events are defined here once.
+//! The access log: one INFO event per request on [`ACCESS_TARGET`], written when the response
+//! body ends, so it has the bytes sent and whether the body was sent whole.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{Method, Version};
-use tracing_subscriber::EnvFilter;
 
-/// Span names: one per stage of the request path (`proxy`), so that a `debug` filter shows a
-/// request's way through them: `RUST_LOG=edgecache=debug`.
-pub mod spans {
-    /// The whole request (fields: `method`, `uri`).
-    pub const REQUEST: &str = "request";
-    /// Framing, host and site, method, path, request rates.
-    pub const ROUTE: &str = "route";
-    /// Key, stored response, reuse decision (and an answer from the cache).
-    pub const LOOKUP: &str = "lookup";
-    /// Joining another request's fetch for the same key, or leading it.
-    pub const COLLAPSE: &str = "collapse";
-    /// Candidates and the send with failover.
-    pub const UPSTREAM: &str = "upstream";
-    /// What becomes of the origin's response: refresh, stale on error, store.
-    pub const ADMIT: &str = "admit";
-    /// A request the cache does not handle, streamed to the origin.
-    pub const PASS: &str = "pass";
-    /// The PURGE method.
-    pub const PURGE: &str = "purge";
-}
-
-/// The target of the one-line-per-request access log; filter it with
-/// `RUST_LOG=edgecache::access=off` (or `=info`) independently of other logs.
-pub const ACCESS_TARGET: &str = "edgecache::access";
-
-/// Output format of logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-/// Installs the global subscriber; the level comes from `RUST_LOG` (default `info`).
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // A second init (tests start several nodes) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
-}
+use super::{CacheResult, ACCESS_TARGET};
 
 /// True when access-log events would be recorded; checked once per request so that no log
 /// record is built when the access log is off.
@@ -70,8 +25,8 @@ pub struct AccessLog {
     pub host: String,
     pub path: String,
     pub status: u16,
-    /// `hit`, `miss`, `pass`, `refused`, `limited` or `error` (`admin::metrics::RESULTS`).
-    pub cache: &'static str,
+    /// What happened to the request; `None` (written `-`) until it is answered.
+    pub cache: Option<CacheResult>,
     pub origin: Option<Arc<str>>,
     pub origin_ms: Option<f64>,
     /// The geo route (`[[sites.routes]]` name) that chose the origin.
@@ -99,7 +54,7 @@ impl AccessLog {
             status = self.status,
             bytes,
             duration_ms = (duration_ms * 1000.0).round() / 1000.0,
-            cache = self.cache,
+            cache = self.cache.map_or("-", CacheResult::as_str),
             origin = self.origin.as_deref().unwrap_or("-"),
             origin_ms = self.origin_ms.map(|m| (m * 1000.0).round() / 1000.0),
             route = self.route.as_deref().unwrap_or("-"),
@@ -149,7 +104,7 @@ mod tests {
                    status=200\r\u{1b}[2K\t\u{7f}"
                 .to_owned(),
             status: 421,
-            cache: "refused",
+            cache: Some(CacheResult::Refused),
             origin: None,
             origin_ms: None,
             route: None,

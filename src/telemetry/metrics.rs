@@ -1,0 +1,536 @@
+//! Every metric the node exposes, defined here once: the counters the request path and the
+//! listeners add to ([`Metrics`]), and the values read at scrape time from other modules
+//! ([`Gauges`], [`OriginSeries`]), which those modules fill in; this module imports none of
+//! them.
+//!
+//! Counting is one relaxed atomic add: every label value is known at compile time, so a
+//! counter is a slot in a fixed array indexed by enum (no registry, hash, lock or
+//! allocation per request). At scrape time a [`Scrape`] is handed to `prometheus-client` as
+//! a collector, and the crate writes the Prometheus text format (0.0.4) with its label
+//! escaping. Names and meanings are what dashboards read: a name, label or HELP meaning
+//! never changes; a counter's `_total` is added by the encoder, so it is not in the names
+//! below.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{prometheus_text, DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use super::CacheResult;
+
+/// The `Content-Type` of [`Scrape::render`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Status classes, the `status` label of `edgecache_requests_total`.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Counters shared by every request and listener.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: [[AtomicU64; CLASSES.len()]; CacheResult::ALL.len()],
+    origin_requests: AtomicU64,
+    origin_errors: AtomicU64,
+    purged: AtomicU64,
+    retries: AtomicU64,
+    retries_refused: AtomicU64,
+    sendfile_bytes: AtomicU64,
+    connections_refused: AtomicU64,
+}
+
+/// Point-in-time values of the node, read when a scrape is made.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub cache_objects: u64,
+    pub cache_bytes: u64,
+    pub cache_capacity_bytes: u64,
+    pub fills_in_flight: u64,
+    /// Body bytes fills in flight hold for storing (bounded by `cache.fill_memory`).
+    pub fill_bytes: u64,
+    /// Fills not stored because `cache.fill_memory` was full (a count since start).
+    pub fill_memory_full: u64,
+    pub open_connections: u64,
+    /// Stored bodies in memory files (process-wide).
+    pub memory_files: MemoryFiles,
+}
+
+/// Memory files (`cache::mapped`) at a scrape; zero where there are none.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryFiles {
+    /// Bodies kept in memory files.
+    pub objects: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Bodies of that size kept on the heap instead, since the process started.
+    pub fallbacks: u64,
+}
+
+/// One origin's values at a scrape (from one snapshot of its state, so its series agree).
+#[derive(Debug, Clone, Default)]
+pub struct OriginSeries {
+    /// The origin's configured name, the `origin` label (escaped by the encoder).
+    pub name: Arc<str>,
+    /// Neither down by its checks nor ejected.
+    pub up: bool,
+    /// Peak-EWMA time to first byte.
+    pub latency_seconds: f64,
+    /// Requests waiting for the origin's answer.
+    pub in_flight: u32,
+    /// Requests answered or failed (since start).
+    pub responses: u64,
+    /// Requests that failed (since start).
+    pub failures: u64,
+    /// Times passive detection ejected the origin (since start).
+    pub ejections: u32,
+}
+
+impl Metrics {
+    /// Counts one answered request.
+    pub fn request(&self, result: CacheResult, status: u16, used_origin: bool) {
+        let c = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.requests[result as usize][c].fetch_add(1, Ordering::Relaxed);
+        if used_origin {
+            self.origin_requests.fetch_add(1, Ordering::Relaxed);
+        }
+        if result == CacheResult::Error {
+            self.origin_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a retry on another origin, or one the retry budget refused.
+    pub fn retry(&self, granted: bool) {
+        if granted {
+            self.retries.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.retries_refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts stored responses removed or marked stale by purges.
+    pub fn purged(&self, n: u64) {
+        self.purged.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Requests so far with this result (all status classes).
+    pub fn requests_with(&self, result: CacheResult) -> u64 {
+        self.requests[result as usize]
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Counts a connection closed at accept for `server.max_connections_per_client`.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections closed at accept for `server.max_connections_per_client` so far.
+    pub fn connections_refused(&self) -> u64 {
+        self.connections_refused.load(Ordering::Relaxed)
+    }
+
+    /// Counts body bytes sent to clients straight from memory files.
+    pub fn sent_from_file(&self, n: u64) {
+        self.sendfile_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Body bytes sent with `sendfile` so far.
+    pub fn sendfile_bytes(&self) -> u64 {
+        self.sendfile_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// What one scrape of `/metrics` shows: the counters, and the values read for it.
+#[derive(Debug)]
+pub struct Scrape {
+    pub metrics: Arc<Metrics>,
+    pub gauges: Gauges,
+    /// Every configured origin with a state, in configuration order.
+    pub origins: Vec<OriginSeries>,
+}
+
+impl Scrape {
+    /// The Prometheus text exposition ([`CONTENT_TYPE`]).
+    pub fn render(self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self));
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail, and encoding here returns no error of its own.
+        let _ = prometheus_text::encode(&mut out, &registry);
+        out
+    }
+
+    fn encode_requests(&self, encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let mut family = encoder.encode_descriptor(
+            "edgecache_requests",
+            "Requests answered, by cache result and status class.",
+            None,
+            MetricType::Counter,
+        )?;
+        for result in CacheResult::ALL {
+            for (c, class) in CLASSES.iter().enumerate() {
+                let v = self.metrics.requests[result as usize][c].load(Ordering::Relaxed);
+                // Only pairs that happened: most of the 55 never do.
+                if v > 0 {
+                    let labels = [("result", result.as_str()), ("status", class)];
+                    family
+                        .encode_family(&labels)?
+                        .encode_counter::<NoLabelSet, u64, u64>(&v, None)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn encode_node(&self, encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let m = &self.metrics;
+        let g = &self.gauges;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let counters = [
+            (
+                "edgecache_origin_requests",
+                "Requests sent to origins.",
+                load(&m.origin_requests),
+            ),
+            (
+                "edgecache_origin_errors",
+                "Origin requests that failed (connect, timeout, reset).",
+                load(&m.origin_errors),
+            ),
+            (
+                "edgecache_origin_retries",
+                "Requests sent again to another origin after a failed connection.",
+                load(&m.retries),
+            ),
+            (
+                "edgecache_origin_retries_refused",
+                "Retries not made because the retry budget was spent.",
+                load(&m.retries_refused),
+            ),
+            (
+                "edgecache_purged_objects",
+                "Stored responses removed or marked stale by purges.",
+                load(&m.purged),
+            ),
+            (
+                "edgecache_sendfile_bytes",
+                "Body bytes of hits sent from memory files with sendfile, not copied.",
+                load(&m.sendfile_bytes),
+            ),
+            (
+                "edgecache_client_connections_refused",
+                "Connections closed as accepted: their address held server.max_connections_per_client.",
+                load(&m.connections_refused),
+            ),
+            (
+                "edgecache_memory_file_fallbacks",
+                "Bodies of sendfile size kept on the heap (memory-file limit reached or refused).",
+                g.memory_files.fallbacks,
+            ),
+        ];
+        for (name, help, v) in counters {
+            one(encoder, name, help, MetricType::Counter, v)?;
+        }
+        let gauges = [
+            ("edgecache_cache_objects", "URLs stored.", g.cache_objects),
+            (
+                "edgecache_cache_bytes",
+                "Bytes stored, as weighed against the capacity.",
+                g.cache_bytes,
+            ),
+            (
+                "edgecache_cache_capacity_bytes",
+                "The store's bound (cache.memory).",
+                g.cache_capacity_bytes,
+            ),
+            (
+                "edgecache_fills_in_flight",
+                "Origin fetches shared by collapsed requests.",
+                g.fills_in_flight,
+            ),
+            (
+                "edgecache_fill_memory_bytes",
+                "Body bytes that fetches in flight hold for storing (cache.fill_memory).",
+                g.fill_bytes,
+            ),
+            (
+                "edgecache_open_connections",
+                "Open client connections.",
+                g.open_connections,
+            ),
+            (
+                "edgecache_memory_file_objects",
+                "Stored bodies kept in sealed memory files (cache.sendfile_min_size and up).",
+                g.memory_files.objects,
+            ),
+            (
+                "edgecache_memory_file_bytes",
+                "Bytes of the stored bodies kept in memory files.",
+                g.memory_files.bytes,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            one(encoder, name, help, MetricType::Gauge, v)?;
+        }
+        one(
+            encoder,
+            "edgecache_fill_memory_full",
+            "Responses not stored because cache.fill_memory was full.",
+            MetricType::Counter,
+            g.fill_memory_full,
+        )
+    }
+
+    /// Per-origin series, labelled `origin`: up (1, or 0 when down by its checks or
+    /// ejected), latency estimate, in-flight, responses, failures, ejections.
+    fn encode_origins(&self, encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let series: [OriginFamily; 6] = [
+            (
+                "edgecache_origin_up",
+                "1 when the origin is in rotation, 0 when down by its health checks or ejected.",
+                MetricType::Gauge,
+                |o| Value::Level(u64::from(o.up)),
+            ),
+            (
+                "edgecache_origin_latency_seconds",
+                "Peak-EWMA time to first byte.",
+                MetricType::Gauge,
+                |o| Value::Seconds(o.latency_seconds),
+            ),
+            (
+                "edgecache_origin_in_flight",
+                "Requests waiting for the origin's answer.",
+                MetricType::Gauge,
+                |o| Value::Level(u64::from(o.in_flight)),
+            ),
+            (
+                "edgecache_origin_responses",
+                "Origin requests answered or failed, by origin.",
+                MetricType::Counter,
+                |o| Value::Count(o.responses),
+            ),
+            (
+                "edgecache_origin_failures",
+                "Origin requests that failed (connect, reset, timeout, 5xx), by origin.",
+                MetricType::Counter,
+                |o| Value::Count(o.failures),
+            ),
+            (
+                "edgecache_origin_ejections",
+                "Times passive detection ejected the origin.",
+                MetricType::Counter,
+                |o| Value::Count(u64::from(o.ejections)),
+            ),
+        ];
+        for (name, help, kind, value) in series {
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+            for o in &self.origins {
+                let labels = [("origin", &*o.name)];
+                let mut one = family.encode_family(&labels)?;
+                match value(o) {
+                    Value::Count(v) => one.encode_counter::<NoLabelSet, u64, u64>(&v, None)?,
+                    Value::Level(v) => one.encode_gauge(&v)?,
+                    Value::Seconds(v) => one.encode_gauge(&v)?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A per-origin series: name, help, type, and its value for one origin.
+type OriginFamily = (
+    &'static str,
+    &'static str,
+    MetricType,
+    fn(&OriginSeries) -> Value,
+);
+
+/// A per-origin series' value; integers are written as integers.
+enum Value {
+    Count(u64),
+    Level(u64),
+    Seconds(f64),
+}
+
+/// One series without labels.
+fn one(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    v: u64,
+) -> fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    match kind {
+        MetricType::Counter => metric.encode_counter::<NoLabelSet, u64, u64>(&v, None),
+        _ => metric.encode_gauge(&v),
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        self.encode_requests(&mut encoder)?;
+        self.encode_node(&mut encoder)?;
+        self.encode_origins(&mut encoder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape(metrics: Metrics, gauges: Gauges, origins: Vec<OriginSeries>) -> String {
+        Scrape {
+            metrics: Arc::new(metrics),
+            gauges,
+            origins,
+        }
+        .render()
+    }
+
+    #[test]
+    fn counts_render_in_prometheus_format() {
+        let m = Metrics::default();
+        m.request(CacheResult::Hit, 200, false);
+        m.request(CacheResult::Miss, 200, true);
+        m.request(CacheResult::Error, 502, true);
+        assert_eq!(m.requests_with(CacheResult::Hit), 1);
+        let text = scrape(
+            m,
+            Gauges {
+                cache_objects: 3,
+                ..Gauges::default()
+            },
+            Vec::new(),
+        );
+        assert!(text.contains("edgecache_requests_total{result=\"hit\",status=\"2xx\"} 1\n"));
+        assert!(text.contains("edgecache_requests_total{result=\"error\",status=\"5xx\"} 1\n"));
+        assert!(text.contains("\nedgecache_origin_requests_total 2\n"));
+        assert!(text.contains("\nedgecache_origin_errors_total 1\n"));
+        assert!(text.contains("\nedgecache_cache_objects 3\n"));
+        assert!(!text.contains("# EOF"), "{text}");
+    }
+
+    #[test]
+    fn limited_has_its_own_label() {
+        let m = Metrics::default();
+        m.request(CacheResult::Limited, 429, false);
+        m.request(CacheResult::Refused, 400, false);
+        m.connection_refused();
+        assert_eq!(m.requests_with(CacheResult::Limited), 1);
+        assert_eq!(m.requests_with(CacheResult::Refused), 1);
+        let text = scrape(m, Gauges::default(), Vec::new());
+        assert!(text.contains("edgecache_requests_total{result=\"limited\",status=\"4xx\"} 1"));
+        assert!(text.contains("edgecache_requests_total{result=\"refused\",status=\"4xx\"} 1"));
+        assert!(text.contains("edgecache_client_connections_refused_total 1"));
+    }
+
+    /// The text a few series make, byte for byte: counters with `_total` in HELP, TYPE and
+    /// sample alike (as written by hand before), and an origin name that needs escaping.
+    #[test]
+    fn exposition_is_exact_and_label_values_are_escaped() {
+        let m = Metrics::default();
+        m.request(CacheResult::Hit, 200, false);
+        m.request(CacheResult::Hit, 304, false);
+        m.request(CacheResult::Purge, 200, false);
+        m.retry(true);
+        let origin = OriginSeries {
+            name: Arc::from("eu \"1\"\\west\nb"),
+            up: true,
+            latency_seconds: 0.25,
+            in_flight: 2,
+            responses: 7,
+            failures: 1,
+            ejections: 0,
+        };
+        let text = scrape(m, Gauges::default(), vec![origin]);
+        let requests = "\
+# HELP edgecache_requests_total Requests answered, by cache result and status class.
+# TYPE edgecache_requests_total counter
+edgecache_requests_total{result=\"hit\",status=\"2xx\"} 1
+edgecache_requests_total{result=\"hit\",status=\"3xx\"} 1
+edgecache_requests_total{result=\"purge\",status=\"2xx\"} 1
+# HELP edgecache_origin_requests_total Requests sent to origins.
+# TYPE edgecache_origin_requests_total counter
+edgecache_origin_requests_total 0
+";
+        assert!(text.starts_with(requests), "{text}");
+        let retries = "\
+# HELP edgecache_origin_retries_total Requests sent again to another origin after a failed connection.
+# TYPE edgecache_origin_retries_total counter
+edgecache_origin_retries_total 1
+";
+        assert!(text.contains(retries), "{text}");
+        let open = "\
+# HELP edgecache_open_connections Open client connections.
+# TYPE edgecache_open_connections gauge
+edgecache_open_connections 0
+";
+        assert!(text.contains(open), "{text}");
+        let origins = r#"# HELP edgecache_origin_up 1 when the origin is in rotation, 0 when down by its health checks or ejected.
+# TYPE edgecache_origin_up gauge
+edgecache_origin_up{origin="eu \"1\"\\west\nb"} 1
+# HELP edgecache_origin_latency_seconds Peak-EWMA time to first byte.
+# TYPE edgecache_origin_latency_seconds gauge
+edgecache_origin_latency_seconds{origin="eu \"1\"\\west\nb"} 0.25
+# HELP edgecache_origin_in_flight Requests waiting for the origin's answer.
+# TYPE edgecache_origin_in_flight gauge
+edgecache_origin_in_flight{origin="eu \"1\"\\west\nb"} 2
+# HELP edgecache_origin_responses_total Origin requests answered or failed, by origin.
+# TYPE edgecache_origin_responses_total counter
+edgecache_origin_responses_total{origin="eu \"1\"\\west\nb"} 7
+# HELP edgecache_origin_failures_total Origin requests that failed (connect, reset, timeout, 5xx), by origin.
+# TYPE edgecache_origin_failures_total counter
+edgecache_origin_failures_total{origin="eu \"1\"\\west\nb"} 1
+# HELP edgecache_origin_ejections_total Times passive detection ejected the origin.
+# TYPE edgecache_origin_ejections_total counter
+edgecache_origin_ejections_total{origin="eu \"1\"\\west\nb"} 0
+"#;
+        assert!(text.ends_with(origins), "{text}");
+    }
+
+    /// Every series name, in order, as dashboards know them.
+    #[test]
+    fn every_series_keeps_its_name() {
+        let m = Metrics::default();
+        m.request(CacheResult::Miss, 200, true);
+        let text = scrape(m, Gauges::default(), Vec::new());
+        let names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "edgecache_requests_total counter",
+                "edgecache_origin_requests_total counter",
+                "edgecache_origin_errors_total counter",
+                "edgecache_origin_retries_total counter",
+                "edgecache_origin_retries_refused_total counter",
+                "edgecache_purged_objects_total counter",
+                "edgecache_sendfile_bytes_total counter",
+                "edgecache_client_connections_refused_total counter",
+                "edgecache_memory_file_fallbacks_total counter",
+                "edgecache_cache_objects gauge",
+                "edgecache_cache_bytes gauge",
+                "edgecache_cache_capacity_bytes gauge",
+                "edgecache_fills_in_flight gauge",
+                "edgecache_fill_memory_bytes gauge",
+                "edgecache_open_connections gauge",
+                "edgecache_memory_file_objects gauge",
+                "edgecache_memory_file_bytes gauge",
+                "edgecache_fill_memory_full_total counter",
+                "edgecache_origin_up gauge",
+                "edgecache_origin_latency_seconds gauge",
+                "edgecache_origin_in_flight gauge",
+                "edgecache_origin_responses_total counter",
+                "edgecache_origin_failures_total counter",
+                "edgecache_origin_ejections_total counter",
+            ]
+        );
+    }
+}

@@ -1,0 +1,172 @@
+//! Telemetry: the log subscriber, and the access log with its target. A leaf: it depends
+//! on std and external crates only, never on the modules it reports on.
+//!
+//! - [`init`] installs the subscriber (text or JSON, filtered by `RUST_LOG`).
+//! - `access`: the access-log record, one INFO event per request on [`ACCESS_TARGET`].
+//! - `metrics`: every metric, counted in atomics and exposed through `prometheus-client`.
+//! - [`CacheResult`]: what happened to a request, as the access log and the metrics name it.
+
+pub mod access;
+pub mod metrics;
+
+use tracing_subscriber::EnvFilter;
+
+pub use access::{access_log_enabled, AccessLog};
+
+/// Span names: one per stage of the request path (`proxy`), so that a `debug` filter shows a
+/// request's way through them: `RUST_LOG=edgecache=debug`.
+pub mod spans {
+    /// The whole request (fields: `method`, `uri`).
+    pub const REQUEST: &str = "request";
+    /// Framing, host and site, method, path, request rates.
+    pub const ROUTE: &str = "route";
+    /// Key, stored response, reuse decision (and an answer from the cache).
+    pub const LOOKUP: &str = "lookup";
+    /// Joining another request's fetch for the same key, or leading it.
+    pub const COLLAPSE: &str = "collapse";
+    /// Candidates and the send with failover.
+    pub const UPSTREAM: &str = "upstream";
+    /// What becomes of the origin's response: refresh, stale on error, store.
+    pub const ADMIT: &str = "admit";
+    /// A request the cache does not handle, streamed to the origin.
+    pub const PASS: &str = "pass";
+    /// The PURGE method.
+    pub const PURGE: &str = "purge";
+}
+
+/// The target of the one-line-per-request access log; filter it with
+/// `RUST_LOG=edgecache::access=off` (or `=info`) independently of other logs.
+pub const ACCESS_TARGET: &str = "edgecache::access";
+
+/// Output format of logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Installs the global subscriber; the level comes from `RUST_LOG` (default `info`).
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // A second init (tests start several nodes) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// What happened to a request, decided by the request path and reported in three places
+/// under one name ([`CacheResult::as_str`]): the access log's `cache` field, the `result`
+/// label of `edgecache_requests_total`, and (in its own RFC 9211 terms) the `Cache-Status`
+/// the client receives, as each variant notes.
+///
+/// Adding a variant adds a row of series to `edgecache_requests_total`; the names are part
+/// of what dashboards read, so an existing one never changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheResult {
+    /// Answered from a fresh stored response. `Cache-Status: …; hit`.
+    Hit,
+    /// Answered from a stored response past its freshness: allowed by the client's
+    /// `max-stale`, served while a background refresh runs (stale-while-revalidate), or in
+    /// place of an origin that failed (stale-if-error, origin unreachable). `Cache-Status:
+    /// …; hit; fwd=stale; …` with the reason in `detail`.
+    Stale,
+    /// Fetched from an origin by this request (the leader of its fill), and stored when
+    /// storable. `Cache-Status: …; fwd=uri-miss` or `fwd=vary-miss`, with `stored`.
+    Miss,
+    /// Answered by following another request's fill for the same key, without a fetch of
+    /// its own. `Cache-Status: …; fwd=…; collapsed`.
+    Collapsed,
+    /// A stored response the origin confirmed with 304, refreshed and served.
+    /// `Cache-Status: …; fwd=stale; fwd-status=304` (`fwd=request` when the client's
+    /// `no-cache` asked for the check).
+    Revalidated,
+    /// Forwarded and relayed without storing: an unsafe method (POST, PUT, …) or a response
+    /// the cache may not store. `Cache-Status: …; fwd=method`, or the miss's `fwd` with
+    /// `detail=` the reason it was not stored.
+    Pass,
+    /// A safe method forwarded without looking in the cache: a site rule with `bypass`, or
+    /// another safe method the cache does not handle (OPTIONS, for one). `Cache-Status: …;
+    /// fwd=bypass` or `fwd=method`.
+    Bypass,
+    /// The origin failed (connect, reset, timeout, a cut-off body) and nothing stored could
+    /// stand in, or a stored response that may not be served stale could not be
+    /// revalidated: 502 or 504 made here, with no `Cache-Status`. Also counted in
+    /// `edgecache_origin_errors_total`.
+    Error,
+    /// Refused with 429 for a request rate, per client or per site (`proxy::limit`).
+    Limited,
+    /// Refused here without an origin: a malformed or misdirected request, a method or
+    /// path not allowed, a loop, `only-if-cached` with nothing stored.
+    Refused,
+    /// A `PURGE` request, answered here with what it removed.
+    Purge,
+}
+
+impl CacheResult {
+    /// Every result, in the order their series are exposed.
+    pub const ALL: [CacheResult; 11] = [
+        CacheResult::Hit,
+        CacheResult::Stale,
+        CacheResult::Miss,
+        CacheResult::Collapsed,
+        CacheResult::Revalidated,
+        CacheResult::Pass,
+        CacheResult::Bypass,
+        CacheResult::Error,
+        CacheResult::Limited,
+        CacheResult::Refused,
+        CacheResult::Purge,
+    ];
+
+    /// The name in the access log and the `result` label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Stale => "stale",
+            CacheResult::Miss => "miss",
+            CacheResult::Collapsed => "collapsed",
+            CacheResult::Revalidated => "revalidated",
+            CacheResult::Pass => "pass",
+            CacheResult::Bypass => "bypass",
+            CacheResult::Error => "error",
+            CacheResult::Limited => "limited",
+            CacheResult::Refused => "refused",
+            CacheResult::Purge => "purge",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CacheResult;
+
+    #[test]
+    fn results_are_listed_once_in_declaration_order() {
+        for (i, r) in CacheResult::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+        let names: Vec<&str> = CacheResult::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "hit",
+                "stale",
+                "miss",
+                "collapsed",
+                "revalidated",
+                "pass",
+                "bypass",
+                "error",
+                "limited",
+                "refused",
+                "purge"
+            ]
+        );
+    }
+}
