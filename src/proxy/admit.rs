@@ -14,22 +14,7 @@ impl Proxy {
         registered: bool,
         stale: Option<Arc<Entry>>,
     ) -> Answer {
-        let (candidates, route) = self.candidates(lookup.site, lookup.conn, &lookup.parts.headers);
-        let (resp, mut outcome) = self
-            .lead_with(lookup, fill, registered, stale, &candidates)
-            .await;
-        outcome.route = route;
-        (resp, outcome)
-    }
-
-    pub(super) async fn lead_with(
-        self: &Arc<Self>,
-        lookup: &Lookup,
-        fill: Arc<Fill>,
-        registered: bool,
-        stale: Option<Arc<Entry>>,
-        candidates: &[usize],
-    ) -> Answer {
+        let candidates = self.candidates(lookup.site, lookup.conn, &lookup.parts.headers);
         let mut guard = LeaderGuard {
             proxy: self,
             hash: lookup.hash,
@@ -42,11 +27,13 @@ impl Proxy {
             return refuse(ProxyError::InvalidTarget);
         };
         let request_time = SystemTime::now();
-        let sent = self
-            .send_failover(candidates, up)
-            .instrument(tracing::debug_span!(telemetry::spans::UPSTREAM))
-            .await;
-        let Some((origin, ms, result)) = sent else {
+        let Some(Sent {
+            origin,
+            ms,
+            result,
+            route,
+        }) = self.send(candidates, up).await
+        else {
             return refuse(ProxyError::InvalidTarget);
         };
         let f = Fetched {
@@ -54,6 +41,7 @@ impl Proxy {
             stale: stale.as_ref(),
             origin,
             ms,
+            route,
             request_time,
             base: if lookup.forced {
                 "fwd=request"
@@ -512,6 +500,8 @@ pub(super) struct Fetched<'a> {
     /// The origin asked, and its time to the response head in milliseconds.
     origin: usize,
     ms: f64,
+    /// The geo route that chose the origin.
+    route: Option<Arc<str>>,
     request_time: SystemTime,
     /// The forward reason in the client's `Cache-Status` (`fwd=uri-miss`, `fwd=stale`...).
     base: &'static str,
@@ -519,7 +509,7 @@ pub(super) struct Fetched<'a> {
 
 impl Fetched<'_> {
     fn outcome(&self, cache: CacheResult) -> Outcome_ {
-        Outcome_::origin(cache, self.origin, self.ms)
+        Outcome_::origin(cache, self.origin, self.ms, self.route.clone())
     }
 }
 

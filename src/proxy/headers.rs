@@ -331,6 +331,14 @@ mod tests {
         assert_eq!(names, vec!["x-c"]);
     }
 
+    /// The fields forwarded for a request from `peer` to site.example, through edgecache.
+    fn forward_for(h: &mut HeaderMap, peer: &str, https: bool, trusted: bool) {
+        let host = HeaderValue::from_static("site.example");
+        let via = HeaderValue::from_static("1.1 edgecache");
+        let peer = peer.parse().expect("ip");
+        forward_request_headers(h, peer, https, &host, trusted, &via);
+    }
+
     #[test]
     fn untrusted_forwarding_fields_are_replaced() {
         let mut h = map(&[
@@ -340,16 +348,7 @@ mod tests {
             ("forwarded", "for=6.6.6.6"),
             ("x-original-url", "/admin"),
         ]);
-        let host = HeaderValue::from_static("site.example");
-        let via = HeaderValue::from_static("1.1 edgecache");
-        forward_request_headers(
-            &mut h,
-            "192.0.2.1".parse().expect("ip"),
-            true,
-            &host,
-            false,
-            &via,
-        );
+        forward_for(&mut h, "192.0.2.1", true, false);
         assert_eq!(h["x-forwarded-for"], "192.0.2.1");
         assert_eq!(h["x-forwarded-host"], "site.example");
         assert_eq!(h["x-forwarded-proto"], "https");
@@ -365,16 +364,7 @@ mod tests {
             ("x-forwarded-for", "203.0.113.9"),
             ("x-forwarded-proto", "https"),
         ]);
-        let host = HeaderValue::from_static("site.example");
-        let via = HeaderValue::from_static("1.1 edgecache");
-        forward_request_headers(
-            &mut h,
-            "10.0.0.1".parse().expect("ip"),
-            false,
-            &host,
-            true,
-            &via,
-        );
+        forward_for(&mut h, "10.0.0.1", false, true);
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
     }

@@ -140,22 +140,15 @@ impl Limits {
         if !self.on {
             return None;
         }
-        self.check_on(site, peer, headers, locator)
+        self.check_on(site, || locator.client(peer, headers))
     }
 
+    /// [`Limits::check`] when some limit is configured; `client` names the client (after
+    /// trusted proxies), asked only when a per-client rate is set.
     #[cold]
     #[inline(never)]
-    fn check_on(
-        &self,
-        site: usize,
-        peer: IpAddr,
-        headers: &HeaderMap,
-        locator: &Locator,
-    ) -> Option<Answer> {
-        let client = self
-            .clients
-            .is_some()
-            .then(|| locator.client(peer, headers));
+    fn check_on(&self, site: usize, client: impl FnOnce() -> IpAddr) -> Option<Answer> {
+        let client = self.clients.is_some().then(client);
         let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let (over, wait) = self.take(site, client, now).err()?;
         tracing::debug!(client = ?client, site, ?over, wait_ns = wait, "request rate limited");

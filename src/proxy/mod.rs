@@ -62,7 +62,7 @@ use headers::{forward_request_headers, remove_hop_by_hop, via_value};
 use lookup::{host_value, key_target, Looked};
 use route::{Detour, Routed};
 use sites::{host_without_port, SiteTable};
-use upstream::Upstream;
+use upstream::{Sent, Upstream};
 
 use crate::cache::entry::upstream_status;
 pub use crate::cache::entry::CACHE_STATUS;
@@ -123,12 +123,12 @@ impl Outcome_ {
         }
     }
 
-    fn origin(cache: CacheResult, origin: usize, ms: f64) -> Outcome_ {
+    fn origin(cache: CacheResult, origin: usize, ms: f64, route: Option<Arc<str>>) -> Outcome_ {
         Outcome_ {
             cache,
             origin: Some(origin),
             origin_ms: Some(ms),
-            route: None,
+            route,
         }
     }
 }

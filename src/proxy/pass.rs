@@ -14,25 +14,7 @@ impl Proxy {
         host_value: HeaderValue,
         status: HeaderValue,
     ) -> Answer {
-        let (candidates, route) = self.candidates(site_idx, conn, req.headers());
-        let (resp, mut outcome) = self
-            .pass_with(req, conn, site_idx, host, host_value, status, &candidates)
-            .await;
-        outcome.route = route;
-        (resp, outcome)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn pass_with(
-        &self,
-        req: Request<Incoming>,
-        conn: ConnInfo,
-        site_idx: usize,
-        host: &str,
-        host_value: HeaderValue,
-        status: HeaderValue,
-        candidates: &[usize],
-    ) -> Answer {
+        let candidates = self.candidates(site_idx, conn, req.headers());
         let method = req.method().clone();
         let pq = req
             .uri()
@@ -60,11 +42,13 @@ impl Proxy {
                 Err(PrereadError::TimedOut) => return refuse(ProxyError::SlowBody),
             }
         };
-        let sent = self
-            .send_failover(candidates, up)
-            .instrument(tracing::debug_span!(telemetry::spans::UPSTREAM))
-            .await;
-        let Some((origin_index, origin_ms, result)) = sent else {
+        let Some(Sent {
+            origin: origin_index,
+            ms: origin_ms,
+            result,
+            route,
+        }) = self.send(candidates, up).await
+        else {
             return refuse(ProxyError::InvalidTarget);
         };
         let origin = &self.origins[origin_index];
@@ -74,7 +58,7 @@ impl Proxy {
                 tracing::warn!(origin = %origin.config.name, error = %ErrorChain(&e), "origin request failed");
                 return (
                     respond::error(ProxyError::from(&e)),
-                    Outcome_::origin(CacheResult::Error, origin_index, origin_ms),
+                    Outcome_::origin(CacheResult::Error, origin_index, origin_ms, route),
                 );
             }
         };
@@ -98,7 +82,7 @@ impl Proxy {
         };
         (
             Response::from_parts(rparts, body),
-            Outcome_::origin(cache, origin_index, origin_ms),
+            Outcome_::origin(cache, origin_index, origin_ms, route),
         )
     }
 

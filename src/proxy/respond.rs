@@ -8,8 +8,8 @@ use super::error::ProxyError;
 
 /// A short plain-text answer. `close` asks HTTP/1 clients to close the connection (used when
 /// the request's framing cannot be trusted).
-fn simple(status: StatusCode, message: &'static str, close: bool) -> Response<Body> {
-    let mut resp = Response::new(Body::full(bytes::Bytes::from_static(message.as_bytes())));
+fn simple(status: StatusCode, message: String, close: bool) -> Response<Body> {
+    let mut resp = Response::new(Body::full(bytes::Bytes::from(message)));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(
@@ -23,9 +23,8 @@ fn simple(status: StatusCode, message: &'static str, close: bool) -> Response<Bo
     resp
 }
 
-/// The answer for a request that failed: status, message and `Connection: close` from the one
-/// table in [`ProxyError::answer`].
+/// The answer for a request that failed: status and `Connection: close` from the one table
+/// in [`ProxyError::status`] and [`ProxyError::closes`], the message from its `Display`.
 pub(crate) fn error(e: ProxyError) -> Response<Body> {
-    let a = e.answer();
-    simple(a.status, a.message, a.close)
+    simple(e.status(), format!("edgecache: {e}\n"), e.closes())
 }

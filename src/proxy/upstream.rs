@@ -58,18 +58,17 @@ impl Proxy {
         head.version = Version::HTTP_11;
     }
 
-    /// Origins for a miss, best first: the site's route for where the client is, its pools in
-    /// order, each origin by latency and health (see `origin::select`); and the route's name.
-    pub(super) fn candidates(
-        &self,
-        site: usize,
-        conn: ConnInfo,
-        headers: &HeaderMap,
-    ) -> (Vec<usize>, Option<Arc<str>>) {
+    /// Origins for a request, best first: the site's route for where the client is (read
+    /// from the client's own fields, before forwarding fields are added), its pools in order,
+    /// each origin by latency and health (see `origin::select`); and the route's name.
+    pub(super) fn candidates(&self, site: usize, conn: ConnInfo, client: &HeaderMap) -> Candidates {
         let site = &self.config.sites[site];
-        let loc = self.locator.locate(conn.peer.ip(), headers);
+        let loc = self.locator.locate(conn.peer.ip(), client);
         let Some(route) = origin::route::find(&site.routes, &loc) else {
-            return (vec![site.origin], None);
+            return Candidates {
+                origins: vec![site.origin],
+                route: None,
+            };
         };
         let views: Vec<PoolView<'_>> = route
             .pools
@@ -80,13 +79,29 @@ impl Proxy {
                 spill_latency: p.spill_latency,
             })
             .collect();
-        let out = self.selector.candidates(&views, Instant::now());
-        let name = Some(route.name.clone());
-        if out.is_empty() {
-            (vec![site.origin], name)
-        } else {
-            (out, name)
+        let mut origins = self.selector.candidates(&views, Instant::now());
+        if origins.is_empty() {
+            origins.push(site.origin);
         }
+        Candidates {
+            origins,
+            route: Some(route.name.clone()),
+        }
+    }
+
+    /// The upstream stage: `up` sent to the candidates with failover, in the stage's span.
+    /// `None` for a target no origin URI can be made of.
+    pub(super) async fn send(&self, candidates: Candidates, up: Upstream) -> Option<Sent> {
+        let (origin, ms, result) = self
+            .send_failover(&candidates.origins, up)
+            .instrument(tracing::debug_span!(telemetry::spans::UPSTREAM))
+            .await?;
+        Some(Sent {
+            origin,
+            ms,
+            result,
+            route: candidates.route,
+        })
     }
 
     /// Sends a request to the first candidate. A bodiless idempotent request is sent again to
@@ -95,7 +110,7 @@ impl Proxy {
     /// head; each retry is taken from the retry budget. A request with a body is sent once.
     /// Returns the origin used, the time to its response head in milliseconds, and the
     /// result; `None` for an invalid target.
-    pub(super) async fn send_failover(
+    async fn send_failover(
         &self,
         candidates: &[usize],
         up: Upstream,
@@ -235,6 +250,23 @@ impl Proxy {
         }
         trusted
     }
+}
+
+/// Where a request may go: origins best first, and the geo route that chose them.
+pub(super) struct Candidates {
+    origins: Vec<usize>,
+    route: Option<Arc<str>>,
+}
+
+/// What the upstream stage came back with.
+pub(super) struct Sent {
+    /// The origin that answered (or failed last), and its time to the response head in
+    /// milliseconds.
+    pub(super) origin: usize,
+    pub(super) ms: f64,
+    pub(super) result: Result<Response<Incoming>, origin::Error>,
+    /// The geo route that chose the origin, for the access log.
+    pub(super) route: Option<Arc<str>>,
 }
 
 /// What counted against an origin, for the ejection log line.
