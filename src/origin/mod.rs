@@ -1,8 +1,9 @@
 //! Origins: one pooled HTTP client per configured origin, with its timeouts.
 //!
 //! Connections are kept alive and reused (hyper-util's pool); `https` origins are verified
-//! against the Mozilla root set built into `webpki-roots` (so a slim container needs no CA
-//! bundle) plus the origin's own `ca` file, and speak HTTP/2 when the origin offers it by ALPN.
+//! against the system's trust store plus the Mozilla root set built into `webpki-roots` (so
+//! a slim container needs no CA bundle), plus the origin's own `ca` files, and speak HTTP/2
+//! when the origin offers it by ALPN. The clients are built by `node` (see `system_roots`).
 //! Per-origin state lives in `state` (written by the proxy and `health`, read by `select`);
 //! a site's route for a client in `route`; choosing among origins in `select`; active checks
 //! in `health`.
