@@ -14,7 +14,8 @@ use edgecache::Config;
 const SIGNALS: &str = "\
 Signals (run, demo):
   SIGTERM, SIGINT  stop accepting, let in-flight requests finish within shutdown_grace, exit
-  SIGHUP           read [geo] database again; the one in use stays if the new file is bad
+  SIGHUP           reload: read the configuration file again and swap it in, keeping the
+                   cache (as POST /reload on the admin listener); a bad file changes nothing
   SIGUSR1          reopen log files (logrotate); logs go to stderr, so there is none to reopen
   SIGUSR2          ignored (logged); reserved
   SIGQUIT          not handled: the default action (exit with a core dump)";
@@ -227,7 +228,7 @@ impl Signals {
         })
     }
 
-    /// Returns on SIGTERM or SIGINT. Meanwhile SIGHUP reads the geo database again (`node`),
+    /// Returns on SIGTERM or SIGINT. Meanwhile SIGHUP reloads the configuration (`node::Reloader`),
     /// SIGUSR1 would reopen log files (logrotate's signal for nginx-style servers; every log
     /// goes to stderr, so it says there is nothing to reopen) and SIGUSR2 is logged and
     /// otherwise ignored.
@@ -236,10 +237,18 @@ impl Signals {
             tokio::select! {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
-                _ = self.hup.recv() => match node.map(|n| n.reload_geo_database()) {
-                    Some(Ok(Some(db))) => tracing::info!(database = %db, "geo database reloaded"),
-                    Some(Ok(None)) | None => tracing::info!("SIGHUP: no geo database to reload"),
-                    Some(Err(e)) => tracing::error!(error = %e, "geo database reload failed; keeping the one in use"),
+                _ = self.hup.recv() => match node {
+                    // The reload logs what it did, or every problem.
+                    Some(n) if n.reloadable() => {
+                        let reloader = n.reloader();
+                        let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+                    }
+                    Some(n) => match n.reload_geo_database() {
+                        Ok(Some(db)) => tracing::info!(database = %db, "SIGHUP: no configuration file; geo database reloaded"),
+                        Ok(None) => tracing::info!("SIGHUP: no configuration file or geo database to reload"),
+                        Err(e) => tracing::error!(error = %e, "geo database reload failed; keeping the one in use"),
+                    },
+                    None => tracing::info!("SIGHUP: nothing to reload yet"),
                 },
                 _ = self.usr1.recv() => {
                     tracing::info!("SIGUSR1: no log files to reopen; logs go to stderr");

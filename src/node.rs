@@ -5,18 +5,17 @@
 //!
 //! This is the only module that knows every other one; none of them imports it. What one
 //! configuration determines (sites, origin clients, the locator, the proxy over them) is built
-//! by [`build_runtime`] from a `Config` and the parts that outlive a configuration (the store),
-//! so that a reload can build a new [`Runtime`] beside the running one and swap it whole.
-//! Reload itself is not here yet.
+//! by [`build_runtime`] from a `Config` and the parts that outlive a configuration (the store,
+//! the metrics); a reload ([`Reloader`]) builds the next proxy beside the running one, from
+//! the new configuration and what it carries over, and swaps it whole.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 
 use crate::telemetry::metrics::Metrics;
 
@@ -26,7 +25,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::geo::Locator;
 use crate::origin::{self, OriginClient};
-use crate::proxy::Proxy;
+use crate::proxy::{Live, Proxy};
 use crate::server::{self, conn::Builders, ConnTracker, Shared};
 
 /// A running edgecache node.
@@ -42,7 +41,7 @@ pub struct Node {
     admin_stop: watch::Sender<bool>,
     tracker: ConnTracker,
     grace: Duration,
-    runtime: Runtime,
+    reloader: Arc<Reloader>,
 }
 
 /// What one configuration determines: the unit a reload will replace. The store is not in
@@ -73,15 +72,28 @@ pub fn build_runtime(
 /// strictly (its system configuration must load) only when some origin is named by a host
 /// name; the system's trust anchors are loaded only when some origin uses https.
 fn origin_clients(config: &Config) -> Result<Vec<OriginClient>, origin::Error> {
-    let names_used = config.origins.iter().any(|o| {
-        o.authority.host().parse::<std::net::IpAddr>().is_err()
+    origin_clients_reusing(config, |_| None)
+}
+
+/// As [`origin_clients`], with origin `i`'s client taken from `reuse(i)` where it gives one
+/// (a reload keeps an unchanged origin's client and its pooled connections).
+fn origin_clients_reusing(
+    config: &Config,
+    reuse: impl Fn(usize) -> Option<OriginClient>,
+) -> Result<Vec<OriginClient>, origin::Error> {
+    let reused: Vec<Option<OriginClient>> = (0..config.origins.len()).map(reuse).collect();
+    let new = |i: usize| reused[i].is_none();
+    let names_used = config.origins.iter().enumerate().any(|(i, o)| {
+        new(i)
+            && o.authority.host().parse::<std::net::IpAddr>().is_err()
             && !o.authority.host().starts_with('[')
     });
     let resolver = origin::dns::Resolver::new(&config.dns, names_used)?;
     let roots = if config
         .origins
         .iter()
-        .any(|o| o.scheme == http::uri::Scheme::HTTPS)
+        .enumerate()
+        .any(|(i, o)| new(i) && o.scheme == http::uri::Scheme::HTTPS)
     {
         origin::system_roots()
     } else {
@@ -90,7 +102,11 @@ fn origin_clients(config: &Config) -> Result<Vec<OriginClient>, origin::Error> {
     config
         .origins
         .iter()
-        .map(|o| OriginClient::new(o.clone(), resolver.clone(), &roots))
+        .zip(reused)
+        .map(|(o, kept)| match kept {
+            Some(client) => Ok(client),
+            None => OriginClient::new(o.clone(), resolver.clone(), &roots),
+        })
         .collect()
 }
 
@@ -112,22 +128,19 @@ fn locator(config: &Config) -> Locator {
     .with_address_header(config.server.client_address_header)
 }
 
-/// Starts the active health checks of every origin that has them; each task ends when
-/// `shutdown` turns true.
-fn spawn_health_checks(
-    proxy: &Arc<Proxy>,
-    tasks: &mut JoinSet<()>,
-    shutdown: &watch::Receiver<bool>,
-) {
+/// Starts the active health checks of every origin of `proxy` that has them, as tasks of
+/// their own; each ends when `stop` turns true (the node shuts down, or a reload replaced
+/// the configuration they check for).
+fn spawn_health_checks(proxy: &Arc<Proxy>, stop: &watch::Receiver<bool>) {
     for (i, o) in proxy.origins().iter().enumerate() {
         let Some(check) = o.config.health.clone() else {
             continue;
         };
         let proxy = proxy.clone();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
+        let stop = stop.clone();
+        tokio::spawn(async move {
             if let Some(client) = proxy.origins().get(i) {
-                origin::health::run(client, proxy.origin_states(), i, &check, shutdown).await;
+                origin::health::run(client, proxy.origin_states(), i, &check, stop).await;
             }
         });
     }
@@ -159,7 +172,7 @@ struct AdminListener {
 /// non-loopback address and a missing token.
 fn start_admin(
     config: &Config,
-    proxy: &Arc<Proxy>,
+    reloader: &Arc<Reloader>,
     shared: &Shared,
 ) -> Result<AdminListener, Error> {
     let mut task = JoinSet::new();
@@ -190,16 +203,21 @@ fn start_admin(
              and public metrics are refused"
         );
     }
+    let reload: Option<Arc<dyn admin::Reload>> = match reloader.path {
+        Some(_) => Some(reloader.clone()),
+        None => None,
+    };
     let state = Arc::new(admin::AdminState {
         config: admin.clone(),
-        proxy: proxy.clone(),
+        proxy: shared.proxy.clone(),
+        reload,
         metrics: shared.metrics.clone(),
         tracker: shared.tracker.clone(),
         capacity: config.cache.memory,
         draining: shared.shutdown.clone(),
     });
     task.spawn(admin::serve(l, state, shared.builders.clone(), stopped));
-    tracing::info!(addr = %bound, "admin listening (metrics, health, origins, purge)");
+    tracing::info!(addr = %bound, "admin listening (metrics, health, origins, purge, reload)");
     Ok(AdminListener {
         addr: Some(bound),
         task,
@@ -208,18 +226,20 @@ fn start_admin(
 }
 
 /// Binds the configured listeners and starts serving. Port 0 binds an ephemeral port; the
-/// bound addresses are on the returned [`Node`].
+/// bound addresses are on the returned [`Node`]. A configuration read from a file
+/// ([`Config::load`]) can be reloaded from it ([`Node::reload`], SIGHUP, `POST /reload`).
 pub async fn start(config: Config) -> Result<Node, Error> {
     let config = Arc::new(config);
     let store = Store::new(config.cache.memory);
     let metrics = Arc::new(Metrics::default());
     let runtime = build_runtime(config.clone(), store, metrics.clone())?;
     let proxy = runtime.proxy.clone();
-    let tls = server::tls::server_config(&config.tls.certificates)?.map(TlsAcceptor::from);
+    let tls = server::tls::server_config(&config.tls.certificates)?
+        .map(|c| Arc::new(server::tls::LiveTls::new(c)));
     let (tx, rx) = watch::channel(false);
     let shared = Shared {
-        proxy: proxy.clone(),
-        metrics,
+        proxy: Arc::new(Live::new(proxy.clone())),
+        metrics: metrics.clone(),
         builders: Arc::new(Builders::new(&config.server)),
         limit: Arc::new(Semaphore::new(config.server.max_connections)),
         per_client: config.server.max_connections_per_client.map(|max| {
@@ -242,8 +262,17 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     for (l, tls) in listeners {
         accept.spawn(server::accept_loop(l, tls, shared.clone()));
     }
-    spawn_health_checks(&proxy, &mut accept, &shared.shutdown);
-    let admin = start_admin(&config, &proxy, &shared)?;
+    let (health_stop, health) = watch::channel(false);
+    spawn_health_checks(&proxy, &health);
+    let reloader = Arc::new(Reloader {
+        path: config.path.clone(),
+        live: shared.proxy.clone(),
+        tls,
+        metrics,
+        health: Mutex::new(health_stop),
+        busy: Mutex::new(()),
+    });
+    let admin = start_admin(&config, &reloader, &shared)?;
     for a in &http_addrs {
         tracing::info!(addr = %a, "listening for HTTP");
     }
@@ -260,8 +289,173 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         admin_stop: admin.stop,
         tracker: shared.tracker,
         grace: config.server.shutdown_grace,
-        runtime,
+        reloader,
     })
+}
+
+/// Swaps in a new configuration while the node serves: SIGHUP and `POST /reload` run it.
+///
+/// What the new file says applies to requests that start after the swap (sites, routes,
+/// pools, origins, rules, cache settings, geo, request rates, certificates for new
+/// handshakes); requests in flight finish on the proxy they began with. The store, the
+/// metrics and fetches in flight are carried over whole. An origin with the same name and URL
+/// keeps its state (latency, health, ejection, counts), and when none of its settings
+/// changed also its client with the pooled connections; a removed origin's connections close
+/// as its last requests end. Listeners, connection limits and timeouts, `cache.memory` and
+/// the admin listener are set at start: a change to them is reported and waits for a restart.
+pub struct Reloader {
+    path: Option<std::path::PathBuf>,
+    live: Arc<Live>,
+    tls: Option<Arc<server::tls::LiveTls>>,
+    metrics: Arc<Metrics>,
+    /// Stops the health checks of the configuration in service (a reload starts new ones).
+    health: Mutex<watch::Sender<bool>>,
+    /// One reload at a time.
+    busy: Mutex<()>,
+}
+
+impl admin::Reload for Reloader {
+    fn reload(&self) -> Result<String, String> {
+        Reloader::reload(self)
+    }
+}
+
+impl Reloader {
+    /// Reads the configuration file again and swaps it in; on any problem the running
+    /// configuration stays and every problem is returned, one `FILE:LINE:COLUMN: key:
+    /// message` per line. Counted in `edgecache_config_reloads_total`; logged either way.
+    pub fn reload(&self) -> Result<String, String> {
+        let _one = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let result = match &self.path {
+            None => Err("no configuration file to read: the node was started without one".into()),
+            Some(path) => Config::load(path)
+                .map_err(|e| e.to_string())
+                .and_then(|config| self.apply(config).map_err(|e| e.to_string())),
+        };
+        self.metrics.config_reload(result.is_ok());
+        match &result {
+            Ok(done) => tracing::info!(changes = %done, "configuration reloaded"),
+            Err(problems) => {
+                for line in problems.lines() {
+                    tracing::error!(problem = %line, "configuration reload refused; the running configuration stays");
+                }
+            }
+        }
+        result
+    }
+
+    /// Swaps in `config` (validated): builds the next proxy beside the running one, then
+    /// swaps the proxy and the certificates and moves the health checks over. Says what
+    /// changed, and what waits for a restart.
+    pub fn apply(&self, config: Config) -> Result<String, Error> {
+        let old = self.live.load_full();
+        let config = Arc::new(config);
+        let before = old.config();
+        // An origin is the same one when its name and URL are: it keeps its state; its
+        // client (and pooled connections) only when nothing else about it changed either.
+        let same = |i: usize| {
+            let o = &config.origins[i];
+            before.origins.iter().position(|p| {
+                p.name == o.name && p.scheme == o.scheme && p.authority == o.authority
+            })
+        };
+        let unchanged = |i: usize| {
+            same(i).filter(|&j| {
+                format!("{:?}", before.origins[j]) == format!("{:?}", config.origins[i])
+            })
+        };
+        let origins = origin_clients_reusing(&config, |i| {
+            unchanged(i).and_then(|j| old.origins().get(j).cloned())
+        })?;
+        let states = old.origin_states().carried(config.origins.len(), same);
+        let tls = server::tls::server_config(&config.tls.certificates)?;
+        let proxy = Arc::new(old.reconfigured(config.clone(), origins, states, locator(&config)));
+        let kept = (0..config.origins.len())
+            .filter(|&i| same(i).is_some())
+            .count();
+        let mut done = format!(
+            "{} sites, {} origins ({kept} kept with their state), {} certificates",
+            config.sites.len(),
+            config.origins.len(),
+            config.tls.certificates.len()
+        );
+        let waiting = restart_only(before, &config);
+        if !waiting.is_empty() {
+            done.push_str(&format!(
+                "; not applied until a restart: {}",
+                waiting.join(", ")
+            ));
+        }
+        match (&self.tls, tls) {
+            (Some(live), Some(new)) => live.store(new),
+            (None, Some(_)) => {} // no HTTPS listener to serve them on: reported above
+            (_, None) => {}
+        }
+        self.live.store(proxy.clone());
+        let (stop, health) = watch::channel(false);
+        let previous = std::mem::replace(
+            &mut *self.health.lock().unwrap_or_else(|p| p.into_inner()),
+            stop,
+        );
+        let _ = previous.send(true);
+        spawn_health_checks(&proxy, &health);
+        Ok(done)
+    }
+
+    /// Stops the health checks (the node shuts down).
+    fn stop_health(&self) {
+        let _ = self
+            .health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(true);
+    }
+}
+
+/// The settings a running node cannot change, named when a reload changes them.
+fn restart_only(before: &Config, after: &Config) -> Vec<&'static str> {
+    let (a, b) = (&before.server, &after.server);
+    let mut out = Vec::new();
+    if a.http != b.http || a.https != b.https {
+        out.push("server.http/https (listeners)");
+    }
+    if a.workers != b.workers {
+        out.push("server.workers");
+    }
+    if a.max_connections != b.max_connections
+        || a.max_connections_per_client != b.max_connections_per_client
+    {
+        out.push("server connection limits");
+    }
+    if format!(
+        "{:?}",
+        (
+            a.header_read_timeout,
+            a.idle_timeout,
+            a.send_timeout,
+            a.shutdown_grace
+        )
+    ) != format!(
+        "{:?}",
+        (
+            b.header_read_timeout,
+            b.idle_timeout,
+            b.send_timeout,
+            b.shutdown_grace
+        )
+    ) {
+        out.push("server timeouts");
+    }
+    if before.cache.memory != after.cache.memory {
+        out.push("cache.memory");
+    }
+    if before.tls.certificates.is_empty() != after.tls.certificates.is_empty() {
+        out.push("TLS turned on or off");
+    }
+    if format!("{:?}", before.admin) != format!("{:?}", after.admin) {
+        out.push("[admin]");
+    }
+    out
 }
 
 impl Node {
@@ -282,18 +476,34 @@ impl Node {
 
     /// The request counters.
     pub fn metrics(&self) -> &Metrics {
-        self.runtime.proxy.metrics()
+        &self.reloader.metrics
     }
 
     /// The node's cache store (for inspection in tests and admin).
-    pub fn store(&self) -> &Store {
-        self.runtime.proxy.store()
+    pub fn store(&self) -> Store {
+        self.reloader.live.load().store().clone()
     }
 
-    /// Reads `[geo] database` again (what SIGHUP does): lookups use the new file from now on;
-    /// on error the one in use stays. `Ok(None)` when no database is configured.
+    /// Reads `[geo] database` again: lookups use the new file from now on; on error the one
+    /// in use stays. `Ok(None)` when no database is configured. (A reload reads it too.)
     pub fn reload_geo_database(&self) -> Result<Option<String>, String> {
-        self.runtime.proxy.reload_geo()
+        self.reloader.live.load().reload_geo()
+    }
+
+    /// Reads the configuration file again and swaps it in (what SIGHUP and `POST /reload`
+    /// do); see [`Reloader`]. Blocking: it reads files. The error lists every problem.
+    pub fn reload(&self) -> Result<String, String> {
+        self.reloader.reload()
+    }
+
+    /// Whether the configuration came from a file that a reload can read again.
+    pub fn reloadable(&self) -> bool {
+        self.reloader.path.is_some()
+    }
+
+    /// The reload handle, to run a reload off the runtime's threads.
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
     }
 
     /// Open client connections.
@@ -321,6 +531,7 @@ impl Node {
                 "shutdown grace expired with connections still open"
             );
         }
+        self.reloader.stop_health();
         let _ = self.admin_stop.send(true);
         while self.admin_task.join_next().await.is_some() {}
     }

@@ -19,7 +19,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::cache::PurgeTarget;
 use crate::config::Admin as AdminConfig;
-use crate::proxy::Proxy;
+use crate::proxy::Live;
 use crate::server::conn::Builders;
 use crate::server::ConnTracker;
 use crate::telemetry::metrics::{self, Gauges, Metrics, Scrape};
@@ -27,13 +27,22 @@ use crate::telemetry::metrics::{self, Gauges, Metrics, Scrape};
 /// What the admin endpoints read.
 pub struct AdminState {
     pub config: AdminConfig,
-    pub proxy: Arc<Proxy>,
+    /// The proxy in service (a reload swaps it).
+    pub proxy: Arc<Live>,
+    /// What `POST /reload` runs; `None` when the node has no configuration file to read.
+    pub reload: Option<Arc<dyn Reload>>,
     pub metrics: Arc<Metrics>,
     pub tracker: ConnTracker,
     pub capacity: u64,
     /// The data listeners' shutdown signal: once set, the node is draining and `/readyz`
     /// answers 503.
     pub draining: watch::Receiver<bool>,
+}
+
+/// A configuration reload, as the node runs it (`node::Reloader`): the file read again and,
+/// when valid, swapped in. `Ok` says what changed; `Err` carries every problem, one per line.
+pub trait Reload: Send + Sync {
+    fn reload(&self) -> Result<String, String>;
 }
 
 /// A purge request body: exactly one target, and `soft` to mark stale instead of removing.
@@ -105,7 +114,8 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             }
         }
         (&Method::GET, "/metrics") => {
-            let store = state.proxy.store();
+            let proxy = state.proxy.load();
+            let store = proxy.store();
             #[cfg(target_os = "linux")]
             let memory_files = {
                 let usage = crate::cache::mapped::usage();
@@ -121,26 +131,53 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
                 cache_objects: store.entry_count(),
                 cache_bytes: store.weighted_size(),
                 cache_capacity_bytes: state.capacity,
-                fills_in_flight: state.proxy.fills_in_flight() as u64,
-                fill_bytes: state.proxy.fill_memory().0,
-                fill_memory_full: state.proxy.fill_memory().1,
+                fills_in_flight: proxy.fills_in_flight() as u64,
+                fill_bytes: proxy.fill_memory().0,
+                fill_memory_full: proxy.fill_memory().1,
                 open_connections: state.tracker.open() as u64,
                 memory_files,
             };
             let scrape = Scrape {
                 metrics: state.metrics.clone(),
                 gauges,
-                origins: state.proxy.origin_series(),
+                origins: proxy.origin_series(),
             };
             text(StatusCode::OK, metrics::CONTENT_TYPE, scrape.render())
         }
         (&Method::POST, "/purge") => purge(state, req).await,
+        (&Method::POST, "/reload") => reload(state).await,
         (&Method::GET, "/origins") => text(
             StatusCode::OK,
             "application/json",
-            state.proxy.origins_json(),
+            state.proxy.load().origins_json(),
         ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// `POST /reload`: the configuration file read again (off the runtime's threads: it reads
+/// files and builds clients). 200 with what changed, or 422 with every problem and the
+/// running configuration kept.
+async fn reload(state: &AdminState) -> Response<Full<Bytes>> {
+    let Some(reload) = state.reload.clone() else {
+        return text(
+            StatusCode::CONFLICT,
+            "text/plain",
+            "no configuration file to reload: this node was started without one\n",
+        );
+    };
+    match tokio::task::spawn_blocking(move || reload.reload()).await {
+        Ok(Ok(done)) => text(StatusCode::OK, "text/plain", format!("{done}\n")),
+        Ok(Err(problems)) => text(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "text/plain",
+            format!("{problems}\n"),
+        ),
+        Err(_) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            "the reload failed unexpectedly; the running configuration stays\n",
+        ),
     }
 }
 
@@ -205,7 +242,7 @@ async fn purge(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             Some(u),
         ) => match (u.host(), u.path_and_query()) {
             (Some(h), Some(pq)) => {
-                let (host, pq) = state.proxy.key_of(h, pq.as_str());
+                let (host, pq) = state.proxy.load().key_of(h, pq.as_str());
                 Some((host, pq, 0))
             }
             _ => None,
@@ -264,7 +301,7 @@ async fn purge(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         2 => PurgeTarget::Tag(&arg),
         _ => PurgeTarget::All,
     };
-    let n = state.proxy.store().purge(&target, p.soft);
+    let n = state.proxy.load().store().purge(&target, p.soft);
     state.metrics.purged(n as u64);
     tracing::info!(target = ?target, soft = p.soft, purged = n, "purge");
     text(

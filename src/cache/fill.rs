@@ -455,8 +455,8 @@ pub struct Fills<F> {
     map: Mutex<HashMap<u64, Arc<Fill<F>>, PrehashedKey>>,
     /// Body bytes held by fills that are still to be stored.
     held: AtomicU64,
-    /// Bound on `held` (`cache.fill_memory`).
-    budget: u64,
+    /// Bound on `held` (`cache.fill_memory`; a reload may change it).
+    budget: AtomicU64,
     /// Fills given up because the budget was full.
     refused: AtomicU64,
 }
@@ -473,7 +473,7 @@ impl<F> Fills<F> {
         Fills {
             map: Mutex::default(),
             held: AtomicU64::new(0),
-            budget,
+            budget: AtomicU64::new(budget),
             refused: AtomicU64::new(0),
         }
     }
@@ -482,11 +482,16 @@ impl<F> Fills<F> {
     /// caller gives up storing its fill and gives back what it charged.
     pub fn charge(&self, n: u64) -> bool {
         let held = self.held.fetch_add(n, Ordering::Relaxed).saturating_add(n);
-        let ok = held <= self.budget;
+        let ok = held <= self.budget.load(Ordering::Relaxed);
         if !ok {
             self.refused.fetch_add(1, Ordering::Relaxed);
         }
         ok
+    }
+
+    /// Sets a new bound (a configuration reload); bytes held now stay counted.
+    pub fn set_budget(&self, budget: u64) {
+        self.budget.store(budget, Ordering::Relaxed);
     }
 
     /// Fills given up because the budget was full.

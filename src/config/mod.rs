@@ -26,6 +26,9 @@ use rustls::sign::CertifiedKey;
 pub struct Config {
     /// Where the configuration came from, for messages (`<builtin>` for the demo).
     pub source: String,
+    /// The file it was read from ([`Config::load`]): what a reload reads again. `None` for
+    /// configuration text given in memory.
+    pub path: Option<PathBuf>,
     pub server: Server,
     pub tls: Tls,
     pub cache: Cache,
@@ -684,7 +687,9 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::from_toml(&text, &path.display().to_string(), base)
+        let mut config = Config::from_toml(&text, &path.display().to_string(), base)?;
+        config.path = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Validates configuration text; `file` names it in messages, `base` resolves relative paths.

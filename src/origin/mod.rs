@@ -100,7 +100,8 @@ pub fn system_roots() -> rustls::RootCertStore {
     roots
 }
 
-/// A configured origin with its connection pool.
+/// A configured origin with its connection pool (a clone shares the pool).
+#[derive(Clone)]
 pub struct OriginClient {
     pub config: Origin,
     client: Client<Limited<HttpsConnector<HttpConnector<dns::Resolver>>>, UpstreamBody>,

@@ -43,10 +43,17 @@ pub struct Selector {
 
 impl Selector {
     pub fn new(weights: Vec<u32>) -> Selector {
+        let state = OriginStates::new(weights.len());
+        Selector::with_state(weights, state)
+    }
+
+    /// A selector over `state` (carried from an earlier configuration, see
+    /// [`OriginStates::carried`]), one weight per origin in it.
+    pub fn with_state(weights: Vec<u32>, state: OriginStates) -> Selector {
         let seed =
             std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
         Selector {
-            state: OriginStates::new(weights.len()),
+            state,
             weights,
             seed: AtomicU64::new(seed | 1),
         }

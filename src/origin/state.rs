@@ -10,7 +10,7 @@
 //! nothing here sends a request or reads the clock after construction: `now` is a parameter.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -176,7 +176,8 @@ impl Drop for InFlight<'_> {
 /// writers and reads as `None`.
 #[derive(Debug)]
 pub struct OriginStates {
-    origins: Vec<OriginState>,
+    /// Shared, so that a configuration reload carries an origin's state to the new table.
+    origins: Vec<Arc<OriginState>>,
     /// The instant `ejected_until` counts from (it is kept in an atomic as milliseconds).
     epoch: Instant,
 }
@@ -185,8 +186,24 @@ impl OriginStates {
     /// State for `count` origins: up, no latency sample, nothing counted.
     pub fn new(count: usize) -> OriginStates {
         OriginStates {
-            origins: (0..count).map(|_| OriginState::default()).collect(),
+            origins: (0..count).map(|_| Arc::default()).collect(),
             epoch: Instant::now(),
+        }
+    }
+
+    /// A table for a new configuration's `count` origins: origin `i` keeps the state of this
+    /// table's origin `carry(i)` (latency, health, ejection, counts), the others start anew.
+    /// The epoch is kept, so carried ejections end when they would have.
+    pub fn carried(&self, count: usize, carry: impl Fn(usize) -> Option<usize>) -> OriginStates {
+        OriginStates {
+            origins: (0..count)
+                .map(|i| {
+                    carry(i)
+                        .and_then(|j| self.origins.get(j).cloned())
+                        .unwrap_or_default()
+                })
+                .collect(),
+            epoch: self.epoch,
         }
     }
 
@@ -228,7 +245,7 @@ impl OriginStates {
 
     /// Counts a request to `origin` as in flight until the guard is dropped.
     pub fn enter(&self, origin: usize) -> InFlight<'_> {
-        let s = self.origins.get(origin);
+        let s = self.origins.get(origin).map(|s| &**s);
         if let Some(s) = s {
             s.inflight.fetch_add(1, Ordering::Relaxed);
         }

@@ -216,7 +216,9 @@ pub struct Proxy {
     origins: Vec<OriginClient>,
     origin_names: Vec<Arc<str>>,
     store: Store,
-    fills: Fills,
+    /// Shared with the proxies of later configurations: a fetch begun before a reload still
+    /// collapses the requests that come after it.
+    fills: Arc<Fills>,
     locator: crate::geo::Locator,
     limits: limit::Limits,
     selector: Selector,
@@ -234,6 +236,11 @@ pub struct Proxy {
     /// start: a request that already carries it has come back to us (508).
     cdn_loop: HeaderValue,
 }
+
+/// The proxy in service, swapped whole by a configuration reload: each request loads the
+/// current one and keeps it to its end, so requests in flight finish on the configuration
+/// they began with.
+pub type Live = arc_swap::ArcSwap<Proxy>;
 
 /// A fill whose failure tells followers the leader's error.
 type Fill = crate::cache::fill::Fill<ProxyError>;
@@ -255,6 +262,39 @@ impl Proxy {
         origins: Vec<OriginClient>,
         locator: crate::geo::Locator,
     ) -> Proxy {
+        let fills = Arc::new(Fills::new(config.cache.fill_memory));
+        let selector = Selector::new(config.origins.iter().map(|o| o.weight).collect());
+        Proxy::assemble(config, store, metrics, fills, origins, selector, locator)
+    }
+
+    /// The request path for a new configuration (a reload) beside this one: the same store,
+    /// counters and fills in flight; origin clients and their `states` as the caller carried
+    /// them (see `node::reload`). This node's `CDN-Loop` id stays (it comes from the store's
+    /// key), so loops through the old and the new configuration are still seen.
+    pub fn reconfigured(
+        &self,
+        config: Arc<Config>,
+        origins: Vec<OriginClient>,
+        states: origin::state::OriginStates,
+        locator: crate::geo::Locator,
+    ) -> Proxy {
+        self.fills.set_budget(config.cache.fill_memory);
+        let weights = config.origins.iter().map(|o| o.weight).collect();
+        let selector = Selector::with_state(weights, states);
+        let (store, metrics, fills) =
+            (self.store.clone(), self.metrics.clone(), self.fills.clone());
+        Proxy::assemble(config, store, metrics, fills, origins, selector, locator)
+    }
+
+    fn assemble(
+        config: Arc<Config>,
+        store: Store,
+        metrics: Arc<Metrics>,
+        fills: Arc<Fills>,
+        origins: Vec<OriginClient>,
+        selector: Selector,
+        locator: crate::geo::Locator,
+    ) -> Proxy {
         let name = config.server.via_name.clone();
         // Random per process (the store's hasher is randomly keyed).
         let node_id = store.hash(&KeyParts {
@@ -274,10 +314,10 @@ impl Proxy {
                 .collect(),
             origins,
             store,
-            fills: Fills::new(config.cache.fill_memory),
+            fills,
             locator,
             limits: limit::Limits::new(&config),
-            selector: Selector::new(config.origins.iter().map(|o| o.weight).collect()),
+            selector,
             retry_budget: origin::retry::RetryBudget::new(&config.retries),
             metrics,
             hit: status_value(&name, "hit"),
@@ -321,6 +361,11 @@ impl Proxy {
     /// The origin clients, in configuration order (for the health checks `node` starts).
     pub(crate) fn origins(&self) -> &[OriginClient] {
         &self.origins
+    }
+
+    /// The configuration this proxy serves.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
     }
 
     /// Per-origin state, which the health checks write and selection reads.

@@ -44,7 +44,7 @@ use super::sniff::plain_protocol;
 use super::timeouts::Limits;
 use super::tracked::{Activity, Cycle, Tracked};
 use crate::config::Server as ServerConfig;
-use crate::proxy::{ConnInfo, Proxy};
+use crate::proxy::{ConnInfo, Live};
 use crate::telemetry::metrics::Metrics;
 
 /// hyper connection builders prepared once from the configuration.
@@ -151,7 +151,7 @@ pub async fn serve(
     info: ConnInfo,
     tls: Option<TlsAcceptor>,
     builders: Arc<Builders>,
-    proxy: Arc<Proxy>,
+    proxy: Arc<Live>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -232,7 +232,7 @@ impl Conns<'_> {
         self,
         io: I,
         h2: bool,
-        proxy: Arc<Proxy>,
+        proxy: Arc<Live>,
         info: ConnInfo,
         shutdown: &mut watch::Receiver<bool>,
     ) where
@@ -244,7 +244,7 @@ impl Conns<'_> {
             // report: a response it cannot send is a write the socket refuses.
             let activity = self.activity.clone();
             let service = service_fn(move |req| {
-                Reporting::<Watched>::new(proxy.handle(req, info), activity.clone())
+                Reporting::<Watched>::new(proxy.load().handle(req, info), activity.clone())
             });
             self.run(io, Proto::Http2, service, shutdown).await
         } else {
@@ -253,7 +253,7 @@ impl Conns<'_> {
             let activity = self.activity.clone();
             let service = service_fn(move |req| {
                 activity.set_cycle(Cycle::Request);
-                Reporting::<Answered>::new(proxy.handle(req, info), activity.clone())
+                Reporting::<Answered>::new(proxy.load().handle(req, info), activity.clone())
             });
             self.run(io, Proto::Http1, service, shutdown).await
         }

@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::proxy::{ConnInfo, Proxy};
+use crate::proxy::{ConnInfo, Live};
 use crate::telemetry::metrics::Metrics;
 use conn::Builders;
 
@@ -72,7 +72,8 @@ impl Drop for ConnGuard {
 /// What every accept loop shares.
 #[derive(Clone)]
 pub struct Shared {
-    pub proxy: Arc<Proxy>,
+    /// The proxy in service; each request loads the current one (a reload swaps it).
+    pub proxy: Arc<Live>,
     /// Where connections refused at accept and bytes sent with `sendfile` are counted.
     pub metrics: Arc<Metrics>,
     pub builders: Arc<Builders>,
@@ -84,7 +85,7 @@ pub struct Shared {
 }
 
 /// Accepts connections on one listener until shutdown. `tls` is set for HTTPS listeners.
-pub async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Shared) {
+pub async fn accept_loop(listener: TcpListener, tls: Option<Arc<tls::LiveTls>>, shared: Shared) {
     let Shared {
         proxy,
         metrics,
@@ -111,7 +112,9 @@ pub async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared
                 let task = conn::serve(
                     stream,
                     info,
-                    tls.clone(),
+                    // The certificates in service when the connection came: a reload
+                    // serves new ones to new handshakes only.
+                    tls.as_ref().map(|t| TlsAcceptor::from(t.load_full())),
                     builders.clone(),
                     proxy.clone(),
                     metrics.clone(),

@@ -74,6 +74,9 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
+/// The TLS configuration in service, swapped whole when a reload reads new certificates.
+pub type LiveTls = arc_swap::ArcSwap<ServerConfig>;
+
 /// Builds the rustls server configuration, or `None` when no certificate is configured.
 pub fn server_config(certs: &[Certificate]) -> Result<Option<Arc<ServerConfig>>, rustls::Error> {
     let Some(resolver) = SniResolver::new(certs) else {

@@ -39,6 +39,8 @@ pub struct Metrics {
     retries_refused: AtomicU64,
     sendfile_bytes: AtomicU64,
     connections_refused: AtomicU64,
+    /// Configuration reloads: `[ok, error]`.
+    config_reloads: [AtomicU64; 2],
 }
 
 /// Point-in-time values of the node, read when a scrape is made.
@@ -122,6 +124,17 @@ impl Metrics {
             .sum()
     }
 
+    /// Counts a configuration reload: swapped in (`ok`), or refused and the running one kept.
+    pub fn config_reload(&self, ok: bool) {
+        self.config_reloads[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Configuration reloads so far: `(swapped in, refused)`.
+    pub fn config_reloads(&self) -> (u64, u64) {
+        let [ok, error] = &self.config_reloads;
+        (ok.load(Ordering::Relaxed), error.load(Ordering::Relaxed))
+    }
+
     /// Counts a connection closed at accept for `server.max_connections_per_client`.
     pub fn connection_refused(&self) {
         self.connections_refused.fetch_add(1, Ordering::Relaxed);
@@ -181,6 +194,22 @@ impl Scrape {
                         .encode_counter::<NoLabelSet, u64, u64>(&v, None)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn encode_reloads(&self, encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let mut family = encoder.encode_descriptor(
+            "edgecache_config_reloads",
+            "Configuration reloads (SIGHUP, POST /reload): ok swapped in, error refused.",
+            None,
+            MetricType::Counter,
+        )?;
+        let (ok, error) = self.metrics.config_reloads();
+        for (result, v) in [("ok", ok), ("error", error)] {
+            family
+                .encode_family(&[("result", result)])?
+                .encode_counter::<NoLabelSet, u64, u64>(&v, None)?;
         }
         Ok(())
     }
@@ -374,6 +403,7 @@ fn one(
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         self.encode_requests(&mut encoder)?;
+        self.encode_reloads(&mut encoder)?;
         self.encode_node(&mut encoder)?;
         self.encode_origins(&mut encoder)
     }
@@ -507,6 +537,7 @@ edgecache_origin_ejections_total{origin="eu \"1\"\\west\nb"} 0
             names,
             [
                 "edgecache_requests_total counter",
+                "edgecache_config_reloads_total counter",
                 "edgecache_origin_requests_total counter",
                 "edgecache_origin_errors_total counter",
                 "edgecache_origin_retries_total counter",

@@ -546,7 +546,7 @@ async fn one_worker_serves_600_concurrent_http2_streams_from_one_origin_request(
 }
 
 #[tokio::test]
-async fn sighup_reloads_the_geo_database() {
+async fn sighup_reloads_the_configuration_and_its_geo_database() {
     let (eu, us) = regional_origins().await;
     let geo_dir = tempfile::tempdir().expect("tempdir");
     let db = geo_dir.path().join("country.mmdb");
@@ -598,22 +598,22 @@ async fn sighup_reloads_the_geo_database() {
     assert_eq!(whence().await, "eu", "nothing changes before the signal");
     hup(p.child.id());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !logged(&p, "geo database reloaded") && std::time::Instant::now() < deadline {
+    while !logged(&p, "configuration reloaded") && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(logged(&p, "geo database reloaded"));
+    assert!(logged(&p, "configuration reloaded"));
     assert_eq!(whence().await, "us");
 
     // A broken file is refused and the one in use stays.
     std::fs::write(&db, b"not a database").expect("write");
     hup(p.child.id());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !logged(&p, "reload failed") && std::time::Instant::now() < deadline {
+    while !logged(&p, "reload refused") && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(logged(
         &p,
-        "geo database reload failed; keeping the one in use"
+        "configuration reload refused; the running configuration stays"
     ));
     assert_eq!(whence().await, "us");
 }

@@ -13,6 +13,7 @@ mod keep_alive;
 mod leak_search;
 mod limits;
 mod origins;
+mod reload;
 mod routing;
 mod send_timeout;
 mod sendfile;

@@ -227,6 +227,7 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
 
     Config {
         source: ck.file.to_owned(),
+        path: None,
         admin,
         pools,
         geo,

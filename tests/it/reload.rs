@@ -1,0 +1,385 @@
+//! Configuration reload (`POST /reload`, SIGHUP): a new file swapped in while clients keep
+//! coming, the cache kept, origin state carried by name and URL, a bad file refused whole.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+/// What the test changes between reloads.
+#[derive(Clone)]
+struct Knobs {
+    /// `b.test` served (by origin `a`).
+    b_site: bool,
+    /// Origin `c`'s URL: the first or the second test origin.
+    c_on_second: bool,
+    /// A rule on `a.test` that bypasses the cache for `/api/`.
+    bypass_api: bool,
+    /// Which of the two certificates `a.test` is served with.
+    second_cert: bool,
+}
+
+struct Setup {
+    first: TestOrigin,
+    second: TestOrigin,
+    certs: [TestCert; 2],
+    path: PathBuf,
+}
+
+impl Setup {
+    fn text(&self, k: &Knobs) -> String {
+        let cert = &self.certs[usize::from(k.second_cert)];
+        let c_url = if k.c_on_second {
+            self.second.url()
+        } else {
+            self.first.url()
+        };
+        let mut t = format!(
+            "[server]\nhttp = [\"127.0.0.1:0\"]\nhttps = [\"127.0.0.1:0\"]\n\
+             [[tls.certificates]]\nhosts = [\"a.test\"]\ncert = \"{}\"\nkey = \"{}\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"t\"\n\
+             [[origins]]\nname = \"a\"\nurl = \"{}\"\n\
+             [[origins]]\nname = \"c\"\nurl = \"{c_url}\"\n\
+             [[sites]]\nhosts = [\"a.test\"]\norigin = \"a\"\n",
+            cert.cert_path.display(),
+            cert.key_path.display(),
+            self.first.url(),
+        );
+        if k.bypass_api {
+            t.push_str("[[sites.rules]]\nprefix = \"/api/\"\nbypass = true\n");
+        }
+        t.push_str("[[sites]]\nhosts = [\"c.test\"]\norigin = \"c\"\n");
+        if k.b_site {
+            t.push_str("[[sites]]\nhosts = [\"b.test\"]\norigin = \"a\"\n");
+        }
+        t
+    }
+
+    fn write(&self, k: &Knobs) {
+        std::fs::write(&self.path, self.text(k)).expect("write config");
+    }
+}
+
+async fn setup(dir: &Path) -> Setup {
+    let first = TestOrigin::start().await;
+    let second = TestOrigin::start().await;
+    first.route(
+        "/obj",
+        Route::ok("object").header("cache-control", "max-age=600"),
+    );
+    first.route(
+        "/api/x",
+        Route::ok("api").header("cache-control", "max-age=600"),
+    );
+    first.route(
+        "/who",
+        Route::ok("first").header("cache-control", "no-store"),
+    );
+    second.route(
+        "/who",
+        Route::ok("second").header("cache-control", "no-store"),
+    );
+    Setup {
+        first,
+        second,
+        certs: [
+            make_cert(dir, "one", &["a.test"]),
+            make_cert(dir, "two", &["a.test"]),
+        ],
+        path: dir.join("edgecache.toml"),
+    }
+}
+
+async fn start(s: &Setup, dir: tempfile::TempDir) -> TestNode {
+    let config = edgecache::Config::load(&s.path).expect("config");
+    let node = edgecache::start(config).await.expect("start");
+    TestNode {
+        http: node.http_addrs()[0],
+        https: node.https_addrs().first().copied(),
+        node: Some(node),
+        dir,
+    }
+}
+
+/// `POST /reload` on the admin listener: status line and body.
+async fn post_reload(node: &TestNode) -> String {
+    let admin = node.node().admin_addr().expect("admin");
+    let req = "POST /reload HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\n\
+               Content-Length: 0\r\nConnection: close\r\n\r\n";
+    raw(admin, req.as_bytes(), Duration::from_secs(10)).await.0
+}
+
+/// The certificate a new TLS handshake for `a.test` gets.
+async fn served_cert(s: &Setup, addr: SocketAddr) -> usize {
+    let roots = [s.certs[0].der.clone(), s.certs[1].der.clone()];
+    let tls = tls_connect(addr, "a.test", &roots, &[b"http/1.1"]).await;
+    let der = tls.get_ref().1.peer_certificates().expect("peer certs")[0].clone();
+    s.certs
+        .iter()
+        .position(|c| c.der == der)
+        .expect("one of ours")
+}
+
+/// Checks that every knob is what `k` says, each with one request.
+async fn assert_knobs(s: &Setup, node: &TestNode, k: &Knobs, step: usize) {
+    let b = get(node.http, "b.test", "/who").await;
+    if k.b_site {
+        assert_eq!(
+            (b.status.as_u16(), &b.body[..]),
+            (200, &b"first"[..]),
+            "step {step}"
+        );
+    } else {
+        assert_eq!(b.status, 421, "step {step}: b.test not served");
+    }
+    let c = get(node.http, "c.test", "/who").await;
+    let want: &[u8] = if k.c_on_second { b"second" } else { b"first" };
+    assert_eq!(&c.body[..], want, "step {step}: origin c's URL");
+    let api = get(node.http, "a.test", "/api/x").await;
+    let status = api.header("cache-status").unwrap_or_default().to_owned();
+    assert_eq!(
+        status.contains("fwd=bypass"),
+        k.bypass_api,
+        "step {step}: {status}"
+    );
+    let https = node.https.expect("https");
+    assert_eq!(
+        served_cert(s, https).await,
+        usize::from(k.second_cert),
+        "step {step}: certificate"
+    );
+}
+
+/// Clients that never stop during the reloads: one keeps a connection alive, one opens a new
+/// connection per request. Each request must get the stored object.
+struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn one_request(
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+) -> Result<(), String> {
+    let resp = sender
+        .send_request(request("GET", "a.test", "/obj", &[]))
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if status != 200 || &body[..] != b"object" {
+        return Err(format!("{status} {body:?}"));
+    }
+    Ok(())
+}
+
+async fn connect(
+    addr: SocketAddr,
+) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+fn load(addr: SocketAddr) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for keep_alive in [true, false] {
+        let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut kept = None;
+            // Bounded: at most this many requests, whatever happens.
+            for _ in 0..20_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let sender = match kept.take() {
+                    Some(s) => Ok(s),
+                    None => connect(addr).await,
+                };
+                let outcome = match sender {
+                    Ok(mut s) => {
+                        let r = one_request(&mut s).await;
+                        if keep_alive && r.is_ok() {
+                            kept = Some(s);
+                        }
+                        r
+                    }
+                    Err(e) => Err(e),
+                };
+                match outcome {
+                    Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("request failed during reloads: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    Load {
+        stop,
+        done,
+        failed,
+        tasks,
+    }
+}
+
+#[tokio::test]
+async fn ten_reloads_under_load_change_what_they_say_and_keep_the_cache() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = setup(dir.path()).await;
+    let mut k = Knobs {
+        b_site: false,
+        c_on_second: false,
+        bypass_api: false,
+        second_cert: false,
+    };
+    s.write(&k);
+    let node = start(&s, dir).await;
+    // Stored before any reload: every later request for it must be a hit.
+    let first = get(node.http, "a.test", "/obj").await;
+    assert_eq!(first.status, 200);
+    let warm = get(node.http, "a.test", "/api/x").await;
+    assert_eq!(warm.status, 200);
+    assert_knobs(&s, &node, &k, 0).await;
+
+    let clients = load(node.http);
+    for step in 1..=10 {
+        match step % 4 {
+            1 => k.b_site = !k.b_site,
+            2 => k.c_on_second = !k.c_on_second,
+            3 => k.bypass_api = !k.bypass_api,
+            _ => k.second_cert = !k.second_cert,
+        }
+        s.write(&k);
+        let reply = post_reload(&node).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "step {step}: {reply}");
+        assert_knobs(&s, &node, &k, step).await;
+    }
+    // A file that does not parse changes nothing, and says where it is wrong.
+    std::fs::write(&s.path, "[server]\nhttp = [\"127.0.0.1:0\"\n").expect("write");
+    let reply = post_reload(&node).await;
+    assert!(reply.starts_with("HTTP/1.1 422"), "{reply}");
+    assert!(
+        reply.contains(&format!("{}:", s.path.display())),
+        "names the file: {reply}"
+    );
+    assert_knobs(&s, &node, &k, 11).await;
+    // An origin that names no known origin: refused with its position, nothing changed.
+    let broken = s.text(&k).replace("origin = \"c\"", "origin = \"missing\"");
+    std::fs::write(&s.path, broken).expect("write");
+    let reply = post_reload(&node).await;
+    assert!(reply.starts_with("HTTP/1.1 422"), "{reply}");
+    assert!(reply.contains("missing"), "{reply}");
+    assert_knobs(&s, &node, &k, 12).await;
+
+    clients.stop.store(true, Ordering::Relaxed);
+    for t in clients.tasks {
+        t.await.expect("client task");
+    }
+    assert_eq!(
+        clients.failed.load(Ordering::Relaxed),
+        0,
+        "no request failed"
+    );
+    assert!(
+        clients.done.load(Ordering::Relaxed) >= 20,
+        "the clients ran"
+    );
+    // The object stored before the reloads was never fetched again.
+    assert_eq!(s.first.count("/obj"), 1, "the cache was kept");
+    let after = get(node.http, "a.test", "/obj").await;
+    assert_eq!(after.header("cache-status"), Some("edgecache; hit"));
+    assert_eq!(
+        metric(&node, "edgecache_config_reloads_total{result=\"ok\"}").await,
+        10
+    );
+    assert_eq!(
+        metric(&node, "edgecache_config_reloads_total{result=\"error\"}").await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn an_origin_kept_by_name_and_url_keeps_its_state_and_a_renamed_one_starts_anew() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = setup(dir.path()).await;
+    let k = Knobs {
+        b_site: false,
+        c_on_second: true,
+        bypass_api: false,
+        second_cert: false,
+    };
+    s.write(&k);
+    let node = start(&s, dir).await;
+    for _ in 0..3 {
+        assert_eq!(get(node.http, "c.test", "/who").await.status, 200);
+    }
+    assert_eq!(origin_state(&node, "c").await["requests"], 3);
+    // Same name and URL, another setting changed: the state is carried.
+    std::fs::write(
+        &s.path,
+        s.text(&k).replace(
+            &format!("name = \"c\"\nurl = \"{}\"\n", s.second.url()),
+            &format!(
+                "name = \"c\"\nurl = \"{}\"\ntimeout = \"9s\"\n",
+                s.second.url()
+            ),
+        ),
+    )
+    .expect("write");
+    let reply = post_reload(&node).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(origin_state(&node, "c").await["requests"], 3, "carried");
+    assert_eq!(get(node.http, "c.test", "/who").await.status, 200);
+    assert_eq!(origin_state(&node, "c").await["requests"], 4);
+    // Another URL under the same name is another origin: its state starts at zero.
+    let k = Knobs {
+        c_on_second: false,
+        ..k
+    };
+    s.write(&k);
+    let reply = post_reload(&node).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(
+        origin_state(&node, "c").await["requests"],
+        0,
+        "a new origin"
+    );
+}
+
+#[tokio::test]
+async fn a_node_without_a_file_refuses_to_reload() {
+    let origin = TestOrigin::start().await;
+    let node = TestNode::start(
+        "",
+        &format!(
+            "{}[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"t\"\n",
+            site(&origin, "a.test", "")
+        ),
+    )
+    .await;
+    let reply = post_reload(&node).await;
+    assert!(reply.starts_with("HTTP/1.1 409"), "{reply}");
+}
