@@ -18,7 +18,16 @@ Signals (run, demo):
                    cache (as POST /reload on the admin listener); a bad file changes nothing
   SIGUSR1          reopen log files (logrotate); logs go to stderr, so there is none to reopen
   SIGUSR2          ignored (logged); reserved
-  SIGQUIT          not handled: the default action (exit with a core dump)";
+  SIGQUIT          not handled: the default action (exit with a core dump)
+
+Upgrade (server.upgrade_socket set): start the new binary with the same configuration; it
+takes the listening sockets over from the running process, which then drains within
+shutdown_grace and exits. No connection is refused; the new process starts with an empty
+cache.
+
+Environment:
+  RUST_LOG               log filter (default info), e.g. edgecache=debug,edgecache::access=off
+  EDGECACHE_ADMIN_TOKEN  the admin bearer token when [admin] sets neither token nor token_env";
 
 #[derive(Parser)]
 #[command(
@@ -237,6 +246,9 @@ impl Signals {
             tokio::select! {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
+                // A new process took the listeners over (server.upgrade_socket): drain as
+                // for SIGTERM.
+                _ = handed_over(node) => return,
                 _ = self.hup.recv() => match node {
                     // The reload logs what it did, or every problem.
                     Some(n) if n.reloadable() => {
@@ -258,6 +270,14 @@ impl Signals {
                 }
             }
         }
+    }
+}
+
+/// Completes when a new process has taken the node's listeners over; never without a node.
+async fn handed_over(node: Option<&edgecache::Node>) {
+    match node {
+        Some(n) => n.handed_over().await,
+        None => std::future::pending().await,
     }
 }
 

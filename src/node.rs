@@ -26,7 +26,8 @@ use crate::error::Error;
 use crate::geo::Locator;
 use crate::origin::{self, OriginClient};
 use crate::proxy::{Live, Proxy};
-use crate::server::{self, conn::Builders, ConnTracker, Shared};
+use crate::server::{self, conn::Builders, upgrade, ConnTracker, Shared};
+use std::os::fd::AsFd;
 
 /// A running edgecache node.
 pub struct Node {
@@ -42,6 +43,8 @@ pub struct Node {
     tracker: ConnTracker,
     grace: Duration,
     reloader: Arc<Reloader>,
+    /// Turns true when a new process took the listeners over (`server.upgrade_socket`).
+    handed_over: watch::Receiver<bool>,
 }
 
 /// What one configuration determines: the unit a reload will replace. The store is not in
@@ -146,18 +149,108 @@ fn spawn_health_checks(proxy: &Arc<Proxy>, stop: &watch::Receiver<bool>) {
     }
 }
 
-/// Binds every address of `addrs`, in order: the listeners and their bound addresses.
-fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<(TcpListener, SocketAddr)>, Error> {
+/// A listener for every address of `addrs`, in order, with its bound address: the one the
+/// process before handed over for it (a binary upgrade), else bound here.
+fn bind_all(
+    addrs: &[SocketAddr],
+    kind: upgrade::Kind,
+    inherited: &mut upgrade::Inherited,
+) -> Result<Vec<(TcpListener, SocketAddr)>, Error> {
     addrs
         .iter()
         .map(|&addr| {
-            let l = server::bind(addr).map_err(|source| Error::Bind { addr, source })?;
+            let l = match inherited.take(kind, addr) {
+                Some(l) => l,
+                None => server::bind(addr),
+            }
+            .map_err(|source| Error::Bind { addr, source })?;
             let bound = l
                 .local_addr()
                 .map_err(|source| Error::Bind { addr, source })?;
             Ok((l, bound))
         })
         .collect()
+}
+
+/// With `server.upgrade_socket`: the listeners of the process running before, if one answers
+/// there (a binary upgrade). Without an answer, none: everything is bound anew.
+async fn inherit(config: &Config) -> upgrade::Inherited {
+    let Some(path) = &config.server.upgrade_socket else {
+        return upgrade::Inherited::default();
+    };
+    match upgrade::take_over(path).await {
+        Ok(Some(inherited)) => {
+            tracing::info!(socket = %path.display(), "took the listening sockets over from the running edgecache");
+            inherited
+        }
+        Ok(None) => upgrade::Inherited::default(),
+        Err(e) => {
+            tracing::warn!(socket = %path.display(), error = %e, "upgrade socket: no listeners taken over; binding them anew");
+            upgrade::Inherited::default()
+        }
+    }
+}
+
+/// Listeners offered to the next process: kind, configured and bound address, a duplicate
+/// of the descriptor.
+type Offered = Vec<(upgrade::Kind, SocketAddr, SocketAddr, std::os::fd::OwnedFd)>;
+
+/// Adds `l` to what is offered to the next process, when there is an upgrade socket.
+fn offer(
+    config: &Config,
+    offered: &mut Offered,
+    kind: upgrade::Kind,
+    configured: SocketAddr,
+    l: &TcpListener,
+    bound: SocketAddr,
+) -> Result<(), Error> {
+    if config.server.upgrade_socket.is_some() {
+        let fd = l
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| Error::Bind {
+                addr: bound,
+                source,
+            })?;
+        offered.push((kind, configured, bound, fd));
+    }
+    Ok(())
+}
+
+/// With `server.upgrade_socket`: offers this node's listeners to the next process there.
+/// The receiver turns true once they are handed over (the node should then drain and stop).
+fn offer_listeners(config: &Config, listeners: Offered) -> watch::Receiver<bool> {
+    let (done, handed) = watch::channel(false);
+    let Some(path) = config.server.upgrade_socket.clone() else {
+        return handed;
+    };
+    let offered = listeners
+        .into_iter()
+        .map(|(kind, configured, bound, fd)| {
+            (
+                upgrade::Handed {
+                    kind,
+                    configured,
+                    fd,
+                },
+                bound,
+            )
+        })
+        .collect();
+    tokio::spawn(async move {
+        match upgrade::offer(&path, offered).await {
+            Ok(()) => {
+                tracing::info!("listening sockets handed to a new edgecache: draining");
+                let _ = done.send(true);
+            }
+            Err(e) => {
+                tracing::error!(socket = %path.display(), error = %e, "upgrade socket unusable: a new process cannot take the listeners over");
+                // Kept open (never true) so the node is not told to stop.
+                std::future::pending::<()>().await;
+            }
+        }
+    });
+    handed
 }
 
 /// The admin listener, when `[admin]` is configured: its bound address, its task, and the
@@ -174,6 +267,8 @@ fn start_admin(
     config: &Config,
     reloader: &Arc<Reloader>,
     shared: &Shared,
+    inherited: &mut upgrade::Inherited,
+    offered: &mut Offered,
 ) -> Result<AdminListener, Error> {
     let mut task = JoinSet::new();
     let (stop, stopped) = watch::channel(false);
@@ -185,10 +280,13 @@ fn start_admin(
         });
     };
     let addr = admin.listen;
-    let l = server::bind(addr).map_err(|source| Error::Bind { addr, source })?;
-    let bound = l
-        .local_addr()
-        .map_err(|source| Error::Bind { addr, source })?;
+    let (l, bound) = bind_all(&[addr], upgrade::Kind::Admin, inherited)?
+        .pop()
+        .ok_or(Error::Bind {
+            addr,
+            source: std::io::Error::other("no listener"),
+        })?;
+    offer(config, offered, upgrade::Kind::Admin, addr, &l, bound)?;
     if !bound.ip().is_loopback() {
         tracing::warn!(
             addr = %bound,
@@ -251,10 +349,21 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         shutdown: rx,
     };
     let mut accept = JoinSet::new();
-    let http = bind_all(&config.server.http)?;
-    let https = bind_all(&config.server.https)?;
+    let mut inherited = inherit(&config).await;
+    let http = bind_all(&config.server.http, upgrade::Kind::Http, &mut inherited)?;
+    let https = bind_all(&config.server.https, upgrade::Kind::Https, &mut inherited)?;
     let http_addrs: Vec<SocketAddr> = http.iter().map(|(_, a)| *a).collect();
     let https_addrs: Vec<SocketAddr> = https.iter().map(|(_, a)| *a).collect();
+    let mut offered = Vec::new();
+    let kinds = [upgrade::Kind::Http, upgrade::Kind::Https];
+    for (kind, (bound, configured)) in kinds
+        .into_iter()
+        .zip([(&http, &config.server.http), (&https, &config.server.https)])
+    {
+        for ((l, addr), &conf) in bound.iter().zip(configured) {
+            offer(&config, &mut offered, kind, conf, l, *addr)?;
+        }
+    }
     let listeners = http
         .into_iter()
         .map(|(l, _)| (l, None))
@@ -272,7 +381,15 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         health: Mutex::new(health_stop),
         busy: Mutex::new(()),
     });
-    let admin = start_admin(&config, &reloader, &shared)?;
+    let admin = start_admin(&config, &reloader, &shared, &mut inherited, &mut offered)?;
+    if inherited.unused() > 0 {
+        tracing::info!(
+            listeners = inherited.unused(),
+            "listeners of the process before that this configuration does not name are closed"
+        );
+    }
+    drop(inherited);
+    let handed_over = offer_listeners(&config, offered);
     for a in &http_addrs {
         tracing::info!(addr = %a, "listening for HTTP");
     }
@@ -290,6 +407,7 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         tracker: shared.tracker,
         grace: config.server.shutdown_grace,
         reloader,
+        handed_over,
     })
 }
 
@@ -494,6 +612,16 @@ impl Node {
     /// do); see [`Reloader`]. Blocking: it reads files. The error lists every problem.
     pub fn reload(&self) -> Result<String, String> {
         self.reloader.reload()
+    }
+
+    /// Completes when a new edgecache process has taken this node's listeners over (a binary
+    /// upgrade through `server.upgrade_socket`): the node should then shut down, which drains
+    /// its connections. Never completes without an upgrade socket.
+    pub async fn handed_over(&self) {
+        let mut rx = self.handed_over.clone();
+        if rx.wait_for(|&h| h).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Whether the configuration came from a file that a reload can read again.

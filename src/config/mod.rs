@@ -271,6 +271,10 @@ pub struct Server {
     /// Open connections one peer address may hold; more are closed as they are accepted.
     /// Trusted proxies are exempt (they carry many clients). `None` (the default): no cap.
     pub max_connections_per_client: Option<usize>,
+    /// A Unix socket on which this node hands its listening sockets to a new edgecache
+    /// process started with the same setting (a binary upgrade with no refused connection).
+    /// `None` (the default): no handover; a new process must wait for the port.
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 impl Default for Server {
@@ -292,6 +296,7 @@ impl Default for Server {
             via_name: "edgecache".to_owned(),
             rate_per_client: None,
             max_connections_per_client: None,
+            upgrade_socket: None,
         }
     }
 }

@@ -99,6 +99,7 @@ pub(crate) struct RawServer {
     pub(crate) rate_per_client: Option<Spanned<String>>,
     pub(crate) burst_per_client: Option<Spanned<i64>>,
     pub(crate) max_connections_per_client: Option<Spanned<i64>>,
+    pub(crate) upgrade_socket: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -15,6 +15,7 @@ mod sniff;
 mod timeouts;
 pub mod tls;
 mod tracked;
+pub mod upgrade;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -135,7 +135,7 @@ struct Proc {
     http: SocketAddr,
     /// Every line it wrote to stderr so far.
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for Proc {
@@ -161,9 +161,16 @@ fn spawn_with(body: &str, server_extra: &str, args: &[&str]) -> Proc {
         "[server]\nhttp = [\"127.0.0.1:0\"]\n{workers}{server_extra}\n[cache]\nmax_object_size = \"8MiB\"\n{body}"
     );
     std::fs::write(&path, text).expect("write config");
+    let mut p = spawn_file(&path, args);
+    p._dir = Some(dir);
+    p
+}
+
+/// `edgecache run --config path`, once it said where it listens.
+fn spawn_file(path: &std::path::Path, args: &[&str]) -> Proc {
     let mut child = Command::new(BIN)
         .args(["run", "--config"])
-        .arg(&path)
+        .arg(path)
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -208,7 +215,7 @@ fn spawn_with(body: &str, server_extra: &str, args: &[&str]) -> Proc {
             .parse()
             .expect("address"),
         lines,
-        _dir: dir,
+        _dir: None,
     }
 }
 
@@ -729,4 +736,98 @@ fn help_lists_the_signals_and_what_they_do() {
             );
         }
     }
+}
+
+/// One GET on a new connection; `Err` says what went wrong.
+async fn fresh_get(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(request("GET", "site.test", path, &[]))
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = resp.status().as_u16();
+    http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .map_err(|e| format!("body: {e}"))?;
+    Ok(status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_binary_takes_the_listeners_over_with_no_failed_request() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/page",
+        Route::ok("page").header("cache-control", "max-age=60"),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("edgecache.toml");
+    let text = format!(
+        "[server]\nhttp = [\"127.0.0.1:0\"]\nworkers = 2\nshutdown_grace = \"5s\"\n\
+         upgrade_socket = \"upgrade.sock\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"t\"\n{}",
+        site(&origin, "site.test", "")
+    );
+    std::fs::write(&path, text).expect("write config");
+    let mut old = spawn_file(&path, &[]);
+    let addr = old.http;
+    assert_eq!(fresh_get(addr, "/page").await, Ok(200));
+
+    // Clients at a steady rate, a new connection each, through the takeover.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (stop, failures, done) = (stop.clone(), failures.clone(), done.clone());
+        clients.push(tokio::spawn(async move {
+            for _ in 0..20_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                match fresh_get(addr, "/page").await {
+                    Ok(200) => {
+                        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    other => failures.lock().expect("lock").push(format!("{other:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || done
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 50)
+        .await
+    );
+
+    let new = spawn_file(&path, &[]);
+    assert_eq!(new.http, addr, "the new process serves the same port");
+    assert!(logged(&new, "took the listening sockets over").await);
+    assert!(logged(&old, "handed to a new edgecache").await);
+    // The old process drains and exits by itself.
+    assert_exits_cleanly(&mut old).await;
+    let served = done.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(10), || done
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > served + 50)
+        .await,
+        "the new process answers"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.await.expect("client");
+    }
+    let failures = failures.lock().expect("lock");
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    // The new process starts with an empty cache: one more origin request, not one per client.
+    assert_eq!(origin.count("/page"), 2);
 }

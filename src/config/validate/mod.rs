@@ -207,7 +207,8 @@ fn table_header(line: &str) -> Option<(String, bool)> {
 /// are reported in, and a section that names another (a pool its origins, a site its pools)
 /// comes after it.
 fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
-    let server = server::server(ck, &raw.server);
+    let mut server = server::server(ck, &raw.server);
+    server.upgrade_socket = server::upgrade_socket(ck, &raw.server, base);
     let tls = tls::tls(ck, &raw, &server, base);
     let cache = cache::cache(ck, &raw.cache);
     let (origins, origin_index) = origins::origins(ck, &raw, base);

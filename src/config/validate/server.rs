@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
+use std::path::Path;
 
 use toml::Spanned;
 
@@ -290,6 +291,20 @@ fn listeners_clash(a: SocketAddr, b: SocketAddr) -> Option<Clash> {
         }
     }
     None
+}
+
+/// `server.upgrade_socket`: a path, relative to the configuration's directory.
+pub(super) fn upgrade_socket(
+    ck: &mut Checker<'_>,
+    raw: &RawServer,
+    base: &Path,
+) -> Option<std::path::PathBuf> {
+    let s = raw.upgrade_socket.as_ref()?;
+    if s.get_ref().trim().is_empty() {
+        ck.error(s.span(), "server.upgrade_socket", "must be a file path");
+        return None;
+    }
+    Some(base.join(s.get_ref()))
 }
 
 #[cfg(test)]
