@@ -466,7 +466,7 @@ impl Reloader {
     /// swaps the proxy and the certificates and moves the health checks over. Says what
     /// changed, and what waits for a restart.
     pub fn apply(&self, config: Config) -> Result<String, Error> {
-        let old = self.live.load_full();
+        let old = self.live.load();
         let config = Arc::new(config);
         let before = old.config();
         // An origin is the same one when its name and URL are: it keeps its state; its

@@ -238,13 +238,14 @@ impl Conns<'_> {
     ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
+        let proxy = proxy.current();
         if h2 {
             // Flow control can stop an HTTP/2 response with the socket writable, so its body
             // reports when hyper holds a chunk of it (`Watched`). HTTP/1 needs no such
             // report: a response it cannot send is a write the socket refuses.
             let activity = self.activity.clone();
             let service = service_fn(move |req| {
-                Reporting::<Watched>::new(proxy.load().handle(req, info), activity.clone())
+                Reporting::<Watched>::new(proxy.handle(req, info), activity.clone())
             });
             self.run(io, Proto::Http2, service, shutdown).await
         } else {
@@ -253,7 +254,7 @@ impl Conns<'_> {
             let activity = self.activity.clone();
             let service = service_fn(move |req| {
                 activity.set_cycle(Cycle::Request);
-                Reporting::<Answered>::new(proxy.load().handle(req, info), activity.clone())
+                Reporting::<Answered>::new(proxy.handle(req, info), activity.clone())
             });
             self.run(io, Proto::Http1, service, shutdown).await
         }
