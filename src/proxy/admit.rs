@@ -75,9 +75,10 @@ impl Proxy {
             }
         }
         let response = Response::from_parts(rparts, rbody);
-        self.admit(guard, &f, fill, registered, response, response_time)
-            .instrument(tracing::debug_span!(telemetry::spans::ADMIT))
-            .await
+        in_stage!(
+            telemetry::spans::ADMIT,
+            self.admit(guard, &f, fill, registered, response, response_time)
+        )
     }
 
     /// A stale answer for a fetch that failed with `error`, when the stored response allows

@@ -92,10 +92,10 @@ impl Proxy {
     /// The upstream stage: `up` sent to the candidates with failover, in the stage's span.
     /// `None` for a target no origin URI can be made of.
     pub(super) async fn send(&self, candidates: Candidates, up: Upstream) -> Option<Sent> {
-        let (origin, ms, result) = self
-            .send_failover(&candidates.origins, up)
-            .instrument(tracing::debug_span!(telemetry::spans::UPSTREAM))
-            .await?;
+        let (origin, ms, result) = in_stage!(
+            telemetry::spans::UPSTREAM,
+            self.send_failover(&candidates.origins, up)
+        )?;
         Some(Sent {
             origin,
             ms,
