@@ -403,9 +403,9 @@ fn one(
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         self.encode_requests(&mut encoder)?;
-        self.encode_reloads(&mut encoder)?;
         self.encode_node(&mut encoder)?;
-        self.encode_origins(&mut encoder)
+        self.encode_origins(&mut encoder)?;
+        self.encode_reloads(&mut encoder)
     }
 }
 
@@ -520,7 +520,14 @@ edgecache_origin_failures_total{origin="eu \"1\"\\west\nb"} 1
 # TYPE edgecache_origin_ejections_total counter
 edgecache_origin_ejections_total{origin="eu \"1\"\\west\nb"} 0
 "#;
-        assert!(text.ends_with(origins), "{text}");
+        assert!(text.contains(origins), "{text}");
+        let reloads = "\
+# HELP edgecache_config_reloads_total Configuration reloads (SIGHUP, POST /reload): ok swapped in, error refused.
+# TYPE edgecache_config_reloads_total counter
+edgecache_config_reloads_total{result=\"ok\"} 0
+edgecache_config_reloads_total{result=\"error\"} 0
+";
+        assert!(text.ends_with(reloads), "{text}");
     }
 
     /// Every series name, in order, as dashboards know them.
@@ -537,7 +544,6 @@ edgecache_origin_ejections_total{origin="eu \"1\"\\west\nb"} 0
             names,
             [
                 "edgecache_requests_total counter",
-                "edgecache_config_reloads_total counter",
                 "edgecache_origin_requests_total counter",
                 "edgecache_origin_errors_total counter",
                 "edgecache_origin_retries_total counter",
@@ -561,6 +567,7 @@ edgecache_origin_ejections_total{origin="eu \"1\"\\west\nb"} 0
                 "edgecache_origin_responses_total counter",
                 "edgecache_origin_failures_total counter",
                 "edgecache_origin_ejections_total counter",
+                "edgecache_config_reloads_total counter",
             ]
         );
     }
