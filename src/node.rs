@@ -35,7 +35,6 @@ pub struct Node {
     https: Vec<SocketAddr>,
     admin: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
-    accept: JoinSet<()>,
     /// The admin listener's task, stopped after the drain (it answers `/readyz` with 503
     /// while the node drains).
     admin_task: JoinSet<()>,
@@ -364,12 +363,26 @@ pub async fn start(config: Config) -> Result<Node, Error> {
             offer(&config, &mut offered, kind, conf, l, *addr)?;
         }
     }
+    let mut listening = Vec::new();
     let listeners = http
         .into_iter()
-        .map(|(l, _)| (l, None))
-        .chain(https.into_iter().map(|(l, _)| (l, tls.clone())));
-    for (l, tls) in listeners {
-        accept.spawn(server::accept_loop(l, tls, shared.clone()));
+        .zip(&config.server.http)
+        .map(|(l, &c)| (l, c, upgrade::Kind::Http, None))
+        .chain(
+            https
+                .into_iter()
+                .zip(&config.server.https)
+                .map(|(l, &c)| (l, c, upgrade::Kind::Https, tls.clone())),
+        );
+    for ((l, bound), configured, kind, tls) in listeners {
+        let (stop, stopped) = watch::channel(false);
+        accept.spawn(server::accept_loop(l, tls, shared.clone(), stopped));
+        listening.push(Listening {
+            kind,
+            configured,
+            bound,
+            stop,
+        });
     }
     let (health_stop, health) = watch::channel(false);
     spawn_health_checks(&proxy, &health);
@@ -380,6 +393,9 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         metrics,
         health: Mutex::new(health_stop),
         busy: Mutex::new(()),
+        listening: Mutex::new(listening),
+        accept: Mutex::new(accept),
+        shared: shared.clone(),
     });
     let admin = start_admin(&config, &reloader, &shared, &mut inherited, &mut offered)?;
     if inherited.unused() > 0 {
@@ -401,7 +417,6 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         https: https_addrs,
         admin: admin.addr,
         shutdown: tx,
-        accept,
         admin_task: admin.task,
         admin_stop: admin.stop,
         tracker: shared.tracker,
@@ -419,8 +434,10 @@ pub async fn start(config: Config) -> Result<Node, Error> {
 /// metrics and fetches in flight are carried over whole. An origin with the same name and URL
 /// keeps its state (latency, health, ejection, counts), and when none of its settings
 /// changed also its client with the pooled connections; a removed origin's connections close
-/// as its last requests end. Listeners, connection limits and timeouts, `cache.memory` and
-/// the admin listener are set at start: a change to them is reported and waits for a restart.
+/// as its last requests end. Listeners the file adds are opened (before anything is swapped:
+/// one that cannot be bound refuses the reload) and those it drops stop accepting. Connection
+/// limits and timeouts, `cache.memory` and the admin listener are set at start: a change to
+/// them is reported and waits for a restart.
 pub struct Reloader {
     path: Option<std::path::PathBuf>,
     live: Arc<Live>,
@@ -430,6 +447,21 @@ pub struct Reloader {
     health: Mutex<watch::Sender<bool>>,
     /// One reload at a time.
     busy: Mutex<()>,
+    /// The data listeners, each with what stops its accept loop.
+    listening: Mutex<Vec<Listening>>,
+    /// The accept loops (a reload adds some), joined at shutdown.
+    accept: Mutex<JoinSet<()>>,
+    /// What a new accept loop shares with the others.
+    shared: Shared,
+}
+
+/// One open data listener.
+struct Listening {
+    kind: upgrade::Kind,
+    /// Its address as configured (port 0 included): what a reload compares.
+    configured: SocketAddr,
+    bound: SocketAddr,
+    stop: watch::Sender<bool>,
 }
 
 impl admin::Reload for Reloader {
@@ -497,6 +529,7 @@ impl Reloader {
             config.origins.len(),
             config.tls.certificates.len()
         );
+        let opened = self.open_listeners(&config)?;
         let waiting = restart_only(before, &config);
         if !waiting.is_empty() {
             done.push_str(&format!(
@@ -510,6 +543,10 @@ impl Reloader {
             (_, None) => {}
         }
         self.live.store(proxy.clone());
+        let (added, removed) = self.swap_listeners(opened, &config);
+        if added + removed > 0 {
+            done.push_str(&format!("; listeners: {added} opened, {removed} closed"));
+        }
         let (stop, health) = watch::channel(false);
         let previous = std::mem::replace(
             &mut *self.health.lock().unwrap_or_else(|p| p.into_inner()),
@@ -518,6 +555,99 @@ impl Reloader {
         let _ = previous.send(true);
         spawn_health_checks(&proxy, &health);
         Ok(done)
+    }
+
+    /// Binds what the new configuration lists and no listener has yet (before anything is
+    /// swapped: an address that cannot be bound refuses the reload). HTTPS listeners only
+    /// when TLS was on at start.
+    fn open_listeners(&self, config: &Config) -> Result<Vec<(Listening, TcpListener)>, Error> {
+        let open = self.listening.lock().unwrap_or_else(|p| p.into_inner());
+        let mut wanted: Vec<(upgrade::Kind, SocketAddr)> = config
+            .server
+            .http
+            .iter()
+            .map(|&a| (upgrade::Kind::Http, a))
+            .collect();
+        if self.tls.is_some() {
+            wanted.extend(
+                config
+                    .server
+                    .https
+                    .iter()
+                    .map(|&a| (upgrade::Kind::Https, a)),
+            );
+        }
+        let mut opened = Vec::new();
+        for (kind, addr) in wanted {
+            if open.iter().any(|l| l.kind == kind && l.configured == addr) {
+                continue;
+            }
+            let l = server::bind(addr).map_err(|source| Error::Bind { addr, source })?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| Error::Bind { addr, source })?;
+            let (stop, _) = watch::channel(false);
+            let listening = Listening {
+                kind,
+                configured: addr,
+                bound,
+                stop,
+            };
+            opened.push((listening, l));
+        }
+        Ok(opened)
+    }
+
+    /// Starts accepting on the listeners `open_listeners` bound, and stops the ones the new
+    /// configuration no longer lists (their connections go on until they end). Returns how
+    /// many were opened and closed.
+    fn swap_listeners(
+        &self,
+        opened: Vec<(Listening, TcpListener)>,
+        config: &Config,
+    ) -> (usize, usize) {
+        let mut open = self.listening.lock().unwrap_or_else(|p| p.into_inner());
+        let listed = |l: &Listening| match l.kind {
+            upgrade::Kind::Http => config.server.http.contains(&l.configured),
+            upgrade::Kind::Https => config.server.https.contains(&l.configured),
+            upgrade::Kind::Admin => true,
+        };
+        let before = open.len();
+        open.retain(|l| {
+            let keep = listed(l);
+            if !keep {
+                tracing::info!(addr = %l.bound, "listener closed by the reload");
+                let _ = l.stop.send(true);
+            }
+            keep
+        });
+        let removed = before - open.len();
+        let added = opened.len();
+        let mut accept = self.accept.lock().unwrap_or_else(|p| p.into_inner());
+        for (listening, l) in opened {
+            let tls = match listening.kind {
+                upgrade::Kind::Https => self.tls.clone(),
+                _ => None,
+            };
+            let stopped = listening.stop.subscribe();
+            accept.spawn(server::accept_loop(l, tls, self.shared.clone(), stopped));
+            tracing::info!(addr = %listening.bound, "listener opened by the reload");
+            open.push(listening);
+        }
+        (added, removed)
+    }
+
+    /// Stops every accept loop; returns them to be joined.
+    fn stop_accepting(&self) -> JoinSet<()> {
+        for l in self
+            .listening
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = l.stop.send(true);
+        }
+        std::mem::take(&mut *self.accept.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Stops the health checks (the node shuts down).
@@ -534,9 +664,6 @@ impl Reloader {
 fn restart_only(before: &Config, after: &Config) -> Vec<&'static str> {
     let (a, b) = (&before.server, &after.server);
     let mut out = Vec::new();
-    if a.http != b.http || a.https != b.https {
-        out.push("server.http/https (listeners)");
-    }
     if a.workers != b.workers {
         out.push("server.workers");
     }
@@ -645,7 +772,8 @@ impl Node {
     /// answering (`/readyz` with 503) until the drain is over.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        while self.accept.join_next().await.is_some() {}
+        let mut accept = self.reloader.stop_accepting();
+        while accept.join_next().await.is_some() {}
         let open = self.tracker.open();
         if open > 0 {
             tracing::info!(connections = open, grace = ?self.grace, "draining connections");

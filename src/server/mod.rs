@@ -85,8 +85,15 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// Accepts connections on one listener until shutdown. `tls` is set for HTTPS listeners.
-pub async fn accept_loop(listener: TcpListener, tls: Option<Arc<tls::LiveTls>>, shared: Shared) {
+/// Accepts connections on one listener until `stop` turns true (the node shuts down, or a
+/// reload removed the listener); its connections drain with the node's shutdown. `tls` is
+/// set for HTTPS listeners.
+pub async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<Arc<tls::LiveTls>>,
+    shared: Shared,
+    stop: watch::Receiver<bool>,
+) {
     let Shared {
         proxy,
         metrics,
@@ -97,7 +104,6 @@ pub async fn accept_loop(listener: TcpListener, tls: Option<Arc<tls::LiveTls>>, 
         shutdown,
     } = shared;
     let https = tls.is_some();
-    let stop = shutdown.clone();
     accept_with(listener, limit, stop, move |stream, peer| {
         let peer = canonical(peer);
         // `max_connections_per_client`: a peer at its cap has the new connection reset at

@@ -383,3 +383,64 @@ async fn a_node_without_a_file_refuses_to_reload() {
     let reply = post_reload(&node).await;
     assert!(reply.starts_with("HTTP/1.1 409"), "{reply}");
 }
+
+#[tokio::test]
+async fn a_reload_opens_the_listeners_the_file_adds_and_closes_those_it_drops() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = setup(dir.path()).await;
+    let k = Knobs {
+        b_site: false,
+        c_on_second: false,
+        bypass_api: false,
+        second_cert: false,
+    };
+    s.write(&k);
+    let node = start(&s, dir).await;
+    let extra = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let with_extra = s.text(&k).replace(
+        "http = [\"127.0.0.1:0\"]",
+        &format!("http = [\"127.0.0.1:0\", \"{extra}\"]"),
+    );
+    std::fs::write(&s.path, with_extra).expect("write");
+    let reply = post_reload(&node).await;
+    assert!(reply.contains("1 opened"), "{reply}");
+    let r = get(extra, "a.test", "/obj").await;
+    assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"object"[..]));
+    // The first listener was kept: same socket, still serving.
+    assert_eq!(get(node.http, "a.test", "/obj").await.status, 200);
+
+    s.write(&k);
+    let reply = post_reload(&node).await;
+    assert!(reply.contains("1 closed"), "{reply}");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(extra).is_err()
+        })
+        .await,
+        "the dropped listener stops accepting"
+    );
+    assert_eq!(get(node.http, "a.test", "/obj").await.status, 200);
+    // A listener that cannot be bound refuses the whole reload.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy = taken.local_addr().expect("addr");
+    let with_busy = s
+        .text(&Knobs {
+            b_site: true,
+            ..k.clone()
+        })
+        .replace(
+            "http = [\"127.0.0.1:0\"]",
+            &format!("http = [\"127.0.0.1:0\", \"{busy}\"]"),
+        );
+    std::fs::write(&s.path, with_busy).expect("write");
+    let reply = post_reload(&node).await;
+    assert!(reply.starts_with("HTTP/1.1 422"), "{reply}");
+    assert_eq!(
+        get(node.http, "b.test", "/who").await.status,
+        421,
+        "nothing swapped"
+    );
+}
