@@ -41,6 +41,9 @@ pub struct Node {
     admin_stop: watch::Sender<bool>,
     tracker: ConnTracker,
     grace: Duration,
+    /// Between closing the listeners and draining the connections: min(1 s,
+    /// `header_read_timeout`).
+    settle: Duration,
     reloader: Arc<Reloader>,
     /// Turns true when a new process took the listeners over (`server.upgrade_socket`).
     handed_over: watch::Receiver<bool>,
@@ -421,6 +424,10 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         admin_stop: admin.stop,
         tracker: shared.tracker,
         grace: config.server.shutdown_grace,
+        settle: config
+            .server
+            .header_read_timeout
+            .min(Duration::from_secs(1)),
         reloader,
         handed_over,
     })
@@ -771,9 +778,17 @@ impl Node {
     /// (`server::conn`), so none is left holding a response. The admin listener keeps
     /// answering (`/readyz` with 503) until the drain is over.
     pub async fn shutdown(mut self) {
-        let _ = self.shutdown.send(true);
         let mut accept = self.reloader.stop_accepting();
         while accept.join_next().await.is_some() {}
+        // A connection accepted just before the listeners closed may not have sent its
+        // request yet, and a drained HTTP/1 connection with no request in progress is closed
+        // unanswered. Its request follows its connect within a round trip: give it that
+        // (`settle`, at most a second) before the drain. After a binary upgrade the new
+        // process accepts everything from here on, so no client is refused or dropped.
+        if self.tracker.open() > 0 {
+            tokio::time::sleep(self.settle).await;
+        }
+        let _ = self.shutdown.send(true);
         let open = self.tracker.open();
         if open > 0 {
             tracing::info!(connections = open, grace = ?self.grace, "draining connections");
