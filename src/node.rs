@@ -516,6 +516,8 @@ impl Reloader {
                 p.name == o.name && p.scheme == o.scheme && p.authority == o.authority
             })
         };
+        // Every setting compared through its Debug text (certificates and client keys have
+        // no equality of their own).
         let unchanged = |i: usize| {
             same(i).filter(|&j| {
                 format!("{:?}", before.origins[j]) == format!("{:?}", config.origins[i])
@@ -679,23 +681,15 @@ fn restart_only(before: &Config, after: &Config) -> Vec<&'static str> {
     {
         out.push("server connection limits");
     }
-    if format!(
-        "{:?}",
+    let timeouts = |s: &crate::config::Server| {
         (
-            a.header_read_timeout,
-            a.idle_timeout,
-            a.send_timeout,
-            a.shutdown_grace
+            s.header_read_timeout,
+            s.idle_timeout,
+            s.send_timeout,
+            s.shutdown_grace,
         )
-    ) != format!(
-        "{:?}",
-        (
-            b.header_read_timeout,
-            b.idle_timeout,
-            b.send_timeout,
-            b.shutdown_grace
-        )
-    ) {
+    };
+    if timeouts(a) != timeouts(b) {
         out.push("server timeouts");
     }
     if before.cache.memory != after.cache.memory {
@@ -704,6 +698,8 @@ fn restart_only(before: &Config, after: &Config) -> Vec<&'static str> {
     if before.tls.certificates.is_empty() != after.tls.certificates.is_empty() {
         out.push("TLS turned on or off");
     }
+    // Compared as their Debug text: the config types carry certificates and key material
+    // that do not implement equality; the text covers every setting.
     if format!("{:?}", before.admin) != format!("{:?}", after.admin) {
         out.push("[admin]");
     }

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use crate::support::*;
 
 /// What the test changes between reloads.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct Knobs {
     /// `b.test` served (by origin `a`).
     b_site: bool,
@@ -249,12 +249,7 @@ fn load(addr: SocketAddr) -> Load {
 async fn ten_reloads_under_load_change_what_they_say_and_keep_the_cache() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = setup(dir.path()).await;
-    let mut k = Knobs {
-        b_site: false,
-        c_on_second: false,
-        bypass_api: false,
-        second_cert: false,
-    };
+    let mut k = Knobs::default();
     s.write(&k);
     let node = start(&s, dir).await;
     // Stored before any reload: every later request for it must be a hit.
@@ -326,10 +321,8 @@ async fn an_origin_kept_by_name_and_url_keeps_its_state_and_a_renamed_one_starts
     let dir = tempfile::tempdir().expect("tempdir");
     let s = setup(dir.path()).await;
     let k = Knobs {
-        b_site: false,
         c_on_second: true,
-        bypass_api: false,
-        second_cert: false,
+        ..Knobs::default()
     };
     s.write(&k);
     let node = start(&s, dir).await;
@@ -388,12 +381,7 @@ async fn a_node_without_a_file_refuses_to_reload() {
 async fn a_reload_opens_the_listeners_the_file_adds_and_closes_those_it_drops() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = setup(dir.path()).await;
-    let k = Knobs {
-        b_site: false,
-        c_on_second: false,
-        bypass_api: false,
-        second_cert: false,
-    };
+    let k = Knobs::default();
     s.write(&k);
     let node = start(&s, dir).await;
     let extra = {
