@@ -528,7 +528,14 @@ impl Reloader {
         })?;
         let states = old.origin_states().carried(config.origins.len(), same);
         let tls = server::tls::server_config(&config.tls.certificates)?;
-        let proxy = Arc::new(old.reconfigured(config.clone(), origins, states, locator(&config)));
+        let opened = self.open_listeners(&config)?;
+        // Nothing fails from here on: the reload is applied whole.
+        let store = match old.store() {
+            s if s.capacity() == config.cache.memory => s.clone(),
+            s => s.resized(config.cache.memory),
+        };
+        let proxy =
+            Arc::new(old.reconfigured(config.clone(), store, origins, states, locator(&config)));
         let kept = (0..config.origins.len())
             .filter(|&i| same(i).is_some())
             .count();
@@ -538,7 +545,12 @@ impl Reloader {
             config.origins.len(),
             config.tls.certificates.len()
         );
-        let opened = self.open_listeners(&config)?;
+        if before.cache.memory != config.cache.memory {
+            done.push_str(&format!(
+                "; cache resized from {} to {} bytes",
+                before.cache.memory, config.cache.memory
+            ));
+        }
         let waiting = restart_only(before, &config);
         if !waiting.is_empty() {
             done.push_str(&format!(
@@ -691,9 +703,6 @@ fn restart_only(before: &Config, after: &Config) -> Vec<&'static str> {
     };
     if timeouts(a) != timeouts(b) {
         out.push("server timeouts");
-    }
-    if before.cache.memory != after.cache.memory {
-        out.push("cache.memory");
     }
     if before.tls.certificates.is_empty() != after.tls.certificates.is_empty() {
         out.push("TLS turned on or off");

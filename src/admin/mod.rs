@@ -130,7 +130,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             let gauges = Gauges {
                 cache_objects: store.entry_count(),
                 cache_bytes: store.weighted_size(),
-                cache_capacity_bytes: state.capacity,
+                cache_capacity_bytes: store.capacity(),
                 fills_in_flight: proxy.fills_in_flight() as u64,
                 fill_bytes: proxy.fill_memory().0,
                 fill_memory_full: proxy.fill_memory().1,

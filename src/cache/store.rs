@@ -10,7 +10,7 @@
 //! varied-on header is served but cannot churn the list.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
@@ -119,6 +119,28 @@ pub struct Store {
     hasher: KeyHasher,
     /// The origin of the variant budgets' clock.
     started: Instant,
+    /// Where this store's writes go once a resize replaced it ([`Store::resized`]).
+    successor: Arc<Successor>,
+}
+
+/// What a resize leaves behind in the store it replaced, for the requests that still hold
+/// that store (they began before the reload): their writes and purges go on in the store in
+/// service, so nothing stored is lost and nothing purged comes back.
+#[derive(Default)]
+struct Successor {
+    next: OnceLock<Store>,
+    /// Held while the entries are copied, and by every purge or removal: a purge cannot
+    /// interleave with the copy (an entry copied after it was purged would come back).
+    moving: Mutex<()>,
+}
+
+/// The objects' cache, bounded by weight in bytes, each object expiring at its own time.
+fn objects(capacity_bytes: u64) -> Cache<u64, Arc<Object>, PrehashedKey> {
+    Cache::builder()
+        .max_capacity(capacity_bytes)
+        .weigher(|_: &u64, v: &Arc<Object>| v.weight())
+        .expire_after(ObjectExpiry)
+        .build_with_hasher(PrehashedKey)
 }
 
 struct ObjectExpiry;
@@ -176,21 +198,61 @@ pub enum PurgeTarget<'a> {
 impl Store {
     /// A store holding at most `capacity_bytes` of entries (bodies, headers and overhead).
     pub fn new(capacity_bytes: u64) -> Store {
-        let inner = Cache::builder()
-            .max_capacity(capacity_bytes)
-            .weigher(|_: &u64, v: &Arc<Object>| v.weight())
-            .expire_after(ObjectExpiry)
-            .build_with_hasher(PrehashedKey);
         let hit_for_miss = Cache::builder()
             .max_capacity(100_000)
             .expire_after(MarkerExpiry)
             .build_with_hasher(PrehashedKey);
         Store {
-            inner,
+            inner: objects(capacity_bytes),
             hit_for_miss,
             hasher: KeyHasher::default(),
             started: Instant::now(),
+            successor: Arc::default(),
         }
+    }
+
+    /// The store bounded by `capacity_bytes` that replaces this one (a reload changed
+    /// `cache.memory`), holding what this one holds as far as it fits.
+    ///
+    /// moka fixes a cache's bound when it is built, so a new cache is built and every stored
+    /// URL is copied into it (shared, not duplicated: the objects are `Arc`s). A smaller bound
+    /// evicts by the new cache's own policy as the copies arrive, so what no longer fits
+    /// goes and nothing else. Writes and purges made afterwards through this store (by
+    /// requests that began before the swap) are passed on to the new one. Blocking: it walks
+    /// the whole store; run it off the async workers.
+    pub fn resized(&self, capacity_bytes: u64) -> Store {
+        let next = Store {
+            inner: objects(capacity_bytes),
+            hit_for_miss: self.hit_for_miss.clone(),
+            hasher: self.hasher.clone(),
+            started: self.started,
+            successor: Arc::default(),
+        };
+        let _moving = self
+            .successor
+            .moving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let next = self.successor.next.get_or_init(|| next).clone();
+        for (hash, object) in self.inner.iter() {
+            // Not over what a write that already went to `next` stored.
+            next.inner.entry(*hash).or_insert(object);
+        }
+        next.inner.run_pending_tasks();
+        // The copies are the ones in service: drop this cache's references now rather than
+        // when the last request holding it ends.
+        self.inner.invalidate_all();
+        next
+    }
+
+    /// The store in service after resizes of this one, if any.
+    fn successor(&self) -> Option<&Store> {
+        self.successor.next.get()
+    }
+
+    /// The capacity in bytes this store was built with.
+    pub fn capacity(&self) -> u64 {
+        self.inner.policy().max_capacity().unwrap_or(0)
     }
 
     /// The primary key hash for `parts`.
@@ -207,7 +269,10 @@ impl Store {
         extra: Option<&str>,
         request: &HeaderMap,
     ) -> Option<Arc<Entry>> {
-        let object = self.inner.get(&hash)?;
+        let Some(object) = self.inner.get(&hash) else {
+            // A request that began before a resize looks in the store that replaced this one.
+            return self.successor()?.get(hash, parts, extra, request);
+        };
         let entry = object
             .variants
             .iter()
@@ -241,7 +306,10 @@ impl Store {
         now: Duration,
     ) -> Result<(), NoStoreReason> {
         let Some(object) = self.inner.get(&hash) else {
-            return Ok(());
+            return match self.successor() {
+                Some(next) => next.admit_variant_at(hash, key, vary, now),
+                None => Ok(()),
+            };
         };
         let mut same_url = false;
         for e in &object.variants {
@@ -263,7 +331,7 @@ impl Store {
 
     /// True when anything (any variant) is stored under `hash`.
     pub fn contains(&self, hash: u64) -> bool {
-        self.inner.contains_key(&hash)
+        self.inner.contains_key(&hash) || self.successor().is_some_and(|n| n.contains(hash))
     }
 
     /// Stores an entry under `hash`, replacing the variant with the same `Vary` values (whose
@@ -275,6 +343,9 @@ impl Store {
 
     /// Like [`Store::insert`], returning the stored entry.
     pub fn insert_shared(&self, hash: u64, entry: Entry) -> Arc<Entry> {
+        if let Some(next) = self.successor() {
+            return next.insert_shared(hash, entry);
+        }
         let entry = Arc::new(entry);
         let stored = entry.clone();
         let now = SystemTime::now();
@@ -313,7 +384,15 @@ impl Store {
 
     /// Removes every variant stored under `hash`.
     pub fn remove(&self, hash: u64) {
-        self.inner.invalidate(&hash);
+        let _moving = self
+            .successor
+            .moving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match self.successor() {
+            Some(next) => next.remove(hash),
+            None => self.inner.invalidate(&hash),
+        }
     }
 
     /// Remembers that the URL under `hash` was uncacheable, for `ttl`.
@@ -331,6 +410,14 @@ impl Store {
     /// Purges matching responses; `soft` marks them stale instead of removing them (so
     /// stale-if-error still protects the origin). Returns how many stored responses matched.
     pub fn purge(&self, target: &PurgeTarget<'_>, soft: bool) -> usize {
+        let _moving = self
+            .successor
+            .moving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(next) = self.successor() {
+            return next.purge(target, soft);
+        }
         let now = SystemTime::now();
         if let PurgeTarget::Url {
             host,
@@ -474,6 +561,88 @@ mod tests {
 
     fn store_variant(store: &Store, lang: &str) {
         store.insert(store.hash(&URL), variant(&URL, lang));
+    }
+
+    /// `n` URLs `/r{i}` stored in `store`, each with a body of `size` bytes.
+    fn fill_urls(store: &Store, n: usize, size: usize) {
+        for i in 0..n {
+            let path = format!("/r{i}");
+            let parts = KeyParts {
+                path_and_query: &path,
+                ..URL
+            };
+            let mut e = variant(&parts, "en");
+            e.body = Bytes::from(vec![b'x'; size]);
+            store.insert(store.hash(&parts), e);
+        }
+        store.sync();
+    }
+
+    fn holds(store: &Store, i: usize) -> bool {
+        let path = format!("/r{i}");
+        let parts = KeyParts {
+            path_and_query: &path,
+            ..URL
+        };
+        store
+            .get(store.hash(&parts), &parts, None, &asking("en"))
+            .is_some()
+    }
+
+    #[test]
+    fn a_larger_store_keeps_everything_the_smaller_held() {
+        let store = Store::new(1 << 20);
+        fill_urls(&store, 100, 1000);
+        let before = store.entry_count();
+        assert_eq!(before, 100);
+        let bigger = store.resized(1 << 30);
+        bigger.sync();
+        assert_eq!(bigger.capacity(), 1 << 30);
+        assert_eq!(bigger.entry_count(), 100);
+        assert!((0..100).all(|i| holds(&bigger, i)));
+    }
+
+    #[test]
+    fn a_smaller_store_evicts_only_what_no_longer_fits() {
+        let store = Store::new(1 << 30);
+        fill_urls(&store, 200, 10_000);
+        let smaller = store.resized(500_000);
+        smaller.sync();
+        assert!(
+            smaller.weighted_size() <= 500_000,
+            "{}",
+            smaller.weighted_size()
+        );
+        let kept = (0..200).filter(|&i| holds(&smaller, i)).count();
+        // About 40 objects of ~10 KB fit in 500 KB; what fits is kept.
+        assert!(kept >= 30, "only {kept} kept");
+        assert!(kept < 60, "{kept} kept");
+    }
+
+    #[test]
+    fn writes_and_purges_through_a_replaced_store_reach_the_new_one() {
+        let old = Store::new(1 << 30);
+        store_variant(&old, "en");
+        let new = old.resized(1 << 29);
+        // A request that began before the swap still holds `old`.
+        assert!(hit(&old, "en"), "reads fall through to the new store");
+        store_variant(&old, "de");
+        assert!(
+            hit(&new, "de"),
+            "a write through the old store lands in the new one"
+        );
+        let purged = old.purge(
+            &PurgeTarget::Url {
+                host: URL.host,
+                path_and_query: URL.path_and_query,
+            },
+            false,
+        );
+        assert_eq!(purged, 2);
+        assert!(!hit(&new, "en") && !hit(&new, "de"));
+        // A resize after the purge does not bring anything back.
+        let newer = new.resized(1 << 28);
+        assert!(!hit(&newer, "en"));
     }
 
     #[test]

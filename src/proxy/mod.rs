@@ -349,6 +349,7 @@ impl Proxy {
     pub fn reconfigured(
         &self,
         config: Arc<Config>,
+        store: Store,
         origins: Vec<OriginClient>,
         states: origin::state::OriginStates,
         locator: crate::geo::Locator,
@@ -356,8 +357,7 @@ impl Proxy {
         self.fills.set_budget(config.cache.fill_memory);
         let weights = config.origins.iter().map(|o| o.weight).collect();
         let selector = Selector::with_state(weights, states);
-        let (store, metrics, fills) =
-            (self.store.clone(), self.metrics.clone(), self.fills.clone());
+        let (metrics, fills) = (self.metrics.clone(), self.fills.clone());
         Proxy::assemble(config, store, metrics, fills, origins, selector, locator)
     }
 

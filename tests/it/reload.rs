@@ -432,3 +432,83 @@ async fn a_reload_opens_the_listeners_the_file_adds_and_closes_those_it_drops() 
         "nothing swapped"
     );
 }
+
+#[tokio::test]
+async fn a_changed_cache_memory_resizes_the_store_keeping_what_fits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = setup(dir.path()).await;
+    let k = Knobs::default();
+    let with_memory = |m: &str| {
+        format!(
+            "{}[cache]\nmemory = \"{m}\"\nmax_object_size = \"100KiB\"\nfill_memory = \"1MiB\"\n",
+            s.text(&k)
+        )
+    };
+    std::fs::write(&s.path, with_memory("4MiB")).expect("write");
+    let objects = 40;
+    for i in 0..objects {
+        s.first.route(
+            &format!("/big/{i}"),
+            Route::bytes(Bytes::from(vec![b'a' + (i % 26) as u8; 60_000]))
+                .header("cache-control", "max-age=600"),
+        );
+    }
+    let node = start(&s, dir).await;
+    let fetch_all = || async {
+        let mut hits = 0;
+        for i in 0..objects {
+            let r = get(node.http, "a.test", &format!("/big/{i}")).await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.body.len(), 60_000);
+            assert!(r.body.iter().all(|&b| b == b'a' + (i % 26) as u8));
+            hits += usize::from(r.header("cache-status").is_some_and(|c| c.contains("hit")));
+        }
+        hits
+    };
+    assert_eq!(fetch_all().await, 0);
+    assert_eq!(fetch_all().await, objects, "all stored");
+    let fetched = |s: &Setup| {
+        (0..objects)
+            .map(|i| s.first.count(&format!("/big/{i}")))
+            .sum::<usize>()
+    };
+    assert_eq!(fetched(&s), objects);
+
+    // Larger: everything stays, and the capacity gauge says the new size.
+    std::fs::write(&s.path, with_memory("8MiB")).expect("write");
+    let reply = post_reload(&node).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("cache resized"), "{reply}");
+    assert_eq!(
+        metric(&node, "edgecache_cache_capacity_bytes").await,
+        8 << 20
+    );
+    assert_eq!(fetch_all().await, objects, "every object still a hit");
+    assert_eq!(fetched(&s), objects, "no request reached the origin");
+
+    // Smaller than what is stored: what no longer fits is evicted, the rest still hits.
+    std::fs::write(&s.path, with_memory("1MiB")).expect("write");
+    let reply = post_reload(&node).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let store = node.node().store();
+    store.sync();
+    assert!(
+        store.weighted_size() <= 1 << 20,
+        "{}",
+        store.weighted_size()
+    );
+    assert!(store.entry_count() > 0, "what fits is kept");
+    assert_eq!(
+        metric(&node, "edgecache_cache_capacity_bytes").await,
+        1 << 20
+    );
+    let kept = store.entry_count() as usize;
+    let hits = fetch_all().await;
+    assert!(hits > 0, "what was kept is still served from the cache");
+    assert_eq!(
+        fetched(&s),
+        2 * objects - hits,
+        "only evicted objects were fetched again"
+    );
+    assert!(hits <= kept);
+}
