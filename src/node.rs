@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -40,10 +41,6 @@ pub struct Node {
     admin_task: JoinSet<()>,
     admin_stop: watch::Sender<bool>,
     tracker: ConnTracker,
-    grace: Duration,
-    /// Between closing the listeners and draining the connections: min(1 s,
-    /// `header_read_timeout`).
-    settle: Duration,
     reloader: Arc<Reloader>,
     /// Turns true when a new process took the listeners over (`server.upgrade_socket`).
     handed_over: watch::Receiver<bool>,
@@ -131,6 +128,16 @@ fn locator(config: &Config) -> Locator {
         config.geo.database.clone(),
     )
     .with_address_header(config.server.client_address_header)
+}
+
+/// The peers `max_connections_per_client` does not count: the proxies trusted by `[server]`
+/// and `[geo]`, whose connections carry many clients.
+fn per_client_exempt(config: &Config) -> Vec<ipnet::IpNet> {
+    let trusted = config.server.trusted_proxies.iter();
+    trusted
+        .chain(&config.geo.trusted_proxies)
+        .copied()
+        .collect()
 }
 
 /// Starts the active health checks of every origin of `proxy` that has them, as tasks of
@@ -316,7 +323,7 @@ fn start_admin(
         capacity: config.cache.memory,
         draining: shared.shutdown.clone(),
     });
-    task.spawn(admin::serve(l, state, shared.builders.clone(), stopped));
+    task.spawn(admin::serve(l, state, shared.builders.load_full(), stopped));
     tracing::info!(addr = %bound, "admin listening (metrics, health, origins, purge, reload)");
     Ok(AdminListener {
         addr: Some(bound),
@@ -340,13 +347,12 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     let shared = Shared {
         proxy: Arc::new(Live::new(proxy.clone())),
         metrics: metrics.clone(),
-        builders: Arc::new(Builders::new(&config.server)),
+        builders: Arc::new(ArcSwap::from_pointee(Builders::new(&config.server))),
         limit: Arc::new(Semaphore::new(config.server.max_connections)),
-        per_client: config.server.max_connections_per_client.map(|max| {
-            let trusted = config.server.trusted_proxies.iter();
-            let exempt = trusted.chain(&config.geo.trusted_proxies).copied();
-            Arc::new(server::limit::PerClient::new(max, exempt.collect()))
-        }),
+        per_client: Arc::new(server::limit::PerClient::new(
+            config.server.max_connections_per_client,
+            per_client_exempt(&config),
+        )),
         tracker: ConnTracker::default(),
         shutdown: rx,
     };
@@ -423,11 +429,6 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         admin_task: admin.task,
         admin_stop: admin.stop,
         tracker: shared.tracker,
-        grace: config.server.shutdown_grace,
-        settle: config
-            .server
-            .header_read_timeout
-            .min(Duration::from_secs(1)),
         reloader,
         handed_over,
     })
@@ -564,6 +565,7 @@ impl Reloader {
             (_, None) => {}
         }
         self.live.store(proxy.clone());
+        self.apply_connection_settings(before, &config);
         let (added, removed) = self.swap_listeners(opened, &config);
         if added + removed > 0 {
             done.push_str(&format!("; listeners: {added} opened, {removed} closed"));
@@ -576,6 +578,21 @@ impl Reloader {
         let _ = previous.send(true);
         spawn_health_checks(&proxy, &health);
         Ok(done)
+    }
+
+    /// New connections get the new `[server]` limits and timeouts; open ones keep the
+    /// timeouts they were accepted with and stay counted against the limits.
+    fn apply_connection_settings(&self, before: &Config, after: &Config) {
+        let (a, b) = (&before.server, &after.server);
+        if a.max_connections != b.max_connections {
+            server::resize_limit(&self.shared.limit, a.max_connections, b.max_connections);
+        }
+        self.shared
+            .per_client
+            .set(b.max_connections_per_client, per_client_exempt(after));
+        self.shared
+            .builders
+            .store(Arc::new(Builders::new(&after.server)));
     }
 
     /// Binds what the new configuration lists and no listener has yet (before anything is
@@ -688,22 +705,6 @@ fn restart_only(before: &Config, after: &Config) -> Vec<&'static str> {
     if a.workers != b.workers {
         out.push("server.workers");
     }
-    if a.max_connections != b.max_connections
-        || a.max_connections_per_client != b.max_connections_per_client
-    {
-        out.push("server connection limits");
-    }
-    let timeouts = |s: &crate::config::Server| {
-        (
-            s.header_read_timeout,
-            s.idle_timeout,
-            s.send_timeout,
-            s.shutdown_grace,
-        )
-    };
-    if timeouts(a) != timeouts(b) {
-        out.push("server timeouts");
-    }
     if before.tls.certificates.is_empty() != after.tls.certificates.is_empty() {
         out.push("TLS turned on or off");
     }
@@ -783,6 +784,12 @@ impl Node {
     /// (`server::conn`), so none is left holding a response. The admin listener keeps
     /// answering (`/readyz` with 503) until the drain is over.
     pub async fn shutdown(mut self) {
+        // The configuration in service says how long (a reload may have changed it).
+        let (grace, header_read) = {
+            let proxy = self.reloader.live.load();
+            let server = &proxy.config().server;
+            (server.shutdown_grace, server.header_read_timeout)
+        };
         let mut accept = self.reloader.stop_accepting();
         while accept.join_next().await.is_some() {}
         // A connection accepted just before the listeners closed may not have sent its
@@ -791,14 +798,14 @@ impl Node {
         // (`settle`, at most a second) before the drain. After a binary upgrade the new
         // process accepts everything from here on, so no client is refused or dropped.
         if self.tracker.open() > 0 {
-            tokio::time::sleep(self.settle).await;
+            tokio::time::sleep(header_read.min(Duration::from_secs(1))).await;
         }
         let _ = self.shutdown.send(true);
         let open = self.tracker.open();
         if open > 0 {
-            tracing::info!(connections = open, grace = ?self.grace, "draining connections");
+            tracing::info!(connections = open, grace = ?grace, "draining connections");
         }
-        if tokio::time::timeout(self.grace, self.tracker.idle())
+        if tokio::time::timeout(grace, self.tracker.idle())
             .await
             .is_err()
         {

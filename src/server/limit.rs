@@ -11,6 +11,10 @@
 //! for a client already holding its share, which is what the cap is there to bound. The
 //! reset also leaves no TIME_WAIT socket here for each refused attempt.
 //!
+//! Connections are counted whether a cap is set or not (a lock and a map entry per accepted
+//! connection, small beside the accept itself), so that a cap set by a reload applies to the
+//! connections already open.
+//!
 //! Memory: an address is in the table only while it has a connection open, and every open
 //! connection holds one of `max_connections` slots, so the table never has more entries.
 
@@ -20,12 +24,21 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use ipnet::IpNet;
 
-/// Open connections by peer address, for one node (shared by every listener).
+/// Open connections by peer address, for one node (shared by every listener). A reload
+/// changes the cap and the exempt networks in place ([`PerClient::set`]): connections
+/// already open stay counted.
 #[derive(Debug)]
 pub struct PerClient {
+    /// Connections are counted with a cap or without (`usize::MAX`), so that a cap a reload
+    /// sets counts the connections already open.
+    table: Mutex<Table>,
+}
+
+#[derive(Debug)]
+struct Table {
     max: usize,
     exempt: Vec<IpNet>,
-    open: Mutex<HashMap<IpAddr, usize>>,
+    open: HashMap<IpAddr, usize>,
 }
 
 /// Held by a counted connection; dropping it gives its place back.
@@ -33,23 +46,37 @@ pub struct PerClient {
 pub struct Slot(Option<(Arc<PerClient>, IpAddr)>);
 
 impl PerClient {
-    /// At most `max` connections per address; addresses in `exempt` are not counted.
-    pub fn new(max: usize, exempt: Vec<IpNet>) -> PerClient {
-        PerClient {
-            max,
-            exempt,
-            open: Mutex::new(HashMap::new()),
-        }
+    /// At most `max` connections per address (no cap when `None`); addresses in `exempt` are
+    /// not counted.
+    pub fn new(max: Option<usize>, exempt: Vec<IpNet>) -> PerClient {
+        let per = PerClient {
+            table: Mutex::new(Table {
+                max: usize::MAX,
+                exempt: Vec::new(),
+                open: HashMap::new(),
+            }),
+        };
+        per.set(max, exempt);
+        per
+    }
+
+    /// Changes the cap and the exempt networks (a reload). Connections open stay counted; an
+    /// address above a lowered cap gets no new one until enough of its own have closed.
+    pub fn set(&self, max: Option<usize>, exempt: Vec<IpNet>) {
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        table.max = max.unwrap_or(usize::MAX);
+        table.exempt = exempt;
     }
 
     /// A place for one more connection from `peer`, or `None` when it has `max` open.
     pub fn enter(self: &Arc<Self>, peer: IpAddr) -> Option<Slot> {
-        if self.exempt.iter().any(|n| n.contains(&peer)) {
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        if table.exempt.iter().any(|n| n.contains(&peer)) {
             return Some(Slot(None));
         }
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = open.entry(peer).or_insert(0);
-        if *n >= self.max {
+        let max = table.max;
+        let n = table.open.entry(peer).or_insert(0);
+        if *n >= max {
             return None;
         }
         *n += 1;
@@ -59,16 +86,17 @@ impl PerClient {
     /// Open connections counted for `peer`.
     #[cfg(test)]
     fn open(&self, peer: IpAddr) -> usize {
-        let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        open.get(&peer).copied().unwrap_or(0)
+        let table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        table.open.get(&peer).copied().unwrap_or(0)
     }
 
     /// Addresses with a connection counted.
     #[cfg(test)]
     fn addresses(&self) -> usize {
-        self.open
+        self.table
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .open
             .len()
     }
 }
@@ -78,11 +106,11 @@ impl Drop for Slot {
         let Some((per, peer)) = self.0.take() else {
             return;
         };
-        let mut open = per.open.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = open.get_mut(&peer) {
+        let mut table = per.table.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = table.open.get_mut(&peer) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                open.remove(&peer);
+                table.open.remove(&peer);
             }
         }
     }
@@ -104,7 +132,7 @@ mod tests {
 
     #[test]
     fn at_most_max_per_address_and_a_closed_one_frees_its_place() {
-        let per = Arc::new(PerClient::new(2, Vec::new()));
+        let per = Arc::new(PerClient::new(Some(2), Vec::new()));
         let a1 = per.enter(ip("192.0.2.1")).expect("first");
         let a2 = per.enter(ip("192.0.2.1")).expect("second");
         assert!(per.enter(ip("192.0.2.1")).is_none(), "third");
@@ -117,8 +145,29 @@ mod tests {
     }
 
     #[test]
+    fn a_cap_set_later_counts_the_connections_already_open() {
+        let per = Arc::new(PerClient::new(None, Vec::new()));
+        let open: Vec<Slot> = (0..3)
+            .map(|_| per.enter(ip("192.0.2.1")).expect("no cap"))
+            .collect();
+        per.set(Some(3), Vec::new());
+        assert!(per.enter(ip("192.0.2.1")).is_none(), "three already open");
+        per.set(Some(3), vec!["192.0.2.0/24".parse().expect("net")]);
+        assert!(per.enter(ip("192.0.2.1")).is_some(), "exempt now");
+        per.set(Some(3), Vec::new());
+        drop(open);
+        assert_eq!(per.open(ip("192.0.2.1")), 0);
+        per.set(None, Vec::new());
+        let many: Vec<Slot> = (0..10)
+            .map(|_| per.enter(ip("192.0.2.1")).expect("no cap"))
+            .collect();
+        assert_eq!(per.open(ip("192.0.2.1")), 10);
+        drop(many);
+    }
+
+    #[test]
     fn only_addresses_with_open_connections_are_kept() {
-        let per = Arc::new(PerClient::new(1, Vec::new()));
+        let per = Arc::new(PerClient::new(Some(1), Vec::new()));
         for i in 0..1000u32 {
             let slot = per.enter(IpAddr::from(i.to_be_bytes()));
             assert!(slot.is_some());
@@ -138,7 +187,10 @@ mod tests {
 
     #[test]
     fn trusted_proxies_are_not_counted() {
-        let per = Arc::new(PerClient::new(1, vec!["10.0.0.0/8".parse().expect("net")]));
+        let per = Arc::new(PerClient::new(
+            Some(1),
+            vec!["10.0.0.0/8".parse().expect("net")],
+        ));
         let held: Vec<Slot> = (0..5)
             .map(|_| per.enter(ip("10.1.2.3")).expect("exempt"))
             .collect();

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -77,10 +78,13 @@ pub struct Shared {
     pub proxy: Arc<Live>,
     /// Where connections refused at accept and bytes sent with `sendfile` are counted.
     pub metrics: Arc<Metrics>,
-    pub builders: Arc<Builders>,
+    /// The `[server]` timeouts and protocol settings new connections are served with (a
+    /// reload swaps them; a connection keeps the ones it was accepted with).
+    pub builders: Arc<ArcSwap<Builders>>,
+    /// `max_connections`: one permit per open connection ([`resize_limit`] on a reload).
     pub limit: Arc<Semaphore>,
-    /// `max_connections_per_client`, when set.
-    pub per_client: Option<Arc<limit::PerClient>>,
+    /// `max_connections_per_client` (a reload changes it in place).
+    pub per_client: Arc<limit::PerClient>,
     pub tracker: ConnTracker,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -108,10 +112,7 @@ pub async fn accept_loop(
         let peer = canonical(peer);
         // `max_connections_per_client`: a peer at its cap has the new connection reset at
         // once, unanswered (see `limit`).
-        let slot = match &per_client {
-            None => Ok(None),
-            Some(per_client) => per_client.enter(peer.ip()).map(Some).ok_or(()),
-        };
+        let slot = per_client.enter(peer.ip()).ok_or(());
         let work = match slot {
             Ok(slot) => {
                 let info = ConnInfo { peer, https };
@@ -122,7 +123,7 @@ pub async fn accept_loop(
                     // The certificates in service when the connection came: a reload
                     // serves new ones to new handshakes only.
                     tls.as_ref().map(|t| TlsAcceptor::from(t.load_full())),
-                    builders.clone(),
+                    builders.load_full(),
                     proxy.clone(),
                     metrics.clone(),
                     shutdown.clone(),
@@ -196,6 +197,28 @@ pub async fn accept_with<F, Fut>(
     tracing::debug!(listener = ?local, "stopped accepting");
 }
 
+/// Changes how many connections `limit` admits from `from` to `to` (a reload changed
+/// `max_connections`). More: at once. Fewer: the free permits are withdrawn at once, and
+/// what is still held by open connections is withdrawn as they close, so the node settles
+/// at the new limit without closing any connection.
+pub fn resize_limit(limit: &Arc<Semaphore>, from: usize, to: usize) {
+    if to >= from {
+        limit.add_permits(to - from);
+        return;
+    }
+    let rest = (from - to) - limit.forget_permits(from - to);
+    if rest == 0 {
+        return;
+    }
+    let limit = limit.clone();
+    tokio::spawn(async move {
+        let rest = u32::try_from(rest).unwrap_or(u32::MAX);
+        if let Ok(permits) = limit.acquire_many_owned(rest).await {
+            permits.forget();
+        }
+    });
+}
+
 /// How long the accept loop pauses after a failed `accept` (EMFILE, ENFILE, ENOBUFS...):
 /// long enough not to spin on a condition that lasts, short enough that a freed descriptor
 /// is used soon.
@@ -225,6 +248,33 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_resized_limit_settles_at_the_new_number_without_closing_anything() {
+        let limit = Arc::new(Semaphore::new(4));
+        let held: Vec<_> = (0..3)
+            .map(|_| limit.clone().try_acquire_owned().expect("permit"))
+            .collect();
+        resize_limit(&limit, 4, 2);
+        assert_eq!(
+            limit.available_permits(),
+            0,
+            "the free one withdrawn at once"
+        );
+        drop(held);
+        // One of the three held is withdrawn as it comes back; two remain.
+        let mut seen = 0;
+        for _ in 0..1000 {
+            seen = limit.available_permits();
+            if seen == 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(seen, 2);
+        resize_limit(&limit, 2, 5);
+        assert_eq!(limit.available_permits(), 5);
+    }
 
     #[test]
     fn ipv4_mapped_peers_are_recorded_as_ipv4() {

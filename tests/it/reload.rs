@@ -512,3 +512,103 @@ async fn a_changed_cache_memory_resizes_the_store_keeping_what_fits() {
     );
     assert!(hits <= kept);
 }
+
+/// Whether the server closes (or resets) `s` within `wait`, with nothing sent on it.
+async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(wait, s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test]
+async fn a_reload_applies_connection_limits_and_timeouts_to_new_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = setup(dir.path()).await;
+    let k = Knobs::default();
+    let with_server = |extra: &str| {
+        s.text(&k)
+            .replacen("[server]\n", &format!("[server]\n{extra}"), 1)
+    };
+    std::fs::write(&s.path, with_server("idle_timeout = \"60s\"\n")).expect("write");
+    let node = start(&s, dir).await;
+    // Two connections open under the old settings, no request sent yet.
+    let mut old_a = TcpStream::connect(node.http).await.expect("connect");
+    let old_b = TcpStream::connect(node.http).await.expect("connect");
+
+    std::fs::write(
+        &s.path,
+        with_server("idle_timeout = \"1s\"\nmax_connections_per_client = 2\n"),
+    )
+    .expect("write");
+    let reply = post_reload(&node).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(!reply.contains("not applied"), "{reply}");
+    // The cap counts the connections already open: a third one from this address is reset.
+    let mut third = TcpStream::connect(node.http).await.expect("connect");
+    assert!(
+        closed_within(&mut third, Duration::from_secs(10)).await,
+        "refused by the cap"
+    );
+    drop(old_b);
+    // With a place free again, a new connection is served, under the new idle timeout:
+    // it is closed after about a second of silence.
+    let mut fresh = None;
+    for _ in 0..100 {
+        let mut c = TcpStream::connect(node.http).await.expect("connect");
+        let got = request_on(&mut c, "a.test", "/obj").await;
+        if got.is_some() {
+            fresh = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut fresh = fresh.expect("a new connection is served once one closed");
+    assert!(
+        closed_within(&mut fresh, Duration::from_secs(15)).await,
+        "the new timeout"
+    );
+    // The connection accepted before the reload keeps its own 60 s idle timeout and is served.
+    let got = request_on(&mut old_a, "a.test", "/obj").await;
+    assert_eq!(
+        got.as_deref().map(|r| r.starts_with("HTTP/1.1 200")),
+        Some(true)
+    );
+}
+
+/// One request on `c`: the response head and body as text, or `None` when the connection was
+/// closed or reset without an answer.
+async fn request_on(c: &mut TcpStream, host: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    c.write_all(req.as_bytes()).await.ok()?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = tokio::time::timeout_at(deadline, c.read(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if out.len() >= end + 4 + len {
+                return Some(text.into_owned());
+            }
+        }
+    }
+}
