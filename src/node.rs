@@ -28,7 +28,7 @@ use crate::geo::Locator;
 use crate::origin::{self, OriginClient};
 use crate::proxy::{Live, Proxy};
 use crate::server::{self, conn::Builders, upgrade, ConnTracker, Shared};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 /// A running edgecache node.
 pub struct Node {
@@ -200,54 +200,32 @@ async fn inherit(config: &Config) -> upgrade::Inherited {
     }
 }
 
-/// Listeners offered to the next process: kind, configured and bound address, a duplicate
-/// of the descriptor.
-type Offered = Vec<(upgrade::Kind, SocketAddr, SocketAddr, std::os::fd::OwnedFd)>;
-
-/// Adds `l` to what is offered to the next process, when there is an upgrade socket.
-fn offer(
-    config: &Config,
-    offered: &mut Offered,
-    kind: upgrade::Kind,
-    configured: SocketAddr,
-    l: &TcpListener,
-    bound: SocketAddr,
-) -> Result<(), Error> {
-    if config.server.upgrade_socket.is_some() {
-        let fd = l
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| Error::Bind {
-                addr: bound,
-                source,
-            })?;
-        offered.push((kind, configured, bound, fd));
+/// A duplicate of `l`'s descriptor, kept to hand the listener to the next process when
+/// `keep` (the node has an upgrade socket). Dropped with the listener's entry when a reload
+/// closes it, so a closed listener is not held open for an upgrade.
+fn handover_fd(keep: bool, l: &TcpListener, bound: SocketAddr) -> Result<Option<OwnedFd>, Error> {
+    if !keep {
+        return Ok(None);
     }
-    Ok(())
+    l.as_fd()
+        .try_clone_to_owned()
+        .map(Some)
+        .map_err(|source| Error::Bind {
+            addr: bound,
+            source,
+        })
 }
 
-/// With `server.upgrade_socket`: offers this node's listeners to the next process there.
-/// The receiver turns true once they are handed over (the node should then drain and stop).
-fn offer_listeners(config: &Config, listeners: Offered) -> watch::Receiver<bool> {
+/// With `server.upgrade_socket`: offers the node's listeners to the next process there, as
+/// they are when it asks (those a reload opened included, those it closed not). The receiver
+/// turns true once they are handed over (the node should then drain and stop).
+fn offer_listeners(config: &Config, reloader: Arc<Reloader>) -> watch::Receiver<bool> {
     let (done, handed) = watch::channel(false);
     let Some(path) = config.server.upgrade_socket.clone() else {
         return handed;
     };
-    let offered = listeners
-        .into_iter()
-        .map(|(kind, configured, bound, fd)| {
-            (
-                upgrade::Handed {
-                    kind,
-                    configured,
-                    fd,
-                },
-                bound,
-            )
-        })
-        .collect();
     tokio::spawn(async move {
-        match upgrade::offer(&path, offered).await {
+        match upgrade::offer(&path, || reloader.handover()).await {
             Ok(()) => {
                 tracing::info!("listening sockets handed to a new edgecache: draining");
                 let _ = done.send(true);
@@ -277,7 +255,6 @@ fn start_admin(
     reloader: &Arc<Reloader>,
     shared: &Shared,
     inherited: &mut upgrade::Inherited,
-    offered: &mut Offered,
 ) -> Result<AdminListener, Error> {
     let mut task = JoinSet::new();
     let (stop, stopped) = watch::channel(false);
@@ -295,7 +272,15 @@ fn start_admin(
             addr,
             source: std::io::Error::other("no listener"),
         })?;
-    offer(config, offered, upgrade::Kind::Admin, addr, &l, bound)?;
+    if let Some(fd) = handover_fd(config.server.upgrade_socket.is_some(), &l, bound)? {
+        *reloader.admin.lock().unwrap_or_else(|p| p.into_inner()) = Some(Listening {
+            kind: upgrade::Kind::Admin,
+            configured: addr,
+            bound,
+            stop: watch::channel(false).0,
+            fd: Some(fd),
+        });
+    }
     if !bound.ip().is_loopback() {
         tracing::warn!(
             addr = %bound,
@@ -362,16 +347,6 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     let https = bind_all(&config.server.https, upgrade::Kind::Https, &mut inherited)?;
     let http_addrs: Vec<SocketAddr> = http.iter().map(|(_, a)| *a).collect();
     let https_addrs: Vec<SocketAddr> = https.iter().map(|(_, a)| *a).collect();
-    let mut offered = Vec::new();
-    let kinds = [upgrade::Kind::Http, upgrade::Kind::Https];
-    for (kind, (bound, configured)) in kinds
-        .into_iter()
-        .zip([(&http, &config.server.http), (&https, &config.server.https)])
-    {
-        for ((l, addr), &conf) in bound.iter().zip(configured) {
-            offer(&config, &mut offered, kind, conf, l, *addr)?;
-        }
-    }
     let mut listening = Vec::new();
     let listeners = http
         .into_iter()
@@ -385,28 +360,32 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         );
     for ((l, bound), configured, kind, tls) in listeners {
         let (stop, stopped) = watch::channel(false);
+        let fd = handover_fd(config.server.upgrade_socket.is_some(), &l, bound)?;
         accept.spawn(server::accept_loop(l, tls, shared.clone(), stopped));
         listening.push(Listening {
             kind,
             configured,
             bound,
             stop,
+            fd,
         });
     }
     let (health_stop, health) = watch::channel(false);
     spawn_health_checks(&proxy, &health);
     let reloader = Arc::new(Reloader {
         path: config.path.clone(),
+        upgrade: config.server.upgrade_socket.is_some(),
         live: shared.proxy.clone(),
-        tls,
+        tls: Mutex::new(tls),
         metrics,
         health: Mutex::new(health_stop),
         busy: Mutex::new(()),
         listening: Mutex::new(listening),
+        admin: Mutex::new(None),
         accept: Mutex::new(accept),
         shared: shared.clone(),
     });
-    let admin = start_admin(&config, &reloader, &shared, &mut inherited, &mut offered)?;
+    let admin = start_admin(&config, &reloader, &shared, &mut inherited)?;
     if inherited.unused() > 0 {
         tracing::info!(
             listeners = inherited.unused(),
@@ -414,7 +393,7 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         );
     }
     drop(inherited);
-    let handed_over = offer_listeners(&config, offered);
+    let handed_over = offer_listeners(&config, reloader.clone());
     for a in &http_addrs {
         tracing::info!(addr = %a, "listening for HTTP");
     }
@@ -439,17 +418,22 @@ pub async fn start(config: Config) -> Result<Node, Error> {
 /// What the new file says applies to requests that start after the swap (sites, routes,
 /// pools, origins, rules, cache settings, geo, request rates, certificates for new
 /// handshakes); requests in flight finish on the proxy they began with. The store, the
-/// metrics and fetches in flight are carried over whole. An origin with the same name and URL
-/// keeps its state (latency, health, ejection, counts), and when none of its settings
-/// changed also its client with the pooled connections; a removed origin's connections close
-/// as its last requests end. Listeners the file adds are opened (before anything is swapped:
-/// one that cannot be bound refuses the reload) and those it drops stop accepting. Connection
-/// limits and timeouts, `cache.memory` and the admin listener are set at start: a change to
-/// them is reported and waits for a restart.
+/// metrics and fetches in flight are carried over whole; a changed `cache.memory` resizes
+/// the store ([`Store::resized`]). An origin with the same name and URL keeps its state
+/// (latency, health, ejection, counts), and when none of its settings changed also its
+/// client with the pooled connections; a removed origin's connections close as its last
+/// requests end. Listeners the file adds are opened (before anything is swapped: one that
+/// cannot be bound refuses the reload; HTTPS ones turn TLS on) and those it drops stop
+/// accepting. New connections get the new `[server]` limits and timeouts. `workers`,
+/// `upgrade_socket` and the admin listener are set at start: a change to them is reported
+/// and waits for a restart.
 pub struct Reloader {
     path: Option<std::path::PathBuf>,
+    /// Whether the node started with an upgrade socket (listeners are then kept to hand over).
+    upgrade: bool,
     live: Arc<Live>,
-    tls: Option<Arc<server::tls::LiveTls>>,
+    /// The certificates in service; `None` while no configuration had any (no HTTPS).
+    tls: Mutex<Option<Arc<server::tls::LiveTls>>>,
     metrics: Arc<Metrics>,
     /// Stops the health checks of the configuration in service (a reload starts new ones).
     health: Mutex<watch::Sender<bool>>,
@@ -457,6 +441,8 @@ pub struct Reloader {
     busy: Mutex<()>,
     /// The data listeners, each with what stops its accept loop.
     listening: Mutex<Vec<Listening>>,
+    /// The admin listener, as offered to an upgrade (with an upgrade socket only).
+    admin: Mutex<Option<Listening>>,
     /// The accept loops (a reload adds some), joined at shutdown.
     accept: Mutex<JoinSet<()>>,
     /// What a new accept loop shares with the others.
@@ -470,6 +456,8 @@ struct Listening {
     configured: SocketAddr,
     bound: SocketAddr,
     stop: watch::Sender<bool>,
+    /// What is handed to the next process in a binary upgrade ([`handover_fd`]).
+    fd: Option<OwnedFd>,
 }
 
 impl admin::Reload for Reloader {
@@ -559,10 +547,13 @@ impl Reloader {
                 waiting.join(", ")
             ));
         }
-        match (&self.tls, tls) {
-            (Some(live), Some(new)) => live.store(new),
-            (None, Some(_)) => {} // no HTTPS listener to serve them on: reported above
-            (_, None) => {}
+        if let Some(new) = tls {
+            let mut live = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+            match &*live {
+                Some(live) => live.store(new),
+                // TLS turned on: HTTPS listeners opened below serve these.
+                None => *live = Some(Arc::new(server::tls::LiveTls::new(new))),
+            }
         }
         self.live.store(proxy.clone());
         self.apply_connection_settings(before, &config);
@@ -606,7 +597,7 @@ impl Reloader {
             .iter()
             .map(|&a| (upgrade::Kind::Http, a))
             .collect();
-        if self.tls.is_some() {
+        if !config.tls.certificates.is_empty() {
             wanted.extend(
                 config
                     .server
@@ -630,6 +621,7 @@ impl Reloader {
                 configured: addr,
                 bound,
                 stop,
+                fd: handover_fd(self.upgrade, &l, bound)?,
             };
             opened.push((listening, l));
         }
@@ -664,7 +656,7 @@ impl Reloader {
         let mut accept = self.accept.lock().unwrap_or_else(|p| p.into_inner());
         for (listening, l) in opened {
             let tls = match listening.kind {
-                upgrade::Kind::Https => self.tls.clone(),
+                upgrade::Kind::Https => self.tls.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                 _ => None,
             };
             let stopped = listening.stop.subscribe();
@@ -673,6 +665,28 @@ impl Reloader {
             open.push(listening);
         }
         (added, removed)
+    }
+
+    /// The listeners to hand to a new process, as they are now: each with a duplicate of its
+    /// descriptor, and its bound address.
+    fn handover(&self) -> Vec<(upgrade::Handed, SocketAddr)> {
+        let listening = self.listening.lock().unwrap_or_else(|p| p.into_inner());
+        let admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        listening
+            .iter()
+            .chain(admin.iter())
+            .filter_map(|l| {
+                let fd = l.fd.as_ref()?.try_clone().ok()?;
+                Some((
+                    upgrade::Handed {
+                        kind: l.kind,
+                        configured: l.configured,
+                        fd,
+                    },
+                    l.bound,
+                ))
+            })
+            .collect()
     }
 
     /// Stops every accept loop; returns them to be joined.
@@ -705,8 +719,8 @@ fn restart_only(before: &Config, after: &Config) -> Vec<&'static str> {
     if a.workers != b.workers {
         out.push("server.workers");
     }
-    if before.tls.certificates.is_empty() != after.tls.certificates.is_empty() {
-        out.push("TLS turned on or off");
+    if a.upgrade_socket != b.upgrade_socket {
+        out.push("server.upgrade_socket");
     }
     // Compared as their Debug text: the config types carry certificates and key material
     // that do not implement equality; the text covers every setting.

@@ -165,11 +165,15 @@ fn invalid(what: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
-/// Listens on `path` (replacing a file left there) and hands `listeners` (each with its bound
-/// address, for the description) to the first process that asks. Returns once one has them:
+/// Listens on `path` (replacing a file left there) and hands the listeners `listeners` gives
+/// at that moment (each with its bound address, for the description) to the first process
+/// that asks. Returns once one has them:
 /// the caller then stops accepting and drains. A peer that does not speak the exchange is
 /// dropped and the next one waited for.
-pub async fn offer(path: &Path, listeners: Vec<(Handed, SocketAddr)>) -> io::Result<()> {
+pub async fn offer(
+    path: &Path,
+    listeners: impl Fn() -> Vec<(Handed, SocketAddr)>,
+) -> io::Result<()> {
     let _ = std::fs::remove_file(path);
     let server = UnixListener::bind(path)?;
     loop {
@@ -184,7 +188,7 @@ pub async fn offer(path: &Path, listeners: Vec<(Handed, SocketAddr)>) -> io::Res
             tracing::warn!(socket = %path.display(), "upgrade socket: a peer that is not an edgecache upgrade; ignored");
             continue;
         }
-        match send(&peer, &listeners).await {
+        match send(&peer, &listeners()).await {
             Ok(()) => return Ok(()),
             Err(e) => {
                 tracing::warn!(error = %e, "upgrade socket: handing the listeners over failed; still serving");

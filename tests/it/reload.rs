@@ -612,3 +612,109 @@ async fn request_on(c: &mut TcpStream, host: &str, path: &str) -> Option<String>
         }
     }
 }
+
+#[tokio::test]
+async fn listeners_a_reload_opens_are_handed_to_an_upgrade_and_those_it_closes_are_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = setup(dir.path()).await;
+    let k = Knobs::default();
+    let socket = dir.path().join("upgrade.sock");
+    let base = s.text(&k).replacen(
+        "[server]\n",
+        &format!("[server]\nupgrade_socket = \"{}\"\n", socket.display()),
+        1,
+    );
+    let free_port = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let (dropped, added) = (free_port(), free_port());
+    let listing = |extra: SocketAddr| {
+        base.replace(
+            "http = [\"127.0.0.1:0\"]",
+            &format!("http = [\"127.0.0.1:0\", \"{extra}\"]"),
+        )
+    };
+    std::fs::write(&s.path, listing(dropped)).expect("write");
+    let node = start(&s, dir).await;
+    assert_eq!(get(dropped, "a.test", "/obj").await.status, 200);
+
+    std::fs::write(&s.path, listing(added)).expect("write");
+    let reply = post_reload(&node).await;
+    assert!(reply.contains("1 opened, 1 closed"), "{reply}");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(dropped).is_err()
+        })
+        .await,
+        "a closed listener is not held open for an upgrade"
+    );
+    assert_eq!(get(added, "a.test", "/obj").await.status, 200);
+
+    // A second node started on the same file while the first runs: it can only listen on
+    // `added` (held by the first) if it was handed over.
+    let next = edgecache::start(edgecache::Config::load(&s.path).expect("config"))
+        .await
+        .expect("the new node takes the listeners over");
+    assert!(
+        next.http_addrs().contains(&added),
+        "{:?}",
+        next.http_addrs()
+    );
+    tokio::time::timeout(Duration::from_secs(10), node.node().handed_over())
+        .await
+        .expect("the first node is told it handed over");
+    next.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_turns_tls_on_and_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = setup(dir.path()).await;
+    let k = Knobs::default();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let with_tls = s.text(&k).replace(
+        "https = [\"127.0.0.1:0\"]",
+        &format!("https = [\"{port}\"]"),
+    );
+    let cert = &s.certs[0];
+    let without_tls = with_tls
+        .replace(&format!("https = [\"{port}\"]\n"), "")
+        .replace(
+            &format!(
+                "[[tls.certificates]]\nhosts = [\"a.test\"]\ncert = \"{}\"\nkey = \"{}\"\n",
+                cert.cert_path.display(),
+                cert.key_path.display()
+            ),
+            "",
+        );
+    assert!(!without_tls.contains("tls"), "{without_tls}");
+    std::fs::write(&s.path, &without_tls).expect("write");
+    let node = start(&s, dir).await;
+    assert!(node.node().https_addrs().is_empty());
+
+    std::fs::write(&s.path, &with_tls).expect("write");
+    let reply = post_reload(&node).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(!reply.contains("not applied"), "{reply}");
+    assert_eq!(
+        served_cert(&s, port).await,
+        0,
+        "HTTPS served with the new certificate"
+    );
+
+    std::fs::write(&s.path, &without_tls).expect("write");
+    let reply = post_reload(&node).await;
+    assert!(reply.contains("1 closed"), "{reply}");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(port).is_err()
+        })
+        .await,
+        "HTTPS off again"
+    );
+    assert_eq!(get(node.http, "a.test", "/obj").await.status, 200);
+}
