@@ -133,7 +133,7 @@ fn certificate_not_matching_its_key_is_reported() {
 struct Proc {
     child: Child,
     http: SocketAddr,
-    /// Every line it wrote to stderr so far.
+    /// Every line it wrote to stderr (the error log) and stdout (the access log) so far.
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -174,14 +174,21 @@ fn spawn_file(path: &std::path::Path, args: &[&str]) -> Proc {
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn edgecache");
     // The bound address is in the "listening for HTTP" log line.
     let stderr = child.stderr.take().expect("stderr");
+    let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            kept.lock().expect("lock").push(line);
+        }
+    });
     let kept = lines.clone();
     std::thread::spawn(move || {
         let mut sent = false;
@@ -705,7 +712,11 @@ async fn sigusr1_and_sigusr2_are_logged_and_the_node_keeps_serving_its_cache() {
 
     kill(&p, "USR1");
     assert!(
-        logged(&p, "SIGUSR1: no log files to reopen; logs go to stderr").await,
+        logged(
+            &p,
+            "SIGUSR1: no log files to reopen; logs go to stdout and stderr"
+        )
+        .await,
         "{:?}",
         p.lines.lock().expect("lock")
     );
