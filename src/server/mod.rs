@@ -114,7 +114,7 @@ pub async fn accept_loop(
         };
         let work = match slot {
             Ok(slot) => {
-                let info = ConnInfo { peer, https };
+                let info = ConnInfo::new(peer, https, None);
                 let guard = tracker.enter();
                 let task = conn::serve(
                     stream,

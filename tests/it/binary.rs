@@ -282,9 +282,10 @@ async fn each_request_has_an_access_log_line_naming_origin_and_route() {
     assert_eq!(hit["cache"], "hit");
     assert_eq!(hit["origin"], "-", "a hit reaches no origin");
     assert_eq!(hit["route"], "-");
+    assert_eq!(lines[2]["client"], "127.0.0.1", "the TCP peer");
     assert_eq!(
-        lines[2]["client"], "203.0.113.9",
-        "the client a trusted proxy names, as nginx's real_ip module logs it"
+        lines[2]["forwarded_client"], "203.0.113.9",
+        "the client a trusted proxy names, as nginx's real_ip module finds it"
     );
 }
 
