@@ -741,7 +741,15 @@ fn help_lists_the_signals_and_what_they_do() {
         let out = Command::new(BIN).args(args).output().expect("run --help");
         assert!(out.status.success());
         let text = String::from_utf8_lossy(&out.stdout);
-        for signal in ["SIGTERM, SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGQUIT"] {
+        for signal in [
+            "SIGTERM, SIGINT",
+            "SIGHUP",
+            "SIGUSR1          reopen the [log] access and error files",
+            "SIGUSR2",
+            "SIGQUIT",
+            "RUST_LOG",
+            "EDGECACHE_ADMIN_TOKEN",
+        ] {
             assert!(
                 text.contains(signal),
                 "{args:?}: {signal} missing in\n{text}"
