@@ -16,8 +16,9 @@ Signals (run, demo):
   SIGTERM, SIGINT  stop accepting, let in-flight requests finish within shutdown_grace, exit
   SIGHUP           reload: read the configuration file again and swap it in, keeping the
                    cache (as POST /reload on the admin listener); a bad file changes nothing
-  SIGUSR1          reopen log files (logrotate); logs go to stderr, so there is none to reopen
-  SIGUSR2          ignored (logged); reserved
+  SIGUSR1          reopen the [log] access and error files by their paths (logrotate's
+                   postrotate); lines buffered before it go to the old file
+  SIGUSR2          ignored (logged); reserved, never stops the process
   SIGQUIT          not handled: the default action (exit with a core dump)
 
 Upgrade (server.upgrade_socket set): start the new binary with the same configuration; it
@@ -26,7 +27,8 @@ shutdown_grace and exits. No connection is refused; the new process starts with 
 cache.
 
 Environment:
-  RUST_LOG               log filter (default info), e.g. edgecache=debug,edgecache::access=off
+  RUST_LOG               log filter, over [log] level (default info),
+                         e.g. edgecache=debug,edgecache::access=off
   EDGECACHE_ADMIN_TOKEN  the admin bearer token when [admin] sets neither token nor token_env";
 
 #[derive(Parser)]
@@ -37,9 +39,10 @@ Environment:
     after_help = SIGNALS
 )]
 struct Cli {
-    /// Log format; the level comes from RUST_LOG (default info).
-    #[arg(long, global = true, value_enum, default_value = "text")]
-    log_format: Format,
+    /// Log format, over [log] format (default text); the level comes from RUST_LOG, else
+    /// [log] level (default info).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<Format>,
     #[command(subcommand)]
     command: Command,
 }
@@ -75,10 +78,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let format = match cli.log_format {
+    let format = cli.log_format.map(|f| match f {
         Format::Text => LogFormat::Text,
         Format::Json => LogFormat::Json,
-    };
+    });
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
@@ -92,23 +95,37 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return report_config(&e),
             };
-            telemetry::init(format);
+            let mut log = config.log.clone();
+            log.format = format.unwrap_or(log.format);
+            let logs = match telemetry::init(&log) {
+                Ok(l) => l,
+                Err(e) => return report(&e),
+            };
             raise_open_file_limit();
             let workers = config.server.workers;
+            // Dropped at exit, after the runtime: what the access log buffered is written.
             run_runtime(workers, async move {
                 let mut signals =
                     Signals::install().map_err(|e| format!("install signal handlers: {e}"))?;
                 let node = edgecache::start(config)
                     .await
                     .map_err(|e| Box::new(e) as BoxError)?;
-                signals.wait_for_stop(Some(&node)).await;
+                signals.wait_for_stop(Some(&node), &logs).await;
                 tracing::info!("shutting down");
                 node.shutdown().await;
+                logs.flush();
                 Ok(())
             })
         }
         Command::Demo { http, https } => {
-            telemetry::init(format);
+            let log = telemetry::LogSettings {
+                format: format.unwrap_or_default(),
+                ..Default::default()
+            };
+            let logs = match telemetry::init(&log) {
+                Ok(l) => l,
+                Err(e) => return report(&e),
+            };
             raise_open_file_limit();
             run_runtime(None, async move {
                 let mut signals =
@@ -122,8 +139,9 @@ fn main() -> ExitCode {
                     .map_err(|e| Box::new(e) as BoxError)?;
                 let (h, s) = (node.http_addrs()[0], node.https_addrs()[0]);
                 println!("{}", edgecache::demo::instructions(h, s, origin));
-                signals.wait_for_stop(None).await;
+                signals.wait_for_stop(None, &logs).await;
                 node.shutdown().await;
+                logs.flush();
                 Ok(())
             })
         }
@@ -238,10 +256,9 @@ impl Signals {
     }
 
     /// Returns on SIGTERM or SIGINT. Meanwhile SIGHUP reloads the configuration (`node::Reloader`),
-    /// SIGUSR1 would reopen log files (logrotate's signal for nginx-style servers; every log
-    /// goes to stderr, so it says there is nothing to reopen) and SIGUSR2 is logged and
-    /// otherwise ignored.
-    async fn wait_for_stop(&mut self, node: Option<&edgecache::Node>) {
+    /// SIGUSR1 reopens the log files (logrotate's signal for nginx-style servers) and SIGUSR2
+    /// is logged and otherwise ignored.
+    async fn wait_for_stop(&mut self, node: Option<&edgecache::Node>, logs: &telemetry::Logs) {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return,
@@ -262,9 +279,14 @@ impl Signals {
                     },
                     None => tracing::info!("SIGHUP: nothing to reload yet"),
                 },
-                _ = self.usr1.recv() => {
-                    tracing::info!("SIGUSR1: no log files to reopen; logs go to stderr");
-                }
+                // Opening a file and writing out one buffer: short enough to do here.
+                _ = self.usr1.recv() => match logs.reopen() {
+                    Ok(()) if logs.files().next().is_none() => {
+                        tracing::info!("SIGUSR1: no log files to reopen; logs go to stdout and stderr");
+                    }
+                    Ok(()) => tracing::info!("SIGUSR1: log files reopened"),
+                    Err(e) => tracing::error!(error = %e, "SIGUSR1: a log file could not be reopened; its lines still go to the old file"),
+                },
                 _ = self.usr2.recv() => {
                     tracing::warn!("SIGUSR2 ignored: it has no meaning yet");
                 }
@@ -291,7 +313,7 @@ impl Signals {
         Ok(Signals)
     }
 
-    async fn wait_for_stop(&mut self, _node: Option<&edgecache::Node>) {
+    async fn wait_for_stop(&mut self, _node: Option<&edgecache::Node>, _logs: &telemetry::Logs) {
         let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -727,6 +727,10 @@ fn restart_only(before: &Config, after: &Config) -> Vec<&'static str> {
     if format!("{:?}", before.admin) != format!("{:?}", after.admin) {
         out.push("[admin]");
     }
+    // Log files are opened once, before the runtime starts; SIGUSR1 reopens those paths.
+    if before.log != after.log {
+        out.push("[log]");
+    }
     out
 }
 

@@ -93,10 +93,7 @@ fuzz_target!(|data: &[u8]| {
     let proxy = world.proxy.clone();
     world.runtime.block_on(async move {
         let (mut client, server) = tokio::io::duplex(64 << 10);
-        let info = ConnInfo {
-            peer: SocketAddr::from(([203, 0, 113, 7], 40_000)),
-            https: false,
-        };
+        let info = ConnInfo::new(SocketAddr::from(([203, 0, 113, 7], 40_000)), false, None);
         let service = hyper::service::service_fn(move |req| proxy.handle(req, info));
         let connection = hyper::server::conn::http1::Builder::new()
             .serve_connection(TokioIo::new(server), service);

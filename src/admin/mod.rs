@@ -303,7 +303,8 @@ async fn purge(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
     };
     let n = state.proxy.load().store().purge(&target, p.soft);
     state.metrics.purged(n as u64);
-    tracing::info!(target = ?target, soft = p.soft, purged = n, "purge");
+    // Not `target`: the JSON format has a key of that name (the event's target) already.
+    tracing::info!(purge = ?target, soft = p.soft, purged = n, "purge");
     text(
         StatusCode::OK,
         "application/json",

@@ -44,6 +44,8 @@ pub struct Config {
     pub retries: Retries,
     /// `[dns]`: how origin host names are resolved.
     pub dns: Dns,
+    /// `[log]`: where the logs go and in which format (applied at start only).
+    pub log: crate::telemetry::LogSettings,
 }
 
 /// `[retries]`: an idempotent request whose origin connection failed before any response byte

@@ -30,6 +30,18 @@ pub(crate) struct RawConfig {
     pub(crate) retries: RawRetries,
     #[serde(default)]
     pub(crate) dns: RawDns,
+    #[serde(default)]
+    pub(crate) log: RawLog,
+}
+
+/// `[log]`: where the access and error logs go, their format, the default filter.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLog {
+    pub(crate) access: Option<Spanned<String>>,
+    pub(crate) error: Option<Spanned<String>>,
+    pub(crate) format: Option<Spanned<String>>,
+    pub(crate) level: Option<Spanned<String>>,
 }
 
 /// `[health]` and `[origins.health]`: active health checks. Every field is optional; an

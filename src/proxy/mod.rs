@@ -112,12 +112,33 @@ const MAX_ATTEMPTS: usize = 4;
 /// client reading it.
 const STREAM_WINDOW: u64 = 1 << 20;
 
-/// What the connection tells us about a request.
+/// What the connection tells us about a request, and the id [`Proxy::handle`] gave it.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub https: bool,
+    /// The TLS version negotiated (`TLSv1.3`), `None` for plain HTTP.
+    pub tls_version: Option<&'static str>,
+    /// The request's id when this node made one for the access log; `None` on a connection,
+    /// and for a request whose trusted proxy gave it an id, or whose id nothing needed yet
+    /// (the upstream stage makes one then).
+    pub request_id: Option<telemetry::RequestId>,
 }
+
+impl ConnInfo {
+    /// A connection's information before any request: plain HTTP when `https` is false.
+    pub fn new(peer: SocketAddr, https: bool, tls_version: Option<&'static str>) -> ConnInfo {
+        ConnInfo {
+            peer,
+            https,
+            tls_version,
+            request_id: None,
+        }
+    }
+}
+
+/// The request id field, kept from a trusted proxy and sent to origins.
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// How a request was answered, for the access log and the metrics.
 struct Outcome_ {
@@ -491,6 +512,30 @@ impl Proxy {
         headers.append(CDN_LOOP.clone(), self.cdn_loop.clone());
     }
 
+    /// Whether `peer` is one of `server.trusted_proxies`, whose forwarding fields and request
+    /// ids are believed.
+    fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        self.config
+            .server
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&peer))
+    }
+
+    /// The `X-Request-Id` a trusted proxy sent, when there is exactly one and it is fit for
+    /// the log (`telemetry::request_id::acceptable`); any other is replaced by one of ours.
+    fn given_request_id<'h>(
+        &self,
+        peer: std::net::IpAddr,
+        headers: &'h HeaderMap,
+    ) -> Option<&'h HeaderValue> {
+        let mut all = headers.get_all(&X_REQUEST_ID).iter();
+        let (Some(v), None) = (all.next(), all.next()) else {
+            return None;
+        };
+        (self.trusts(peer) && telemetry::request_id::acceptable(v.as_bytes())).then_some(v)
+    }
+
     fn via(&self, version: Version) -> &HeaderValue {
         match version {
             Version::HTTP_2 => &self.via_2,
@@ -535,22 +580,31 @@ impl Proxy {
     /// Everything up to an answer from the cache runs synchronously, in this call; only a
     /// request that must go upstream returns a future with work left (boxed, so the future
     /// hyper keeps per request stays a few words for hits).
-    pub fn handle(self: &Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Handling {
-        // The clock is read for the access log only.
+    pub fn handle(self: &Arc<Self>, req: Request<Incoming>, mut conn: ConnInfo) -> Handling {
+        // The clock is read, and the request id made, for the access log only; with it off a
+        // hit does neither, and the upstream stage makes the id of a request it sends.
         let log = telemetry::access_log_enabled().then(|| {
+            let peer = conn.peer.ip();
+            let headers = req.headers();
+            let given = self.given_request_id(peer, headers);
+            let request_id = match given {
+                Some(v) => telemetry::access::LoggedId::Given(v.clone()),
+                None => {
+                    let id = telemetry::RequestId::next();
+                    conn.request_id = Some(id);
+                    telemetry::access::LoggedId::Made(id)
+                }
+            };
             Box::new(AccessLog {
                 start: Instant::now(),
-                client: self.locator.client(conn.peer.ip(), req.headers()),
+                client: peer,
+                forwarded_client: self.locator.client(peer, headers),
                 method: req.method().clone(),
                 version: req.version(),
                 host: req
                     .uri()
                     .host()
-                    .or_else(|| {
-                        req.headers()
-                            .get(header::HOST)
-                            .and_then(|h| h.to_str().ok())
-                    })
+                    .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
                     .unwrap_or("-")
                     .to_owned(),
                 path: req
@@ -565,6 +619,10 @@ impl Proxy {
                 origin_ms: None,
                 route: None,
                 aborted: false,
+                user_agent: headers.get(header::USER_AGENT).cloned(),
+                referer: headers.get(header::REFERER).cloned(),
+                request_id,
+                tls_version: conn.tls_version,
             })
         });
         // Spans name the stages (see `telemetry::spans`); at `debug`, so with the default

@@ -20,7 +20,8 @@ pub(super) struct Upstream {
 impl Proxy {
     /// The one request builder: a client's fields made ready for an origin. Forwarding
     /// fields (kept from a trusted proxy, and only the one it writes), hop-by-hop fields
-    /// removed, `Via`, and this node's `CDN-Loop` member.
+    /// removed, `Via`, this node's `CDN-Loop` member, and `X-Request-Id`: the trusted
+    /// proxy's, else the id the access log has (or a new one).
     pub(super) fn upstream(
         &self,
         method: Method,
@@ -40,6 +41,10 @@ impl Proxy {
             self.via(version),
         );
         self.mark_hop(&mut headers);
+        if self.given_request_id(conn.peer.ip(), &headers).is_none() {
+            let id = conn.request_id.unwrap_or_else(telemetry::RequestId::next);
+            headers.insert(X_REQUEST_ID.clone(), id.header_value());
+        }
         Upstream {
             method,
             pq,
@@ -232,12 +237,7 @@ impl Proxy {
     /// does not write (`server.client_address_header`) is the client's own and is dropped
     /// here, so it never reaches the origin as if the proxy had vouched for it.
     pub(super) fn trusted(&self, conn: ConnInfo, headers: &mut HeaderMap) -> bool {
-        let trusted = self
-            .config
-            .server
-            .trusted_proxies
-            .iter()
-            .any(|n| n.contains(&conn.peer.ip()));
+        let trusted = self.trusts(conn.peer.ip());
         if trusted {
             match self.config.server.client_address_header {
                 crate::geo::AddressHeader::XForwardedFor => {

@@ -148,7 +148,7 @@ pub async fn serve_plain<S, B>(
 /// Serves one accepted TCP connection until it ends, idles out, stalls, or shutdown drains it.
 pub async fn serve(
     stream: TcpStream,
-    info: ConnInfo,
+    mut info: ConnInfo,
     tls: Option<TlsAcceptor>,
     builders: Arc<Builders>,
     proxy: Arc<Live>,
@@ -199,6 +199,11 @@ pub async fn serve(
             };
             // RFC 9113 §3.2: over TLS, HTTP/2 is chosen by ALPN only.
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            info.tls_version = tls_stream
+                .get_ref()
+                .1
+                .protocol_version()
+                .map(tls_version_name);
             if !h2 {
                 // Heads are timed below TLS: a head's first record starts its time.
                 tls_stream.get_mut().0.time_heads(builders.header_read);
@@ -206,6 +211,18 @@ pub async fn serve(
             let io = TokioIo::new(tls_stream);
             conns.serve(io, h2, proxy, info, &mut shutdown).await
         }
+    }
+}
+
+/// The access log's name of a TLS version, as nginx's `$ssl_protocol` writes it.
+fn tls_version_name(v: rustls::ProtocolVersion) -> &'static str {
+    match v {
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+        // rustls negotiates nothing older; named should it ever.
+        rustls::ProtocolVersion::TLSv1_1 => "TLSv1.1",
+        rustls::ProtocolVersion::TLSv1_0 => "TLSv1",
+        _ => "TLS",
     }
 }
 

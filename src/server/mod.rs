@@ -115,7 +115,7 @@ pub async fn accept_loop(
         let slot = per_client.enter(peer.ip()).ok_or(());
         let work = match slot {
             Ok(slot) => {
-                let info = ConnInfo { peer, https };
+                let info = ConnInfo::new(peer, https, None);
                 let guard = tracker.enter();
                 let task = conn::serve(
                     stream,

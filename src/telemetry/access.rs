@@ -4,9 +4,9 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::{Method, Version};
+use http::{HeaderValue, Method, Version};
 
-use super::{CacheResult, ACCESS_TARGET};
+use super::{CacheResult, RequestId, ACCESS_TARGET};
 
 /// True when access-log events would be recorded; checked once per request so that no log
 /// record is built when the access log is off.
@@ -14,12 +14,23 @@ pub fn access_log_enabled() -> bool {
     tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO)
 }
 
+/// A request's id as the access log writes it: a trusted proxy's `X-Request-Id` (checked
+/// by `request_id::acceptable`), or one made here.
+#[derive(Debug, Clone)]
+pub enum LoggedId {
+    Given(HeaderValue),
+    Made(RequestId),
+}
+
 /// One request's access-log record, completed when the response body ends.
 #[derive(Debug)]
 pub struct AccessLog {
     pub start: tokio::time::Instant,
-    /// The socket's peer, or the client a trusted proxy names (`geo::Locator::client`).
+    /// The socket's peer (nginx's `$realip_remote_addr`).
     pub client: IpAddr,
+    /// The client a trusted proxy names (`geo::Locator::client`), else the peer again
+    /// (nginx's `$remote_addr` under `real_ip_header`).
+    pub forwarded_client: IpAddr,
     pub method: Method,
     pub version: Version,
     pub host: String,
@@ -32,6 +43,21 @@ pub struct AccessLog {
     /// The geo route (`[[sites.routes]]` name) that chose the origin.
     pub route: Option<Arc<str>>,
     pub aborted: bool,
+    /// The client's `User-Agent` and `Referer`, shared with the request (no copy).
+    pub user_agent: Option<HeaderValue>,
+    pub referer: Option<HeaderValue>,
+    pub request_id: LoggedId,
+    /// `TLSv1.3`, `TLSv1.2`; `None` (written `-`) for plain HTTP.
+    pub tls_version: Option<&'static str>,
+}
+
+/// A header's value as text for the log: `-` when absent; bytes that are not UTF-8 replaced
+/// (borrowed, not copied, when they are).
+fn header_text(v: &Option<HeaderValue>) -> std::borrow::Cow<'_, str> {
+    match v {
+        Some(v) => String::from_utf8_lossy(v.as_bytes()),
+        None => std::borrow::Cow::Borrowed("-"),
+    }
 }
 
 impl AccessLog {
@@ -44,9 +70,19 @@ impl AccessLog {
     /// strings. `Display` values are written bare in the text format.
     pub fn emit(&self, bytes: u64, complete: bool) {
         let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let made;
+        let request_id = match &self.request_id {
+            // Acceptable ids are visible ASCII.
+            LoggedId::Given(v) => v.to_str().unwrap_or("-"),
+            LoggedId::Made(id) => {
+                made = id.to_bytes();
+                std::str::from_utf8(&made).unwrap_or("-")
+            }
+        };
         tracing::info!(
             target: ACCESS_TARGET,
             client = %self.client,
+            forwarded_client = %self.forwarded_client,
             host = self.host.as_str(),
             method = self.method.as_str(),
             path = self.path.as_str(),
@@ -59,6 +95,10 @@ impl AccessLog {
             origin_ms = self.origin_ms.map(|m| (m * 1000.0).round() / 1000.0),
             route = self.route.as_deref().unwrap_or("-"),
             complete = complete && !self.aborted,
+            request_id,
+            tls_version = self.tls_version.unwrap_or("-"),
+            user_agent = &*header_text(&self.user_agent),
+            referer = &*header_text(&self.referer),
             "request"
         );
     }
@@ -97,6 +137,7 @@ mod tests {
         AccessLog {
             start: tokio::time::Instant::now(),
             client: IpAddr::from([127, 0, 0, 1]),
+            forwarded_client: IpAddr::from([127, 0, 0, 1]),
             method: Method::GET,
             version: Version::HTTP_11,
             host: "evil.test status=200 cache=\"hit\" x=\\".to_owned(),
@@ -109,6 +150,10 @@ mod tests {
             origin_ms: None,
             route: None,
             aborted: false,
+            user_agent: Some(HeaderValue::from_static("curl/8 status=200 \"x")),
+            referer: HeaderValue::from_bytes(b"https://a.test/\xff\" cache=hit").ok(),
+            request_id: LoggedId::Given(HeaderValue::from_static("abc\"=1")),
+            tls_version: None,
         }
     }
 
@@ -159,6 +204,7 @@ mod tests {
             keys,
             [
                 "client",
+                "forwarded_client",
                 "host",
                 "method",
                 "path",
@@ -169,7 +215,11 @@ mod tests {
                 "cache",
                 "origin",
                 "route",
-                "complete"
+                "complete",
+                "request_id",
+                "tls_version",
+                "user_agent",
+                "referer"
             ],
             "{text}"
         );
@@ -189,6 +239,14 @@ mod tests {
         assert_eq!(value("host"), Some(format!("{:?}", log.host).as_str()));
         assert_eq!(value("path"), Some(format!("{:?}", log.path).as_str()));
         assert_eq!(value("method"), Some("\"GET\""));
+        assert_eq!(value("user_agent"), Some(r#""curl/8 status=200 \"x""#));
+        // Invalid UTF-8 replaced by U+FFFD, printable; the quote escaped.
+        assert_eq!(
+            value("referer"),
+            Some("\"https://a.test/\u{fffd}\\\" cache=hit\"")
+        );
+        assert_eq!(value("request_id"), Some(r#""abc\"=1""#));
+        assert_eq!(value("tls_version"), Some("\"-\""));
         assert!(
             !text.contains(['\r', '\u{1b}', '\t', '\u{7f}']),
             "control characters escaped: {text:?}"
@@ -216,5 +274,10 @@ mod tests {
         assert_eq!(v["method"], "GET");
         assert_eq!(v["status"], 421);
         assert_eq!(v["cache"], "refused");
+        assert_eq!(v["user_agent"], "curl/8 status=200 \"x");
+        assert_eq!(v["referer"], "https://a.test/\u{fffd}\" cache=hit");
+        assert_eq!(v["request_id"], "abc\"=1");
+        assert_eq!(v["forwarded_client"], "127.0.0.1");
+        assert_eq!(v["tls_version"], "-");
     }
 }

@@ -1,17 +1,30 @@
 //! Telemetry: the log subscriber, and the access log with its target. A leaf: it depends
 //! on std and external crates only, never on the modules it reports on.
 //!
-//! - [`init`] installs the subscriber (text or JSON, filtered by `RUST_LOG`).
+//! - [`init`] installs the subscriber (text or JSON, filtered by `RUST_LOG`): the access log
+//!   and the error log each to stdout, stderr or a file (`logfile`: append, reopen on
+//!   SIGUSR1, buffered access log flushed once a second and at exit), per [`LogSettings`].
+//! - `request_id`: the ids the access log and origins see.
 //! - `access`: the access-log record, one INFO event per request on [`ACCESS_TARGET`].
 //! - `metrics`: every metric, counted in atomics and exposed through `prometheus-client`.
 //! - [`CacheResult`]: what happened to a request, as the access log and the metrics name it.
 
 pub mod access;
+mod logfile;
 pub mod metrics;
+pub mod request_id;
 
-use tracing_subscriber::EnvFilter;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Layered, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 pub use access::{access_log_enabled, AccessLog};
+pub use request_id::RequestId;
 
 /// Span names: one per stage of the request path (`proxy`), so that a `debug` filter shows a
 /// request's way through them: `RUST_LOG=edgecache=debug`.
@@ -46,18 +59,183 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber; the level comes from `RUST_LOG` (default `info`).
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // A second init (tests start several nodes) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+/// Where a log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Stdout,
+    Stderr,
+    /// Not written at all (the access log only): no access record is even built.
+    Off,
+    /// A file, opened in append mode and created when missing; reopened on SIGUSR1.
+    File(PathBuf),
+}
+
+/// `[log]`: where the access log and the error log (every other event) go, their format and
+/// the default filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// The access log (default stdout, as in nginx's container images).
+    pub access: Destination,
+    /// Every other log line (default stderr). Never [`Destination::Off`].
+    pub error: Destination,
+    pub format: LogFormat,
+    /// The filter used when `RUST_LOG` is not set (default `info`), in `RUST_LOG` syntax.
+    pub level: Option<String>,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            access: Destination::Stdout,
+            error: Destination::Stderr,
+            format: LogFormat::Text,
+            level: None,
+        }
+    }
+}
+
+/// Why logging could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("open {which} log {}: {source}", path.display())]
+    Open {
+        which: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reopen log file {}: {source}", path.display())]
+    Reopen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The log files in use, for SIGUSR1 and for the flush at exit (also done when dropped).
+#[derive(Debug, Default)]
+pub struct Logs {
+    files: Vec<Arc<logfile::LogFile>>,
+}
+
+impl Logs {
+    /// The files written to, none for stdout and stderr only.
+    pub fn files(&self) -> impl Iterator<Item = &std::path::Path> {
+        self.files.iter().map(|f| f.path())
+    }
+
+    /// Opens every log file again by its path (after logrotate renamed it). Each file is
+    /// tried; one that cannot be opened keeps its old file, and the first such error is
+    /// returned.
+    pub fn reopen(&self) -> Result<(), Error> {
+        let mut first = None;
+        for f in &self.files {
+            if let Err(source) = f.reopen() {
+                first.get_or_insert(Error::Reopen {
+                    path: f.path().to_owned(),
+                    source,
+                });
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Writes out what buffered files hold.
+    pub fn flush(&self) {
+        for f in &self.files {
+            let _ = f.flush();
+        }
+    }
+}
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// A formatting layer of either format over any writer.
+type BoxedLayer = Box<dyn Layer<Layered<EnvFilter, Registry>> + Send + Sync>;
+
+fn layer<W>(format: LogFormat, writer: W, ansi: bool) -> BoxedLayer
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+    }
+}
+
+/// Installs the global subscriber: access events ([`ACCESS_TARGET`]) to `settings.access`,
+/// every other event to `settings.error`, both filtered by `RUST_LOG` or else
+/// `settings.level` (default `info`). Files are opened here; one that cannot be opened is an
+/// error naming it. Keep the returned [`Logs`] for SIGUSR1 and until exit (it flushes).
+pub fn init(settings: &LogSettings) -> Result<Logs, Error> {
+    let level = settings.level.as_deref().unwrap_or("info");
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut files: Vec<Arc<logfile::LogFile>> = Vec::new();
+    let mut open = |which: &'static str, dest: &Destination, buffered: bool| {
+        let format = settings.format;
+        let made = match dest {
+            Destination::Off => None,
+            Destination::Stdout => Some(layer(
+                format,
+                std::io::stdout,
+                is_terminal(&std::io::stdout()),
+            )),
+            Destination::Stderr => Some(layer(
+                format,
+                std::io::stderr,
+                is_terminal(&std::io::stderr()),
+            )),
+            Destination::File(path) => {
+                // Both logs in one file share one handle, so their lines never interleave.
+                let file = match files.iter().find(|f| f.path() == path) {
+                    Some(f) => f.clone(),
+                    None => {
+                        let f = logfile::LogFile::open(path, buffered).map_err(|source| {
+                            Error::Open {
+                                which,
+                                path: path.clone(),
+                                source,
+                            }
+                        })?;
+                        let f = Arc::new(f);
+                        files.push(f.clone());
+                        f
+                    }
+                };
+                Some(layer(format, logfile::FileWriter(file), false))
+            }
+        };
+        Ok::<_, Error>(made)
     };
+    let access = open("access", &settings.access, true)?.map(|l| {
+        l.with_filter(filter_fn(|m| m.target() == ACCESS_TARGET))
+            .boxed()
+    });
+    let error = open("error", &settings.error, false)?.map(|l| {
+        l.with_filter(filter_fn(|m| m.target() != ACCESS_TARGET))
+            .boxed()
+    });
+    let layers: Vec<BoxedLayer> = access.into_iter().chain(error).collect();
+    // A second init (tests start several nodes) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(layers)
+        .try_init();
+    logfile::spawn_flusher(files.clone());
+    Ok(Logs { files })
+}
+
+fn is_terminal(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal()
 }
 
 /// What happened to a request, decided by the request path and reported in three places

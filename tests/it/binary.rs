@@ -133,7 +133,7 @@ fn certificate_not_matching_its_key_is_reported() {
 struct Proc {
     child: Child,
     http: SocketAddr,
-    /// Every line it wrote to stderr so far.
+    /// Every line it wrote to stderr (the error log) and stdout (the access log) so far.
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -174,14 +174,21 @@ fn spawn_file(path: &std::path::Path, args: &[&str]) -> Proc {
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn edgecache");
     // The bound address is in the "listening for HTTP" log line.
     let stderr = child.stderr.take().expect("stderr");
+    let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            kept.lock().expect("lock").push(line);
+        }
+    });
     let kept = lines.clone();
     std::thread::spawn(move || {
         let mut sent = false;
@@ -275,9 +282,10 @@ async fn each_request_has_an_access_log_line_naming_origin_and_route() {
     assert_eq!(hit["cache"], "hit");
     assert_eq!(hit["origin"], "-", "a hit reaches no origin");
     assert_eq!(hit["route"], "-");
+    assert_eq!(lines[2]["client"], "127.0.0.1", "the TCP peer");
     assert_eq!(
-        lines[2]["client"], "203.0.113.9",
-        "the client a trusted proxy names, as nginx's real_ip module logs it"
+        lines[2]["forwarded_client"], "203.0.113.9",
+        "the client a trusted proxy names, as nginx's real_ip module finds it"
     );
 }
 
@@ -705,7 +713,11 @@ async fn sigusr1_and_sigusr2_are_logged_and_the_node_keeps_serving_its_cache() {
 
     kill(&p, "USR1");
     assert!(
-        logged(&p, "SIGUSR1: no log files to reopen; logs go to stderr").await,
+        logged(
+            &p,
+            "SIGUSR1: no log files to reopen; logs go to stdout and stderr"
+        )
+        .await,
         "{:?}",
         p.lines.lock().expect("lock")
     );
@@ -729,7 +741,15 @@ fn help_lists_the_signals_and_what_they_do() {
         let out = Command::new(BIN).args(args).output().expect("run --help");
         assert!(out.status.success());
         let text = String::from_utf8_lossy(&out.stdout);
-        for signal in ["SIGTERM, SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGQUIT"] {
+        for signal in [
+            "SIGTERM, SIGINT",
+            "SIGHUP",
+            "SIGUSR1          reopen the [log] access and error files",
+            "SIGUSR2",
+            "SIGQUIT",
+            "RUST_LOG",
+            "EDGECACHE_ADMIN_TOKEN",
+        ] {
             assert!(
                 text.contains(signal),
                 "{args:?}: {signal} missing in\n{text}"

@@ -12,6 +12,7 @@ mod isolation;
 mod keep_alive;
 mod leak_search;
 mod limits;
+mod logs;
 mod origins;
 mod reload;
 mod routing;

@@ -5,11 +5,12 @@
 //! `check` (each section in turn), and the value checks more than one section uses (positive
 //! durations, rates, CIDR blocks, host patterns). Each section has a file of its own: `server`
 //! (listeners, timeouts, client limits, listeners that clash), `tls`, `cache`, `origins` (with
-//! health checks, pools, retries and DNS), `sites` (with routes and rules), `admin` and `geo`.
+//! health checks, pools, retries and DNS), `sites` (with routes and rules), `admin`, `geo` and `log`.
 
 mod admin;
 mod cache;
 mod geo;
+mod log;
 mod origins;
 #[cfg(test)]
 mod props;
@@ -225,8 +226,10 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
     server::overlapping_listeners(ck, &raw, &server, admin.as_ref());
     let retries = origins::retries(ck, &raw.retries);
     let dns = origins::dns(ck, &raw.dns);
+    let log = log::log(ck, &raw.log, base);
 
     Config {
+        log,
         source: ck.file.to_owned(),
         path: None,
         admin,
