@@ -9,6 +9,18 @@
 pub mod access;
 pub mod metrics;
 
+/// What was built, recorded by `build.rs`: `edgecache --version`, the start-up log line,
+/// `GET /status` and `edgecache_build_info` all report these.
+pub mod build {
+    /// The package version (`Cargo.toml`).
+    pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+    /// The git commit, 12 hex digits; `EDGECACHE_COMMIT` from the environment when built
+    /// outside a git checkout, else "unknown".
+    pub const COMMIT: &str = env!("EDGECACHE_COMMIT");
+    /// Cargo's build profile: "release" or "debug".
+    pub const PROFILE: &str = env!("EDGECACHE_PROFILE");
+}
+
 use tracing_subscriber::EnvFilter;
 
 pub use access::{access_log_enabled, AccessLog};
