@@ -229,6 +229,7 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
     Config {
         source: ck.file.to_owned(),
         path: None,
+        sha256: None,
         admin,
         pools,
         geo,
