@@ -18,5 +18,6 @@ mod routing;
 mod send_timeout;
 mod sendfile;
 mod serving;
+mod status;
 mod support;
 mod tls;
