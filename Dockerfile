@@ -3,11 +3,14 @@
 # Run:    docker run -p 8080:8080 -v $PWD/config:/etc/edgecache:ro edgecache
 FROM rust:1-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY benches ./benches
 COPY tests ./tests
 COPY config ./config
+# No .git is copied: pass the commit for --version, /status and edgecache_build_info with
+# docker build --build-arg EDGECACHE_COMMIT=$(git rev-parse --short=12 HEAD) .
+ARG EDGECACHE_COMMIT=unknown
 RUN cargo build --release --locked --bin edgecache
 
 FROM debian:bookworm-slim

@@ -31,10 +31,20 @@ Environment:
                          e.g. edgecache=debug,edgecache::access=off
   EDGECACHE_ADMIN_TOKEN  the admin bearer token when [admin] sets neither token nor token_env";
 
+/// `--version`: `edgecache 0.1.0 (commit 0123456789ab, release)`.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("EDGECACHE_COMMIT"),
+    ", ",
+    env!("EDGECACHE_PROFILE"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "edgecache",
-    version,
+    version = VERSION,
     about = "An edge caching reverse proxy",
     after_help = SIGNALS
 )]

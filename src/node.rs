@@ -36,6 +36,9 @@ pub struct Node {
     https: Vec<SocketAddr>,
     admin: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
+    /// Turned true as shutdown begins, before the listeners close: `/readyz` says 503 from
+    /// then on.
+    stopping: watch::Sender<bool>,
     /// The admin listener's task, stopped after the drain (it answers `/readyz` with 503
     /// while the node drains).
     admin_task: JoinSet<()>,
@@ -255,6 +258,7 @@ fn start_admin(
     reloader: &Arc<Reloader>,
     shared: &Shared,
     inherited: &mut upgrade::Inherited,
+    (started, stopping): (admin::Started, watch::Receiver<bool>),
 ) -> Result<AdminListener, Error> {
     let mut task = JoinSet::new();
     let (stop, stopped) = watch::channel(false);
@@ -306,10 +310,13 @@ fn start_admin(
         metrics: shared.metrics.clone(),
         tracker: shared.tracker.clone(),
         capacity: config.cache.memory,
-        draining: shared.shutdown.clone(),
+        draining: stopping,
+        node: reloader.clone(),
+        started,
+        admin_addr: bound,
     });
     task.spawn(admin::serve(l, state, shared.builders.load_full(), stopped));
-    tracing::info!(addr = %bound, "admin listening (metrics, health, origins, purge, reload)");
+    tracing::info!(addr = %bound, "admin listening (metrics, health, status, origins, cache, purge, reload)");
     Ok(AdminListener {
         addr: Some(bound),
         task,
@@ -321,6 +328,13 @@ fn start_admin(
 /// bound addresses are on the returned [`Node`]. A configuration read from a file
 /// ([`Config::load`]) can be reloaded from it ([`Node::reload`], SIGHUP, `POST /reload`).
 pub async fn start(config: Config) -> Result<Node, Error> {
+    let started = admin::Started::now();
+    tracing::info!(
+        version = crate::telemetry::build::VERSION,
+        commit = crate::telemetry::build::COMMIT,
+        profile = crate::telemetry::build::PROFILE,
+        "starting edgecache"
+    );
     let config = Arc::new(config);
     let store = Store::new(config.cache.memory);
     let metrics = Arc::new(Metrics::default());
@@ -384,8 +398,21 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         admin: Mutex::new(None),
         accept: Mutex::new(accept),
         shared: shared.clone(),
+        stamp: Mutex::new(admin::ConfigStamp {
+            path: config.path.clone(),
+            sha256: config.sha256.clone(),
+            loaded_at: started.at,
+            generation: 1,
+        }),
     });
-    let admin = start_admin(&config, &reloader, &shared, &mut inherited)?;
+    let (stopping, stopping_rx) = watch::channel(false);
+    let admin = start_admin(
+        &config,
+        &reloader,
+        &shared,
+        &mut inherited,
+        (started, stopping_rx),
+    )?;
     if inherited.unused() > 0 {
         tracing::info!(
             listeners = inherited.unused(),
@@ -405,6 +432,7 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         https: https_addrs,
         admin: admin.addr,
         shutdown: tx,
+        stopping,
         admin_task: admin.task,
         admin_stop: admin.stop,
         tracker: shared.tracker,
@@ -447,6 +475,8 @@ pub struct Reloader {
     accept: Mutex<JoinSet<()>>,
     /// What a new accept loop shares with the others.
     shared: Shared,
+    /// The configuration in service, for `/status`.
+    stamp: Mutex<admin::ConfigStamp>,
 }
 
 /// One open data listener.
@@ -463,6 +493,26 @@ struct Listening {
 impl admin::Reload for Reloader {
     fn reload(&self) -> Result<String, String> {
         Reloader::reload(self)
+    }
+}
+
+impl admin::NodeStatus for Reloader {
+    fn config_stamp(&self) -> admin::ConfigStamp {
+        self.stamp.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn listeners(&self) -> Vec<(&'static str, SocketAddr)> {
+        let open = self.listening.lock().unwrap_or_else(|p| p.into_inner());
+        open.iter()
+            .map(|l| {
+                let kind = match l.kind {
+                    upgrade::Kind::Http => "http",
+                    upgrade::Kind::Https => "https",
+                    upgrade::Kind::Admin => "admin",
+                };
+                (kind, l.bound)
+            })
+            .collect()
     }
 }
 
@@ -557,6 +607,15 @@ impl Reloader {
         }
         self.live.store(proxy.clone());
         self.apply_connection_settings(before, &config);
+        {
+            let mut stamp = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+            *stamp = admin::ConfigStamp {
+                path: config.path.clone(),
+                sha256: config.sha256.clone(),
+                loaded_at: std::time::SystemTime::now(),
+                generation: stamp.generation + 1,
+            };
+        }
         let (added, removed) = self.swap_listeners(opened, &config);
         if added + removed > 0 {
             done.push_str(&format!("; listeners: {added} opened, {removed} closed"));
@@ -808,6 +867,9 @@ impl Node {
             let server = &proxy.config().server;
             (server.shutdown_grace, server.header_read_timeout)
         };
+        // Not ready from the first moment: a load balancer polling `/readyz` stops sending
+        // new connections while the listeners close, not only once the drain begins.
+        let _ = self.stopping.send(true);
         let mut accept = self.reloader.stop_accepting();
         while accept.join_next().await.is_some() {}
         // A connection accepted just before the listeners closed may not have sent its

@@ -1,10 +1,15 @@
 //! The admin listener (loopback by default): `/healthz` and `/readyz` for probes, and behind a
-//! bearer token `/metrics` for Prometheus (public with `public_metrics`), `/origins`, and
-//! `POST /purge`. It runs on the data listeners' accept loop and connection handling
+//! bearer token `/metrics` for Prometheus (public with `public_metrics`), `/status`
+//! ([`status`]), `/origins`, `/cache?url=` and `/cache/stats` ([`inspect`]), `POST /purge`
+//! and `POST /reload`. It runs on the data listeners' accept loop and connection handling
 //! (`server::accept_with`, `server::conn::serve_plain`), so it has the same header-read and
 //! idle timeouts, with its own connection limit. The data path never waits on it.
 
+mod inspect;
+mod status;
+
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,6 +29,8 @@ use crate::server::conn::Builders;
 use crate::server::ConnTracker;
 use crate::telemetry::metrics::{self, Gauges, Metrics, Scrape};
 
+pub use status::{ConfigStamp, NodeStatus, Started};
+
 /// What the admin endpoints read.
 pub struct AdminState {
     pub config: AdminConfig,
@@ -34,9 +41,14 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub tracker: ConnTracker,
     pub capacity: u64,
-    /// The data listeners' shutdown signal: once set, the node is draining and `/readyz`
-    /// answers 503.
+    /// Set as soon as the node begins to shut down (before its listeners close): from then
+    /// on `/readyz` answers 503.
     pub draining: watch::Receiver<bool>,
+    /// The configuration in service and the listeners, for `/status`.
+    pub node: Arc<dyn NodeStatus>,
+    pub started: Started,
+    /// This listener's bound address.
+    pub admin_addr: SocketAddr,
 }
 
 /// A configuration reload, as the node runs it (`node::Reloader`): the file read again and,
@@ -143,6 +155,16 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
                 origins: proxy.origin_series(),
             };
             text(StatusCode::OK, metrics::CONTENT_TYPE, scrape.render())
+        }
+        (&Method::GET, "/status") => {
+            text(StatusCode::OK, "application/json", status::render(state))
+        }
+        (&Method::GET, "/cache") => {
+            let (status, body) = inspect::variants(state, req.uri().query());
+            text(status, "application/json", body)
+        }
+        (&Method::GET, "/cache/stats") => {
+            text(StatusCode::OK, "application/json", inspect::stats(state))
         }
         (&Method::POST, "/purge") => purge(state, req).await,
         (&Method::POST, "/reload") => reload(state).await,

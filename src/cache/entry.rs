@@ -175,6 +175,16 @@ impl Entry {
             && !self.decision.shared_max_age
     }
 
+    /// Where the body is kept: `"mapped"` in a sealed memory file (`cache::mapped`, sent
+    /// with sendfile), else `"heap"`.
+    pub fn storage(&self) -> &'static str {
+        #[cfg(target_os = "linux")]
+        if super::mapped::find(&self.body).is_some() {
+            return "mapped";
+        }
+        "heap"
+    }
+
     /// True when a conditional request can validate this entry.
     pub fn has_validator(&self) -> bool {
         self.headers.contains_key(header::ETAG) || self.headers.contains_key(header::LAST_MODIFIED)

@@ -166,6 +166,17 @@ impl VaryKey {
     pub fn is_empty(&self) -> bool {
         self.fields.is_empty()
     }
+
+    /// The fields varied on, lowercase, each with the request's value it was stored for
+    /// (`None`: the request had none), for listings (`GET /cache`).
+    pub fn fields(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
+        self.fields.iter().map(|(n, v)| (n.as_str(), v.as_deref()))
+    }
+
+    /// Site key material added to the key, if any (headers and cookies a site keys on).
+    pub fn extra(&self) -> Option<&str> {
+        self.extra.as_deref()
+    }
 }
 
 /// The path and query as they enter the key: parameters sorted, dropped, or some removed.

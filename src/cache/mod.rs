@@ -15,4 +15,4 @@ pub mod store;
 pub use entry::Entry;
 pub use key::{KeyParts, OwnedKey, VaryKey};
 pub use policy::{CacheControl, NoStoreReason};
-pub use store::{PurgeTarget, Store};
+pub use store::{PurgeTarget, Removals, Store, Summary};

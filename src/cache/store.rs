@@ -9,11 +9,12 @@
 //! new variants is bounded too ([`Store::admit_variant`]), so a stream of junk values of a
 //! varied-on header is served but cannot churn the list.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
+use moka::notification::RemovalCause;
 use moka::sync::Cache;
 use moka::Expiry;
 use tokio::time::Instant;
@@ -121,6 +122,10 @@ pub struct Store {
     started: Instant,
     /// Where this store's writes go once a resize replaced it ([`Store::resized`]).
     successor: Arc<Successor>,
+    /// Objects that left the store, by why (moka's eviction listener counts them).
+    removed: Arc<RemovalCounts>,
+    /// Set when a resize replaced this store: what its cache drops then is not counted.
+    retired: Arc<AtomicBool>,
 }
 
 /// What a resize leaves behind in the store it replaced, for the requests that still hold
@@ -134,12 +139,70 @@ struct Successor {
     moving: Mutex<()>,
 }
 
-/// The objects' cache, bounded by weight in bytes, each object expiring at its own time.
-fn objects(capacity_bytes: u64) -> Cache<u64, Arc<Object>, PrehashedKey> {
+
+/// Objects (URLs) removed from the store since start, by cause, in [`Removals`]' order.
+#[derive(Debug, Default)]
+struct RemovalCounts([AtomicU64; 4]);
+
+impl RemovalCounts {
+    fn count(&self, cause: RemovalCause) {
+        let i = match cause {
+            RemovalCause::Size => 0,
+            RemovalCause::Expired => 1,
+            RemovalCause::Explicit => 2,
+            RemovalCause::Replaced => 3,
+        };
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Objects (all the variants of one URL) that left the store since it started, by why.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Removals {
+    /// Pushed out to stay within `cache.memory` (moka's admission and LRU).
+    pub size: u64,
+    /// Past their retention (lifetime and stale windows).
+    pub expired: u64,
+    /// Removed by a purge (or a hard purge of their last variants).
+    pub explicit: u64,
+    /// Replaced by a new version of their variant list (a new variant, a refresh, a purge
+    /// of some of their variants).
+    pub replaced: u64,
+}
+
+/// What the store holds, counted by walking it ([`Store::summary`]).
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// URLs stored.
+    pub objects: u64,
+    /// Stored responses (variants) over all URLs.
+    pub variants: u64,
+    /// Their weight (bytes as weighed against the capacity).
+    pub bytes: u64,
+    /// The hosts holding the most bytes, most first: host, bytes, objects.
+    pub top_hosts: Vec<(Box<str>, u64, u64)>,
+}
+
+/// The objects' cache, bounded by weight in bytes, each object expiring at its own time;
+/// what it removes is counted in `counts` unless `retired` (a resize replaced it).
+fn objects(
+    capacity_bytes: u64,
+    counts: &Arc<RemovalCounts>,
+    retired: &Arc<AtomicBool>,
+) -> Cache<u64, Arc<Object>, PrehashedKey> {
+    let (counts, retired) = (counts.clone(), retired.clone());
+    // Called as moka removes an object (on the writing thread, or its maintenance): one
+    // relaxed add, never on the hit path.
+    let listener = move |_: Arc<u64>, _: Arc<Object>, cause: RemovalCause| {
+        if !retired.load(Ordering::Relaxed) {
+            counts.count(cause);
+        }
+    };
     Cache::builder()
         .max_capacity(capacity_bytes)
         .weigher(|_: &u64, v: &Arc<Object>| v.weight())
         .expire_after(ObjectExpiry)
+        .eviction_listener(listener)
         .build_with_hasher(PrehashedKey)
 }
 
@@ -198,16 +261,20 @@ pub enum PurgeTarget<'a> {
 impl Store {
     /// A store holding at most `capacity_bytes` of entries (bodies, headers and overhead).
     pub fn new(capacity_bytes: u64) -> Store {
+        let removed = Arc::new(RemovalCounts::default());
+        let retired = Arc::new(AtomicBool::new(false));
         let hit_for_miss = Cache::builder()
             .max_capacity(100_000)
             .expire_after(MarkerExpiry)
             .build_with_hasher(PrehashedKey);
         Store {
-            inner: objects(capacity_bytes),
+            inner: objects(capacity_bytes, &removed, &retired),
             hit_for_miss,
             hasher: KeyHasher::default(),
             started: Instant::now(),
             successor: Arc::default(),
+            removed,
+            retired,
         }
     }
 
@@ -221,12 +288,15 @@ impl Store {
     /// requests that began before the swap) are passed on to the new one. Blocking: it walks
     /// the whole store; run it off the async workers.
     pub fn resized(&self, capacity_bytes: u64) -> Store {
+        let retired = Arc::new(AtomicBool::new(false));
         let next = Store {
-            inner: objects(capacity_bytes),
+            inner: objects(capacity_bytes, &self.removed, &retired),
             hit_for_miss: self.hit_for_miss.clone(),
             hasher: self.hasher.clone(),
             started: self.started,
             successor: Arc::default(),
+            removed: self.removed.clone(),
+            retired,
         };
         let _moving = self
             .successor
@@ -240,8 +310,10 @@ impl Store {
         }
         next.inner.run_pending_tasks();
         // The copies are the ones in service: drop this cache's references now rather than
-        // when the last request holding it ends.
+        // when the last request holding it ends (not counted as purges).
+        self.retired.store(true, Ordering::Relaxed);
         self.inner.invalidate_all();
+        self.inner.run_pending_tasks();
         next
     }
 
@@ -500,6 +572,67 @@ impl Store {
         self.inner.weighted_size()
     }
 
+    /// Every stored variant of a URL, both schemes (`http` first), as a purge by URL finds
+    /// them: `host` and `path_and_query` as keyed (`proxy::Proxy::key_of`).
+    pub fn variants(&self, host: &str, path_and_query: &str) -> Vec<Arc<Entry>> {
+        let mut out = Vec::new();
+        for https in [false, true] {
+            let parts = KeyParts {
+                https,
+                host,
+                path_and_query,
+            };
+            if let Some(object) = self.inner.get(&self.hash(&parts)) {
+                let of_url = object.variants.iter().filter(|e| e.key.matches(&parts));
+                out.extend(of_url.cloned());
+            }
+        }
+        out
+    }
+
+    /// Objects removed since the store started, by cause (after pending maintenance).
+    pub fn removals(&self) -> Removals {
+        self.inner.run_pending_tasks();
+        let [size, expired, explicit, replaced] = &self.removed.0;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Removals {
+            size: load(size),
+            expired: load(expired),
+            explicit: load(explicit),
+            replaced: load(replaced),
+        }
+    }
+
+    /// Walks the whole store (moka iterates without blocking readers; for the admin
+    /// listener, not the request path): objects, variants, bytes, and the `top` hosts by
+    /// bytes.
+    pub fn summary(&self, top: usize) -> Summary {
+        let mut hosts: std::collections::HashMap<Box<str>, (u64, u64)> = Default::default();
+        let mut sum = Summary::default();
+        for (_, object) in self.inner.iter() {
+            sum.objects += 1;
+            sum.variants += object.variants.len() as u64;
+            let weight = u64::from(object.weight());
+            sum.bytes += weight;
+            // Objects sharing a hash (a collision) are one URL's in practice: counted under
+            // their first variant's host.
+            if let Some(first) = object.variants.first() {
+                if let Some(h) = hosts.get_mut(&*first.key.host) {
+                    h.0 += weight;
+                    h.1 += 1;
+                } else {
+                    hosts.insert(first.key.host.clone(), (weight, 1));
+                }
+            }
+        }
+        let mut hosts: Vec<(Box<str>, u64, u64)> =
+            hosts.into_iter().map(|(h, (b, o))| (h, b, o)).collect();
+        hosts.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        hosts.truncate(top);
+        sum.top_hosts = hosts;
+        sum
+    }
+
     /// Runs pending maintenance (evictions, counters); for tests and metrics.
     pub fn sync(&self) {
         self.inner.run_pending_tasks();
@@ -643,6 +776,45 @@ mod tests {
         // A resize after the purge does not bring anything back.
         let newer = new.resized(1 << 28);
         assert!(!hit(&newer, "en"));
+    }
+
+    #[test]
+    fn removals_are_counted_by_cause() {
+        let store = Store::new(1 << 30);
+        store_variant(&store, "en");
+        store_variant(&store, "fr");
+        store.purge(
+            &PurgeTarget::Url {
+                host: URL.host,
+                path_and_query: URL.path_and_query,
+            },
+            false,
+        );
+        let r = store.removals();
+        assert_eq!((r.replaced, r.explicit, r.size), (1, 1, 0), "{r:?}");
+    }
+
+    #[test]
+    fn summary_lists_hosts_by_bytes_and_variants_by_url() {
+        let store = Store::new(1 << 30);
+        store_variant(&store, "en");
+        store_variant(&store, "fr");
+        let other = KeyParts {
+            host: "small.test",
+            ..URL
+        };
+        store.insert(store.hash(&other), variant(&other, "en"));
+        store.sync();
+        let s = store.summary(10);
+        assert_eq!((s.objects, s.variants), (2, 3));
+        let hosts: Vec<(&str, u64)> = s.top_hosts.iter().map(|h| (&*h.0, h.2)).collect();
+        assert_eq!(hosts, [("site.test", 1), ("small.test", 1)]);
+        assert_eq!(s.bytes, s.top_hosts.iter().map(|h| h.1).sum::<u64>());
+        assert_eq!(store.summary(1).top_hosts.len(), 1);
+        let v = store.variants(URL.host, URL.path_and_query);
+        let langs: Vec<&[u8]> = v.iter().map(|e| &e.body[..]).collect();
+        assert_eq!(langs, [&b"en"[..], b"fr"]);
+        assert!(store.variants(URL.host, "/none").is_empty());
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct Config {
     /// The file it was read from ([`Config::load`]): what a reload reads again. `None` for
     /// configuration text given in memory.
     pub path: Option<PathBuf>,
+    /// SHA-256 of the file's bytes as read, lowercase hex ([`Config::load`]); `None` for
+    /// text given in memory. `GET /status` shows it, so the file in service can be told apart.
+    pub sha256: Option<String>,
     pub server: Server,
     pub tls: Tls,
     pub cache: Cache,
@@ -696,6 +699,7 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let mut config = Config::from_toml(&text, &path.display().to_string(), base)?;
         config.path = Some(path.to_owned());
+        config.sha256 = Some(sha256_hex(text.as_bytes()));
         Ok(config)
     }
 
@@ -705,9 +709,30 @@ impl Config {
     }
 }
 
+/// The SHA-256 of `bytes` in lowercase hex.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest
+        .as_ref()
+        .iter()
+        .fold(String::with_capacity(64), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sha256_is_lowercase_hex() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
 
     #[test]
     fn bearer_scheme_is_case_insensitive() {

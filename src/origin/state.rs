@@ -16,6 +16,8 @@ use std::time::Duration;
 use http::StatusCode;
 use tokio::time::Instant;
 
+use crate::telemetry::metrics::{Histogram, HistogramSnapshot};
+
 /// Decay of the latency average: old samples weigh 1/e after this long.
 const DECAY: Duration = Duration::from_secs(10);
 /// Consecutive failures that eject an origin.
@@ -106,6 +108,8 @@ struct OriginState {
     ejected_until: AtomicU64,
     requests: AtomicU64,
     errors: AtomicU64,
+    /// Time to each attempt's response head or failure.
+    durations: Histogram,
 }
 
 impl OriginState {
@@ -149,6 +153,8 @@ pub struct Snapshot {
     pub checks: u64,
     /// The last active check's result.
     pub last_check: Option<CheckResult>,
+    /// Time to each attempt's response head or failure.
+    pub durations: HistogramSnapshot,
 }
 
 impl Snapshot {
@@ -240,7 +246,16 @@ impl OriginStates {
             ejections: s.ejections.load(Ordering::Relaxed),
             checks,
             last_check,
+            durations: s.durations.snapshot(),
         })
+    }
+
+    /// Records how long one attempt on `origin` took to its response head or failure
+    /// (`edgecache_origin_request_duration_seconds`).
+    pub fn took(&self, origin: usize, elapsed: Duration) {
+        if let Some(s) = self.origins.get(origin) {
+            s.durations.observe(elapsed);
+        }
     }
 
     /// Counts a request to `origin` as in flight until the guard is dropped.

@@ -37,6 +37,7 @@ mod route;
 pub mod sites;
 mod upstream;
 mod views;
+pub use views::OriginCounts;
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -191,6 +192,8 @@ enum HandlingState {
         fut: Pin<Box<dyn Future<Output = Answer> + Send>>,
         proxy: Arc<Proxy>,
         log: Option<Box<AccessLog>>,
+        /// When the request head was handed over (`edgecache_request_duration_seconds`).
+        start: Instant,
     },
     Done,
 }
@@ -211,7 +214,9 @@ impl Future for Handling {
             HandlingState::Done => return Poll::Pending,
         };
         match std::mem::replace(&mut self.0, HandlingState::Done) {
-            HandlingState::Waiting { proxy, log, .. } => Poll::Ready(Ok(proxy.finish(answer, log))),
+            HandlingState::Waiting {
+                proxy, log, start, ..
+            } => Poll::Ready(Ok(proxy.finish(answer, log, start))),
             _ => Poll::Pending,
         }
     }
@@ -581,8 +586,10 @@ impl Proxy {
     /// request that must go upstream returns a future with work left (boxed, so the future
     /// hyper keeps per request stays a few words for hits).
     pub fn handle(self: &Arc<Self>, req: Request<Incoming>, mut conn: ConnInfo) -> Handling {
-        // The clock is read, and the request id made, for the access log only; with it off a
-        // hit does neither, and the upstream stage makes the id of a request it sends.
+        // One clock read, for the request duration histogram and the access log. The request
+        // id is made for the access log only; with it off a hit makes none, and the upstream
+        // stage makes the id of a request it sends.
+        let start = Instant::now();
         let log = telemetry::access_log_enabled().then(|| {
             let peer = conn.peer.ip();
             let headers = req.headers();
@@ -596,7 +603,7 @@ impl Proxy {
                 }
             };
             Box::new(AccessLog {
-                start: Instant::now(),
+                start,
                 client: peer,
                 forwarded_client: self.locator.client(peer, headers),
                 method: req.method().clone(),
@@ -634,7 +641,9 @@ impl Proxy {
         );
         let served = span.in_scope(|| self.serve(req, conn, false));
         match served {
-            Served::Now(answer) => Handling(HandlingState::Ready(Some(self.finish(answer, log)))),
+            Served::Now(answer) => {
+                Handling(HandlingState::Ready(Some(self.finish(answer, log, start))))
+            }
             Served::Later(fut) => Handling(HandlingState::Waiting {
                 fut: if span.is_disabled() {
                     fut
@@ -643,21 +652,28 @@ impl Proxy {
                 },
                 proxy: self.clone(),
                 log,
+                start,
             }),
         }
     }
 
-    /// Counts the answer and attaches its access-log record (written when the body ends).
+    /// Counts the answer and its time since `start`, to the response head: the node's own
+    /// latency, which a slow client reading a large body does not inflate (Varnish's
+    /// `Timestamp:Process`; the access log's duration runs to the last byte, as nginx's
+    /// `$request_time`). Attaches the access-log record (written when the body ends).
     fn finish(
         &self,
         (mut resp, outcome): Answer,
         mut log: Option<Box<AccessLog>>,
+        start: Instant,
     ) -> Response<Body> {
         self.metrics.request(
             outcome.cache,
             resp.status().as_u16(),
             outcome.origin.is_some(),
         );
+        self.metrics
+            .request_duration(outcome.cache, start.elapsed());
         if let Some(l) = &mut log {
             l.status = resp.status().as_u16();
             l.cache = Some(outcome.cache);

@@ -172,6 +172,7 @@ impl Proxy {
             let result = origin.send(up).await;
             let elapsed = sent_at.elapsed();
             drop(in_flight);
+            self.selector.state().took(index, elapsed);
             let ms = elapsed.as_secs_f64() * 1000.0;
             match &result {
                 Ok(r) if origin.config.fail_on.contains(&r.status().as_u16()) => {

@@ -74,8 +74,40 @@ impl Proxy {
                     responses: s.requests,
                     failures: s.errors,
                     ejections: s.ejections,
+                    durations: s.durations,
                 })
             })
             .collect()
+    }
+}
+
+/// How many origins are in each state (`GET /status`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OriginCounts {
+    pub total: usize,
+    /// In rotation: neither down nor ejected.
+    pub up: usize,
+    /// Down by their active checks.
+    pub down: usize,
+    /// Ejected by passive detection (and not down).
+    pub ejected: usize,
+}
+
+impl Proxy {
+    /// How many configured origins are up, down and ejected now.
+    pub fn origin_counts(&self) -> OriginCounts {
+        let now = Instant::now();
+        let mut c = OriginCounts {
+            total: self.origins.len(),
+            ..OriginCounts::default()
+        };
+        for i in 0..self.origins.len() {
+            match self.selector.state().snapshot(i, now) {
+                Some(s) if s.down => c.down += 1,
+                Some(s) if s.ejected => c.ejected += 1,
+                _ => c.up += 1,
+            }
+        }
+        c
     }
 }

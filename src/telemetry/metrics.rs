@@ -14,6 +14,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{prometheus_text, DescriptorEncoder, NoLabelSet};
@@ -41,6 +42,81 @@ pub struct Metrics {
     connections_refused: AtomicU64,
     /// Configuration reloads: `[ok, error]`.
     config_reloads: [AtomicU64; 2],
+    /// Time to the response head, by cache result.
+    durations: [Histogram; CacheResult::ALL.len()],
+}
+
+/// Upper bounds, in seconds, of the latency histograms' buckets (a last one, `+Inf`, takes
+/// the rest): from half a millisecond, a hit served from memory, to ten seconds, a slow
+/// origin's large response head; about two buckets per factor of ten in between.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A latency histogram of fixed buckets ([`LATENCY_BUCKETS`]), each a relaxed atomic: an
+/// observation is a search of 14 bounds and two adds, with no lock and no allocation.
+/// Written here because `prometheus-client`'s `Histogram` takes a lock on every observation,
+/// which the hit path would pay for each request.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative), the last one past every bound.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    /// The sum of the observations, in nanoseconds (u64 holds 584 years of them).
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    /// Counts one observation of `d`.
+    pub fn observe(&self, d: Duration) {
+        let seconds = d.as_secs_f64();
+        // The first bound at or above the value: Prometheus buckets are `le` (less or equal).
+        let i = LATENCY_BUCKETS.partition_point(|&bound| bound < seconds);
+        if let Some(b) = self.buckets.get(i) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// The counts now. The total is the sum of the buckets read, so a scrape's `_count`
+    /// always equals its `+Inf` bucket.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut counts = [0; LATENCY_BUCKETS.len() + 1];
+        for (c, b) in counts.iter_mut().zip(&self.buckets) {
+            *c = b.load(Ordering::Relaxed);
+        }
+        HistogramSnapshot {
+            counts,
+            sum_seconds: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        }
+    }
+}
+
+/// A [`Histogram`]'s counts at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HistogramSnapshot {
+    /// Observations per bucket (not cumulative), the last one past every bound.
+    pub counts: [u64; LATENCY_BUCKETS.len() + 1],
+    pub sum_seconds: f64,
+}
+
+impl HistogramSnapshot {
+    /// Observations in all.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Encodes the histogram as one series of `family`.
+    fn encode(&self, metric: &mut prometheus_client::encoding::MetricEncoder<'_>) -> fmt::Result {
+        let mut buckets = [(f64::INFINITY, 0); LATENCY_BUCKETS.len() + 1];
+        for (i, (bound, count)) in buckets.iter_mut().enumerate() {
+            if let Some(b) = LATENCY_BUCKETS.get(i) {
+                *bound = *b;
+            }
+            *count = self.counts[i];
+        }
+        metric.encode_histogram::<NoLabelSet>(self.sum_seconds, self.count(), &buckets, None)
+    }
 }
 
 /// Point-in-time values of the node, read when a scrape is made.
@@ -87,6 +163,8 @@ pub struct OriginSeries {
     pub failures: u64,
     /// Times passive detection ejected the origin (since start).
     pub ejections: u32,
+    /// Time to the origin's response head (or failure), per attempt (since start).
+    pub durations: HistogramSnapshot,
 }
 
 impl Metrics {
@@ -114,6 +192,16 @@ impl Metrics {
     /// Counts stored responses removed or marked stale by purges.
     pub fn purged(&self, n: u64) {
         self.purged.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts the time one request took to its response head, by result.
+    pub fn request_duration(&self, result: CacheResult, d: Duration) {
+        self.durations[result as usize].observe(d);
+    }
+
+    /// The request durations so far with this result.
+    pub fn request_durations(&self, result: CacheResult) -> HistogramSnapshot {
+        self.durations[result as usize].snapshot()
     }
 
     /// Requests so far with this result (all status classes).
@@ -400,12 +488,56 @@ fn one(
     }
 }
 
+impl Scrape {
+    /// `edgecache_build_info`, and the latency histograms: requests by result (those that
+    /// happened), origin requests by origin.
+    fn encode_build_and_latency(&self, encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let mut family = encoder.encode_descriptor(
+            "edgecache_build_info",
+            "Always 1; the labels say what runs: package version and git commit.",
+            None,
+            MetricType::Gauge,
+        )?;
+        let labels = [
+            ("version", super::build::VERSION),
+            ("commit", super::build::COMMIT),
+        ];
+        family.encode_family(&labels)?.encode_gauge(&1u64)?;
+
+        let mut family = encoder.encode_descriptor(
+            "edgecache_request_duration_seconds",
+            "Time from a request's head read to its response head sent on, by cache result.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for result in CacheResult::ALL {
+            let h = self.metrics.request_durations(result);
+            if h.count() > 0 {
+                h.encode(&mut family.encode_family(&[("result", result.as_str())])?)?;
+            }
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "edgecache_origin_request_duration_seconds",
+            "Time from a request sent to an origin to its response head (or failure), per attempt.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for o in &self.origins {
+            o.durations
+                .encode(&mut family.encode_family(&[("origin", &*o.name)])?)?;
+        }
+        Ok(())
+    }
+}
+
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         self.encode_requests(&mut encoder)?;
         self.encode_node(&mut encoder)?;
         self.encode_origins(&mut encoder)?;
-        self.encode_reloads(&mut encoder)
+        self.encode_reloads(&mut encoder)?;
+        self.encode_build_and_latency(&mut encoder)
     }
 }
 
@@ -476,6 +608,7 @@ mod tests {
             responses: 7,
             failures: 1,
             ejections: 0,
+            durations: HistogramSnapshot::default(),
         };
         let text = scrape(m, Gauges::default(), vec![origin]);
         let requests = "\
@@ -527,7 +660,7 @@ edgecache_origin_ejections_total{origin="eu \"1\"\\west\nb"} 0
 edgecache_config_reloads_total{result=\"ok\"} 0
 edgecache_config_reloads_total{result=\"error\"} 0
 ";
-        assert!(text.ends_with(reloads), "{text}");
+        assert!(text.contains(reloads), "{text}");
     }
 
     /// Every series name, in order, as dashboards know them.
@@ -568,7 +701,39 @@ edgecache_config_reloads_total{result=\"error\"} 0
                 "edgecache_origin_failures_total counter",
                 "edgecache_origin_ejections_total counter",
                 "edgecache_config_reloads_total counter",
+                "edgecache_build_info gauge",
+                "edgecache_request_duration_seconds histogram",
+                "edgecache_origin_request_duration_seconds histogram",
             ]
         );
+    }
+
+    /// Buckets are `le`: a value on a bound counts in that bound's bucket; counts are
+    /// cumulative in the text, `_count` equals `+Inf`, and only results seen are written.
+    #[test]
+    fn request_durations_render_as_cumulative_buckets() {
+        let m = Metrics::default();
+        m.request_duration(CacheResult::Hit, Duration::from_micros(500));
+        m.request_duration(CacheResult::Hit, Duration::from_micros(700));
+        m.request_duration(CacheResult::Miss, Duration::from_secs(30));
+        let text = scrape(m, Gauges::default(), Vec::new());
+        let hit = "\
+edgecache_request_duration_seconds_bucket{result=\"hit\",le=\"0.0005\"} 1
+edgecache_request_duration_seconds_bucket{result=\"hit\",le=\"0.001\"} 2
+edgecache_request_duration_seconds_bucket{result=\"hit\",le=\"0.0025\"} 2
+";
+        assert!(text.contains(hit), "{text}");
+        let tail = "\
+edgecache_request_duration_seconds_bucket{result=\"hit\",le=\"+Inf\"} 2
+edgecache_request_duration_seconds_sum{result=\"hit\"} 0.0012
+edgecache_request_duration_seconds_count{result=\"hit\"} 2
+";
+        assert!(text.contains(tail), "{text}");
+        assert!(text.contains(
+            "edgecache_request_duration_seconds_bucket{result=\"miss\",le=\"10\"} 0\n\
+             edgecache_request_duration_seconds_bucket{result=\"miss\",le=\"+Inf\"} 1\n"
+        ));
+        assert!(!text.contains("result=\"stale\""), "{text}");
+        assert!(text.contains("edgecache_build_info{version=\"0.1.0\",commit=\""));
     }
 }

@@ -14,6 +14,18 @@ mod logfile;
 pub mod metrics;
 pub mod request_id;
 
+/// What was built, recorded by `build.rs`: `edgecache --version`, the start-up log line,
+/// `GET /status` and `edgecache_build_info` all report these.
+pub mod build {
+    /// The package version (`Cargo.toml`).
+    pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+    /// The git commit, 12 hex digits; `EDGECACHE_COMMIT` from the environment when built
+    /// outside a git checkout, else "unknown".
+    pub const COMMIT: &str = env!("EDGECACHE_COMMIT");
+    /// Cargo's build profile: "release" or "debug".
+    pub const PROFILE: &str = env!("EDGECACHE_PROFILE");
+}
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -141,7 +141,7 @@ async fn start(log: &str, server_extra: &str, extra: &str, args: &[&str]) -> Run
     Running {
         http: addr("listening for HTTP").expect("http address"),
         https: addr("listening for HTTPS"),
-        admin: addr("admin listening (metrics, health, origins, purge, reload)"),
+        admin: addr("admin listening ("),
         child,
         dir,
     }

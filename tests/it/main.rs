@@ -19,5 +19,6 @@ mod routing;
 mod send_timeout;
 mod sendfile;
 mod serving;
+mod status;
 mod support;
 mod tls;

@@ -232,6 +232,7 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
         log,
         source: ck.file.to_owned(),
         path: None,
+        sha256: None,
         admin,
         pools,
         geo,
