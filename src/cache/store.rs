@@ -139,7 +139,6 @@ struct Successor {
     moving: Mutex<()>,
 }
 
-
 /// Objects (URLs) removed from the store since start, by cause, in [`Removals`]' order.
 #[derive(Debug, Default)]
 struct RemovalCounts([AtomicU64; 4]);

@@ -126,7 +126,11 @@ async fn start(log: &str, server_extra: &str, extra: &str, args: &[&str]) -> Run
     let addr = |what: &str| {
         json_lines(&error_log)
             .into_iter()
-            .find(|l| l.get("message").and_then(|m| m.as_str()) == Some(what))
+            .find(|l| {
+                l.get("message").and_then(|m| m.as_str()).is_some_and(|m| {
+                    m == what || m.starts_with("admin listening (") && what == "admin"
+                })
+            })
             .and_then(|l| l.get("addr")?.as_str()?.parse::<SocketAddr>().ok())
     };
     let started = eventually(Duration::from_secs(30), || {
@@ -141,7 +145,7 @@ async fn start(log: &str, server_extra: &str, extra: &str, args: &[&str]) -> Run
     Running {
         http: addr("listening for HTTP").expect("http address"),
         https: addr("listening for HTTPS"),
-        admin: addr("admin listening ("),
+        admin: addr("admin"),
         child,
         dir,
     }
