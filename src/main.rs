@@ -2,6 +2,7 @@
 //! file parses arguments, sets up logging and the runtime, and reports errors for a person.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -70,6 +71,9 @@ enum Command {
         http: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:8443")]
         https: SocketAddr,
+        /// The admin listener (metrics, purge, origins, reload), with a token made at start.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
     },
 }
 
@@ -107,27 +111,48 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
-        Command::Demo { http, https } => {
+        Command::Demo { http, https, admin } => {
             telemetry::init(format);
             raise_open_file_limit();
-            run_runtime(None, async move {
-                let mut signals =
-                    Signals::install().map_err(|e| format!("install signal handlers: {e}"))?;
-                let origin =
-                    edgecache::demo::start_sample_origin(SocketAddr::from(([127, 0, 0, 1], 0)))
-                        .await?;
-                let config = edgecache::demo::config(http, https, origin)?;
-                let node = edgecache::start(config)
-                    .await
-                    .map_err(|e| Box::new(e) as BoxError)?;
-                let (h, s) = (node.http_addrs()[0], node.https_addrs()[0]);
-                println!("{}", edgecache::demo::instructions(h, s, origin));
-                signals.wait_for_stop(None).await;
-                node.shutdown().await;
-                Ok(())
-            })
+            let dir = std::env::temp_dir().join(format!("edgecache-demo-{}", std::process::id()));
+            let code = run_runtime(None, demo(http, https, admin, dir.clone()));
+            // The configuration holds the admin token: leave nothing behind.
+            let _ = std::fs::remove_dir_all(&dir);
+            code
         }
     }
+}
+
+/// `edgecache demo`: the sample origin, its configuration written to `dir`, and a node.
+async fn demo(
+    http: SocketAddr,
+    https: SocketAddr,
+    admin: SocketAddr,
+    dir: PathBuf,
+) -> Result<(), BoxError> {
+    use edgecache::demo;
+    let mut signals = Signals::install().map_err(|e| format!("install signal handlers: {e}"))?;
+    let origin = demo::start_sample_origin(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let mut setup = demo::Setup {
+        http,
+        https,
+        admin,
+        origin,
+        token: demo::token()?,
+    };
+    let (config, path) = demo::write_config(&dir, &setup)?;
+    let node = edgecache::start(config).await?;
+    (setup.http, setup.https) = (node.http_addrs()[0], node.https_addrs()[0]);
+    setup.admin = node.admin_addr().unwrap_or(admin);
+    println!("{}", demo::instructions(&setup, &path));
+    signals.wait_for_stop(Some(&node)).await;
+    node.shutdown().await;
+    Ok(())
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

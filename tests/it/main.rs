@@ -6,6 +6,7 @@ mod admin;
 mod binary;
 mod cache;
 mod clients;
+mod demo;
 mod hardening;
 mod http_cache;
 mod isolation;
