@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use edgecache::notify;
 use edgecache::telemetry::{self, LogFormat};
 use edgecache::Config;
 
@@ -105,7 +106,14 @@ fn main() -> ExitCode {
                 let node = edgecache::start(config)
                     .await
                     .map_err(|e| Box::new(e) as BoxError)?;
-                signals.wait_for_stop(Some(&node)).await;
+                if node.took_over() {
+                    notify::ready_as_main_process();
+                } else {
+                    notify::ready();
+                }
+                if signals.wait_for_stop(Some(&node)).await == Stop::Signal {
+                    notify::stopping();
+                }
                 tracing::info!("shutting down");
                 node.shutdown().await;
                 Ok(())
@@ -150,7 +158,9 @@ async fn demo(
     (setup.http, setup.https) = (node.http_addrs()[0], node.https_addrs()[0]);
     setup.admin = node.admin_addr().unwrap_or(admin);
     println!("{}", demo::instructions(&setup, &path));
+    notify::ready();
     signals.wait_for_stop(Some(&node)).await;
+    notify::stopping();
     node.shutdown().await;
     Ok(())
 }
@@ -262,18 +272,18 @@ impl Signals {
         })
     }
 
-    /// Returns on SIGTERM or SIGINT. Meanwhile SIGHUP reloads the configuration (`node::Reloader`),
+    /// Returns on SIGTERM or SIGINT, or when a new process took the listeners over. Meanwhile SIGHUP reloads the configuration (`node::Reloader`),
     /// SIGUSR1 would reopen log files (logrotate's signal for nginx-style servers; every log
     /// goes to stderr, so it says there is nothing to reopen) and SIGUSR2 is logged and
     /// otherwise ignored.
-    async fn wait_for_stop(&mut self, node: Option<&edgecache::Node>) {
+    async fn wait_for_stop(&mut self, node: Option<&edgecache::Node>) -> Stop {
         loop {
             tokio::select! {
-                _ = self.term.recv() => return,
-                _ = self.int.recv() => return,
+                _ = self.term.recv() => return Stop::Signal,
+                _ = self.int.recv() => return Stop::Signal,
                 // A new process took the listeners over (server.upgrade_socket): drain as
                 // for SIGTERM.
-                _ = handed_over(node) => return,
+                _ = handed_over(node) => return Stop::HandedOver,
                 _ = self.hup.recv() => match node {
                     // The reload logs what it did, or every problem.
                     Some(n) if n.reloadable() => {
@@ -298,6 +308,16 @@ impl Signals {
     }
 }
 
+/// Why `wait_for_stop` returned.
+#[derive(PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM or SIGINT: the service stops.
+    Signal,
+    /// A new process took the listeners over and is the service now: the old one drains and
+    /// exits without telling the service manager it stops.
+    HandedOver,
+}
+
 /// Completes when a new process has taken the node's listeners over; never without a node.
 async fn handed_over(node: Option<&edgecache::Node>) {
     match node {
@@ -316,7 +336,8 @@ impl Signals {
         Ok(Signals)
     }
 
-    async fn wait_for_stop(&mut self, _node: Option<&edgecache::Node>) {
+    async fn wait_for_stop(&mut self, _node: Option<&edgecache::Node>) -> Stop {
         let _ = tokio::signal::ctrl_c().await;
+        Stop::Signal
     }
 }

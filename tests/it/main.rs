@@ -13,6 +13,7 @@ mod isolation;
 mod keep_alive;
 mod leak_search;
 mod limits;
+mod notify;
 mod origins;
 mod reload;
 mod routing;
