@@ -7,6 +7,7 @@ mod binary;
 mod cache;
 mod clients;
 mod demo;
+mod deploy;
 mod hardening;
 mod http_cache;
 mod isolation;
