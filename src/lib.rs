@@ -10,6 +10,7 @@ pub mod demo;
 mod error;
 pub mod geo;
 pub mod node;
+pub mod notify;
 pub mod origin;
 pub mod proxy;
 pub mod server;

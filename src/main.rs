@@ -2,11 +2,13 @@
 //! file parses arguments, sets up logging and the runtime, and reports errors for a person.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use edgecache::notify;
 use edgecache::telemetry::{self, LogFormat};
 use edgecache::Config;
 
@@ -83,6 +85,9 @@ enum Command {
         http: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:8443")]
         https: SocketAddr,
+        /// The admin listener (metrics, purge, origins, reload), with a token made at start.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
     },
 }
 
@@ -120,14 +125,21 @@ fn main() -> ExitCode {
                 let node = edgecache::start(config)
                     .await
                     .map_err(|e| Box::new(e) as BoxError)?;
-                signals.wait_for_stop(Some(&node), &logs).await;
+                if node.took_over() {
+                    notify::ready_as_main_process();
+                } else {
+                    notify::ready();
+                }
+                if signals.wait_for_stop(Some(&node), &logs).await == Stop::Signal {
+                    notify::stopping();
+                }
                 tracing::info!("shutting down");
                 node.shutdown().await;
                 logs.flush();
                 Ok(())
             })
         }
-        Command::Demo { http, https } => {
+        Command::Demo { http, https, admin } => {
             let log = telemetry::LogSettings {
                 format: format.unwrap_or_default(),
                 ..Default::default()
@@ -137,25 +149,49 @@ fn main() -> ExitCode {
                 Err(e) => return report(&e),
             };
             raise_open_file_limit();
-            run_runtime(None, async move {
-                let mut signals =
-                    Signals::install().map_err(|e| format!("install signal handlers: {e}"))?;
-                let origin =
-                    edgecache::demo::start_sample_origin(SocketAddr::from(([127, 0, 0, 1], 0)))
-                        .await?;
-                let config = edgecache::demo::config(http, https, origin)?;
-                let node = edgecache::start(config)
-                    .await
-                    .map_err(|e| Box::new(e) as BoxError)?;
-                let (h, s) = (node.http_addrs()[0], node.https_addrs()[0]);
-                println!("{}", edgecache::demo::instructions(h, s, origin));
-                signals.wait_for_stop(None, &logs).await;
-                node.shutdown().await;
-                logs.flush();
-                Ok(())
-            })
+            let dir = std::env::temp_dir().join(format!("edgecache-demo-{}", std::process::id()));
+            let code = run_runtime(None, demo(http, https, admin, dir.clone(), &logs));
+            logs.flush();
+            // The configuration holds the admin token: leave nothing behind.
+            let _ = std::fs::remove_dir_all(&dir);
+            code
         }
     }
+}
+
+/// `edgecache demo`: the sample origin, its configuration written to `dir`, and a node.
+async fn demo(
+    http: SocketAddr,
+    https: SocketAddr,
+    admin: SocketAddr,
+    dir: PathBuf,
+    logs: &telemetry::Logs,
+) -> Result<(), BoxError> {
+    use edgecache::demo;
+    let mut signals = Signals::install().map_err(|e| format!("install signal handlers: {e}"))?;
+    let origin = demo::start_sample_origin(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let mut setup = demo::Setup {
+        http,
+        https,
+        admin,
+        origin,
+        token: demo::token()?,
+    };
+    let (config, path) = demo::write_config(&dir, &setup)?;
+    let node = edgecache::start(config).await?;
+    (setup.http, setup.https) = (node.http_addrs()[0], node.https_addrs()[0]);
+    setup.admin = node.admin_addr().unwrap_or(admin);
+    println!("{}", demo::instructions(&setup, &path));
+    notify::ready();
+    signals.wait_for_stop(Some(&node), logs).await;
+    notify::stopping();
+    node.shutdown().await;
+    Ok(())
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -265,17 +301,22 @@ impl Signals {
         })
     }
 
-    /// Returns on SIGTERM or SIGINT. Meanwhile SIGHUP reloads the configuration (`node::Reloader`),
+    /// Returns on SIGTERM or SIGINT, or when a new process took the listeners over (saying
+    /// which). Meanwhile SIGHUP reloads the configuration (`node::Reloader`),
     /// SIGUSR1 reopens the log files (logrotate's signal for nginx-style servers) and SIGUSR2
     /// is logged and otherwise ignored.
-    async fn wait_for_stop(&mut self, node: Option<&edgecache::Node>, logs: &telemetry::Logs) {
+    async fn wait_for_stop(
+        &mut self,
+        node: Option<&edgecache::Node>,
+        logs: &telemetry::Logs,
+    ) -> Stop {
         loop {
             tokio::select! {
-                _ = self.term.recv() => return,
-                _ = self.int.recv() => return,
+                _ = self.term.recv() => return Stop::Signal,
+                _ = self.int.recv() => return Stop::Signal,
                 // A new process took the listeners over (server.upgrade_socket): drain as
                 // for SIGTERM.
-                _ = handed_over(node) => return,
+                _ = handed_over(node) => return Stop::HandedOver,
                 _ = self.hup.recv() => match node {
                     // The reload logs what it did, or every problem.
                     Some(n) if n.reloadable() => {
@@ -305,6 +346,16 @@ impl Signals {
     }
 }
 
+/// Why `wait_for_stop` returned.
+#[derive(PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM or SIGINT: the service stops.
+    Signal,
+    /// A new process took the listeners over and is the service now: the old one drains and
+    /// exits without telling the service manager it stops.
+    HandedOver,
+}
+
 /// Completes when a new process has taken the node's listeners over; never without a node.
 async fn handed_over(node: Option<&edgecache::Node>) {
     match node {
@@ -323,7 +374,12 @@ impl Signals {
         Ok(Signals)
     }
 
-    async fn wait_for_stop(&mut self, _node: Option<&edgecache::Node>, _logs: &telemetry::Logs) {
+    async fn wait_for_stop(
+        &mut self,
+        _node: Option<&edgecache::Node>,
+        _logs: &telemetry::Logs,
+    ) -> Stop {
         let _ = tokio::signal::ctrl_c().await;
+        Stop::Signal
     }
 }

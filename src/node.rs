@@ -47,6 +47,8 @@ pub struct Node {
     reloader: Arc<Reloader>,
     /// Turns true when a new process took the listeners over (`server.upgrade_socket`).
     handed_over: watch::Receiver<bool>,
+    /// This node took its listeners over from a process running before (an upgrade).
+    took_over: bool,
 }
 
 /// What one configuration determines: the unit a reload will replace. The store is not in
@@ -186,19 +188,20 @@ fn bind_all(
 
 /// With `server.upgrade_socket`: the listeners of the process running before, if one answers
 /// there (a binary upgrade). Without an answer, none: everything is bound anew.
-async fn inherit(config: &Config) -> upgrade::Inherited {
+/// The flag says whether there was one.
+async fn inherit(config: &Config) -> (upgrade::Inherited, bool) {
     let Some(path) = &config.server.upgrade_socket else {
-        return upgrade::Inherited::default();
+        return (upgrade::Inherited::default(), false);
     };
     match upgrade::take_over(path).await {
         Ok(Some(inherited)) => {
             tracing::info!(socket = %path.display(), "took the listening sockets over from the running edgecache");
-            inherited
+            (inherited, true)
         }
-        Ok(None) => upgrade::Inherited::default(),
+        Ok(None) => (upgrade::Inherited::default(), false),
         Err(e) => {
             tracing::warn!(socket = %path.display(), error = %e, "upgrade socket: no listeners taken over; binding them anew");
-            upgrade::Inherited::default()
+            (upgrade::Inherited::default(), false)
         }
     }
 }
@@ -356,7 +359,7 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         shutdown: rx,
     };
     let mut accept = JoinSet::new();
-    let mut inherited = inherit(&config).await;
+    let (mut inherited, took_over) = inherit(&config).await;
     let http = bind_all(&config.server.http, upgrade::Kind::Http, &mut inherited)?;
     let https = bind_all(&config.server.https, upgrade::Kind::Https, &mut inherited)?;
     let http_addrs: Vec<SocketAddr> = http.iter().map(|(_, a)| *a).collect();
@@ -438,6 +441,7 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         tracker: shared.tracker,
         reloader,
         handed_over,
+        took_over,
     })
 }
 
@@ -522,6 +526,7 @@ impl Reloader {
     /// message` per line. Counted in `edgecache_config_reloads_total`; logged either way.
     pub fn reload(&self) -> Result<String, String> {
         let _one = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        crate::notify::reloading();
         let result = match &self.path {
             None => Err("no configuration file to read: the node was started without one".into()),
             Some(path) => Config::load(path)
@@ -529,6 +534,8 @@ impl Reloader {
                 .and_then(|config| self.apply(config).map_err(|e| e.to_string())),
         };
         self.metrics.config_reload(result.is_ok());
+        // Serving again, on the new configuration or the one kept.
+        crate::notify::ready();
         match &result {
             Ok(done) => tracing::info!(changes = %done, "configuration reloaded"),
             Err(problems) => {
@@ -839,6 +846,12 @@ impl Node {
         if rx.wait_for(|&h| h).await.is_err() {
             std::future::pending::<()>().await;
         }
+    }
+
+    /// Whether this node took its listening sockets over from an edgecache running before it
+    /// (a binary upgrade through `server.upgrade_socket`).
+    pub fn took_over(&self) -> bool {
+        self.took_over
     }
 
     /// Whether the configuration came from a file that a reload can read again.
