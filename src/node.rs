@@ -117,7 +117,7 @@ fn origin_clients_reusing(
 
 /// The geo locator: `[geo]` networks, country header and database; proxies trusted by
 /// `[server]` and `[geo]` alike; the configured client-address field.
-fn locator(config: &Config) -> Locator {
+pub(crate) fn locator(config: &Config) -> Locator {
     Locator::new(
         config.geo.networks.clone(),
         config.geo.header.clone(),

@@ -17,6 +17,7 @@ mod props;
 mod server;
 mod sites;
 mod tls;
+mod warnings;
 
 use std::ops::Range;
 use std::path::Path;
@@ -34,6 +35,7 @@ struct Checker<'a> {
     text: &'a str,
     file: &'a str,
     errors: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
 }
 
 impl Checker<'_> {
@@ -49,6 +51,18 @@ impl Checker<'_> {
     fn error(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
         let (line, column) = self.position(span.start);
         self.errors.push(Diagnostic {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key: Some(key.into()),
+            message: message.into(),
+        });
+    }
+
+    /// Something valid that likely does not do what was meant (see `warnings`).
+    fn warn(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = self.position(span.start);
+        self.warnings.push(Diagnostic {
             file: self.file.to_owned(),
             line,
             column,
@@ -87,12 +101,15 @@ pub(super) fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, E
         text,
         file,
         errors: Vec::new(),
+        warnings: Vec::new(),
     };
     let Some(raw) = parse::raw(&mut ck) else {
         return Err(Error::Invalid(ck.errors));
     };
-    let config = check(&mut ck, raw, base);
+    let mut config = check(&mut ck, &raw, base);
     if ck.errors.is_empty() {
+        warnings::warnings(&mut ck, &raw, &config);
+        config.warnings = ck.warnings;
         Ok(config)
     } else {
         Err(Error::Invalid(ck.errors))
@@ -209,12 +226,12 @@ fn table_header(line: &str) -> Option<(String, bool)> {
 /// Every section in turn, each adding its problems to `ck`: the order here is the order they
 /// are reported in, and a section that names another (a pool its origins, a site its pools)
 /// comes after it.
-fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
+fn check(ck: &mut Checker<'_>, raw: &RawConfig, base: &Path) -> Config {
     let mut server = server::server(ck, &raw.server);
     server.upgrade_socket = server::upgrade_socket(ck, &raw.server, base);
-    let tls = tls::tls(ck, &raw, &server, base);
+    let tls = tls::tls(ck, raw, &server, base);
     let cache = cache::cache(ck, &raw.cache);
-    let (origins, origin_index) = origins::origins(ck, &raw, base);
+    let (origins, origin_index) = origins::origins(ck, raw, base);
     let (mut pools, pool_index) = origins::pools(ck, &raw.pools, &origin_index);
     let geo = geo::geo(ck, &raw.geo, base);
     let known = sites::SiteRefs {
@@ -225,7 +242,7 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
     };
     let sites = sites::sites(ck, &raw.sites, &known, &mut pools);
     let admin = raw.admin.as_ref().map(|a| admin::admin(ck, a));
-    server::overlapping_listeners(ck, &raw, &server, admin.as_ref());
+    server::overlapping_listeners(ck, raw, &server, admin.as_ref());
     let retries = origins::retries(ck, &raw.retries);
     let dns = origins::dns(ck, &raw.dns);
 
@@ -242,6 +259,7 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
         cache,
         origins,
         sites,
+        warnings: Vec::new(),
     }
 }
 

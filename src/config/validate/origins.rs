@@ -94,6 +94,7 @@ fn origin(
         connect_timeout: std::time::Duration::from_secs(5),
         timeout: std::time::Duration::from_secs(30),
         ca,
+        ca_file: o.ca.as_ref().map(|p| base.join(p.get_ref())),
         max_idle_connections: o.max_idle_connections.unwrap_or(256),
         region: o.region.clone(),
         weight: 1,
@@ -369,6 +370,8 @@ fn client_auth(
     Some(Arc::new(ClientAuth {
         chain,
         key: private,
+        cert_file: cert_path,
+        key_file: key_path,
     }))
 }
 

@@ -59,9 +59,7 @@ pub(super) fn raw(ck: &mut Checker<'_>) -> Option<RawConfig> {
         if !consequence {
             ck.raw_error(span.start, key_at(text, span.start), human(e.message()));
         }
-        let Some(path) = path.filter(|p| !p.is_empty()) else {
-            return None;
-        };
+        let path = path.filter(|p| !p.is_empty())?;
         if !remove(&mut root, &path) {
             return None;
         }
