@@ -5,6 +5,7 @@
 mod admin;
 mod binary;
 mod cache;
+mod cli;
 mod clients;
 mod hardening;
 mod http_cache;
