@@ -487,7 +487,13 @@ impl Reloader {
             None => Err("no configuration file to read: the node was started without one".into()),
             Some(path) => Config::load(path)
                 .map_err(|e| e.to_string())
-                .and_then(|config| self.apply(config).map_err(|e| e.to_string())),
+                .and_then(|config| {
+                    // A reloaded file warns as `run` does at start (see `config::validate`).
+                    for w in &config.warnings {
+                        tracing::warn!(warning = %w, "configuration");
+                    }
+                    self.apply(config).map_err(|e| e.to_string())
+                }),
         };
         self.metrics.config_reload(result.is_ok());
         match &result {
