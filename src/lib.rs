@@ -7,6 +7,7 @@ pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod demo;
+pub mod dryrun;
 mod error;
 pub mod geo;
 pub mod node;

@@ -1,7 +1,7 @@
-//! The `edgecache` command: `run`, `check` and `demo`. All logic lives in the library; this
+//! The `edgecache` command: `run`, `check`, `route` and `demo`. All logic lives in the library; this
 //! file parses arguments, sets up logging and the runtime, and reports errors for a person.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +29,8 @@ shutdown_grace and exits. No connection is refused; the new process starts with 
 cache.
 
 Environment:
+  EDGECACHE_CONFIG       the configuration file when -c/--config is not given
+                         (default /etc/edgecache/edgecache.toml)
   RUST_LOG               log filter, over [log] level (default info),
                          e.g. edgecache=debug,edgecache::access=off
   EDGECACHE_ADMIN_TOKEN  the admin bearer token when [admin] sets neither token nor token_env";
@@ -65,18 +67,52 @@ enum Format {
     Json,
 }
 
+/// The configuration file, shared by `run`, `check` and `route`.
+#[derive(clap::Args)]
+struct ConfigFile {
+    /// The configuration file; relative paths inside it are read from its directory.
+    #[arg(
+        short = 'c',
+        long = "config",
+        value_name = "FILE",
+        env = "EDGECACHE_CONFIG",
+        default_value = "/etc/edgecache/edgecache.toml"
+    )]
+    path: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve with a configuration file.
     #[command(after_help = SIGNALS)]
     Run {
-        #[arg(long, default_value = "config/edgecache.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
-    /// Load and validate a configuration file and print what would be served.
+    /// Load and validate a configuration file and print what would be served; problems go to
+    /// stderr as FILE:LINE:COLUMN: key: message (exit 1), warnings as FILE:LINE:COLUMN: warning:
+    /// (exit 0).
     Check {
-        #[arg(long, default_value = "config/edgecache.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
+        /// Print the effective configuration instead, every default filled in, as TOML that
+        /// check accepts again.
+        #[arg(long)]
+        print: bool,
+    },
+    /// Show which site, rule, route, pools and origins a request would get, and why, without
+    /// sending anything.
+    Route {
+        #[command(flatten)]
+        config: ConfigFile,
+        /// The address the request comes from (the connection's peer).
+        #[arg(long, value_name = "IP")]
+        client: IpAddr,
+        /// A request header, as NAME=VALUE; may be repeated.
+        #[arg(long = "header", value_name = "NAME=VALUE")]
+        headers: Vec<String>,
+        /// The request's URL, e.g. http://static.example.com/app.js
+        url: String,
     },
     /// Start a sample origin and edgecache in front of it, and print commands to try.
     #[command(after_help = SIGNALS)]
@@ -98,15 +134,40 @@ fn main() -> ExitCode {
         Format::Json => LogFormat::Json,
     });
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config, print } => match Config::load(&config.path) {
             Ok(c) => {
-                println!("{}", c.summary());
+                for w in &c.warnings {
+                    eprintln!("{}", w.as_warning());
+                }
+                if print {
+                    print!("{}", c.to_toml());
+                } else {
+                    println!("{}", c.summary());
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => report_config(&e),
         },
+        Command::Route {
+            config,
+            client,
+            headers,
+            url,
+        } => {
+            let config = match Config::load(&config.path) {
+                Ok(c) => c,
+                Err(e) => return report_config(&e),
+            };
+            match edgecache::dryrun::route(&config, client, &headers, &url) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => report(&e),
+            }
+        }
         Command::Run { config } => {
-            let config = match Config::load(&config) {
+            let config = match Config::load(&config.path) {
                 Ok(c) => c,
                 Err(e) => return report_config(&e),
             };
@@ -116,6 +177,9 @@ fn main() -> ExitCode {
                 Ok(l) => l,
                 Err(e) => return report(&e),
             };
+            for w in &config.warnings {
+                tracing::warn!(warning = %w, "configuration");
+            }
             raise_open_file_limit();
             let workers = config.server.workers;
             // Dropped at exit, after the runtime: what the access log buffered is written.

@@ -119,7 +119,7 @@ fn origin_clients_reusing(
 
 /// The geo locator: `[geo]` networks, country header and database; proxies trusted by
 /// `[server]` and `[geo]` alike; the configured client-address field.
-fn locator(config: &Config) -> Locator {
+pub(crate) fn locator(config: &Config) -> Locator {
     Locator::new(
         config.geo.networks.clone(),
         config.geo.header.clone(),
@@ -531,7 +531,13 @@ impl Reloader {
             None => Err("no configuration file to read: the node was started without one".into()),
             Some(path) => Config::load(path)
                 .map_err(|e| e.to_string())
-                .and_then(|config| self.apply(config).map_err(|e| e.to_string())),
+                .and_then(|config| {
+                    // A reloaded file warns as `run` does at start (see `config::validate`).
+                    for w in &config.warnings {
+                        tracing::warn!(warning = %w, "configuration");
+                    }
+                    self.apply(config).map_err(|e| e.to_string())
+                }),
         };
         self.metrics.config_reload(result.is_ok());
         // Serving again, on the new configuration or the one kept.

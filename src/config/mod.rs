@@ -5,6 +5,7 @@
 //! `edgecache check` prints. Runtime code only ever sees a validated [`Config`], shared as an
 //! `Arc` snapshot.
 
+mod print;
 mod raw;
 mod summary;
 mod validate;
@@ -49,6 +50,8 @@ pub struct Config {
     pub dns: Dns,
     /// `[log]`: where the logs go and in which format (applied at start only).
     pub log: crate::telemetry::LogSettings,
+    /// What `check` warns about (and `run` logs): valid, but likely not what was meant.
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// `[retries]`: an idempotent request whose origin connection failed before any response byte
@@ -129,6 +132,9 @@ impl Default for HealthCheck {
 pub struct ClientAuth {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: rustls::pki_types::PrivateKeyDer<'static>,
+    /// The files they were read from (for `check --print`).
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// `[[pools]]`: an ordered group of origins chosen among by latency and health.
@@ -185,6 +191,9 @@ pub struct Admin {
     /// environment variable named by `token_env`, which must then be set and not empty; with
     /// neither, `EDGECACHE_ADMIN_TOKEN` if set). `None` refuses those endpoints.
     pub token: Option<String>,
+    /// The environment variable the token was read from (`token_env`, or
+    /// `EDGECACHE_ADMIN_TOKEN`); `None` for a token written in the file, or none.
+    pub token_env: Option<String>,
     /// `/metrics` answers without the token (default false).
     pub public_metrics: bool,
     /// Open admin connections at most; further accepts wait (default 64).
@@ -351,6 +360,8 @@ pub struct Certificate {
     pub key: Arc<CertifiedKey>,
     /// Where it came from, for the summary.
     pub source: String,
+    /// The key's file; `None` for a key given in memory (for `check --print`).
+    pub key_file: Option<PathBuf>,
 }
 
 impl Certificate {
@@ -366,6 +377,7 @@ impl Certificate {
             hosts: hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
             key: Arc::new(key),
             source: source.into(),
+            key_file: None,
         })
     }
 }
@@ -412,6 +424,8 @@ pub struct Origin {
     pub timeout: Duration,
     /// Extra trust anchors for an `https` origin (PEM file); system roots otherwise.
     pub ca: Vec<CertificateDer<'static>>,
+    /// The file `ca` was read from (for `check --print`).
+    pub ca_file: Option<PathBuf>,
     /// Idle keep-alive connections kept per origin (default 256).
     pub max_idle_connections: usize,
     /// A label for operators (e.g. `eu`); pools decide routing.
@@ -674,6 +688,24 @@ pub enum Error {
     Invalid(Vec<Diagnostic>),
 }
 
+impl Diagnostic {
+    /// The diagnostic as a warning: `FILE:LINE:COLUMN: warning: key: what is odd`.
+    pub fn as_warning(&self) -> impl fmt::Display + '_ {
+        struct Warning<'a>(&'a Diagnostic);
+        impl fmt::Display for Warning<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let d = self.0;
+                write!(f, "{}:{}:{}: warning: ", d.file, d.line, d.column)?;
+                if let Some(key) = &d.key {
+                    write!(f, "{key}: ")?;
+                }
+                f.write_str(&d.message)
+            }
+        }
+        Warning(self)
+    }
+}
+
 struct Diagnostics<'a>(&'a [Diagnostic]);
 
 impl fmt::Display for Diagnostics<'_> {
@@ -757,6 +789,7 @@ mod tests {
         let admin = |token: Option<&str>| Admin {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             token: token.map(str::to_owned),
+            token_env: None,
             public_metrics: false,
             max_connections: 1,
             purge_allow: Vec::new(),

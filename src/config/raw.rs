@@ -213,8 +213,9 @@ pub(crate) struct RawSite {
     pub(crate) routes: Vec<RawRoute>,
     #[serde(default)]
     pub(crate) cache: RawSiteCache,
+    /// Spanned, so that a rule missing `path` and `prefix` is reported at the rule.
     #[serde(default)]
-    pub(crate) rules: Vec<RawRule>,
+    pub(crate) rules: Vec<Spanned<RawRule>>,
     pub(crate) methods: Option<Spanned<Vec<Spanned<String>>>>,
     pub(crate) escaped_slashes: Option<Spanned<String>>,
     #[serde(default)]
@@ -311,7 +312,8 @@ impl<'de> Deserialize<'de> for DurationValue {
     }
 }
 
-/// Parses `512MiB`, `1.5GiB` is refused (sizes are whole numbers), `100` means bytes.
+/// Parses `512MiB` (units B, KiB, MiB, GiB, TiB); `1.5GiB` is refused (sizes are whole
+/// numbers), `100` means bytes, `1MB` is refused as ambiguous.
 pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -319,16 +321,31 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let n: u64 = num.parse().map_err(|_| {
         format!("invalid size {text:?}: expected a whole number and a unit such as \"512MiB\"")
     })?;
+    // Exactly the units the documentation lists, binary multiples all. `MB` and friends are
+    // refused rather than read: to some they mean 10^6 bytes, to others 2^20, and a size
+    // silently 5% off from what its writer meant is worse than a question at load.
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
-        "KiB" | "K" | "KB" | "k" => 1 << 10,
-        "MiB" | "M" | "MB" => 1 << 20,
-        "GiB" | "G" | "GB" => 1 << 30,
-        "TiB" | "T" | "TB" => 1 << 40,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
         other => {
-            return Err(format!(
-                "invalid size {text:?}: unknown unit {other:?} (use B, KiB, MiB, GiB or TiB)"
-            ))
+            let binary = match other.to_ascii_uppercase().as_str() {
+                "K" | "KB" | "KIB" => Some("KiB"),
+                "M" | "MB" | "MIB" => Some("MiB"),
+                "G" | "GB" | "GIB" => Some("GiB"),
+                "T" | "TB" | "TIB" => Some("TiB"),
+                _ => None,
+            };
+            return Err(match binary {
+                Some(b) => format!(
+                    "invalid size {text:?}: {other:?} is ambiguous; write {b} (a power of 1024) or the number of bytes"
+                ),
+                None => format!(
+                    "invalid size {text:?}: unknown unit {other:?} (use B, KiB, MiB, GiB or TiB)"
+                ),
+            });
         }
     };
     n.checked_mul(mult)
@@ -399,6 +416,11 @@ mod tests {
         assert!(parse_size("12XB").is_err());
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("1.5GiB").is_err());
+        // Decimal-looking units are refused, never read as binary ones.
+        for t in ["1MB", "1KB", "1GB", "1TB", "1M", "1k", "1mib"] {
+            let e = parse_size(t).expect_err(t);
+            assert!(e.contains("ambiguous"), "{e}");
+        }
     }
 
     #[test]

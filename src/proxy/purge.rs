@@ -98,6 +98,7 @@ mod tests {
 
     fn admin(token: Option<&str>) -> Admin {
         Admin {
+            token_env: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             token: token.map(str::to_owned),
             public_metrics: false,

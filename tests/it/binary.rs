@@ -71,7 +71,7 @@ fn malformed_config_names_file_line_and_key() {
     let base = "[[origins]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\n[[sites]]\nhosts = [\"x\"]\norigin = \"a\"\n";
     let e = check_error(&format!("{base}[cache]\nmemroy = \"1GiB\"\n"));
     assert!(
-        e.starts_with("bad.toml:8:1: cache.memroy: unknown field `memroy`"),
+        e.starts_with("bad.toml:8:1: cache.memroy: unknown key `memroy`"),
         "{e}"
     );
     let e = check_error(&format!("[server]\nidle_timeout = \"ten\"\n{base}"));

@@ -5,6 +5,7 @@
 mod admin;
 mod binary;
 mod cache;
+mod cli;
 mod clients;
 mod demo;
 mod deploy;

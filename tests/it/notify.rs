@@ -50,11 +50,25 @@ impl Service {
 
     /// The address of the "listening for HTTP" log line (logged before `READY=1`).
     fn http(&self) -> SocketAddr {
-        let lines = self.lines.lock().expect("lock");
-        let line = lines
-            .iter()
-            .find(|l| l.contains("listening for HTTP"))
-            .expect("a listening line before READY=1");
+        // The line was written before READY=1, but the thread reading stderr may not have
+        // taken it in yet: poll with a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let line = loop {
+            let found = self
+                .lines
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|l| l.contains("listening for HTTP"))
+                .cloned();
+            match found {
+                Some(l) => break l,
+                None if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                None => panic!("a listening line before READY=1"),
+            }
+        };
         let addr = line.split("addr=").nth(1).expect("addr=");
         let addr: String = addr
             .chars()

@@ -24,6 +24,13 @@ pub(super) fn admin(ck: &mut Checker<'_>, raw: &RawAdmin) -> Admin {
             ),
         }
     }
+    let token_env = match (&raw.token, &raw.token_env) {
+        (None, Some(env)) => Some(env.get_ref().clone()),
+        (None, None) if std::env::var("EDGECACHE_ADMIN_TOKEN").is_ok_and(|t| !t.is_empty()) => {
+            Some("EDGECACHE_ADMIN_TOKEN".to_owned())
+        }
+        _ => None,
+    };
     let token = match (&raw.token, &raw.token_env) {
         (Some(t), _) if t.get_ref().is_empty() => {
             ck.error(t.span(), "admin.token", "must not be empty");
@@ -95,6 +102,7 @@ pub(super) fn admin(ck: &mut Checker<'_>, raw: &RawAdmin) -> Admin {
     Admin {
         listen,
         token,
+        token_env,
         public_metrics: raw.public_metrics.unwrap_or(false),
         max_connections,
         purge_allow,

@@ -140,6 +140,6 @@ mod tests {
             "{e:?}"
         );
         let e = errors(&format!("{MINIMAL}[log]\nacess = \"off\"\n"));
-        assert!(e[0].contains("log.acess: unknown field `acess`"), "{e:?}");
+        assert!(e[0].contains("log.acess: unknown key `acess`"), "{e:?}");
     }
 }

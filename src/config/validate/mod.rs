@@ -12,11 +12,13 @@ mod cache;
 mod geo;
 mod log;
 mod origins;
+mod parse;
 #[cfg(test)]
 mod props;
 mod server;
 mod sites;
 mod tls;
+mod warnings;
 
 use std::ops::Range;
 use std::path::Path;
@@ -34,6 +36,7 @@ struct Checker<'a> {
     text: &'a str,
     file: &'a str,
     errors: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
 }
 
 impl Checker<'_> {
@@ -57,6 +60,30 @@ impl Checker<'_> {
         });
     }
 
+    /// Something valid that likely does not do what was meant (see `warnings`).
+    fn warn(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = self.position(span.start);
+        self.warnings.push(Diagnostic {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key: Some(key.into()),
+            message: message.into(),
+        });
+    }
+
+    /// A problem the parser found at byte `offset`, about `key` when one can be named.
+    fn raw_error(&mut self, offset: usize, key: Option<String>, message: String) {
+        let (line, column) = self.position(offset);
+        self.errors.push(Diagnostic {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key,
+            message,
+        });
+    }
+
     /// A problem with no place in the text (something missing from the whole file, or from a
     /// table that has no header of its own): reported at its start.
     fn error_at_start(&mut self, key: impl Into<String>, message: impl Into<String>) {
@@ -75,22 +102,15 @@ pub(super) fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, E
         text,
         file,
         errors: Vec::new(),
+        warnings: Vec::new(),
     };
-    let raw: RawConfig = match toml::from_str(text) {
-        Ok(raw) => raw,
-        Err(e) => {
-            let (line, column) = e.span().map(|s| ck.position(s.start)).unwrap_or((1, 1));
-            return Err(Error::Invalid(vec![Diagnostic {
-                file: file.to_owned(),
-                line,
-                column,
-                key: e.span().and_then(|s| key_at(text, s.start)),
-                message: parse_message(e.message(), e.span().and_then(|s| text.get(s.start..))),
-            }]));
-        }
+    let Some(raw) = parse::raw(&mut ck) else {
+        return Err(Error::Invalid(ck.errors));
     };
-    let config = check(&mut ck, raw, base);
+    let mut config = check(&mut ck, &raw, base);
     if ck.errors.is_empty() {
+        warnings::warnings(&mut ck, &raw, &config);
+        config.warnings = ck.warnings;
         Ok(config)
     } else {
         Err(Error::Invalid(ck.errors))
@@ -207,12 +227,12 @@ fn table_header(line: &str) -> Option<(String, bool)> {
 /// Every section in turn, each adding its problems to `ck`: the order here is the order they
 /// are reported in, and a section that names another (a pool its origins, a site its pools)
 /// comes after it.
-fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
+fn check(ck: &mut Checker<'_>, raw: &RawConfig, base: &Path) -> Config {
     let mut server = server::server(ck, &raw.server);
     server.upgrade_socket = server::upgrade_socket(ck, &raw.server, base);
-    let tls = tls::tls(ck, &raw, &server, base);
+    let tls = tls::tls(ck, raw, &server, base);
     let cache = cache::cache(ck, &raw.cache);
-    let (origins, origin_index) = origins::origins(ck, &raw, base);
+    let (origins, origin_index) = origins::origins(ck, raw, base);
     let (mut pools, pool_index) = origins::pools(ck, &raw.pools, &origin_index);
     let geo = geo::geo(ck, &raw.geo, base);
     let known = sites::SiteRefs {
@@ -223,7 +243,7 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
     };
     let sites = sites::sites(ck, &raw.sites, &known, &mut pools);
     let admin = raw.admin.as_ref().map(|a| admin::admin(ck, a));
-    server::overlapping_listeners(ck, &raw, &server, admin.as_ref());
+    server::overlapping_listeners(ck, raw, &server, admin.as_ref());
     let retries = origins::retries(ck, &raw.retries);
     let dns = origins::dns(ck, &raw.dns);
     let log = log::log(ck, &raw.log, base);
@@ -243,6 +263,7 @@ fn check(ck: &mut Checker<'_>, raw: RawConfig, base: &Path) -> Config {
         cache,
         origins,
         sites,
+        warnings: Vec::new(),
     }
 }
 
@@ -377,7 +398,7 @@ mod tests {
         let text = "# edge\n[server]\nworkers = \"two\"\n";
         let e = errors(text);
         assert!(
-            e[0].starts_with("t.toml:3:11: server.workers: invalid type"),
+            e[0].starts_with("t.toml:3:11: server.workers: text \"two\" is not a whole number"),
             "{e:?}"
         );
 
@@ -398,7 +419,7 @@ mod tests {
         let text = "[[sites]]\nhosts = [\"a\"]\n[[sites.routes]]\nname = \"r\"\n";
         let e = errors(text);
         assert!(
-            e[0].starts_with("t.toml:3:1: sites[0].routes[0]: missing field `pools`"),
+            e[0].starts_with("t.toml:3:1: sites[0].routes[0]: `pools` is required here"),
             "{e:?}"
         );
         // A broken header names no key: the position is all there is.
@@ -408,6 +429,81 @@ mod tests {
         assert_eq!(
             key_at(text, text.len() - 3).as_deref(),
             Some("server.workers")
+        );
+    }
+    #[test]
+    fn every_parse_error_is_reported_at_once() {
+        let text = "[server]\nworkers = \"two\"\nbogus = 1\n\
+                    [cache]\nmemory = \"1MB\"\n\
+                    [[origins]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\nweight = \"x\"\n\
+                    [[sites]]\nhosts = \"h\"\norigin = \"a\"\n\
+                    [[sites.routes]]\nname = \"r\"\n";
+        let e = errors(text);
+        let at: Vec<&str> = e
+            .iter()
+            .map(|e| e.split(": ").take(2).last().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            at,
+            [
+                "server.workers",
+                "server.bogus",
+                "cache.memory",
+                "origins[0].weight",
+                "sites[0].hosts",
+                "sites[0].routes[0]"
+            ],
+            "{e:#?}"
+        );
+        assert!(e[0].starts_with("t.toml:2:11: "), "{e:?}");
+        assert!(e[1].starts_with("t.toml:3:1: "), "{e:?}");
+        assert!(e[5].starts_with("t.toml:13:1: "), "{e:?}");
+    }
+    #[test]
+    fn a_header_without_its_bracket_is_reported_on_its_line() {
+        let e = errors("# edge\n[server\nhttp = [\"127.0.0.1:1\"]\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("t.toml:2:8: "), "{e:?}");
+    }
+    #[test]
+    fn wrong_types_are_named_in_words() {
+        let text = "[server]\nworkers = \"x\"\nhttp = \"x\"\nh2_max_concurrent_streams = true\n\
+                    burst_per_client = \"x\"\n\
+                    [cache]\nsendfile = 1\nmemory = true\n\
+                    [admin]\npublic_metrics = \"x\"\nmax_connections = -1\n\
+                    [retries]\nbudget = \"x\"\n\
+                    [health]\nexpect_status = [70000]\nrise = \"x\"\ninterval = 5\n\
+                    [dns]\nservers = [1]\n\
+                    [[origins]]\nname = 1\nurl = \"http://x:1\"\nhealth = 5\nfail_on = \"x\"\n\
+                    [[sites]]\nhosts = [\"h\"]\norigin = \"a\"\nmethods = \"GET\"\nrules = 5\n\
+                    [sites.cache]\nheuristic_fraction = \"x\"\nquery_ignore = \"x\"\n";
+        let e = errors(text);
+        assert!(e.len() >= 18, "{e:#?}");
+        for d in &e {
+            for word in [
+                "usize", "u16", "u32", "u64", "i64", "f64", "sequence", "map", "struct", "enum",
+                "Option", "field",
+            ] {
+                assert!(!d.contains(word), "{word} in {d}");
+            }
+        }
+        let has = |s: &str| e.iter().any(|d| d.contains(s));
+        assert!(
+            has("server.workers: text \"x\" is not a whole number"),
+            "{e:#?}"
+        );
+        assert!(
+            has("server.http: text \"x\" is not a list in [ ]"),
+            "{e:#?}"
+        );
+        assert!(
+            has("cache.sendfile: number `1` is not true or false"),
+            "{e:#?}"
+        );
+        assert!(has("is not a number from 0 to 65535"), "{e:#?}");
+        assert!(
+            has("origins[0].health: number `5` is not a table"),
+            "{e:#?}"
         );
     }
     /// Found by the property `any_text_is_loaded_or_reported_by_position`: the parser's "expected

@@ -94,6 +94,7 @@ fn origin(
         connect_timeout: std::time::Duration::from_secs(5),
         timeout: std::time::Duration::from_secs(30),
         ca,
+        ca_file: o.ca.as_ref().map(|p| base.join(p.get_ref())),
         max_idle_connections: o.max_idle_connections.unwrap_or(256),
         region: o.region.clone(),
         weight: 1,
@@ -151,7 +152,8 @@ fn origin(
     Some(origin)
 }
 
-/// An origin's `url`: `http` or `https` with a host, and no path (the client's is forwarded).
+/// An origin's `url`: `http` or `https` with a host, and no path, query or `user:password@`
+/// (the client's path and query are forwarded).
 fn url(ck: &mut Checker<'_>, key: &str, url: &Spanned<String>) -> Option<(Scheme, Authority)> {
     let uri: Option<Uri> = url.get_ref().parse().ok();
     match uri
@@ -160,6 +162,24 @@ fn url(ck: &mut Checker<'_>, key: &str, url: &Spanned<String>) -> Option<(Scheme
     {
         Some((s, a)) if s == Scheme::HTTP || s == Scheme::HTTPS => {
             let path = uri.as_ref().map(|u| u.path()).unwrap_or("/");
+            // Both were once dropped without a word: a query the origin never saw, and
+            // credentials that were never sent (and would sit in every log of the URL).
+            if a.as_str().contains('@') {
+                ck.error(
+                    url.span(),
+                    format!("{key}.url"),
+                    "must not carry user:password@; send credentials from the origin side or use client_cert",
+                );
+                return None;
+            }
+            if uri.as_ref().is_some_and(|u| u.query().is_some()) || url.get_ref().contains('#') {
+                ck.error(
+                    url.span(),
+                    format!("{key}.url"),
+                    "must not have a query or fragment: the client's query is forwarded as is",
+                );
+                return None;
+            }
             if path != "/" && !path.is_empty() {
                 ck.error(
                     url.span(),
@@ -350,6 +370,8 @@ fn client_auth(
     Some(Arc::new(ClientAuth {
         chain,
         key: private,
+        cert_file: cert_path,
+        key_file: key_path,
     }))
 }
 
@@ -569,6 +591,29 @@ mod tests {
             assert!(
                 e.iter().any(|e| e.starts_with(want) || e.contains(want)),
                 "{want}: {e:?}"
+            );
+        }
+    }
+    #[test]
+    fn origin_urls_with_a_query_or_credentials_are_refused() {
+        for (url, want) in [
+            (
+                "http://u:p@x:1",
+                "origins[0].url: must not carry user:password@",
+            ),
+            (
+                "http://u@x:1",
+                "origins[0].url: must not carry user:password@",
+            ),
+            ("http://x:1/?a=1", "origins[0].url: must not have a query"),
+            ("http://x:1?a=1", "origins[0].url: must not have a query"),
+        ] {
+            let e = errors(&format!(
+                "[[origins]]\nname = \"a\"\nurl = \"{url}\"\n[[sites]]\nhosts = [\"h\"]\norigin = \"a\"\n"
+            ));
+            assert!(
+                e[0].starts_with(&format!("t.toml:3:7: {want}")),
+                "{url}: {e:?}"
             );
         }
     }

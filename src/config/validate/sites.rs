@@ -402,7 +402,13 @@ fn site_cache(ck: &mut Checker<'_>, key: &str, raw: &RawSiteCache) -> SiteCache 
 
 /// One `[[sites.rules]]` entry: its path (glob or prefix), whether it bypasses the cache,
 /// and `site`'s settings with its overrides in place.
-fn rule(ck: &mut Checker<'_>, key: &str, raw: &RawRule, site: &Settings) -> Option<Rule> {
+fn rule(
+    ck: &mut Checker<'_>,
+    key: &str,
+    spanned: &Spanned<RawRule>,
+    site: &Settings,
+) -> Option<Rule> {
+    let raw = spanned.get_ref();
     let path = match (&raw.path, &raw.prefix) {
         (Some(g), None) if g.get_ref().starts_with('/') || g.get_ref().starts_with('*') => {
             PathMatch::Glob(g.get_ref().clone())
@@ -429,7 +435,7 @@ fn rule(ck: &mut Checker<'_>, key: &str, raw: &RawRule, site: &Settings) -> Opti
             return None;
         }
         (None, None) => {
-            ck.error_at_start(key, "a rule needs path (glob) or prefix");
+            ck.error(spanned.span(), key, "a rule needs path (glob) or prefix");
             return None;
         }
     };

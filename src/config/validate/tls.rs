@@ -82,6 +82,7 @@ fn certificate(
             hosts,
             key: Arc::new(certified),
             source: cert_path.display().to_string(),
+            key_file: Some(key_path),
         }),
         Err(m) => {
             ck.error(c.cert.span(), format!("{key}.cert"), m);
