@@ -323,8 +323,7 @@ async fn purge(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         2 => PurgeTarget::Tag(&arg),
         _ => PurgeTarget::All,
     };
-    let n = state.proxy.load().store().purge(&target, p.soft);
-    state.metrics.purged(n as u64);
+    let n = state.proxy.load().purge(&target, p.soft);
     // Not `target`: the JSON format has a key of that name (the event's target) already.
     tracing::info!(purge = ?target, soft = p.soft, purged = n, "purge");
     text(

@@ -48,6 +48,15 @@ pub(crate) fn allowed(
 }
 
 impl super::Proxy {
+    /// Purges `target` here and counts it: the one place every purge accepted at this node
+    /// goes through (the `PURGE` method and the admin API), so that a fleet can pass it on.
+    /// Returns how many stored responses matched here.
+    pub fn purge(&self, target: &PurgeTarget<'_>, soft: bool) -> usize {
+        let n = self.store.purge(target, soft);
+        self.metrics.purged(n as u64);
+        n
+    }
+
     /// The HTTP `PURGE` method: removes every stored variant of the URL, for clients in
     /// allowed networks or bearing the admin token (see `purge`).
     pub(super) fn purge_method(
@@ -70,14 +79,13 @@ impl super::Proxy {
             .headers()
             .get("x-purge-soft")
             .is_some_and(|v| v == "1" || v == "true");
-        let n = self.store.purge(
+        let n = self.purge(
             &PurgeTarget::Url {
                 host,
                 path_and_query: pq,
             },
             soft,
         );
-        self.metrics.purged(n as u64);
         let mut resp = Response::new(Body::full(Bytes::from(format!("{{\"purged\":{n}}}\n"))));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
