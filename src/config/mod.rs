@@ -397,6 +397,9 @@ pub struct Cache {
     /// quarter of `memory`, at least `max_object_size`). A fill whose bytes would pass it is
     /// not stored: it streams on at its readers' pace, and stops when none is left.
     pub fill_memory: u64,
+    /// The targeted field (RFC 9213) this cache alone obeys and removes from responses
+    /// (default `Edgecache-Cache-Control`), before `CDN-Cache-Control` and `Cache-Control`.
+    pub cache_control_field: http::HeaderName,
 }
 
 impl Default for Cache {
@@ -406,6 +409,7 @@ impl Default for Cache {
             max_object_size: 32 << 20,
             sendfile_min_size: Some(64 << 10),
             fill_memory: 64 << 20,
+            cache_control_field: crate::cache::policy::EDGECACHE_CACHE_CONTROL.clone(),
         }
     }
 }

@@ -189,6 +189,11 @@ fn cache(c: &Config, out: &mut String) {
         let _ = writeln!(out, "sendfile_min_size = {}", size(min));
     }
     let _ = writeln!(out, "fill_memory = {}", size(k.fill_memory));
+    let _ = writeln!(
+        out,
+        "cache_control_field = {}",
+        q(k.cache_control_field.as_str())
+    );
 }
 
 fn origins(c: &Config, out: &mut String) {

@@ -137,6 +137,7 @@ pub(crate) struct RawCache {
     pub(crate) sendfile: Option<bool>,
     pub(crate) sendfile_min_size: Option<Spanned<Size>>,
     pub(crate) fill_memory: Option<Spanned<Size>>,
+    pub(crate) cache_control_field: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

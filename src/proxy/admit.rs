@@ -219,7 +219,7 @@ impl Proxy {
             .collect();
         let stored_ok = decision.is_ok();
         let refreshed = s.refreshed(
-            strip_cache_only(headers, &strip),
+            strip_cache_only(headers, &self.config.cache.cache_control_field, &strip),
             response_time,
             initial_age,
             decision.unwrap_or_else(|_| s.decision.clone()),
@@ -265,7 +265,7 @@ impl Proxy {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.parse::<u64>().ok());
-        let stored = match self.store_decision(
+        let mut stored = match self.store_decision(
             lookup,
             &mut rparts.headers,
             rparts.status,
@@ -278,11 +278,15 @@ impl Proxy {
                 return self.not_stored(f, reason, rparts, rbody);
             }
         };
+        // Answers below are built from what is shared (the entry, the fill's head); this
+        // client's own fields are added to its answer alone.
+        let personal = std::mem::take(&mut stored.personal);
         if content_length.is_some_and(|n| n <= SMALL_OBJECT) {
             let expected = content_length.unwrap_or(0);
-            return self
+            let answer = self
                 .store_small(guard, f, stored, rparts, rbody, expected)
                 .await;
+            return with_personal(answer, personal);
         }
         let fhead = Arc::new(FillHead {
             status: rparts.status,
@@ -322,9 +326,12 @@ impl Proxy {
             // A range is cut from the stored object once it is complete.
             if let Some(e) = self.stored_after(&fill, lookup).await {
                 let status = self.miss_status(f.base, false);
-                return (
-                    self.answer_from_entry(&e, client, lookup.head, SystemTime::now(), status),
-                    f.outcome(CacheResult::Miss),
+                return with_personal(
+                    (
+                        self.answer_from_entry(&e, client, lookup.head, SystemTime::now(), status),
+                        f.outcome(CacheResult::Miss),
+                    ),
+                    personal,
                 );
             }
             let lookup = Lookup {
@@ -334,10 +341,11 @@ impl Proxy {
             return Box::pin(self.lead(&lookup, Arc::new(Fill::default()), false, None)).await;
         }
         let status = self.stored_status(f.base, f.stale.is_some());
-        (
+        let answer = (
             self.answer_from_fill(&fhead, reader, client, lookup.head, status),
             f.outcome(CacheResult::Miss),
-        )
+        );
+        with_personal(answer, personal)
     }
 
     /// Whether a response may be stored, and how: the policy's decision (too large counts
@@ -372,7 +380,19 @@ impl Proxy {
             .as_ref()
             .map(|d| d.strip.clone())
             .unwrap_or_default();
-        *headers = strip_cache_only(std::mem::take(headers), &strip);
+        // What is stripped for storing (fields named by `private=` / `no-cache=`, a stored
+        // `Set-Cookie`) is the origin's answer to this client alone: it still gets them.
+        let personal: Vec<(HeaderName, HeaderValue)> = if strip.is_empty() {
+            Vec::new()
+        } else {
+            headers
+                .iter()
+                .filter(|(n, _)| strip.iter().any(|f| f.eq_ignore_ascii_case(n.as_str())))
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect()
+        };
+        let own = &self.config.cache.cache_control_field;
+        *headers = strip_cache_only(std::mem::take(headers), own, &strip);
         let vary = VaryKey::from_response(headers, client).with_extra(lookup.extra.clone());
         let decision = decision?;
         self.store.admit_variant(lookup.hash, &lookup.key, &vary)?;
@@ -381,6 +401,7 @@ impl Proxy {
             decision,
             tags,
             response_time,
+            personal,
         })
     }
 
@@ -520,6 +541,9 @@ pub(super) struct Stored {
     decision: StoreDecision,
     tags: Box<[Box<str>]>,
     response_time: SystemTime,
+    /// Fields removed from the stored copy that the client whose request fetched it still
+    /// receives (see `store_decision`).
+    personal: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// Publishes `Retry` if the leader goes away (client disconnect) before publishing.
@@ -673,13 +697,30 @@ pub(super) fn tags(headers: &HeaderMap) -> Box<[Box<str>]> {
     out.into_boxed_slice()
 }
 
-/// Removes fields meant for this cache only, and `strip` (lowercase names).
-pub(super) fn strip_cache_only(mut headers: HeaderMap, strip: &[Box<str>]) -> HeaderMap {
+/// `answer` with `personal` (the fields its client alone receives) added.
+fn with_personal(mut answer: Answer, personal: Vec<(HeaderName, HeaderValue)>) -> Answer {
+    for (name, value) in personal {
+        answer.0.headers_mut().append(name, value);
+    }
+    answer
+}
+
+/// Removes fields meant for this cache only (`own`: `cache.cache_control_field`), and
+/// `strip` (lowercase names).
+pub(super) fn strip_cache_only(
+    mut headers: HeaderMap,
+    own: &HeaderName,
+    strip: &[Box<str>],
+) -> HeaderMap {
     // One look at the names first: most responses carry none of these.
-    if headers.keys().any(|n| CACHE_ONLY_FIELDS.contains(&n)) {
+    if headers
+        .keys()
+        .any(|n| CACHE_ONLY_FIELDS.contains(&n) || n == own)
+    {
         for name in CACHE_ONLY_FIELDS {
             headers.remove(name);
         }
+        headers.remove(own);
     }
     for name in strip {
         headers.remove(&**name);

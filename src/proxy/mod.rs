@@ -83,9 +83,10 @@ use upstream::{Sent, Upstream};
 use crate::cache::entry::upstream_status;
 pub use crate::cache::entry::CACHE_STATUS;
 
-/// Response fields that steer this cache and are not passed to clients.
-static CACHE_ONLY_FIELDS: [&HeaderName; 4] = [
-    &policy::CDN_CACHE_CONTROL,
+/// Response fields that steer this cache and are not passed to clients (with the configured
+/// `cache.cache_control_field`). `CDN-Cache-Control` is not among them: it targets every CDN
+/// on the path, and a CDN or shield in front of this one needs it (RFC 9213 §2.1).
+static CACHE_ONLY_FIELDS: [&HeaderName; 3] = [
     &policy::SURROGATE_CONTROL,
     &policy::SURROGATE_KEY,
     &policy::CACHE_TAG,

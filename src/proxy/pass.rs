@@ -67,7 +67,11 @@ impl Proxy {
         if !method.is_safe() && (rparts.status.is_success() || rparts.status.is_redirection()) {
             self.invalidate_after_write(site_idx, host, pq.as_str(), &rparts.headers);
         }
-        rparts.headers = strip_cache_only(std::mem::take(&mut rparts.headers), &[]);
+        rparts.headers = strip_cache_only(
+            std::mem::take(&mut rparts.headers),
+            &self.config.cache.cache_control_field,
+            &[],
+        );
         let status = after_upstream(&rparts.headers, status);
         rparts.headers.insert(CACHE_STATUS.clone(), status);
         let cache = if method.is_safe() {

@@ -156,35 +156,201 @@ impl<'a> Iterator for Directives<'a> {
     }
 }
 
-/// Fields for this cache only (not forwarded to clients), as names built at compile time:
-/// looking a field up by `&str` parses the name on every call.
+/// Response fields read by this cache, as names built at compile time: looking a field up by
+/// `&str` parses the name on every call. `Surrogate-Control`, `Surrogate-Key` and `Cache-Tag`
+/// are for this cache only (not passed on); `CDN-Cache-Control` targets every CDN on the
+/// path and is passed on (RFC 9213 §2.1).
 pub static CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
 pub static SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-control");
 pub static SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
 pub static CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
+/// The default name of the targeted field this cache alone obeys (`cache.cache_control_field`).
+pub static EDGECACHE_CACHE_CONTROL: HeaderName = HeaderName::from_static("edgecache-cache-control");
 
-/// The directives this cache obeys: `CDN-Cache-Control` (RFC 9213), else `Surrogate-Control`,
-/// else `Cache-Control`. When a targeted field is used, `Cache-Control` and `Expires` are
-/// ignored; the boolean says so.
-pub fn response_directives(headers: &HeaderMap) -> (CacheControl, bool) {
-    for name in [&CDN_CACHE_CONTROL, &SURROGATE_CONTROL] {
-        if headers
-            .get(name)
-            .is_some_and(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace))
-        {
-            let cc = CacheControl::parse_values(headers.get_all(name).iter());
-            if cc != CacheControl::default() {
-                return (cc, true);
-            }
+/// The directives this cache obeys, from the first of these that applies: `own` (this cache's
+/// targeted field), `CDN-Cache-Control` (RFC 9213), `Surrogate-Control`, else
+/// `Cache-Control`. When a targeted field is used, `Cache-Control` and `Expires` are ignored;
+/// the boolean says so.
+///
+/// A targeted field applies when present, not empty, and valid as RFC 9213 §2.1 defines it:
+/// a Structured Fields Dictionary whose known directives have their types (see
+/// [`targeted`]); otherwise it is ignored whole, as if absent. A valid field with no directive
+/// this cache knows still applies (RFC 9213's `CDN-Cache-Control: none` example: the origin
+/// lifts `Cache-Control` for CDNs). `Surrogate-Control` (no specification of its own) is read
+/// with the `Cache-Control` grammar and applies when it holds a directive this cache knows.
+pub fn response_directives(headers: &HeaderMap, own: &HeaderName) -> (CacheControl, bool) {
+    for name in [own, &CDN_CACHE_CONTROL] {
+        if let Some(cc) = targeted(headers, name) {
+            return (cc, true);
+        }
+    }
+    if present(headers, &SURROGATE_CONTROL) {
+        let cc = CacheControl::parse_values(headers.get_all(&SURROGATE_CONTROL).iter());
+        if cc != CacheControl::default() {
+            return (cc, true);
         }
     }
     (CacheControl::from_headers(headers), false)
+}
+
+/// Whether `name` is present with something other than whitespace.
+fn present(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace))
+}
+
+/// A targeted field (RFC 9213 §2.1) as directives, or `None` when it is to be ignored: absent,
+/// empty, not a Structured Fields Dictionary (its lines joined as RFC 9651 §4.2 says), or a
+/// known directive with a value of the wrong type: delta-seconds must be non-negative
+/// Integers, `no-store`, `public`, `must-revalidate` and `proxy-revalidate` the Boolean true
+/// (written bare), `no-cache` and `private` true or a String listing fields. RFC 9213 says
+/// implementations "SHOULD NOT consume values that violate these inferred constraints";
+/// taking the rest of a field whose `no-store` was unreadable would be a guess, so nothing of
+/// it is taken. Unknown directives and parameters are ignored.
+pub fn targeted(headers: &HeaderMap, name: &HeaderName) -> Option<CacheControl> {
+    if !present(headers, name) {
+        return None;
+    }
+    let mut lines = headers.get_all(name).iter();
+    let first = lines.next()?;
+    let mut dict: sfv::Dictionary = sfv::Parser::new(first.as_bytes()).parse().ok()?;
+    for line in lines {
+        dict = sfv::Parser::new(line.as_bytes())
+            .parse_dictionary_with_visitor(dict)
+            .ok()?;
+    }
+    let mut cc = CacheControl::default();
+    for (key, entry) in &dict {
+        let item = match entry {
+            sfv::ListEntry::Item(item) => Some(&item.bare_item),
+            sfv::ListEntry::InnerList(_) => None,
+        };
+        let delta = || -> Option<Option<u64>> {
+            let n = i64::from(item?.as_integer()?);
+            let n = u64::try_from(n).ok()?;
+            Some(Some(n.min(DELTA_MAX)))
+        };
+        let flag = || -> Option<bool> { item?.as_boolean().filter(|&b| b) };
+        let fields = || -> Option<Result<bool, Vec<Box<str>>>> {
+            let item = item?;
+            if let Some(b) = item.as_boolean() {
+                return b.then_some(Ok(true));
+            }
+            let list = item.as_string()?.as_str();
+            Some(Err(field_list(list).collect()))
+        };
+        match key.as_str() {
+            "max-age" => cc.max_age = delta()?,
+            "s-maxage" => cc.s_maxage = delta()?,
+            "stale-while-revalidate" => cc.stale_while_revalidate = delta()?,
+            "stale-if-error" => cc.stale_if_error = delta()?,
+            "no-store" => cc.no_store = flag()?,
+            "public" => cc.public = flag()?,
+            "must-revalidate" => cc.must_revalidate = flag()?,
+            "proxy-revalidate" => cc.proxy_revalidate = flag()?,
+            "no-cache" => match fields()? {
+                Ok(all) => cc.no_cache = all,
+                Err(list) => cc.no_cache_fields = list,
+            },
+            "private" => match fields()? {
+                Ok(all) => cc.private = all,
+                Err(list) => cc.private_fields = list,
+            },
+            _ => {}
+        }
+    }
+    Some(cc)
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::fixtures::cc;
     use super::*;
+
+    fn targeted_of(values: &[&str]) -> Option<CacheControl> {
+        let mut h = HeaderMap::new();
+        for v in values {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                h.append(&CDN_CACHE_CONTROL, v);
+            }
+        }
+        targeted(&h, &CDN_CACHE_CONTROL)
+    }
+
+    #[test]
+    fn targeted_fields_are_structured_dictionaries_rfc_9213_section_2_1() {
+        let c =
+            targeted_of(&["max-age=60, no-cache=\"x-a, X-B\", stale-if-error=30"]).expect("valid");
+        assert_eq!((c.max_age, c.stale_if_error), (Some(60), Some(30)));
+        assert_eq!(c.no_cache_fields, vec![Box::from("x-a"), Box::from("x-b")]);
+        assert!(!c.no_cache);
+        let c = targeted_of(&["no-store", "private"]).expect("two lines, one dictionary");
+        assert!(c.no_store && c.private);
+        let c = targeted_of(&["none"]).expect("valid, with nothing this cache knows");
+        assert_eq!(c, CacheControl::default());
+        let c = targeted_of(&["max-age=60;a=1, x-ext=(1 2), y=\"s\""]).expect("unknown ones");
+        assert_eq!(c.max_age, Some(60));
+        let c = targeted_of(&["max-age=99999999999"]).expect("large");
+        assert_eq!(c.max_age, Some(DELTA_MAX));
+        for invalid in [
+            "max-age=\"60\"",
+            "max-age=abc",
+            "max-age=1.5",
+            "max-age=-1",
+            "max-age=(60)",
+            "no-store=1",
+            "no-store=?0",
+            "public=\"yes\"",
+            "private=abc",
+            "Max-Age=60",
+            "max-age=60,",
+            "max-age=60 no-store",
+            "max-age=60, no-store=\"",
+        ] {
+            assert_eq!(targeted_of(&[invalid]), None, "{invalid}");
+        }
+        assert_eq!(
+            targeted_of(&["max-age=60", "no-store=3"]),
+            None,
+            "a bad line spoils all"
+        );
+        assert_eq!(targeted_of(&["  "]), None, "empty");
+    }
+
+    #[test]
+    fn our_own_field_then_cdn_cache_control_then_cache_control() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=1"));
+        h.insert(&CDN_CACHE_CONTROL, HeaderValue::from_static("max-age=2"));
+        h.insert(
+            &EDGECACHE_CACHE_CONTROL,
+            HeaderValue::from_static("max-age=3"),
+        );
+        let at = |h: &HeaderMap| response_directives(h, &EDGECACHE_CACHE_CONTROL);
+        assert_eq!(at(&h), (cc("max-age=3"), true));
+        h.insert(
+            &EDGECACHE_CACHE_CONTROL,
+            HeaderValue::from_static("max-age=x"),
+        );
+        assert_eq!(
+            at(&h),
+            (cc("max-age=2"), true),
+            "an invalid own field is ignored"
+        );
+        h.insert(
+            &CDN_CACHE_CONTROL,
+            HeaderValue::from_static("max-age=\"2\""),
+        );
+        assert_eq!(at(&h), (cc("max-age=1"), false), "then Cache-Control");
+        h.insert(&SURROGATE_CONTROL, HeaderValue::from_static("max-age=4"));
+        assert_eq!(
+            at(&h),
+            (cc("max-age=4"), true),
+            "Surrogate-Control before it"
+        );
+    }
 
     #[test]
     fn directives_parse() {
@@ -300,7 +466,7 @@ mod props {
                 }
             }
             let _ = CacheControl::from_headers(&h);
-            let _ = response_directives(&h);
+            let _ = response_directives(&h, &EDGECACHE_CACHE_CONTROL);
             // The directive splitter on any text, not only what a field value may hold: it
             // ends, and yields no more items than there are bytes.
             prop_assert!(Directives::new(&text).count() <= text.len());
@@ -350,14 +516,15 @@ mod props {
             }
             let (plain, with) = (plain.join(", "), with.join(", "));
             prop_assert_eq!(parse(&with), parse(&plain), "{:?}", with);
-            for name in [&CDN_CACHE_CONTROL, &SURROGATE_CONTROL, &header::CACHE_CONTROL] {
+            // (`CDN-Cache-Control` has the Structured Fields grammar instead: `targeted_*`.)
+            for name in [&SURROGATE_CONTROL, &header::CACHE_CONTROL] {
                 let fields = |v: &str| {
                     let mut h = HeaderMap::new();
                     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=7"));
                     if let Ok(v) = HeaderValue::from_str(v) {
                         h.insert(name, v);
                     }
-                    response_directives(&h)
+                    response_directives(&h, &EDGECACHE_CACHE_CONTROL)
                 };
                 prop_assert_eq!(fields(&with), fields(&plain), "{}: {:?}", name, with);
             }

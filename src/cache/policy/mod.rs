@@ -21,8 +21,8 @@ mod validation;
 
 pub use date::http_date;
 pub use directives::{
-    response_directives, CacheControl, CACHE_TAG, CDN_CACHE_CONTROL, SURROGATE_CONTROL,
-    SURROGATE_KEY,
+    response_directives, targeted, CacheControl, CACHE_TAG, CDN_CACHE_CONTROL,
+    EDGECACHE_CACHE_CONTROL, SURROGATE_CONTROL, SURROGATE_KEY,
 };
 pub use freshness::{
     corrected_initial_age, current_age, freshness_lifetime, reuse, Reuse, StoredFacts,

@@ -114,6 +114,8 @@ pub struct Settings {
     pub stale_if_error: Option<Duration>,
     /// Rule: lifetimes for given status codes (e.g. cache 404 for 30 s).
     pub status_ttl: Vec<(u16, Duration)>,
+    /// The targeted field this cache obeys first (`cache.cache_control_field`).
+    pub cache_control_field: http::HeaderName,
 }
 
 impl Default for Settings {
@@ -131,6 +133,7 @@ impl Default for Settings {
             stale_while_revalidate: None,
             stale_if_error: None,
             status_ttl: Vec::new(),
+            cache_control_field: super::EDGECACHE_CACHE_CONTROL.clone(),
         }
     }
 }
@@ -211,7 +214,7 @@ pub fn storable(
     {
         return Err(NoStoreReason::Status);
     }
-    let (cc, targeted) = response_directives(headers);
+    let (cc, targeted) = response_directives(headers, &settings.cache_control_field);
     if cc.no_store {
         return Err(NoStoreReason::NoStore);
     }

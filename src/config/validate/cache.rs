@@ -40,6 +40,22 @@ pub(super) fn cache(ck: &mut Checker<'_>, raw: &RawCache) -> Cache {
             cache.sendfile_min_size = Some(m.get_ref().0);
         }
     }
+    if let Some(name) = &raw.cache_control_field {
+        let reserved = ["cache-control", "cdn-cache-control", "surrogate-control"];
+        match http::HeaderName::from_bytes(name.get_ref().as_bytes()) {
+            Ok(n) if !reserved.contains(&n.as_str()) => cache.cache_control_field = n,
+            Ok(_) => ck.error(
+                name.span(),
+                "cache.cache_control_field",
+                "must be a field of this cache's own, not one other caches read",
+            ),
+            Err(_) => ck.error(
+                name.span(),
+                "cache.cache_control_field",
+                format!("{:?} is not a field name", name.get_ref()),
+            ),
+        }
+    }
     if raw.sendfile == Some(false) {
         cache.sendfile_min_size = None;
     }

@@ -241,7 +241,15 @@ fn check(ck: &mut Checker<'_>, raw: &RawConfig, base: &Path) -> Config {
         pool_index: &pool_index,
         purge_enabled: raw.admin.is_some(),
     };
-    let sites = sites::sites(ck, &raw.sites, &known, &mut pools);
+    let mut sites = sites::sites(ck, &raw.sites, &known, &mut pools);
+    // Every site's and rule's settings read directives from the same own field.
+    for site in &mut sites {
+        let field = &cache.cache_control_field;
+        site.cache.settings.cache_control_field = field.clone();
+        for rule in &mut site.rules {
+            rule.settings.cache_control_field = field.clone();
+        }
+    }
     let admin = raw.admin.as_ref().map(|a| admin::admin(ck, a));
     server::overlapping_listeners(ck, raw, &server, admin.as_ref());
     let retries = origins::retries(ck, &raw.retries);
