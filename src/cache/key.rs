@@ -254,9 +254,14 @@ pub fn key_extra(
 
 /// A request's value for one `Vary` field. `Accept-Encoding` is a set of codings whose order
 /// and case carry no meaning, so it is lowercased and sorted: `gzip, br` and `BR,gzip` share
-/// a variant. Other fields keep their order (it can matter, as in `Accept-Language`).
+/// a variant. `Accept-Language` keeps its order (a browser lists by preference) but not its
+/// case or spacing (language ranges are case-insensitive, RFC 4647 §2): `en-US, de; q=0.50`
+/// and `en-us,de;q=0.5` share one. Other fields are kept as sent, bar list spacing.
 fn vary_value(name: &HeaderName, request: &HeaderMap) -> Option<Box<str>> {
     let joined = normalised(request.get_all(name).iter())?;
+    if name == http::header::ACCEPT_LANGUAGE {
+        return Some(languages(&joined));
+    }
     if name != http::header::ACCEPT_ENCODING {
         return Some(joined);
     }
@@ -268,6 +273,44 @@ fn vary_value(name: &HeaderName, request: &HeaderMap) -> Option<Box<str>> {
     codings.sort_unstable();
     codings.dedup();
     Some(codings.join(",").into_boxed_str())
+}
+
+/// `Accept-Language` items (already joined with `,`) lowercased, with no space around `;` and
+/// `=`, and the weight written shortest (`q=0.50` as `q=0.5`, `q=1.0` dropped).
+fn languages(joined: &str) -> Box<str> {
+    let mut out = String::with_capacity(joined.len());
+    for item in joined.split(',') {
+        let mut parts = item.split(';');
+        let range = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(&range);
+        for param in parts {
+            let Some((k, v)) = param.split_once('=') else {
+                continue;
+            };
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            if k == "q" {
+                let v = if v.contains('.') {
+                    v.trim_end_matches('0').trim_end_matches('.')
+                } else {
+                    v
+                };
+                if v == "1" {
+                    continue;
+                }
+                out.push_str(";q=");
+                out.push_str(v);
+            } else {
+                out.push(';');
+                out.push_str(&k);
+                out.push('=');
+                out.push_str(v);
+            }
+        }
+    }
+    out.into_boxed_str()
 }
 
 /// Joins field lines with `,` and drops the optional whitespace around list items, so that
@@ -348,6 +391,28 @@ mod tests {
             key.matches(&other, None),
             "order and case of codings do not matter"
         );
+    }
+
+    #[test]
+    fn accept_language_is_compared_without_case_or_spacing() {
+        let mut resp = HeaderMap::new();
+        resp.insert("vary", HeaderValue::from_static("Accept-Language"));
+        let req = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("accept-language", HeaderValue::from_static(v));
+            h
+        };
+        let key = VaryKey::from_response(&resp, &req("en-US, de;q=0.5"));
+        for same in [
+            "en-us,de;q=0.5",
+            "EN-us , de; q=0.50",
+            "en-US;q=1.0, de;Q=0.5",
+        ] {
+            assert!(key.matches(&req(same), None), "{same}");
+        }
+        for other in ["de;q=0.5, en-US", "en-US, de;q=0.6", "en-GB, de;q=0.5"] {
+            assert!(!key.matches(&req(other), None), "{other}");
+        }
     }
 
     #[test]

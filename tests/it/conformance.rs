@@ -272,3 +272,118 @@ async fn collapsed_requests_do_not_see_the_leaders_private_fields() {
         assert!(all.iter().all(|r| r.status == 200 && r.body.len() == len));
     }
 }
+
+/// RFC 9111 §5.2.2.3: `must-understand` with `no-store` is stored when the cache knows the
+/// status code's caching rules (a 200), and not stored when it does not (a 299, unknown).
+#[tokio::test]
+async fn must_understand_overrides_no_store_only_for_understood_status_codes() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/known",
+        Route::ok("k").header("cache-control", "max-age=600, must-understand, no-store"),
+    );
+    origin.route(
+        "/unknown",
+        Route::ok("u")
+            .status(299)
+            .header("cache-control", "max-age=600, must-understand, no-store"),
+    );
+    let node = TestNode::start("", &site(&origin, "site.test", "")).await;
+    let (_, second, fetched) = twice(&node, &origin, "/known").await;
+    assert!(is_hit(&second));
+    assert_eq!(fetched, 1);
+    let (_, second, fetched) = twice(&node, &origin, "/unknown").await;
+    assert!(!is_hit(&second));
+    assert_eq!(fetched, 2);
+}
+
+/// RFC 9110 §5.6.7: `Expires` in the asctime format, and day and month names in any case.
+#[tokio::test]
+async fn expires_in_every_date_format_and_letter_case_gives_freshness() {
+    let origin = TestOrigin::start().await;
+    let when =
+        httpdate::fmt_http_date(std::time::SystemTime::now() + std::time::Duration::from_secs(600));
+    // "Thu, 03 Dec 2026 16:00:00 GMT" → asctime "Thu Dec  3 16:00:00 2026" and upper case.
+    let parts: Vec<&str> = when.split(' ').collect();
+    let day: u32 = parts[1].parse().expect("day");
+    let asctime = format!(
+        "{} {} {day:>2} {} {}",
+        &parts[0][..3],
+        parts[2],
+        parts[4],
+        parts[3]
+    );
+    for (i, expires) in [asctime, when.to_uppercase(), when.to_lowercase()]
+        .iter()
+        .enumerate()
+    {
+        origin.route(&format!("/e{i}"), Route::ok("e").header("expires", expires));
+    }
+    let node = TestNode::start("", &site(&origin, "site.test", "")).await;
+    for i in 0..3 {
+        let (_, second, fetched) = twice(&node, &origin, &format!("/e{i}")).await;
+        assert!(is_hit(&second), "/e{i}: {:?}", second.headers);
+        assert_eq!(fetched, 1);
+    }
+}
+
+/// RFC 9110 §15.2: interim (1xx) responses from an origin never break the exchange and are
+/// never stored or reused: the final response is. (hyper cannot yet send a 1xx from a server,
+/// so `103 Early Hints` is not forwarded; see the README.)
+#[tokio::test]
+async fn interim_responses_from_the_origin_are_not_stored_and_do_not_break_the_exchange() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let requests = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let reply = "HTTP/1.1 100 Continue\r\n\r\n\
+                                     HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n\
+                                     HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\
+                                     Cache-Control: max-age=600\r\n\r\nfinal";
+                        if s.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let config = format!(
+        "[[origins]]\nname = \"o\"\nurl = \"http://{addr}\"\n\
+         [[sites]]\nhosts = [\"site.test\"]\norigin = \"o\"\n"
+    );
+    let node = TestNode::start("", &config).await;
+    let first = get(node.http, "site.test", "/x").await;
+    assert_eq!(
+        (first.status.as_u16(), &first.body[..]),
+        (200, &b"final"[..])
+    );
+    let second = get(node.http, "site.test", "/x").await;
+    assert_eq!(
+        (second.status.as_u16(), &second.body[..]),
+        (200, &b"final"[..])
+    );
+    assert!(is_hit(&second), "{:?}", second.headers);
+    assert_eq!(requests.load(Ordering::SeqCst), 1);
+}

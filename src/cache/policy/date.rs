@@ -26,11 +26,40 @@ pub fn http_date(value: &HeaderValue) -> Option<SystemTime> {
             return Some(time);
         }
     }
-    let time = httpdate::parse_http_date(value.to_str().ok()?.trim()).ok()?;
+    let text = value.to_str().ok()?.trim();
+    let time = match httpdate::parse_http_date(text) {
+        Ok(t) => t,
+        Err(_) => httpdate::parse_http_date(&recased(text)?).ok()?,
+    };
     if let Some(text) = fixed {
         LAST_FIXDATE.set(Some((text, time)));
     }
     Some(time)
+}
+
+/// `text` with its day and month names in the case the grammar writes them (`Sun`, `Nov`,
+/// `Sunday`) and `GMT` in capitals, or `None` when that changes nothing. Senders that write
+/// `SUN, 06 NOV 1994` or `sun, 06 nov 1994` mean the same date; RFC 9110 §5.6.7 asks
+/// recipients to be lenient with dates, and dropping such a response's `Expires` or `Date`
+/// would change its freshness.
+fn recased(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut word_start = true;
+    for c in text.chars() {
+        if c.is_ascii_alphabetic() {
+            out.push(if word_start {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            });
+            word_start = false;
+        } else {
+            out.push(c);
+            word_start = true;
+        }
+    }
+    let out = out.replace("Gmt", "GMT");
+    (out != text).then_some(out)
 }
 
 #[cfg(test)]
@@ -55,5 +84,30 @@ mod tests {
             assert_eq!(http_date(&bad), None);
             assert_eq!(http_date(&b), Some(tb));
         }
+    }
+
+    /// RFC 9110 §5.6.7: all three formats, and day and month names in any letter case.
+    #[test]
+    fn every_format_and_any_letter_case() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        for text in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "SUN, 06 NOV 1994 08:49:37 GMT",
+            "sun, 06 nov 1994 08:49:37 gmt",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "SUNDAY, 06-NOV-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "sun nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(
+                http_date(&HeaderValue::from_static(text)),
+                Some(t),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            http_date(&HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 EST")),
+            None
+        );
     }
 }

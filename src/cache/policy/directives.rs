@@ -19,6 +19,9 @@ pub struct CacheControl {
     pub public: bool,
     pub must_revalidate: bool,
     pub proxy_revalidate: bool,
+    /// `must-understand` (RFC 9111 §5.2.2.3): store only when the status code's caching rules
+    /// are understood, and then `no-store` is overridden.
+    pub must_understand: bool,
     pub only_if_cached: bool,
     pub max_age: Option<u64>,
     pub s_maxage: Option<u64>,
@@ -69,6 +72,7 @@ impl CacheControl {
                     "public" => cc.public = true,
                     "must-revalidate" => cc.must_revalidate = true,
                     "proxy-revalidate" => cc.proxy_revalidate = true,
+                    "must-understand" => cc.must_understand = true,
                     "only-if-cached" => cc.only_if_cached = true,
                     "max-age" => set(&mut cc.max_age),
                     "s-maxage" => set(&mut cc.s_maxage),
@@ -250,6 +254,7 @@ pub fn targeted(headers: &HeaderMap, name: &HeaderName) -> Option<CacheControl> 
             "public" => cc.public = flag()?,
             "must-revalidate" => cc.must_revalidate = flag()?,
             "proxy-revalidate" => cc.proxy_revalidate = flag()?,
+            "must-understand" => cc.must_understand = flag()?,
             "no-cache" => match fields()? {
                 Ok(all) => cc.no_cache = all,
                 Err(list) => cc.no_cache_fields = list,
@@ -387,7 +392,8 @@ mod props {
     use super::*;
 
     /// Every directive this parser knows; anything else is ignored.
-    const KNOWN: [&str; 13] = [
+    const KNOWN: [&str; 14] = [
+        "must-understand",
         "no-store",
         "no-cache",
         "private",

@@ -186,6 +186,31 @@ impl StoreDecision {
     }
 }
 
+/// Status codes whose caching rules this cache implements (for `must-understand`): those of
+/// RFC 9110 (the heuristically cacheable ones, and the redirects and errors it stores only
+/// with explicit freshness).
+fn understood(status: StatusCode) -> bool {
+    heuristically_cacheable(status)
+        || matches!(
+            status.as_u16(),
+            302 | 303
+                | 307
+                | 400
+                | 403
+                | 406
+                | 409
+                | 412
+                | 413
+                | 415
+                | 416
+                | 422
+                | 500
+                | 502
+                | 503
+                | 504
+        )
+}
+
 /// Status codes a cache may give a heuristic lifetime (RFC 9110 §15.1).
 pub fn heuristically_cacheable(status: StatusCode) -> bool {
     matches!(
@@ -215,7 +240,13 @@ pub fn storable(
         return Err(NoStoreReason::Status);
     }
     let (cc, targeted) = response_directives(headers, &settings.cache_control_field);
-    if cc.no_store {
+    // §5.2.2.3: with `must-understand`, a status code whose caching rules this cache knows is
+    // stored by them despite `no-store` (sent for caches that do not know the directive); any
+    // other is not stored.
+    if cc.must_understand && !understood(status) {
+        return Err(NoStoreReason::Status);
+    }
+    if cc.no_store && !cc.must_understand {
         return Err(NoStoreReason::NoStore);
     }
     if cc.private {

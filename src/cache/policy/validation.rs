@@ -56,7 +56,10 @@ pub fn evaluate_preconditions(request: &HeaderMap, stored: &HeaderMap) -> Precon
             return Precondition::NotModified;
         }
     } else if let Some(ims) = request.get(header::IF_MODIFIED_SINCE).and_then(http_date) {
-        if last_modified.is_some_and(|lm| lm <= ims) {
+        // RFC 9111 §4.3.2: a cache answering for a stored response without Last-Modified
+        // takes its Date as the time it was last modified (no later than that).
+        let modified = last_modified.or_else(|| stored.get(header::DATE).and_then(http_date));
+        if modified.is_some_and(|lm| lm <= ims) {
             return Precondition::NotModified;
         }
     }
@@ -258,6 +261,32 @@ mod tests {
 
     /// Found by the property `preconditions_follow_rfc_9110_section_13_2_2`: a stored response
     /// without Last-Modified answered If-Unmodified-Since with 412.
+    #[test]
+    fn if_modified_since_uses_date_without_last_modified_rfc_9111_section_4_3_2() {
+        let mut stored = HeaderMap::new();
+        stored.insert(
+            header::DATE,
+            http::HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
+        );
+        let ask = |since: &'static str| {
+            let mut req = HeaderMap::new();
+            req.insert(
+                header::IF_MODIFIED_SINCE,
+                http::HeaderValue::from_static(since),
+            );
+            evaluate_preconditions(&req, &stored)
+        };
+        assert_eq!(
+            ask("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Precondition::NotModified
+        );
+        assert_eq!(
+            ask("Mon, 07 Nov 1994 08:49:37 GMT"),
+            Precondition::NotModified
+        );
+        assert_eq!(ask("Sat, 05 Nov 1994 08:49:37 GMT"), Precondition::Proceed);
+    }
+
     #[test]
     fn if_unmodified_since_without_last_modified_is_ignored_rfc_9110_section_13_1_4() {
         let since = [("if-unmodified-since", "Mon, 02 Nov 2026 10:00:00 GMT")];
