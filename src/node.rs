@@ -312,7 +312,6 @@ fn start_admin(
         reload,
         metrics: shared.metrics.clone(),
         tracker: shared.tracker.clone(),
-        capacity: config.cache.memory,
         draining: stopping,
         node: reloader.clone(),
         started,

@@ -116,7 +116,7 @@ pub(super) fn stats(state: &AdminState) -> String {
         "objects": summary.objects,
         "variants": summary.variants,
         "bytes": summary.bytes,
-        "capacity": state.capacity,
+        "capacity": store.capacity(),
         "hits": hits,
         "misses": misses,
         "hit_ratio": (ratio * 10_000.0).round() / 10_000.0,

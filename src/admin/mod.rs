@@ -40,7 +40,6 @@ pub struct AdminState {
     pub reload: Option<Arc<dyn Reload>>,
     pub metrics: Arc<Metrics>,
     pub tracker: ConnTracker,
-    pub capacity: u64,
     /// Set as soon as the node begins to shut down (before its listeners close): from then
     /// on `/readyz` answers 503.
     pub draining: watch::Receiver<bool>,

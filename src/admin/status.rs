@@ -91,7 +91,7 @@ pub(super) fn render(state: &AdminState) -> String {
         "cache": {
             "objects": store.entry_count(),
             "bytes": store.weighted_size(),
-            "capacity": state.capacity,
+            "capacity": store.capacity(),
         },
         "origins": {
             "total": origins.total,
