@@ -34,15 +34,10 @@ use std::os::fd::{AsFd, OwnedFd};
 pub struct Node {
     http: Vec<SocketAddr>,
     https: Vec<SocketAddr>,
-    admin: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     /// Turned true as shutdown begins, before the listeners close: `/readyz` says 503 from
     /// then on.
     stopping: watch::Sender<bool>,
-    /// The admin listener's task, stopped after the drain (it answers `/readyz` with 503
-    /// while the node drains).
-    admin_task: JoinSet<()>,
-    admin_stop: watch::Sender<bool>,
     tracker: ConnTracker,
     reloader: Arc<Reloader>,
     /// Turns true when a new process took the listeners over (`server.upgrade_socket`).
@@ -246,84 +241,24 @@ fn offer_listeners(config: &Config, reloader: Arc<Reloader>) -> watch::Receiver<
     handed
 }
 
-/// The admin listener, when `[admin]` is configured: its bound address, its task, and the
-/// sender that stops it.
-struct AdminListener {
-    addr: Option<SocketAddr>,
-    task: JoinSet<()>,
-    stop: watch::Sender<bool>,
+/// The admin listener in service: the listener (its stop ends the accept loop; its
+/// descriptor is what an upgrade takes over) and the state its requests see.
+struct AdminRun {
+    listening: Listening,
+    state: Arc<admin::AdminState>,
 }
 
-/// Binds and spawns the admin listener (or nothing without `[admin]`), warning about a
-/// non-loopback address and a missing token.
-fn start_admin(
-    config: &Config,
-    reloader: &Arc<Reloader>,
-    shared: &Shared,
-    inherited: &mut upgrade::Inherited,
-    (started, stopping): (admin::Started, watch::Receiver<bool>),
-) -> Result<AdminListener, Error> {
-    let mut task = JoinSet::new();
-    let (stop, stopped) = watch::channel(false);
-    let Some(admin) = &config.admin else {
-        return Ok(AdminListener {
-            addr: None,
-            task,
-            stop,
-        });
-    };
-    let addr = admin.listen;
-    let (l, bound) = bind_all(&[addr], upgrade::Kind::Admin, inherited)?
-        .pop()
-        .ok_or(Error::Bind {
-            addr,
-            source: std::io::Error::other("no listener"),
-        })?;
-    if let Some(fd) = handover_fd(config.server.upgrade_socket.is_some(), &l, bound)? {
-        *reloader.admin.lock().unwrap_or_else(|p| p.into_inner()) = Some(Listening {
-            kind: upgrade::Kind::Admin,
-            configured: addr,
-            bound,
-            stop: watch::channel(false).0,
-            fd: Some(fd),
-        });
-    }
-    if !bound.ip().is_loopback() {
-        tracing::warn!(
-            addr = %bound,
-            "admin listen address is not loopback: the admin endpoints are reachable \
-             from other hosts"
-        );
-    }
-    if admin.token.is_none() {
-        tracing::warn!(
-            public_metrics = admin.public_metrics,
-            "no admin token is configured: admin endpoints other than /healthz, /readyz \
-             and public metrics are refused"
-        );
-    }
-    let reload: Option<Arc<dyn admin::Reload>> = match reloader.path {
-        Some(_) => Some(reloader.clone()),
-        None => None,
-    };
-    let state = Arc::new(admin::AdminState {
-        config: admin.clone(),
-        proxy: shared.proxy.clone(),
-        reload,
-        metrics: shared.metrics.clone(),
-        tracker: shared.tracker.clone(),
-        draining: stopping,
-        node: reloader.clone(),
-        started,
-        admin_addr: bound,
-    });
-    task.spawn(admin::serve(l, state, shared.builders.load_full(), stopped));
-    tracing::info!(addr = %bound, "admin listening (metrics, health, status, origins, cache, purge, reload)");
-    Ok(AdminListener {
-        addr: Some(bound),
-        task,
-        stop,
-    })
+/// What a reload does to the admin listener, decided before anything is swapped (binding a
+/// new address can fail and refuse the reload).
+enum AdminChange {
+    /// No `[admin]` before or after.
+    None,
+    /// Same address: the new settings (token, public metrics, purge networks) swapped in.
+    Update(crate::config::Admin),
+    /// A new address, or `[admin]` added: this listener replaces the one in service, if any.
+    Open(crate::config::Admin, TcpListener, SocketAddr),
+    /// `[admin]` removed.
+    Close,
 }
 
 /// Binds the configured listeners and starts serving. Port 0 binds an ephemeral port; the
@@ -388,7 +323,11 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     }
     let (health_stop, health) = watch::channel(false);
     spawn_health_checks(&proxy, &health);
-    let reloader = Arc::new(Reloader {
+    let (stopping, stopping_rx) = watch::channel(false);
+    let reloader = Arc::new_cyclic(|me| Reloader {
+        me: me.clone(),
+        admin_base: (started, stopping_rx),
+        admin_tasks: Mutex::new(JoinSet::new()),
         path: config.path.clone(),
         upgrade: config.server.upgrade_socket.is_some(),
         live: shared.proxy.clone(),
@@ -407,14 +346,15 @@ pub async fn start(config: Config) -> Result<Node, Error> {
             generation: 1,
         }),
     });
-    let (stopping, stopping_rx) = watch::channel(false);
-    let admin = start_admin(
-        &config,
-        &reloader,
-        &shared,
-        &mut inherited,
-        (started, stopping_rx),
-    )?;
+    if let Some(a) = &config.admin {
+        let (l, bound) = bind_all(&[a.listen], upgrade::Kind::Admin, &mut inherited)?
+            .pop()
+            .ok_or(Error::Bind {
+                addr: a.listen,
+                source: std::io::Error::other("no listener"),
+            })?;
+        reloader.serve_admin(a, l, bound)?;
+    }
     if inherited.unused() > 0 {
         tracing::info!(
             listeners = inherited.unused(),
@@ -432,11 +372,8 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     Ok(Node {
         http: http_addrs,
         https: https_addrs,
-        admin: admin.addr,
         shutdown: tx,
         stopping,
-        admin_task: admin.task,
-        admin_stop: admin.stop,
         tracker: shared.tracker,
         reloader,
         handed_over,
@@ -455,9 +392,10 @@ pub async fn start(config: Config) -> Result<Node, Error> {
 /// client with the pooled connections; a removed origin's connections close as its last
 /// requests end. Listeners the file adds are opened (before anything is swapped: one that
 /// cannot be bound refuses the reload; HTTPS ones turn TLS on) and those it drops stop
-/// accepting. New connections get the new `[server]` limits and timeouts. `workers`,
-/// `upgrade_socket` and the admin listener are set at start: a change to them is reported
-/// and waits for a restart.
+/// accepting. New connections get the new `[server]` limits and timeouts. `[admin]` applies
+/// to the next admin request, on a new listener when its address changed. `workers`,
+/// `upgrade_socket` and `[log]` are set at start: a change to them is reported and waits for
+/// a restart.
 pub struct Reloader {
     path: Option<std::path::PathBuf>,
     /// Whether the node started with an upgrade socket (listeners are then kept to hand over).
@@ -472,8 +410,15 @@ pub struct Reloader {
     busy: Mutex<()>,
     /// The data listeners, each with what stops its accept loop.
     listening: Mutex<Vec<Listening>>,
-    /// The admin listener, as offered to an upgrade (with an upgrade socket only).
-    admin: Mutex<Option<Listening>>,
+    /// The admin listener in service, with `[admin]`.
+    admin: Mutex<Option<AdminRun>>,
+    /// The admin listeners' accept loops (a reload may add one), joined at shutdown.
+    admin_tasks: Mutex<JoinSet<()>>,
+    /// What every admin listener's state shares: the start time, and the flag set when the
+    /// node begins to shut down (`/readyz` then answers 503).
+    admin_base: (admin::Started, watch::Receiver<bool>),
+    /// This reloader, for the admin state a reload makes (it reloads and reports through it).
+    me: std::sync::Weak<Reloader>,
     /// The accept loops (a reload adds some), joined at shutdown.
     accept: Mutex<JoinSet<()>>,
     /// What a new accept loop shares with the others.
@@ -580,6 +525,7 @@ impl Reloader {
         let states = old.origin_states().carried(config.origins.len(), same);
         let tls = server::tls::server_config(&config.tls.certificates)?;
         let opened = self.open_listeners(&config)?;
+        let admin_change = self.plan_admin(&config)?;
         // Nothing fails from here on: the reload is applied whole.
         let store = match old.store() {
             s if s.capacity() == config.cache.memory => s.clone(),
@@ -629,6 +575,10 @@ impl Reloader {
             };
         }
         let (added, removed) = self.swap_listeners(opened, &config);
+        if let Some(what) = self.apply_admin(admin_change)? {
+            done.push_str("; ");
+            done.push_str(what);
+        }
         if added + removed > 0 {
             done.push_str(&format!("; listeners: {added} opened, {removed} closed"));
         }
@@ -745,7 +695,7 @@ impl Reloader {
         let admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         listening
             .iter()
-            .chain(admin.iter())
+            .chain(admin.iter().map(|a| &a.listening))
             .filter_map(|l| {
                 let fd = l.fd.as_ref()?.try_clone().ok()?;
                 Some((
@@ -758,6 +708,137 @@ impl Reloader {
                 ))
             })
             .collect()
+    }
+
+    /// Serves the admin endpoints on `l` (bound at `bound`) with `admin`'s settings, in place
+    /// of the admin listener in service if any (which stops accepting; its connections
+    /// finish). Warns about a non-loopback address and a missing token.
+    fn serve_admin(
+        &self,
+        admin: &crate::config::Admin,
+        l: TcpListener,
+        bound: SocketAddr,
+    ) -> Result<(), Error> {
+        if !bound.ip().is_loopback() {
+            tracing::warn!(
+                addr = %bound,
+                "admin listen address is not loopback: the admin endpoints are reachable \
+                 from other hosts"
+            );
+        }
+        if admin.token.is_none() {
+            tracing::warn!(
+                public_metrics = admin.public_metrics,
+                "no admin token is configured: admin endpoints other than /healthz, /readyz \
+                 and public metrics are refused"
+            );
+        }
+        let fd = handover_fd(self.upgrade, &l, bound)?;
+        let me = self.me.upgrade().ok_or(Error::Bind {
+            addr: bound,
+            source: std::io::Error::other("the node is shutting down"),
+        })?;
+        let reload: Option<Arc<dyn admin::Reload>> = match self.path {
+            Some(_) => Some(me.clone()),
+            None => None,
+        };
+        let (started, draining) = self.admin_base.clone();
+        let state = Arc::new(admin::AdminState {
+            config: ArcSwap::from_pointee(admin.clone()),
+            proxy: self.live.clone(),
+            reload,
+            metrics: self.metrics.clone(),
+            tracker: self.shared.tracker.clone(),
+            draining,
+            node: me,
+            started,
+            admin_addr: bound,
+        });
+        let (stop, stopped) = watch::channel(false);
+        let builders = self.shared.builders.load_full();
+        self.admin_tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .spawn(admin::serve(l, state.clone(), builders, stopped));
+        tracing::info!(addr = %bound, "admin listening (metrics, health, status, origins, cache, purge, reload)");
+        let run = AdminRun {
+            listening: Listening {
+                kind: upgrade::Kind::Admin,
+                configured: admin.listen,
+                bound,
+                stop,
+                fd,
+            },
+            state,
+        };
+        let old = self
+            .admin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(run);
+        if let Some(old) = old {
+            tracing::info!(addr = %old.listening.bound, "admin listener closed by the reload");
+            let _ = old.listening.stop.send(true);
+        }
+        Ok(())
+    }
+
+    /// What the reload to `after` does to the admin listener; binds a new address here, so
+    /// that one that cannot be bound refuses the reload before anything is swapped.
+    fn plan_admin(&self, after: &Config) -> Result<AdminChange, Error> {
+        let running = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let configured = running.as_ref().map(|a| a.listening.configured);
+        Ok(match (&after.admin, configured) {
+            (None, None) => AdminChange::None,
+            (None, Some(_)) => AdminChange::Close,
+            (Some(a), Some(listen)) if listen == a.listen => AdminChange::Update(a.clone()),
+            (Some(a), _) => {
+                let addr = a.listen;
+                let l = server::bind(addr).map_err(|source| Error::Bind { addr, source })?;
+                let bound = l
+                    .local_addr()
+                    .map_err(|source| Error::Bind { addr, source })?;
+                AdminChange::Open(a.clone(), l, bound)
+            }
+        })
+    }
+
+    /// Carries out what [`Reloader::plan_admin`] decided; says what it did.
+    fn apply_admin(&self, change: AdminChange) -> Result<Option<&'static str>, Error> {
+        Ok(match change {
+            AdminChange::None => None,
+            AdminChange::Update(a) => {
+                let running = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+                let run = running.as_ref();
+                let before = run.map(|r| r.state.config.load_full());
+                if before.as_deref().map(|b| format!("{b:?}")) == Some(format!("{a:?}")) {
+                    return Ok(None);
+                }
+                if let Some(r) = run {
+                    r.state.config.store(Arc::new(a));
+                }
+                Some("admin settings swapped in")
+            }
+            AdminChange::Open(a, l, bound) => {
+                self.serve_admin(&a, l, bound)?;
+                Some("admin listener opened")
+            }
+            AdminChange::Close => {
+                if let Some(old) = self.admin.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    tracing::info!(addr = %old.listening.bound, "admin listener closed by the reload");
+                    let _ = old.listening.stop.send(true);
+                }
+                Some("admin listener closed")
+            }
+        })
+    }
+
+    /// Stops the admin listener (the node has drained); returns its tasks to be joined.
+    fn stop_admin(&self) -> JoinSet<()> {
+        if let Some(run) = self.admin.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = run.listening.stop.send(true);
+        }
+        std::mem::take(&mut *self.admin_tasks.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Stops every accept loop; returns them to be joined.
@@ -793,10 +874,10 @@ fn restart_only(before: &Config, after: &Config) -> Vec<&'static str> {
     if a.upgrade_socket != b.upgrade_socket {
         out.push("server.upgrade_socket");
     }
-    // Compared as their Debug text: the config types carry certificates and key material
-    // that do not implement equality; the text covers every setting.
-    if format!("{:?}", before.admin) != format!("{:?}", after.admin) {
-        out.push("[admin]");
+    if let (Some(a), Some(b)) = (&before.admin, &after.admin) {
+        if a.listen == b.listen && a.max_connections != b.max_connections {
+            out.push("admin.max_connections (on the same address)");
+        }
     }
     // Log files are opened once, before the runtime starts; SIGUSR1 reopens those paths.
     if before.log != after.log {
@@ -818,7 +899,12 @@ impl Node {
 
     /// The bound admin address, when `[admin]` is configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin
+        let admin = self
+            .reloader
+            .admin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        admin.as_ref().map(|a| a.listening.bound)
     }
 
     /// The request counters.
@@ -878,7 +964,7 @@ impl Node {
     /// returns. Connections still open when the grace period ends drop themselves
     /// (`server::conn`), so none is left holding a response. The admin listener keeps
     /// answering (`/readyz` with 503) until the drain is over.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
         // The configuration in service says how long (a reload may have changed it).
         let (grace, header_read) = {
             let proxy = self.reloader.live.load();
@@ -913,7 +999,7 @@ impl Node {
             );
         }
         self.reloader.stop_health();
-        let _ = self.admin_stop.send(true);
-        while self.admin_task.join_next().await.is_some() {}
+        let mut admin = self.reloader.stop_admin();
+        while admin.join_next().await.is_some() {}
     }
 }

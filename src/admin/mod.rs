@@ -33,7 +33,8 @@ pub use status::{ConfigStamp, NodeStatus, Started};
 
 /// What the admin endpoints read.
 pub struct AdminState {
-    pub config: AdminConfig,
+    /// `[admin]` in service: a reload that keeps the address swaps it (token, public metrics).
+    pub config: arc_swap::ArcSwap<AdminConfig>,
     /// The proxy in service (a reload swaps it).
     pub proxy: Arc<Live>,
     /// What `POST /reload` runs; `None` when the node has no configuration file to read.
@@ -81,7 +82,7 @@ pub async fn serve(
     builders: Arc<Builders>,
     stop: watch::Receiver<bool>,
 ) {
-    let limit = Arc::new(Semaphore::new(state.config.max_connections));
+    let limit = Arc::new(Semaphore::new(state.config.load().max_connections));
     let conn_stop = stop.clone();
     crate::server::accept_with(listener, limit, stop, move |stream, peer| {
         let state = state.clone();
@@ -108,7 +109,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
     let public = matches!(
         (req.method(), req.uri().path()),
         (&Method::GET, "/healthz" | "/readyz")
-    ) || (state.config.public_metrics
+    ) || (state.config.load().public_metrics
         && (req.method(), req.uri().path()) == (&Method::GET, "/metrics"));
     if !public {
         if let Some(refused) = refusal(state, &req) {
@@ -205,17 +206,15 @@ async fn reload(state: &AdminState) -> Response<Full<Bytes>> {
 /// Checks the request's bearer token against the configured one: `None` when it matches,
 /// else the answer to send: 403 when no token is configured (nothing could pass), else 401.
 fn refusal(state: &AdminState, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
-    if state.config.token.is_none() {
+    let config = state.config.load();
+    if config.token.is_none() {
         return Some(text(
             StatusCode::FORBIDDEN,
             "text/plain",
             "refused: no admin token is configured\n",
         ));
     }
-    if state
-        .config
-        .authorizes(req.headers().get(header::AUTHORIZATION))
-    {
+    if config.authorizes(req.headers().get(header::AUTHORIZATION)) {
         return None;
     }
     let mut r = text(

@@ -718,3 +718,85 @@ async fn a_reload_turns_tls_on_and_off() {
     );
     assert_eq!(get(node.http, "a.test", "/obj").await.status, 200);
 }
+
+/// An admin request with `token`: its status line.
+async fn admin_status_with(addr: SocketAddr, token: &str) -> String {
+    let req = format!(
+        "GET /status HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    let (reply, _) = raw(addr, req.as_bytes(), Duration::from_secs(10)).await;
+    reply.lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn a_reload_applies_admin_settings_and_moves_or_closes_the_admin_listener() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = setup(dir.path()).await;
+    let k = Knobs::default();
+    s.write(&k);
+    let node = start(&s, dir).await;
+    let first = node.node().admin_addr().expect("admin");
+    assert!(admin_status_with(first, "t").await.contains("200"));
+
+    // Same address, a new token: the old one is refused from now on.
+    let text = s.text(&k).replace("token = \"t\"", "token = \"t2\"");
+    std::fs::write(&s.path, &text).expect("write");
+    let req = "POST /reload HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\n\
+               Content-Length: 0\r\nConnection: close\r\n\r\n";
+    let reply = raw(first, req.as_bytes(), Duration::from_secs(10)).await.0;
+    assert!(reply.contains("admin settings swapped in"), "{reply}");
+    assert!(admin_status_with(first, "t").await.contains("401"));
+    assert!(admin_status_with(first, "t2").await.contains("200"));
+    assert_eq!(node.node().admin_addr(), Some(first), "same listener");
+
+    // A new address: served there, and the old one closes.
+    let moved = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    std::fs::write(
+        &s.path,
+        text.replace(
+            "listen = \"127.0.0.1:0\"\ntoken",
+            &format!("listen = \"{moved}\"\ntoken"),
+        ),
+    )
+    .expect("write");
+    let req = "POST /reload HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t2\r\n\
+               Content-Length: 0\r\nConnection: close\r\n\r\n";
+    let reply = raw(first, req.as_bytes(), Duration::from_secs(10)).await.0;
+    assert!(reply.contains("admin listener opened"), "{reply}");
+    assert_eq!(node.node().admin_addr(), Some(moved));
+    assert!(admin_status_with(moved, "t2").await.contains("200"));
+    assert!(
+        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
+            first
+        )
+        .is_err())
+        .await,
+        "the old admin address stops accepting"
+    );
+
+    // No [admin]: closed. (Reloaded by SIGHUP's path: the node's own reload.)
+    let without: String = text.replace("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"t2\"\n", "");
+    assert!(!without.contains("[admin]"));
+    std::fs::write(&s.path, &without).expect("write");
+    let done = node.node().reload().expect("reload");
+    assert!(done.contains("admin listener closed"), "{done}");
+    assert_eq!(node.node().admin_addr(), None);
+    assert!(
+        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
+            moved
+        )
+        .is_err())
+        .await,
+        "closed"
+    );
+    // And back.
+    std::fs::write(&s.path, &text).expect("write");
+    let done = node.node().reload().expect("reload");
+    assert!(done.contains("admin listener opened"), "{done}");
+    let back = node.node().admin_addr().expect("admin again");
+    assert!(admin_status_with(back, "t2").await.contains("200"));
+    assert_eq!(get(node.http, "a.test", "/obj").await.status, 200);
+}

@@ -213,7 +213,11 @@ async fn cache_lists_every_variant_of_a_url_until_it_is_purged() {
     for (v, (lang, size)) in variants.iter().zip(["en", "fr-CH"].iter().zip(&sizes)) {
         assert_eq!(v["key"], "http://site.test/v?x=1", "{v}");
         // As the variant is keyed: language ranges lowercased (RFC 4647 §2).
-        assert_eq!(v["vary"]["accept-language"], lang.to_ascii_lowercase(), "{v}");
+        assert_eq!(
+            v["vary"]["accept-language"],
+            lang.to_ascii_lowercase(),
+            "{v}"
+        );
         assert_eq!(v["size"], *size, "{v}");
         assert_eq!(v["etag"], "\"v1\"", "{v}");
         assert_eq!(v["last_modified"], "Mon, 01 Jan 2024 00:00:00 GMT", "{v}");
