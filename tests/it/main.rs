@@ -9,6 +9,7 @@ mod cli;
 mod clients;
 mod demo;
 mod deploy;
+mod etcd;
 mod hardening;
 mod http_cache;
 mod isolation;
