@@ -348,3 +348,41 @@ async fn history_compacted_during_a_gap_soft_purges_everything() {
     a.purge_tag("after");
     assert!(eventually(WAIT, || c.applied_tag("after").is_some()).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_is_granted_again_and_the_node_registers_again() {
+    let etcd = TestEtcd::start().await;
+    let ttl = Duration::from_secs(3);
+    let a = start_node(etcd.endpoint(), "a", ttl);
+    let b = start_node(etcd.endpoint(), "b", ttl);
+    assert!(all_see(&[&a, &b], &["a", "b"]).await);
+
+    // As if etcd had expired them: every lease revoked, both keys deleted.
+    let mut client = etcd.client().await;
+    let leases = client.leases().await.expect("list leases");
+    for lease in leases.leases() {
+        client.lease_revoke(lease.id()).await.expect("revoke");
+    }
+    let registered = |client: &mut etcd_client::Client| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get(
+                    "/edgecache/pop-test/nodes/",
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_count_only(),
+                    ),
+                )
+                .await
+                .map_or(0, |r| r.count())
+        }
+    };
+    let deadline = Instant::now() + WAIT;
+    while registered(&mut client).await < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(registered(&mut client).await, 2, "both registered again");
+    assert!(all_see(&[&a, &b], &["a", "b"]).await);
+}
