@@ -4,6 +4,12 @@
 # Demo:   docker run -p 8080:8080 -p 9090:9090 edgecache demo --http 0.0.0.0:8080 --https 0.0.0.0:8443 --admin 0.0.0.0:9090
 # CI lints this file with hadolint; the image itself is built where base images can be pulled.
 FROM rust:1-bookworm AS build
+# etcd-client's build script runs protoc to generate etcd's gRPC code. Not pinned: Debian's
+# point releases replace the version within bookworm, and a pin would break the build then.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends protobuf-compiler \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src

@@ -13,6 +13,8 @@ use tokio::sync::watch;
 
 use crate::cache::PurgeTarget;
 
+pub mod etcd;
+
 /// One node of the fleet, as the others know it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {

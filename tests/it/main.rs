@@ -10,6 +10,7 @@ mod clients;
 mod conformance;
 mod demo;
 mod deploy;
+mod etcd;
 mod hardening;
 mod http_cache;
 mod isolation;

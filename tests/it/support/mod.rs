@@ -1,6 +1,7 @@
 //! Test support: a real origin, a real node, real TLS, and small clients.
 
 pub mod dns;
+pub mod etcd;
 pub mod origin;
 
 use std::net::SocketAddr;
