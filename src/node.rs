@@ -803,6 +803,10 @@ fn restart_only(before: &Config, after: &Config) -> Vec<&'static str> {
     if before.log != after.log {
         out.push("[log]");
     }
+    // The peer listener, the membership source and this node's id are set up once.
+    if before.cluster != after.cluster {
+        out.push("[cluster]");
+    }
     out
 }
 
