@@ -4,6 +4,8 @@
 //!
 //! This file holds the types the parts share; each part has its own file.
 
+pub mod ring;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
