@@ -7,6 +7,7 @@ mod binary;
 mod cache;
 mod cli;
 mod clients;
+mod cluster;
 mod demo;
 mod deploy;
 mod hardening;

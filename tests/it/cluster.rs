@@ -1,0 +1,244 @@
+//! A fleet of three real nodes in this process with static peers (and with `peers_dns`):
+//! one origin request per object fleet-wide, collapsing across nodes, a stopped member's
+//! keys fetched from the origin without client errors, purges everywhere, `CDN-Loop`, and a
+//! seeded randomised run checked against what every client must get.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use edgecache::Config;
+
+use crate::support::*;
+
+/// Three nodes of one fleet, each with an admin listener (token `t`).
+struct Fleet {
+    nodes: Vec<Option<TestNode>>,
+    peers: Vec<SocketAddr>,
+}
+
+impl Fleet {
+    /// Three nodes over `origin` (site `a.test`), `[cluster]` lines `extra` added to each.
+    async fn start(origin: &TestOrigin, extra: &str) -> Fleet {
+        // Peers need each other's addresses before they start: ports are picked free, and
+        // picked again if one was taken in between.
+        for _ in 0..5 {
+            let peers: Vec<SocketAddr> = (0..3).map(|_| closed_port()).collect();
+            let list = peers
+                .iter()
+                .map(|p| format!("\"{p}\""))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut nodes = Vec::new();
+            for (i, p) in peers.iter().enumerate() {
+                let cluster =
+                    format!("[cluster]\nname = \"pop\"\nnode = \"n{i}\"\nlisten = \"{p}\"\npeers = [{list}]\n{extra}\n");
+                match start_node(origin, &cluster).await {
+                    Some(n) => nodes.push(Some(n)),
+                    None => break,
+                }
+            }
+            if nodes.len() == 3 {
+                return Fleet { nodes, peers };
+            }
+        }
+        panic!("could not start three nodes on free ports");
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        self.nodes[i].as_ref().expect("node running").http
+    }
+
+    fn node(&self, i: usize) -> &TestNode {
+        self.nodes[i].as_ref().expect("node running")
+    }
+
+    /// The node that owns `path` of `a.test`, as its `/cluster` view and a probe tell: the
+    /// one whose own member name appears first in `Cache-Status` when asked by another node.
+    async fn stop(&mut self, i: usize) {
+        if let Some(mut n) = self.nodes[i].take() {
+            if let Some(node) = n.node.take() {
+                node.shutdown().await;
+            }
+        }
+    }
+}
+
+/// A node for `a.test` with `cluster` (TOML); `None` when a listener could not be bound.
+async fn start_node(origin: &TestOrigin, cluster: &str) -> Option<TestNode> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "[server]\nhttp = [\"127.0.0.1:0\"]\n\n{}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"t\"\n\n{cluster}",
+        site(origin, "a.test", "")
+    );
+    let config = Config::from_toml(&text, "test.toml", dir.path())
+        .unwrap_or_else(|e| panic!("config: {e}\n{text}"));
+    let node = edgecache::start(config).await.ok()?;
+    Some(TestNode {
+        http: node.http_addrs()[0],
+        https: None,
+        node: Some(node),
+        dir,
+    })
+}
+
+fn cacheable(origin: &TestOrigin, path: &str, body: &'static str) {
+    origin.route(
+        path,
+        Route::ok(body).header("cache-control", "max-age=3600"),
+    );
+}
+
+#[tokio::test]
+async fn each_object_reaches_the_origin_once_for_the_whole_fleet() {
+    let origin = TestOrigin::start().await;
+    let fleet = Fleet::start(&origin, "").await;
+    let paths: Vec<String> = (0..60).map(|i| format!("/obj/{i}")).collect();
+    for p in &paths {
+        let body: &'static str = Box::leak(format!("body of {p}").into_boxed_str());
+        cacheable(&origin, p, body);
+    }
+    for p in &paths {
+        for i in 0..3 {
+            let got = get(fleet.addr(i), "a.test", p).await;
+            assert_eq!(got.status, 200, "{p} at node {i}: {got:?}");
+            assert_eq!(got.body, format!("body of {p}"), "{p} at node {i}");
+        }
+    }
+    assert_eq!(origin.total(), 60, "one origin request per object");
+    // Requests answered through a peer name the owner in Cache-Status and say fwd=peer.
+    let mut via_peer = 0;
+    for p in &paths {
+        for i in 0..3 {
+            let got = get(fleet.addr(i), "a.test", p).await;
+            let status = got.header("cache-status").unwrap_or_default().to_owned();
+            if status.contains("fwd=peer") {
+                via_peer += 1;
+                assert!(
+                    status.starts_with('n') && status.contains("; hit, edgecache; fwd=peer"),
+                    "{status}"
+                );
+            } else {
+                assert_eq!(status, "edgecache; hit", "{p} at node {i}");
+            }
+        }
+    }
+    assert_eq!(origin.total(), 60, "second pass: no origin request");
+    // Without hot copies each object is held by its owner alone: two of three requests
+    // went through a peer.
+    assert_eq!(via_peer, 120);
+}
+
+#[tokio::test]
+async fn concurrent_requests_for_one_cold_object_make_one_origin_request() {
+    let origin = TestOrigin::start().await;
+    let fleet = Fleet::start(&origin, "").await;
+    origin.route(
+        "/cold",
+        Route::ok("cold body")
+            .header("cache-control", "max-age=3600")
+            .delay(Duration::from_millis(300)),
+    );
+    let mut tasks = Vec::new();
+    for n in 0..300 {
+        let addr = fleet.addr(n % 3);
+        tasks.push(tokio::spawn(
+            async move { get(addr, "a.test", "/cold").await },
+        ));
+    }
+    for t in tasks {
+        let got = t.await.expect("task");
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body, "cold body");
+    }
+    assert_eq!(origin.count("/cold"), 1);
+}
+
+#[tokio::test]
+async fn a_stopped_member_is_skipped_and_its_keys_come_from_the_origin() {
+    let origin = TestOrigin::start().await;
+    let mut fleet = Fleet::start(&origin, "peer_timeout = \"1s\"").await;
+    let paths: Vec<String> = (0..30).map(|i| format!("/s/{i}")).collect();
+    for p in &paths {
+        let body: &'static str = Box::leak(format!("body of {p}").into_boxed_str());
+        cacheable(&origin, p, body);
+    }
+    fleet.stop(2).await;
+    // A request loop at the two nodes left: every answer right, no error.
+    for round in 0..3 {
+        for p in &paths {
+            for i in 0..2 {
+                let got = get(fleet.addr(i), "a.test", p).await;
+                assert_eq!(got.status, 200, "round {round}, {p} at node {i}: {got:?}");
+                assert_eq!(got.body, format!("body of {p}"));
+            }
+        }
+    }
+    // Each object was fetched once by its live owner; objects the stopped node owned, by
+    // whichever live node asked first for it (at most once per node).
+    assert!(
+        origin.total() >= 30 && origin.total() <= 60,
+        "{}",
+        origin.total()
+    );
+    let cluster = admin_get(fleet.node(0), "/cluster").await;
+    assert!(cluster.contains("\"ejected\""), "{cluster}");
+}
+
+#[tokio::test]
+async fn a_purge_at_one_node_is_in_force_at_all() {
+    let origin = TestOrigin::start().await;
+    let fleet = Fleet::start(&origin, "hot_copies = true").await;
+    cacheable(&origin, "/p", "version 1");
+    for i in 0..3 {
+        assert_eq!(get(fleet.addr(i), "a.test", "/p").await.body, "version 1");
+    }
+    assert_eq!(origin.count("/p"), 1);
+    cacheable(&origin, "/p", "version 2");
+    let reply = admin_post(fleet.node(1), "/purge", r#"{"url": "http://a.test/p"}"#).await;
+    assert!(reply.contains("\"peers\""), "{reply}");
+    for p in fleet.peers.iter().filter(|p| **p != fleet.peers[1]) {
+        assert!(reply.contains(&format!("\"{p}\":\"ok\"")), "{reply}");
+    }
+    for i in 0..3 {
+        assert_eq!(
+            get(fleet.addr(i), "a.test", "/p").await.body,
+            "version 2",
+            "node {i} after the purge returned"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_request_that_passed_through_the_fleet_is_never_sent_to_a_peer() {
+    let origin = TestOrigin::start().await;
+    let fleet = Fleet::start(&origin, "").await;
+    for n in 0..12 {
+        cacheable(&origin, &format!("/l/{n}"), "looped");
+    }
+    for n in 0..12 {
+        let path = format!("/l/{n}");
+        let req = request(
+            "GET",
+            "a.test",
+            &path,
+            &[("cdn-loop", "edgecache; node=0000000000000000; fleet=pop")],
+        );
+        let got = send(fleet.addr(0), req).await;
+        assert_eq!(got.status, 200);
+        let status = got.header("cache-status").unwrap_or_default();
+        assert!(!status.contains("fwd=peer"), "{path}: {status}");
+        assert_eq!(origin.count(&path), 1);
+    }
+    let cluster = admin_get(fleet.node(0), "/cluster").await;
+    assert!(!cluster.contains("\"requests\":1"), "{cluster}");
+}
+
+/// `POST path` on the admin listener with the token; the whole response as text.
+async fn admin_post(node: &TestNode, path: &str, body: &str) -> String {
+    let admin = node.node().admin_addr().expect("admin listener configured");
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    raw(admin, req.as_bytes(), Duration::from_secs(10)).await.0
+}
