@@ -242,3 +242,236 @@ async fn admin_post(node: &TestNode, path: &str, body: &str) -> String {
     );
     raw(admin, req.as_bytes(), Duration::from_secs(10)).await.0
 }
+
+/// A member that accepts connections and never answers.
+async fn silent_peer() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn a_member_that_times_out_is_ejected_and_the_origin_asked() {
+    let origin = TestOrigin::start().await;
+    let (silent, task) = silent_peer().await;
+    let mut started = None;
+    for _ in 0..5 {
+        let peers = [closed_port(), closed_port(), silent];
+        let list = peers
+            .iter()
+            .map(|p| format!("\"{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes = Vec::new();
+        for (i, p) in peers[..2].iter().enumerate() {
+            let cluster = format!(
+                "[cluster]\nname = \"pop\"\nnode = \"n{i}\"\nlisten = \"{p}\"\npeers = [{list}]\npeer_timeout = \"300ms\"\n"
+            );
+            match start_node(&origin, &cluster).await {
+                Some(n) => nodes.push(n),
+                None => break,
+            }
+        }
+        if nodes.len() == 2 {
+            started = Some(nodes);
+            break;
+        }
+    }
+    let nodes = started.expect("two nodes on free ports");
+    let paths: Vec<String> = (0..30).map(|i| format!("/t/{i}")).collect();
+    for p in &paths {
+        let body: &'static str = Box::leak(format!("body of {p}").into_boxed_str());
+        cacheable(&origin, p, body);
+    }
+    for p in &paths {
+        for n in &nodes {
+            let got = get(n.http, "a.test", p).await;
+            assert_eq!(got.status, 200, "{p}: {got:?}");
+            assert_eq!(got.body, format!("body of {p}"));
+        }
+    }
+    let timeouts = metric(
+        &nodes[0],
+        "edgecache_peer_requests_total{result=\"timeout\"}",
+    )
+    .await;
+    assert!(timeouts >= 1, "the silent member was asked and timed out");
+    let cluster = admin_get(&nodes[0], "/cluster").await;
+    let json: serde_json::Value =
+        serde_json::from_str(cluster.split("\r\n\r\n").nth(1).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}: {cluster}"));
+    let silent_id = silent.to_string();
+    let member = json["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["id"] == silent_id.as_str()))
+        .cloned()
+        .unwrap_or_else(|| panic!("{silent_id} not in {json}"));
+    assert_eq!(member["state"], "ejected", "{json}");
+    assert_eq!(json["node"], "n0");
+    assert_eq!(json["discovery"], "peers");
+    assert!(
+        json["peers"][&silent_id]["errors"].as_u64() >= Some(1),
+        "{json}"
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn members_from_dns_fill_from_each_other() {
+    let ips = [
+        std::net::Ipv4Addr::new(127, 0, 0, 1),
+        std::net::Ipv4Addr::new(127, 0, 0, 2),
+        std::net::Ipv4Addr::new(127, 0, 0, 3),
+    ];
+    let dns = TestDns::start(&ips, 1).await;
+    let origin = TestOrigin::start().await;
+    let mut started = None;
+    for _ in 0..5 {
+        let port = closed_port().port();
+        let mut nodes = Vec::new();
+        for (i, ip) in ips.iter().enumerate() {
+            let cluster = format!(
+                "[dns]\nservers = [\"{}\"]\nmin_ttl = \"1s\"\n\n[cluster]\nname = \"pop\"\nnode = \"d{i}\"\nlisten = \"{ip}:{port}\"\npeers_dns = \"peers.test:{port}\"\n",
+                dns.addr
+            );
+            match start_node(&origin, &cluster).await {
+                Some(n) => nodes.push(n),
+                None => break,
+            }
+        }
+        if nodes.len() == 3 {
+            started = Some(nodes);
+            break;
+        }
+    }
+    let nodes = started.expect("three nodes on one free port");
+    // Each node has resolved the name into three members.
+    for n in &nodes {
+        let mut members = 0;
+        for _ in 0..200 {
+            members = metric(n, "edgecache_cluster_members").await;
+            if members == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(members, 3);
+    }
+    let paths: Vec<String> = (0..60).map(|i| format!("/d/{i}")).collect();
+    for p in &paths {
+        let body: &'static str = Box::leak(format!("body of {p}").into_boxed_str());
+        cacheable(&origin, p, body);
+    }
+    for p in &paths {
+        for n in &nodes {
+            let got = get(n.http, "a.test", p).await;
+            assert_eq!(got.status, 200);
+            assert_eq!(got.body, format!("body of {p}"));
+        }
+    }
+    assert_eq!(origin.total(), 60, "one origin request per object");
+    // A member gone from the records leaves the fleet as the answer expires.
+    dns.set(&ips[..2]);
+    let mut members = 3;
+    for _ in 0..300 {
+        members = metric(&nodes[0], "edgecache_cluster_members").await;
+        if members == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(members, 2);
+    assert!(metric(&nodes[0], "edgecache_cluster_membership_changes_total").await >= 2);
+}
+
+/// SplitMix64: the randomised test's generator, seeded so a failure can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Random requests for random keys at random nodes, batches of them at once, with purges
+/// (hard and soft, at random nodes) between batches: every answer is the key's own body at
+/// its current version, never another key's, never a version purged before the request.
+#[tokio::test]
+async fn random_requests_and_purges_match_the_oracle() {
+    for seed in [7u64, 1_234_567] {
+        for hot in [false, true] {
+            random_run(seed, hot).await;
+        }
+    }
+}
+
+async fn random_run(seed: u64, hot: bool) {
+    let origin = TestOrigin::start().await;
+    let fleet = Fleet::start(&origin, &format!("hot_copies = {hot}")).await;
+    let mut rng = Rng(seed);
+    let keys = 16;
+    let mut version = vec![0usize; keys];
+    let body = |k: usize, v: usize| -> &'static str {
+        Box::leak(format!("key {k} version {v}").into_boxed_str())
+    };
+    for (k, v) in version.iter().enumerate() {
+        cacheable(&origin, &format!("/r/{k}"), body(k, *v));
+    }
+    for round in 0..12 {
+        let mut batch = Vec::new();
+        for _ in 0..24 {
+            let (k, node) = (rng.below(keys), rng.below(3));
+            let addr = fleet.addr(node);
+            let expected = body(k, version[k]);
+            batch.push(tokio::spawn(async move {
+                let got = get(addr, "a.test", &format!("/r/{k}")).await;
+                (k, node, expected, got)
+            }));
+        }
+        for t in batch {
+            let (k, node, expected, got) = t.await.expect("task");
+            assert_eq!(
+                got.status, 200,
+                "seed {seed} hot {hot} round {round}: key {k} at {node}"
+            );
+            assert_eq!(
+                got.body,
+                expected,
+                "seed {seed} hot {hot} round {round}: key {k} at node {node}: {:?}",
+                got.header("cache-status")
+            );
+        }
+        // A purge of one or two keys at a random node; it has returned before anything
+        // else is asked.
+        for _ in 0..1 + rng.below(2) {
+            let (k, node) = (rng.below(keys), rng.below(3));
+            version[k] += 1;
+            cacheable(&origin, &format!("/r/{k}"), body(k, version[k]));
+            let soft = rng.below(2) == 0;
+            let reply = admin_post(
+                fleet.node(node),
+                "/purge",
+                &format!(r#"{{"url": "http://a.test/r/{k}", "soft": {soft}}}"#),
+            )
+            .await;
+            assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+            assert!(!reply.contains("error"), "{reply}");
+        }
+    }
+}
