@@ -600,16 +600,20 @@ impl Proxy {
 
     /// The `X-Request-Id` a trusted proxy sent, when there is exactly one and it is fit for
     /// the log (`telemetry::request_id::acceptable`); any other is replaced by one of ours.
+    /// A member's request carries the id its client's request got there, so one request
+    /// has one id across the fleet.
     fn given_request_id<'h>(
         &self,
-        peer: std::net::IpAddr,
+        conn: ConnInfo,
         headers: &'h HeaderMap,
     ) -> Option<&'h HeaderValue> {
         let mut all = headers.get_all(&X_REQUEST_ID).iter();
         let (Some(v), None) = (all.next(), all.next()) else {
             return None;
         };
-        (self.trusts(peer) && telemetry::request_id::acceptable(v.as_bytes())).then_some(v)
+        ((conn.from_peer || self.trusts(conn.peer.ip()))
+            && telemetry::request_id::acceptable(v.as_bytes()))
+        .then_some(v)
     }
 
     fn via(&self, version: Version) -> &HeaderValue {
@@ -671,7 +675,7 @@ impl Proxy {
         let log = telemetry::access_log_enabled().then(|| {
             let peer = conn.peer.ip();
             let headers = req.headers();
-            let given = self.given_request_id(peer, headers);
+            let given = self.given_request_id(conn, headers);
             let request_id = match given {
                 Some(v) => telemetry::access::LoggedId::Given(v.clone()),
                 None => {

@@ -41,7 +41,7 @@ impl Proxy {
             self.via(version),
         );
         self.mark_hop(&mut headers);
-        if self.given_request_id(conn.peer.ip(), &headers).is_none() {
+        if self.given_request_id(conn, &headers).is_none() {
             let id = conn.request_id.unwrap_or_else(telemetry::RequestId::next);
             headers.insert(X_REQUEST_ID.clone(), id.header_value());
         }
