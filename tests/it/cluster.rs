@@ -52,8 +52,7 @@ impl Fleet {
         self.nodes[i].as_ref().expect("node running")
     }
 
-    /// The node that owns `path` of `a.test`, as its `/cluster` view and a probe tell: the
-    /// one whose own member name appears first in `Cache-Status` when asked by another node.
+    /// Shuts node `i` down (its listeners close; the others find its peer listener gone).
     async fn stop(&mut self, i: usize) {
         if let Some(mut n) = self.nodes[i].take() {
             if let Some(node) = n.node.take() {
@@ -474,4 +473,31 @@ async fn random_run(seed: u64, hot: bool) {
             assert!(!reply.contains("error"), "{reply}");
         }
     }
+}
+
+#[tokio::test]
+async fn ranges_through_a_peer_are_cut_by_the_owner() {
+    let origin = TestOrigin::start().await;
+    let fleet = Fleet::start(&origin, "").await;
+    let body: String = (0..200)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let body: &'static str = Box::leak(body.into_boxed_str());
+    for n in 0..6 {
+        cacheable(&origin, &format!("/range/{n}"), body);
+    }
+    for n in 0..6 {
+        let path = format!("/range/{n}");
+        for i in 0..3 {
+            let got = send(
+                fleet.addr(i),
+                request("GET", "a.test", &path, &[("range", "bytes=10-19")]),
+            )
+            .await;
+            assert_eq!(got.status, 206, "{path} at {i}: {got:?}");
+            assert_eq!(got.body, body[10..20], "{path} at {i}");
+            assert_eq!(got.header("content-range"), Some("bytes 10-19/200"));
+        }
+    }
+    assert_eq!(origin.total(), 6, "one origin request per object");
 }
