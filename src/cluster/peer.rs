@@ -117,7 +117,13 @@ pub struct Fleet {
     results: [AtomicU64; RESULTS.len()],
     pub latency: Histogram,
     membership_changes: AtomicU64,
+    /// With `hot_copies`: keys (this node's store hashes) fetched from a peer recently; a
+    /// second fetch within [`HOT_WINDOW`] keeps a copy.
+    recent: moka::sync::Cache<u64, ()>,
 }
+
+/// How long a key fetched from a peer is remembered for `hot_copies`.
+const HOT_WINDOW: Duration = Duration::from_secs(60);
 
 impl Fleet {
     /// The fleet for `config`, this node at `advertise` (the bound peer listener when the
@@ -132,6 +138,7 @@ impl Fleet {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.peer_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
+        let hot = config.hot_copies;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
@@ -150,6 +157,10 @@ impl Fleet {
             results: Default::default(),
             latency: Histogram::default(),
             membership_changes: AtomicU64::new(0),
+            recent: moka::sync::Cache::builder()
+                .max_capacity(if hot { 65_536 } else { 0 })
+                .time_to_live(HOT_WINDOW)
+                .build(),
         });
         fleet.rebuild(&membership.current());
         let weak = Arc::downgrade(&fleet);
@@ -329,8 +340,22 @@ impl Fleet {
         out
     }
 
-    /// Whether `ip` is the address of a member other than this node (purges are accepted
-    /// from members only).
+    /// Whether this node keeps a copy of what a peer sent for the key `hash` (the store's
+    /// hash): with `hot_copies`, when the key was fetched from a peer before within the last
+    /// minute (served often); never without.
+    pub fn keep_copy(&self, hash: u64) -> bool {
+        if !self.config.hot_copies {
+            return false;
+        }
+        if self.recent.contains_key(&hash) {
+            return true;
+        }
+        self.recent.insert(hash, ());
+        false
+    }
+
+    /// Whether `ip` is the address of a member, this node's included (members may share a
+    /// host): purges and trust on the peer listener are for members only.
     pub fn is_member_ip(&self, ip: std::net::IpAddr) -> bool {
         self.ring.load().iter().any(|s| s.member.address.ip() == ip)
     }

@@ -72,8 +72,9 @@ pub struct Cluster {
     pub discovery: Discovery,
     /// The etcd lease's time to live (default 5 s): how long a dead node stays a member.
     pub lease_ttl: Duration,
-    /// Non-owners keep what they fetched from a peer (default false: each object is held by
-    /// its owner alone, so the fleet's memory adds up).
+    /// A non-owner keeps a copy of an object it fetched from a peer twice within a minute
+    /// (default false: each object is held by its owner alone, so the fleet's memory adds
+    /// up).
     pub hot_copies: bool,
     /// Time to a peer's response head (default 2 s); past it the peer is ejected for a
     /// while and the node asks the origin itself.

@@ -31,7 +31,11 @@ impl Proxy {
         // of the origin as usual.
         let owner = self.owner_of(lookup);
         let range = lookup.parts.headers.contains_key(header::RANGE) && !lookup.ignore_range;
-        let keep = owner.is_none() || self.fleet.as_ref().is_some_and(|f| f.config.hot_copies);
+        let keep = owner.is_none()
+            || self
+                .fleet
+                .as_ref()
+                .is_some_and(|f| f.keep_copy(lookup.hash));
         let from_peer = match &owner {
             Some(owner) => self.send_to_peer(owner, &up, lookup, range && !keep).await,
             None => None,

@@ -129,6 +129,11 @@ pub struct ConnInfo {
     /// The request came in on the peer listener (`cluster.listen`): another member asks for
     /// a key this node owns. It is answered here (cache or origin), never sent to a peer.
     pub from_peer: bool,
+    /// On the peer listener, from the address of a fleet member (set per request by
+    /// [`Proxy::handle`]): its forwarding fields, scheme and request id are believed and
+    /// per-client rate limits skipped (the member its client asked applied them). Anyone
+    /// else there is served as an untrusted client (and never sent to a peer).
+    pub member: bool,
 }
 
 impl ConnInfo {
@@ -140,6 +145,7 @@ impl ConnInfo {
             tls_version,
             request_id: None,
             from_peer: false,
+            member: false,
         }
     }
 
@@ -611,7 +617,7 @@ impl Proxy {
         let (Some(v), None) = (all.next(), all.next()) else {
             return None;
         };
-        ((conn.from_peer || self.trusts(conn.peer.ip()))
+        ((conn.member || self.trusts(conn.peer.ip()))
             && telemetry::request_id::acceptable(v.as_bytes()))
         .then_some(v)
     }
@@ -666,6 +672,12 @@ impl Proxy {
         // stage makes the id of a request it sends.
         let start = Instant::now();
         if conn.from_peer {
+            conn.member = self
+                .fleet
+                .as_ref()
+                .is_some_and(|f| f.is_member_ip(conn.peer.ip()));
+        }
+        if conn.member {
             // The member that asked keys the request by its client's scheme.
             conn.https = req
                 .headers()

@@ -180,7 +180,7 @@ impl Proxy {
         // served again after normalising is counted once. A member's request was counted by
         // the member its client asked (counting it again would limit a whole node as one
         // client).
-        if conn.from_peer {
+        if conn.member {
             return Ok(());
         }
         if let Some(answer) =

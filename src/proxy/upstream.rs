@@ -239,7 +239,7 @@ impl Proxy {
     /// here, so it never reaches the origin as if the proxy had vouched for it.
     pub(super) fn trusted(&self, conn: ConnInfo, headers: &mut HeaderMap) -> bool {
         // A member's request carries its client's forwarding fields, made by that member.
-        let trusted = conn.from_peer || self.trusts(conn.peer.ip());
+        let trusted = conn.member || self.trusts(conn.peer.ip());
         if trusted {
             match self.config.server.client_address_header {
                 crate::geo::AddressHeader::XForwardedFor => {

@@ -501,3 +501,99 @@ async fn ranges_through_a_peer_are_cut_by_the_owner() {
     }
     assert_eq!(origin.total(), 6, "one origin request per object");
 }
+
+#[tokio::test]
+async fn hot_copies_keep_what_a_non_owner_serves_often() {
+    let origin = TestOrigin::start().await;
+    let fleet = Fleet::start(&origin, "hot_copies = true").await;
+    for n in 0..9 {
+        cacheable(&origin, &format!("/hot/{n}"), "hot body");
+    }
+    let mut kept = 0;
+    for n in 0..9 {
+        let path = format!("/hot/{n}");
+        for i in 0..3 {
+            let first = get(fleet.addr(i), "a.test", &path).await;
+            let status = first.header("cache-status").unwrap_or_default().to_owned();
+            if !status.contains("fwd=peer") {
+                continue;
+            }
+            // A non-owner: the second fetch from the peer keeps a copy, the third is a hit
+            // here (the owner's member still shown before ours).
+            let second = get(fleet.addr(i), "a.test", &path).await;
+            assert!(
+                second
+                    .header("cache-status")
+                    .unwrap_or_default()
+                    .contains("fwd=peer; stored"),
+                "{second:?}"
+            );
+            let third = get(fleet.addr(i), "a.test", &path).await;
+            let status = third.header("cache-status").unwrap_or_default();
+            assert!(status.ends_with(", edgecache; hit"), "{status}");
+            assert_eq!(third.body, "hot body");
+            kept += 1;
+        }
+    }
+    assert_eq!(kept, 18, "two non-owners per object");
+    assert_eq!(origin.total(), 9);
+}
+
+#[tokio::test]
+async fn the_peer_listener_believes_members_only() {
+    let origin = TestOrigin::start().await;
+    let fleet = Fleet::start(&origin, "").await;
+    origin.route("/who", Route::ok("who").header("cache-control", "no-store"));
+    // From an address that is no member's (127.0.0.5), straight to a peer listener: the
+    // forwarding field it sends is not passed on as if a member had vouched for it.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.5:0".parse().expect("addr"))
+        .expect("bind 127.0.0.5");
+    let stream = socket.connect(fleet.peers[0]).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let got = read(
+        sender
+            .send_request(request(
+                "GET",
+                "a.test",
+                "/who",
+                &[("x-forwarded-for", "203.0.113.9")],
+            ))
+            .await
+            .expect("response"),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let seen = origin.last_headers("/who");
+    assert_eq!(
+        seen.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
+        Some("127.0.0.5")
+    );
+    // A purge from there is refused, and nothing is purged.
+    cacheable(&origin, "/kept", "kept");
+    assert_eq!(get(fleet.addr(0), "a.test", "/kept").await.body, "kept");
+    let body = r#"{"target":{"kind":"all"},"soft":false,"node":"intruder"}"#;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.5:0".parse().expect("addr"))
+        .expect("bind 127.0.0.5");
+    let mut stream = socket.connect(fleet.peers[0]).await.expect("connect");
+    let req = format!(
+        "POST /.edgecache/purge HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(req.as_bytes()).await.expect("write");
+    let mut reply = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut reply)).await;
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    for i in 0..3 {
+        assert_eq!(get(fleet.addr(i), "a.test", "/kept").await.body, "kept");
+    }
+    assert_eq!(origin.count("/kept"), 1, "still stored at its owner");
+}
