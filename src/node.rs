@@ -134,6 +134,10 @@ fn start_cluster(
             ));
         }
         Discovery::Etcd(_) => {
+            // The seam for cluster::etcd: register under a lease and feed `membership` from
+            // the watch; once the fleet below exists, `fleet.set_publisher(..)` for purges
+            // accepted here, `Proxy::purge_from_fleet` (on `Live::load()`) for purges seen
+            // in the watch, and `fleet.set_discovery_status(..)` for /cluster.
             tracing::warn!("cluster.etcd: membership through etcd is not built into this node yet; serving as a fleet of one");
         }
     }

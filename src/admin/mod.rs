@@ -275,7 +275,7 @@ fn cluster(state: &AdminState) -> (StatusCode, String) {
         "discovery": fleet.config.discovery.kind(),
         "hot_copies": fleet.config.hot_copies,
         "members": list,
-        "etcd": serde_json::Value::Null,
+        "etcd": fleet.discovery_status(),
         "peers": peers,
     });
     (StatusCode::OK, format!("{body}\n"))

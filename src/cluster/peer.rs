@@ -117,6 +117,9 @@ pub struct Fleet {
     results: [AtomicU64; RESULTS.len()],
     pub latency: Histogram,
     membership_changes: AtomicU64,
+    /// What the discovery says of itself for `/cluster`'s `etcd` (connection state, last
+    /// revision); `null` until one sets it.
+    discovery_status: ArcSwap<serde_json::Value>,
     /// With `hot_copies`: keys (this node's store hashes) fetched from a peer recently; a
     /// second fetch within [`HOT_WINDOW`] keeps a copy.
     recent: moka::sync::Cache<u64, ()>,
@@ -157,6 +160,7 @@ impl Fleet {
             results: Default::default(),
             latency: Histogram::default(),
             membership_changes: AtomicU64::new(0),
+            discovery_status: ArcSwap::from_pointee(serde_json::Value::Null),
             recent: moka::sync::Cache::builder()
                 .max_capacity(if hot { 65_536 } else { 0 })
                 .time_to_live(HOT_WINDOW)
@@ -200,6 +204,16 @@ impl Fleet {
     /// Sets where purges accepted here are published.
     pub fn set_publisher(&self, p: Arc<dyn Publish>) {
         self.publisher.store(Arc::new(Some(p)));
+    }
+
+    /// Sets what `/cluster` shows under `etcd` (the etcd discovery's state).
+    pub fn set_discovery_status(&self, status: serde_json::Value) {
+        self.discovery_status.store(Arc::new(status));
+    }
+
+    /// What `/cluster` shows under `etcd`.
+    pub fn discovery_status(&self) -> serde_json::Value {
+        (**self.discovery_status.load()).clone()
     }
 
     /// Where purges accepted here are published, if anywhere.

@@ -82,7 +82,7 @@ impl Proxy {
                 return refuse(ProxyError::PurgeForbidden);
             }
         };
-        let n = self.apply_purge(&purge.target.as_store(), purge.soft);
+        let n = self.purge_from_fleet(&purge);
         tracing::info!(purge = ?purge.target, soft = purge.soft, purged = n, from = %purge.node, "purge from a peer");
         let mut resp = Response::new(Body::full(Bytes::from(format!("{{\"purged\":{n}}}\n"))));
         resp.headers_mut().insert(

@@ -77,6 +77,12 @@ impl super::Proxy {
         (n, results)
     }
 
+    /// A purge another member accepted, applied here only (never published again): what
+    /// the peer listener's purge endpoint and the etcd watch call.
+    pub fn purge_from_fleet(&self, purge: &crate::cluster::Purge) -> usize {
+        self.apply_purge(&purge.target.as_store(), purge.soft)
+    }
+
     /// Purges here only (a purge another member accepted, or this node's own).
     pub(super) fn apply_purge(&self, target: &PurgeTarget<'_>, soft: bool) -> usize {
         let n = self.store.purge(target, soft);
