@@ -22,7 +22,8 @@ use crate::telemetry::metrics::Metrics;
 
 use crate::admin;
 use crate::cache::Store;
-use crate::config::Config;
+use crate::cluster::{self, peer::Fleet, Member, Membership};
+use crate::config::{Config, Discovery};
 use crate::error::Error;
 use crate::geo::Locator;
 use crate::origin::{self, OriginClient};
@@ -64,10 +65,99 @@ pub fn build_runtime(
     store: Store,
     metrics: Arc<Metrics>,
 ) -> Result<Runtime, Error> {
+    build_member_runtime(config, store, metrics, None)
+}
+
+/// [`build_runtime`] for a member of `fleet` (`[cluster]`).
+fn build_member_runtime(
+    config: Arc<Config>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    fleet: Option<Arc<Fleet>>,
+) -> Result<Runtime, Error> {
     let origins = origin_clients(&config)?;
     let locator = locator(&config);
-    let proxy = Arc::new(Proxy::new(config.clone(), store, metrics, origins, locator));
+    let proxy = Proxy::new(config.clone(), store, metrics, origins, locator);
+    let proxy = Arc::new(match fleet {
+        Some(f) => proxy.with_fleet(f),
+        None => proxy,
+    });
     Ok(Runtime { config, proxy })
+}
+
+/// `[cluster]`: the peer listener bound, and the fleet with its members found as configured
+/// (a static list is set here; DNS is followed by a task until `stop`; etcd plugs in at
+/// this seam: it sets the fleet's `Membership` and its publisher).
+fn start_cluster(
+    config: &Config,
+    stop: &watch::Receiver<bool>,
+) -> Result<Option<(Arc<Fleet>, TcpListener)>, Error> {
+    let Some(c) = &config.cluster else {
+        return Ok(None);
+    };
+    let addr = c.listen;
+    let l = server::bind(addr).map_err(|source| Error::Bind { addr, source })?;
+    let bound = l
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })?;
+    // Left to `listen` with port 0 (tests): the bound port is what peers dial.
+    let advertise = if c.advertise.port() == 0 {
+        SocketAddr::new(c.advertise.ip(), bound.port())
+    } else {
+        c.advertise
+    };
+    let this = Member {
+        id: Arc::from(c.node.as_str()),
+        address: advertise,
+        since: std::time::SystemTime::now(),
+    };
+    let membership = Membership::new(this.clone());
+    match &c.discovery {
+        Discovery::Peers(peers) => {
+            membership.set(static_members(&this, peers));
+        }
+        Discovery::PeersDns { name, port } => {
+            let resolver =
+                origin::dns::Resolver::new(&config.dns, true).map_err(origin::Error::from)?;
+            tokio::spawn(cluster::dns::follow(
+                resolver,
+                name.clone(),
+                *port,
+                this.clone(),
+                membership.clone(),
+                stop.clone(),
+            ));
+        }
+        Discovery::Etcd(_) => {
+            // The seam for cluster::etcd: register under a lease and feed `membership` from
+            // the watch; once the fleet below exists, `fleet.set_publisher(..)` for purges
+            // accepted here, `Proxy::purge_from_fleet` (on `Live::load()`) for purges seen
+            // in the watch, and `fleet.set_discovery_status(..)` for /cluster.
+            tracing::warn!("cluster.etcd: membership through etcd is not built into this node yet; serving as a fleet of one");
+        }
+    }
+    let fleet = Fleet::new(c.clone(), advertise, membership);
+    tracing::info!(addr = %bound, node = %c.node, fleet = %c.name, discovery = c.discovery.kind(), "peer listener open");
+    Ok(Some((fleet, l)))
+}
+
+/// A static peer list as members: this node by its id, the others by their address (all
+/// that a list says of them; ownership goes by address, which every node knows alike).
+fn static_members(this: &Member, peers: &[SocketAddr]) -> Vec<Member> {
+    peers
+        .iter()
+        .map(|&address| {
+            if address == this.address {
+                this.clone()
+            } else {
+                Member {
+                    id: Arc::from(address.to_string()),
+                    address,
+                    since: this.since,
+                }
+            }
+        })
+        .collect()
 }
 
 /// One pooled client per configured origin, in configuration order. The resolver is built
@@ -275,7 +365,10 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     let config = Arc::new(config);
     let store = Store::new(config.cache.memory);
     let metrics = Arc::new(Metrics::default());
-    let runtime = build_runtime(config.clone(), store, metrics.clone())?;
+    let (peer_stop, peer_stopped) = watch::channel(false);
+    let cluster = start_cluster(&config, &peer_stopped)?;
+    let fleet = cluster.as_ref().map(|(f, _)| f.clone());
+    let runtime = build_member_runtime(config.clone(), store, metrics.clone(), fleet)?;
     let proxy = runtime.proxy.clone();
     let tls = server::tls::server_config(&config.tls.certificates)?
         .map(|c| Arc::new(server::tls::LiveTls::new(c)));
@@ -321,6 +414,9 @@ pub async fn start(config: Config) -> Result<Node, Error> {
             fd,
         });
     }
+    if let Some((_, l)) = cluster {
+        accept.spawn(server::peer_accept_loop(l, shared.clone(), peer_stopped));
+    }
     let (health_stop, health) = watch::channel(false);
     spawn_health_checks(&proxy, &health);
     let (stopping, stopping_rx) = watch::channel(false);
@@ -337,6 +433,7 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         busy: Mutex::new(()),
         listening: Mutex::new(listening),
         admin: Mutex::new(None),
+        peer_stop,
         accept: Mutex::new(accept),
         shared: shared.clone(),
         stamp: Mutex::new(admin::ConfigStamp {
@@ -419,6 +516,8 @@ pub struct Reloader {
     admin_base: (admin::Started, watch::Receiver<bool>),
     /// This reloader, for the admin state a reload makes (it reloads and reports through it).
     me: std::sync::Weak<Reloader>,
+    /// Stops the peer listener and the fleet's discovery (`[cluster]`).
+    peer_stop: watch::Sender<bool>,
     /// The accept loops (a reload adds some), joined at shutdown.
     accept: Mutex<JoinSet<()>>,
     /// What a new accept loop shares with the others.
@@ -851,6 +950,7 @@ impl Reloader {
         {
             let _ = l.stop.send(true);
         }
+        let _ = self.peer_stop.send(true);
         std::mem::take(&mut *self.accept.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
@@ -882,6 +982,10 @@ fn restart_only(before: &Config, after: &Config) -> Vec<&'static str> {
     // Log files are opened once, before the runtime starts; SIGUSR1 reopens those paths.
     if before.log != after.log {
         out.push("[log]");
+    }
+    // The peer listener, the membership source and this node's id are set up once.
+    if before.cluster != after.cluster {
+        out.push("[cluster]");
     }
     out
 }

@@ -153,6 +153,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
                 metrics: state.metrics.clone(),
                 gauges,
                 origins: proxy.origin_series(),
+                fleet: proxy.fleet().map(|f| f.series()),
             };
             text(StatusCode::OK, metrics::CONTENT_TYPE, scrape.render())
         }
@@ -168,6 +169,10 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         }
         (&Method::POST, "/purge") => purge(state, req).await,
         (&Method::POST, "/reload") => reload(state).await,
+        (&Method::GET, "/cluster") => {
+            let (status, body) = cluster(state);
+            text(status, "application/json", body)
+        }
         (&Method::GET, "/origins") => text(
             StatusCode::OK,
             "application/json",
@@ -225,6 +230,53 @@ fn refusal(state: &AdminState, req: &Request<Incoming>) -> Option<Response<Full<
     r.headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     Some(r)
+}
+
+/// How long a purge's reply waits for the members it was forwarded to.
+const PEER_PURGE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `GET /cluster`: the fleet as this node sees it; 404 for a node on its own.
+fn cluster(state: &AdminState) -> (StatusCode, String) {
+    let proxy = state.proxy.load();
+    let Some(fleet) = proxy.fleet() else {
+        return (
+            StatusCode::NOT_FOUND,
+            "{\"error\":\"this node is not a member of a fleet ([cluster] is not configured)\"}\n"
+                .to_owned(),
+        );
+    };
+    let members = fleet.members();
+    let list: Vec<serde_json::Value> = members
+        .iter()
+        .map(|(m, state, since, _)| {
+            serde_json::json!({
+                "id": &*m.id,
+                "address": m.address.to_string(),
+                "state": state,
+                "since": since,
+            })
+        })
+        .collect();
+    let peers: serde_json::Map<String, serde_json::Value> = members
+        .iter()
+        .filter_map(|(m, _, _, counts)| {
+            Some((
+                m.id.to_string(),
+                serde_json::to_value(counts.as_ref()?).ok()?,
+            ))
+        })
+        .collect();
+    let body = serde_json::json!({
+        "node": fleet.config.node,
+        "name": fleet.config.name,
+        "address": fleet.this.address.to_string(),
+        "discovery": fleet.config.discovery.kind(),
+        "hot_copies": fleet.config.hot_copies,
+        "members": list,
+        "etcd": fleet.discovery_status(),
+        "peers": peers,
+    });
+    (StatusCode::OK, format!("{body}\n"))
 }
 
 async fn purge(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -321,12 +373,22 @@ async fn purge(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         2 => PurgeTarget::Tag(&arg),
         _ => PurgeTarget::All,
     };
-    let n = state.proxy.load().purge(&target, p.soft);
+    let (n, peers) = state.proxy.load().purge_reporting(&target, p.soft);
     // Not `target`: the JSON format has a key of that name (the event's target) already.
     tracing::info!(purge = ?target, soft = p.soft, purged = n, "purge");
-    text(
-        StatusCode::OK,
-        "application/json",
-        format!("{{\"purged\":{n},\"soft\":{}}}\n", p.soft),
-    )
+    let mut reply = serde_json::json!({ "purged": n, "soft": p.soft });
+    if let Some(rx) = peers {
+        // Forwarded to the other members: their results, or "pending" for those that had
+        // not answered within the deadline (the forwarding goes on).
+        let results = tokio::time::timeout(PEER_PURGE_WAIT, rx).await;
+        let peers: serde_json::Map<String, serde_json::Value> = match results {
+            Ok(Ok(list)) => list
+                .into_iter()
+                .map(|(id, r)| (id.to_string(), serde_json::Value::from(r)))
+                .collect(),
+            _ => std::iter::once(("*".to_owned(), serde_json::Value::from("pending"))).collect(),
+        };
+        reply["peers"] = serde_json::Value::Object(peers);
+    }
+    text(StatusCode::OK, "application/json", format!("{reply}\n"))
 }

@@ -4,6 +4,10 @@
 //!
 //! This file holds the types the parts share; each part has its own file.
 
+pub mod dns;
+pub mod peer;
+pub mod ring;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;

@@ -52,6 +52,55 @@ pub struct Config {
     pub log: crate::telemetry::LogSettings,
     /// What `check` warns about (and `run` logs): valid, but likely not what was meant.
     pub warnings: Vec<Diagnostic>,
+    /// `[cluster]`; `None` when absent (a node on its own). Applied at start only.
+    pub cluster: Option<Cluster>,
+}
+
+/// `[cluster]`: this node's place in a fleet that acts as one cache (see `crate::cluster`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    /// Nodes with the same name form one fleet.
+    pub name: String,
+    /// This node's id (default: the host name).
+    pub node: String,
+    /// The peer listener: plain HTTP, where other members fetch the keys this node owns.
+    pub listen: SocketAddr,
+    /// What peers dial (default: `listen`); never an unspecified address. Port 0 only when
+    /// it was left to `listen`'s, and then the bound port is advertised.
+    pub advertise: SocketAddr,
+    /// How members are found: exactly one of `etcd`, `peers`, `peers_dns`.
+    pub discovery: Discovery,
+    /// The etcd lease's time to live (default 5 s): how long a dead node stays a member.
+    pub lease_ttl: Duration,
+    /// A non-owner keeps a copy of an object it fetched from a peer twice within a minute
+    /// (default false: each object is held by its owner alone, so the fleet's memory adds
+    /// up).
+    pub hot_copies: bool,
+    /// Time to a peer's response head (default 2 s); past it the peer is ejected for a
+    /// while and the node asks the origin itself.
+    pub peer_timeout: Duration,
+}
+
+/// How a fleet's members are found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Discovery {
+    /// etcd endpoints (`http://host:port`): membership under a lease, purges by watch.
+    Etcd(Vec<String>),
+    /// A fixed list of peer listener addresses, this node's own among them.
+    Peers(Vec<SocketAddr>),
+    /// A DNS name whose A/AAAA records are the members, each at `port`.
+    PeersDns { name: String, port: u16 },
+}
+
+impl Discovery {
+    /// The key it was configured by (`/cluster`'s `discovery`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Discovery::Etcd(_) => "etcd",
+            Discovery::Peers(_) => "peers",
+            Discovery::PeersDns { .. } => "peers_dns",
+        }
+    }
 }
 
 /// `[retries]`: an idempotent request whose origin connection failed before any response byte

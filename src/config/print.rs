@@ -26,8 +26,8 @@ impl Config {
             "# The effective configuration of {}, every default filled in (edgecache check --print).",
             self.source
         );
-        let sections: [fn(&Config, &mut String); 11] = [
-            server, tls, cache, origins, pools, geo, sites, admin, retries, dns, log,
+        let sections: [fn(&Config, &mut String); 12] = [
+            server, tls, cache, origins, pools, geo, sites, admin, retries, dns, log, cluster,
         ];
         for section in sections {
             out.push('\n');
@@ -452,6 +452,33 @@ fn dns(c: &Config, out: &mut String) {
     let _ = writeln!(out, "servers = {}", list(&d.servers));
     let _ = writeln!(out, "min_ttl = {}", duration(d.min_ttl));
     let _ = writeln!(out, "max_ttl = {}", duration(d.max_ttl));
+}
+
+fn cluster(c: &Config, out: &mut String) {
+    use super::Discovery;
+    let Some(k) = &c.cluster else {
+        out.push_str("# [cluster]: none (this node on its own)\n");
+        return;
+    };
+    let _ = writeln!(out, "[cluster]");
+    let _ = writeln!(out, "name = {}", q(&k.name));
+    let _ = writeln!(out, "node = {}", q(&k.node));
+    let _ = writeln!(out, "listen = {}", q(&k.listen.to_string()));
+    let _ = writeln!(out, "advertise = {}", q(&k.advertise.to_string()));
+    match &k.discovery {
+        Discovery::Etcd(urls) => {
+            let _ = writeln!(out, "etcd = {}", list(urls));
+        }
+        Discovery::Peers(peers) => {
+            let _ = writeln!(out, "peers = {}", list(peers));
+        }
+        Discovery::PeersDns { name, port } => {
+            let _ = writeln!(out, "peers_dns = {}", q(&format!("{name}:{port}")));
+        }
+    }
+    let _ = writeln!(out, "lease_ttl = {}", duration(k.lease_ttl));
+    let _ = writeln!(out, "hot_copies = {}", k.hot_copies);
+    let _ = writeln!(out, "peer_timeout = {}", duration(k.peer_timeout));
 }
 
 fn log(c: &Config, out: &mut String) {

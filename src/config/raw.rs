@@ -32,6 +32,23 @@ pub(crate) struct RawConfig {
     pub(crate) dns: RawDns,
     #[serde(default)]
     pub(crate) log: RawLog,
+    pub(crate) cluster: Option<Spanned<RawCluster>>,
+}
+
+/// `[cluster]`: this node's place in a fleet (see `crate::cluster`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCluster {
+    pub(crate) name: Option<Spanned<String>>,
+    pub(crate) node: Option<Spanned<String>>,
+    pub(crate) listen: Option<Spanned<String>>,
+    pub(crate) advertise: Option<Spanned<String>>,
+    pub(crate) etcd: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(crate) peers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(crate) peers_dns: Option<Spanned<String>>,
+    pub(crate) lease_ttl: Option<Duration>,
+    pub(crate) hot_copies: Option<bool>,
+    pub(crate) peer_timeout: Option<Duration>,
 }
 
 /// `[log]`: where the access and error logs go, their format, the default filter.

@@ -229,6 +229,23 @@ impl Config {
                 let _ = writeln!(s, "admin: off");
             }
         }
+        if let Some(k) = &self.cluster {
+            use super::Discovery;
+            let found = match &k.discovery {
+                Discovery::Etcd(urls) => format!("members from etcd {}", urls.join(", ")),
+                Discovery::Peers(p) => format!("{} static peers", p.len()),
+                Discovery::PeersDns { name, port } => format!("members from DNS {name}:{port}"),
+            };
+            let _ = writeln!(
+                s,
+                "cluster {}: node {}, peer listener {} (advertised {}), {found}, {} copies on non-owners",
+                k.name,
+                k.node,
+                k.listen,
+                k.advertise,
+                if k.hot_copies { "hot" } else { "no" }
+            );
+        }
         let mut per_client = Vec::new();
         if let Some(r) = &self.server.rate_per_client {
             per_client.push(r.to_string());

@@ -74,6 +74,18 @@ impl Resolver {
     }
 }
 
+impl Resolver {
+    /// Every address of `name` (A and AAAA) and until when the answer holds (its TTL, within
+    /// `[dns]` min_ttl and max_ttl): the fleet's `peers_dns`.
+    pub async fn addresses(
+        &self,
+        name: &str,
+    ) -> Result<(Vec<std::net::IpAddr>, std::time::Instant), hickory_resolver::ResolveError> {
+        let found = self.inner.lookup_ip(name).await?;
+        Ok((found.iter().collect(), found.valid_until()))
+    }
+}
+
 impl tower_service::Service<Name> for Resolver {
     type Response = std::vec::IntoIter<SocketAddr>;
     type Error = hickory_resolver::ResolveError;

@@ -27,14 +27,36 @@ impl Proxy {
             return refuse(ProxyError::InvalidTarget);
         };
         let request_time = SystemTime::now();
-        let Some(Sent {
-            origin,
-            ms,
-            result,
-            route,
-        }) = self.send(candidates, up).await
-        else {
-            return refuse(ProxyError::InvalidTarget);
+        // Peer fill: a key another member owns is asked of it first; if it does not answer,
+        // of the origin as usual.
+        let owner = self.owner_of(lookup);
+        let range = lookup.parts.headers.contains_key(header::RANGE) && !lookup.ignore_range;
+        let keep = owner.is_none()
+            || self
+                .fleet
+                .as_ref()
+                .is_some_and(|f| f.keep_copy(lookup.hash));
+        let from_peer = match &owner {
+            Some(owner) => self.send_to_peer(owner, &up, lookup, range && !keep).await,
+            None => None,
+        };
+        let (origin, ms, result, route, peer) = match from_peer {
+            Some((resp, ms)) => {
+                let id = owner.map(|o| o.id);
+                (candidates.first(), ms, Ok(resp), candidates.route, id)
+            }
+            None => {
+                let Some(Sent {
+                    origin,
+                    ms,
+                    result,
+                    route,
+                }) = self.send(candidates, up).await
+                else {
+                    return refuse(ProxyError::InvalidTarget);
+                };
+                (origin, ms, result, route, None)
+            }
         };
         let f = Fetched {
             lookup,
@@ -43,13 +65,17 @@ impl Proxy {
             ms,
             route,
             request_time,
-            base: if lookup.forced {
+            keep,
+            base: if peer.is_some() {
+                "fwd=peer"
+            } else if lookup.forced {
                 "fwd=request"
             } else if stale.is_some() {
                 "fwd=stale"
             } else {
                 lookup.miss
             },
+            peer,
         };
         let resp = match result {
             Ok(r) => r,
@@ -58,6 +84,21 @@ impl Proxy {
         let response_time = SystemTime::now();
         let (mut rparts, rbody) = resp.into_parts();
         self.relay_head(&mut rparts);
+        if range && !keep {
+            // The owner cut the range (or answered whole): passed on as it came.
+            guard.publish(Outcome::Uncacheable);
+            let status = after_upstream(&rparts.headers, self.cache_status(f.base));
+            rparts.headers.insert(CACHE_STATUS.clone(), status);
+            let body = if lookup.head {
+                Body::empty()
+            } else {
+                Body::stream(rbody)
+            };
+            return (
+                Response::from_parts(rparts, body),
+                f.outcome(CacheResult::Miss),
+            );
+        }
 
         // A 304 for our validators refreshes the stored response (RFC 9111 §4.3.4).
         if let (StatusCode::NOT_MODIFIED, Some(s)) = (rparts.status, validators) {
@@ -266,6 +307,7 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.parse::<u64>().ok());
         let mut stored = match self.store_decision(
+            f.keep,
             lookup,
             &mut rparts.headers,
             rparts.status,
@@ -320,6 +362,7 @@ impl Proxy {
             limit,
             idle: self.origins[f.origin].config.timeout,
             hit_for_miss: site.cache.hit_for_miss,
+            keep: f.keep,
         };
         tokio::spawn(pump.run(rbody));
         if let Some(fill) = done {
@@ -340,7 +383,11 @@ impl Proxy {
             };
             return Box::pin(self.lead(&lookup, Arc::new(Fill::default()), false, None)).await;
         }
-        let status = self.stored_status(f.base, f.stale.is_some());
+        let status = if f.keep {
+            self.stored_status(f.base, f.stale.is_some())
+        } else {
+            self.cache_status(f.base)
+        };
         let answer = (
             self.answer_from_fill(&fhead, reader, client, lookup.head, status),
             f.outcome(CacheResult::Miss),
@@ -353,6 +400,7 @@ impl Proxy {
     /// URL's budget for new variants (see `Store::admit_variant`).
     fn store_decision(
         &self,
+        keep: bool,
         lookup: &Lookup,
         headers: &mut HeaderMap,
         status: StatusCode,
@@ -395,7 +443,9 @@ impl Proxy {
         *headers = strip_cache_only(std::mem::take(headers), own, &strip);
         let vary = VaryKey::from_response(headers, client).with_extra(lookup.extra.clone());
         let decision = decision?;
-        self.store.admit_variant(lookup.hash, &lookup.key, &vary)?;
+        if keep {
+            self.store.admit_variant(lookup.hash, &lookup.key, &vary)?;
+        }
         Ok(Stored {
             vary,
             decision,
@@ -491,9 +541,18 @@ impl Proxy {
             stored.decision,
             stored.tags,
         );
-        let entry = self.store.insert_shared(lookup.hash, entry);
+        // Not kept (a peer's object at a non-owner): still shared with this fill's followers.
+        let entry = if f.keep {
+            self.store.insert_shared(lookup.hash, entry)
+        } else {
+            Arc::new(entry)
+        };
         guard.publish(Outcome::Ready(entry.clone()));
-        let status = self.stored_status(f.base, f.stale.is_some());
+        let status = if f.keep {
+            self.stored_status(f.base, f.stale.is_some())
+        } else {
+            self.cache_status(f.base)
+        };
         let client = &lookup.parts.headers;
         let resp = self.answer_from_entry(&entry, client, lookup.head, SystemTime::now(), status);
         (resp, f.outcome(CacheResult::Miss))
@@ -527,11 +586,26 @@ pub(super) struct Fetched<'a> {
     request_time: SystemTime,
     /// The forward reason in the client's `Cache-Status` (`fwd=uri-miss`, `fwd=stale`...).
     base: &'static str,
+    /// The member that answered instead of the origin (then `origin` is only the one whose
+    /// timeouts apply to the body).
+    peer: Option<Arc<str>>,
+    /// Whether the response may be stored here (false for a peer's object, unless
+    /// `cluster.hot_copies`).
+    keep: bool,
 }
 
 impl Fetched<'_> {
     fn outcome(&self, cache: CacheResult) -> Outcome_ {
-        Outcome_::origin(cache, self.origin, self.ms, self.route.clone())
+        match &self.peer {
+            Some(peer) => Outcome_ {
+                cache,
+                origin: None,
+                origin_ms: Some(self.ms),
+                route: self.route.clone(),
+                peer: Some(peer.clone()),
+            },
+            None => Outcome_::origin(cache, self.origin, self.ms, self.route.clone()),
+        }
     }
 }
 
@@ -600,6 +674,9 @@ pub(super) struct Pump {
     limit: u64,
     idle: Duration,
     hit_for_miss: Duration,
+    /// Store the object once complete (false: a peer's object at a non-owner, streamed to
+    /// the fill's readers only).
+    keep: bool,
 }
 
 impl Pump {
@@ -649,7 +726,7 @@ impl Pump {
                 break false;
             }
         };
-        if complete && !abandoned {
+        if complete && !abandoned && self.keep {
             if let Some(bytes) = self.fill.collect(self.proxy.config.cache.sendfile_min_size) {
                 let initial_age = policy::corrected_initial_age(
                     &self.headers,

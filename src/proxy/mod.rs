@@ -30,6 +30,7 @@ mod limit;
 mod lookup;
 mod pass;
 pub mod path;
+mod peer;
 mod purge;
 pub mod range;
 mod respond;
@@ -37,6 +38,7 @@ mod route;
 pub mod sites;
 mod upstream;
 mod views;
+pub use purge::PeerResults;
 pub use views::OriginCounts;
 
 use std::borrow::Cow;
@@ -125,6 +127,14 @@ pub struct ConnInfo {
     /// and for a request whose trusted proxy gave it an id, or whose id nothing needed yet
     /// (the upstream stage makes one then).
     pub request_id: Option<telemetry::RequestId>,
+    /// The request came in on the peer listener (`cluster.listen`): another member asks for
+    /// a key this node owns. It is answered here (cache or origin), never sent to a peer.
+    pub from_peer: bool,
+    /// On the peer listener, from the address of a fleet member (set per request by
+    /// [`Proxy::handle`]): its forwarding fields, scheme and request id are believed and
+    /// per-client rate limits skipped (the member its client asked applied them). Anyone
+    /// else there is served as an untrusted client (and never sent to a peer).
+    pub member: bool,
 }
 
 impl ConnInfo {
@@ -135,6 +145,16 @@ impl ConnInfo {
             https,
             tls_version,
             request_id: None,
+            from_peer: false,
+            member: false,
+        }
+    }
+
+    /// A connection on the peer listener.
+    pub fn peer_listener(peer: SocketAddr) -> ConnInfo {
+        ConnInfo {
+            from_peer: true,
+            ..ConnInfo::new(peer, false, None)
         }
     }
 }
@@ -149,6 +169,8 @@ struct Outcome_ {
     origin_ms: Option<f64>,
     /// The geo route that chose the origin.
     route: Option<Arc<str>>,
+    /// The member that answered instead of an origin (peer fill).
+    peer: Option<Arc<str>>,
 }
 
 impl Outcome_ {
@@ -158,6 +180,7 @@ impl Outcome_ {
             origin: None,
             origin_ms: None,
             route: None,
+            peer: None,
         }
     }
 
@@ -167,6 +190,7 @@ impl Outcome_ {
             origin: Some(origin),
             origin_ms: Some(ms),
             route,
+            peer: None,
         }
     }
 }
@@ -195,6 +219,8 @@ enum HandlingState {
         log: Option<Box<AccessLog>>,
         /// When the request head was handed over (`edgecache_request_duration_seconds`).
         start: Instant,
+        /// Asked by a peer: `Cache-Status` names this node by its id.
+        from_peer: bool,
     },
     Done,
 }
@@ -216,8 +242,12 @@ impl Future for Handling {
         };
         match std::mem::replace(&mut self.0, HandlingState::Done) {
             HandlingState::Waiting {
-                proxy, log, start, ..
-            } => Poll::Ready(Ok(proxy.finish(answer, log, start))),
+                proxy,
+                log,
+                start,
+                from_peer,
+                ..
+            } => Poll::Ready(Ok(proxy.finish(answer, log, start, from_peer))),
             _ => Poll::Pending,
         }
     }
@@ -270,6 +300,9 @@ pub struct Proxy {
     hit: HeaderValue,
     /// `Cache-Status` values for the common miss answers, made once (see `miss_status`).
     miss_statuses: [HeaderValue; 4],
+    /// The fleet this node is a member of (`[cluster]`); `None` on its own. Shared with the
+    /// proxies of later configurations.
+    fleet: Option<Arc<crate::cluster::peer::Fleet>>,
     via_11: HeaderValue,
     via_10: HeaderValue,
     via_2: HeaderValue,
@@ -385,7 +418,11 @@ impl Proxy {
         let weights = config.origins.iter().map(|o| o.weight).collect();
         let selector = Selector::with_state(weights, states);
         let (metrics, fills) = (self.metrics.clone(), self.fills.clone());
-        Proxy::assemble(config, store, metrics, fills, origins, selector, locator)
+        let next = Proxy::assemble(config, store, metrics, fills, origins, selector, locator);
+        match &self.fleet {
+            Some(f) => next.with_fleet(f.clone()),
+            None => next,
+        }
     }
 
     fn assemble(
@@ -436,7 +473,31 @@ impl Proxy {
             boundary,
             cdn_loop,
             config,
+            fleet: None,
         }
+    }
+
+    /// This proxy as a member of `fleet`: misses for keys another member owns are fetched
+    /// from it, and its `CDN-Loop` member names the fleet.
+    pub fn with_fleet(mut self, fleet: Arc<crate::cluster::peer::Fleet>) -> Proxy {
+        let value = format!(
+            "{}; node={}; fleet={}",
+            self.name,
+            self.boundary
+                .strip_prefix("edgecache-")
+                .unwrap_or(&self.boundary),
+            fleet.config.name
+        );
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            self.cdn_loop = v;
+        }
+        self.fleet = Some(fleet);
+        self
+    }
+
+    /// The fleet this node is a member of.
+    pub fn fleet(&self) -> Option<&Arc<crate::cluster::peer::Fleet>> {
+        self.fleet.as_ref()
     }
 
     /// The store this proxy reads and fills.
@@ -513,6 +574,22 @@ impl Proxy {
             .any(|v| v.as_bytes().windows(id.len()).any(|w| w == id))
     }
 
+    /// True when the request's `CDN-Loop` has passed through this node's fleet already: it
+    /// is answered here, never sent to a peer again (RFC 8586; a shield tier pointing back
+    /// at its own fleet would otherwise bounce between members).
+    fn been_through_fleet(&self, headers: &HeaderMap) -> bool {
+        let Some(fleet) = &self.fleet else {
+            return true;
+        };
+        let name = fleet.config.name.as_bytes();
+        headers.get_all(&CDN_LOOP).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',' || b == b';')
+                .map(|p| p.trim_ascii())
+                .any(|p| p.strip_prefix(b"fleet=").is_some_and(|n| n == name))
+        })
+    }
+
     /// Appends this node to the `CDN-Loop` of a request going upstream.
     fn mark_hop(&self, headers: &mut HeaderMap) {
         headers.append(CDN_LOOP.clone(), self.cdn_loop.clone());
@@ -530,16 +607,20 @@ impl Proxy {
 
     /// The `X-Request-Id` a trusted proxy sent, when there is exactly one and it is fit for
     /// the log (`telemetry::request_id::acceptable`); any other is replaced by one of ours.
+    /// A member's request carries the id its client's request got there, so one request
+    /// has one id across the fleet.
     fn given_request_id<'h>(
         &self,
-        peer: std::net::IpAddr,
+        conn: ConnInfo,
         headers: &'h HeaderMap,
     ) -> Option<&'h HeaderValue> {
         let mut all = headers.get_all(&X_REQUEST_ID).iter();
         let (Some(v), None) = (all.next(), all.next()) else {
             return None;
         };
-        (self.trusts(peer) && telemetry::request_id::acceptable(v.as_bytes())).then_some(v)
+        ((conn.member || self.trusts(conn.peer.ip()))
+            && telemetry::request_id::acceptable(v.as_bytes()))
+        .then_some(v)
     }
 
     fn via(&self, version: Version) -> &HeaderValue {
@@ -591,10 +672,23 @@ impl Proxy {
         // id is made for the access log only; with it off a hit makes none, and the upstream
         // stage makes the id of a request it sends.
         let start = Instant::now();
+        if conn.from_peer {
+            conn.member = self
+                .fleet
+                .as_ref()
+                .is_some_and(|f| f.is_member_ip(conn.peer.ip()));
+        }
+        if conn.member {
+            // The member that asked keys the request by its client's scheme.
+            conn.https = req
+                .headers()
+                .get("x-forwarded-proto")
+                .is_some_and(|v| v == "https");
+        }
         let log = telemetry::access_log_enabled().then(|| {
             let peer = conn.peer.ip();
             let headers = req.headers();
-            let given = self.given_request_id(peer, headers);
+            let given = self.given_request_id(conn, headers);
             let request_id = match given {
                 Some(v) => telemetry::access::LoggedId::Given(v.clone()),
                 None => {
@@ -626,6 +720,7 @@ impl Proxy {
                 origin: None,
                 origin_ms: None,
                 route: None,
+                peer: None,
                 aborted: false,
                 user_agent: headers.get(header::USER_AGENT).cloned(),
                 referer: headers.get(header::REFERER).cloned(),
@@ -642,9 +737,12 @@ impl Proxy {
         );
         let served = span.in_scope(|| self.serve(req, conn, false));
         match served {
-            Served::Now(answer) => {
-                Handling(HandlingState::Ready(Some(self.finish(answer, log, start))))
-            }
+            Served::Now(answer) => Handling(HandlingState::Ready(Some(self.finish(
+                answer,
+                log,
+                start,
+                conn.from_peer,
+            )))),
             Served::Later(fut) => Handling(HandlingState::Waiting {
                 fut: if span.is_disabled() {
                     fut
@@ -654,6 +752,7 @@ impl Proxy {
                 proxy: self.clone(),
                 log,
                 start,
+                from_peer: conn.from_peer,
             }),
         }
     }
@@ -667,7 +766,11 @@ impl Proxy {
         (mut resp, outcome): Answer,
         mut log: Option<Box<AccessLog>>,
         start: Instant,
+        from_peer: bool,
     ) -> Response<Body> {
+        if from_peer {
+            self.name_member(&mut resp);
+        }
         self.metrics.request(
             outcome.cache,
             resp.status().as_u16(),
@@ -683,6 +786,7 @@ impl Proxy {
                 .and_then(|i| self.origin_names.get(i).cloned());
             l.origin_ms = outcome.origin_ms;
             l.route = outcome.route;
+            l.peer = outcome.peer;
         }
         resp.body_mut().set_log(log);
         resp
@@ -691,6 +795,10 @@ impl Proxy {
     /// Routes a request and answers it from the cache, or returns the work that waits for an
     /// origin. `normal`: the request's path was normalised already (see `route`).
     fn serve(self: &Arc<Self>, req: Request<Incoming>, conn: ConnInfo, normal: bool) -> Served {
+        if conn.from_peer && req.uri().path() == peer::PURGE_PATH {
+            let this = self.clone();
+            return Served::Later(Box::pin(async move { this.receive_purge(req, conn).await }));
+        }
         let routed = tracing::debug_span!(telemetry::spans::ROUTE)
             .in_scope(|| self.route(&req, conn, normal));
         let routed = match routed {
@@ -757,6 +865,30 @@ impl Proxy {
 fn refuse(e: ProxyError) -> Answer {
     tracing::debug!(error = %e, side = ?e.side(), "request refused");
     (respond::error(e), Outcome_::local(CacheResult::Refused))
+}
+
+impl Proxy {
+    /// For an answer to a peer: this node's `Cache-Status` member (the last) named by the
+    /// node's id instead of `via_name`, so the client of the member that asked sees which
+    /// node answered (`fra1-b; hit, edgecache; fwd=peer`).
+    fn name_member(&self, resp: &mut Response<Body>) {
+        let Some(fleet) = &self.fleet else { return };
+        let Some(v) = resp.headers().get(&CACHE_STATUS) else {
+            return;
+        };
+        let Ok(text) = v.to_str() else { return };
+        let (before, ours) = match text.rfind(", ") {
+            Some(i) => (&text[..i + 2], &text[i + 2..]),
+            None => ("", text),
+        };
+        let Some(rest) = ours.strip_prefix(self.name.as_str()) else {
+            return;
+        };
+        let renamed = format!("{before}{}{rest}", fleet.config.node);
+        if let Ok(v) = HeaderValue::from_str(&renamed) {
+            resp.headers_mut().insert(CACHE_STATUS.clone(), v);
+        }
+    }
 }
 
 fn status_value(name: &str, rest: &str) -> HeaderValue {

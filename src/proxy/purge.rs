@@ -22,6 +22,9 @@ use crate::config::Admin;
 use crate::geo::Locator;
 use crate::telemetry::CacheResult;
 
+/// Each member's result of a forwarded purge: `ok` or `error: ...`, by member id.
+pub type PeerResults = crate::cluster::peer::PurgeResults;
+
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Whether a `PURGE` that arrived from `peer` with `headers` may purge. Never without an
@@ -52,6 +55,36 @@ impl super::Proxy {
     /// goes through (the `PURGE` method and the admin API), so that a fleet can pass it on.
     /// Returns how many stored responses matched here.
     pub fn purge(&self, target: &PurgeTarget<'_>, soft: bool) -> usize {
+        self.purge_reporting(target, soft).0
+    }
+
+    /// [`Proxy::purge`], with the fleet's per-member results to come when the purge is
+    /// forwarded to members (static peers, DNS); the forwarding goes on if the receiver is
+    /// dropped.
+    pub fn purge_reporting(
+        &self,
+        target: &PurgeTarget<'_>,
+        soft: bool,
+    ) -> (usize, Option<PeerResults>) {
+        let n = self.apply_purge(target, soft);
+        let results = self.fleet.as_ref().and_then(|f| {
+            f.publish(crate::cluster::Purge {
+                target: crate::cluster::Target::from(target),
+                soft,
+                node: f.config.node.clone(),
+            })
+        });
+        (n, results)
+    }
+
+    /// A purge another member accepted, applied here only (never published again): what
+    /// the peer listener's purge endpoint and the etcd watch call.
+    pub fn purge_from_fleet(&self, purge: &crate::cluster::Purge) -> usize {
+        self.apply_purge(&purge.target.as_store(), purge.soft)
+    }
+
+    /// Purges here only (a purge another member accepted, or this node's own).
+    pub(super) fn apply_purge(&self, target: &PurgeTarget<'_>, soft: bool) -> usize {
         let n = self.store.purge(target, soft);
         self.metrics.purged(n as u64);
         n

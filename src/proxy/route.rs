@@ -177,7 +177,12 @@ impl Proxy {
             }
         }
         // Request rates (per client, per site): here, once the path is final, so a request
-        // served again after normalising is counted once.
+        // served again after normalising is counted once. A member's request was counted by
+        // the member its client asked (counting it again would limit a whole node as one
+        // client).
+        if conn.member {
+            return Ok(());
+        }
         if let Some(answer) =
             self.limits
                 .check(site_idx, conn.peer.ip(), req.headers(), &self.locator)

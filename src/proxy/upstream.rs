@@ -41,7 +41,7 @@ impl Proxy {
             self.via(version),
         );
         self.mark_hop(&mut headers);
-        if self.given_request_id(conn.peer.ip(), &headers).is_none() {
+        if self.given_request_id(conn, &headers).is_none() {
             let id = conn.request_id.unwrap_or_else(telemetry::RequestId::next);
             headers.insert(X_REQUEST_ID.clone(), id.header_value());
         }
@@ -238,7 +238,8 @@ impl Proxy {
     /// does not write (`server.client_address_header`) is the client's own and is dropped
     /// here, so it never reaches the origin as if the proxy had vouched for it.
     pub(super) fn trusted(&self, conn: ConnInfo, headers: &mut HeaderMap) -> bool {
-        let trusted = self.trusts(conn.peer.ip());
+        // A member's request carries its client's forwarding fields, made by that member.
+        let trusted = conn.member || self.trusts(conn.peer.ip());
         if trusted {
             match self.config.server.client_address_header {
                 crate::geo::AddressHeader::XForwardedFor => {
@@ -256,7 +257,14 @@ impl Proxy {
 /// Where a request may go: origins best first, and the geo route that chose them.
 pub(super) struct Candidates {
     origins: Vec<usize>,
-    route: Option<Arc<str>>,
+    pub(super) route: Option<Arc<str>>,
+}
+
+impl Candidates {
+    /// The best origin (whose timeouts apply to a peer's body, see `peer`).
+    pub(super) fn first(&self) -> usize {
+        self.origins.first().copied().unwrap_or(0)
+    }
 }
 
 /// What the upstream stage came back with.

@@ -98,6 +98,22 @@ pub async fn accept_loop(
     shared: Shared,
     stop: watch::Receiver<bool>,
 ) {
+    accept_requests(listener, tls, shared, stop, false).await
+}
+
+/// The peer listener (`cluster.listen`): the data listeners' loop, its requests marked as
+/// coming from a member (see `ConnInfo::from_peer`).
+pub async fn peer_accept_loop(listener: TcpListener, shared: Shared, stop: watch::Receiver<bool>) {
+    accept_requests(listener, None, shared, stop, true).await
+}
+
+async fn accept_requests(
+    listener: TcpListener,
+    tls: Option<Arc<tls::LiveTls>>,
+    shared: Shared,
+    stop: watch::Receiver<bool>,
+    from_peer: bool,
+) {
     let Shared {
         proxy,
         metrics,
@@ -115,7 +131,11 @@ pub async fn accept_loop(
         let slot = per_client.enter(peer.ip()).ok_or(());
         let work = match slot {
             Ok(slot) => {
-                let info = ConnInfo::new(peer, https, None);
+                let info = if from_peer {
+                    ConnInfo::peer_listener(peer)
+                } else {
+                    ConnInfo::new(peer, https, None)
+                };
                 let guard = tracker.enter();
                 let task = conn::serve(
                     stream,

@@ -42,6 +42,9 @@ pub struct AccessLog {
     pub origin_ms: Option<f64>,
     /// The geo route (`[[sites.routes]]` name) that chose the origin.
     pub route: Option<Arc<str>>,
+    /// The fleet member that answered a miss instead of an origin (peer fill); the field is
+    /// left out of the line when none did.
+    pub peer: Option<Arc<str>>,
     pub aborted: bool,
     /// The client's `User-Agent` and `Referer`, shared with the request (no copy).
     pub user_agent: Option<HeaderValue>,
@@ -94,6 +97,7 @@ impl AccessLog {
             origin = self.origin.as_deref().unwrap_or("-"),
             origin_ms = self.origin_ms.map(|m| (m * 1000.0).round() / 1000.0),
             route = self.route.as_deref().unwrap_or("-"),
+            peer = self.peer.as_deref(),
             complete = complete && !self.aborted,
             request_id,
             tls_version = self.tls_version.unwrap_or("-"),
@@ -149,6 +153,7 @@ mod tests {
             origin: None,
             origin_ms: None,
             route: None,
+            peer: None,
             aborted: false,
             user_agent: Some(HeaderValue::from_static("curl/8 status=200 \"x")),
             referer: HeaderValue::from_bytes(b"https://a.test/\xff\" cache=hit").ok(),

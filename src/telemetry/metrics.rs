@@ -251,6 +251,23 @@ pub struct Scrape {
     pub gauges: Gauges,
     /// Every configured origin with a state, in configuration order.
     pub origins: Vec<OriginSeries>,
+    /// The fleet's values, for a member of one (`[cluster]`).
+    pub fleet: Option<FleetSeries>,
+}
+
+/// A fleet member's values at a scrape (`crate::cluster`).
+#[derive(Debug, Clone, Default)]
+pub struct FleetSeries {
+    /// Peer requests by `result` (`ok`, `refused`, `broken`, `timeout`).
+    pub results: Vec<(&'static str, u64)>,
+    /// Times to a peer's response head (answered requests).
+    pub durations: HistogramSnapshot,
+    /// Members as this node knows them, itself included.
+    pub members: u64,
+    /// Member list changes since start.
+    pub membership_changes: u64,
+    /// The share of keys this node owns (0 to 1; a sample of the key space).
+    pub owned_share: f64,
 }
 
 impl Scrape {
@@ -489,6 +506,53 @@ fn one(
 }
 
 impl Scrape {
+    /// The fleet's series, for a member of one.
+    fn encode_fleet(&self, encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let Some(f) = &self.fleet else {
+            return Ok(());
+        };
+        let mut family = encoder.encode_descriptor(
+            "edgecache_peer_requests",
+            "Misses sent to the member owning their key, by result (ok, refused, broken, timeout).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, v) in &f.results {
+            family
+                .encode_family(&[("result", *result)])?
+                .encode_counter::<NoLabelSet, u64, u64>(v, None)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "edgecache_peer_request_duration_seconds",
+            "Time from a request sent to a peer to its response head.",
+            None,
+            MetricType::Histogram,
+        )?;
+        f.durations.encode(&mut family)?;
+        one(
+            encoder,
+            "edgecache_cluster_members",
+            "Members of the fleet as this node knows them, itself included.",
+            MetricType::Gauge,
+            f.members,
+        )?;
+        one(
+            encoder,
+            "edgecache_cluster_membership_changes",
+            "Changes of the fleet's member list seen since start.",
+            MetricType::Counter,
+            f.membership_changes,
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "edgecache_cluster_owned_share",
+            "The share of keys this node owns among the live members (0 to 1).",
+            None,
+            MetricType::Gauge,
+        )?;
+        family.encode_gauge(&f.owned_share)?;
+        Ok(())
+    }
+
     /// `edgecache_build_info`, and the latency histograms: requests by result (those that
     /// happened), origin requests by origin.
     fn encode_build_and_latency(&self, encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
@@ -537,6 +601,7 @@ impl Collector for Scrape {
         self.encode_node(&mut encoder)?;
         self.encode_origins(&mut encoder)?;
         self.encode_reloads(&mut encoder)?;
+        self.encode_fleet(&mut encoder)?;
         self.encode_build_and_latency(&mut encoder)
     }
 }
@@ -550,6 +615,7 @@ mod tests {
             metrics: Arc::new(metrics),
             gauges,
             origins,
+            fleet: None,
         }
         .render()
     }

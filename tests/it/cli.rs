@@ -438,3 +438,57 @@ fn route_refuses_a_host_no_site_serves() {
         "{err}"
     );
 }
+
+#[test]
+fn check_describes_a_fleet_and_print_reads_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = "[server]\nhttp = [\"127.0.0.1:0\"]\n\
+                [[origins]]\nname = \"o\"\nurl = \"http://127.0.0.1:9002\"\n\
+                [[sites]]\nhosts = [\"example.com\"]\norigin = \"o\"\n\
+                [cluster]\nname = \"pop-fra1\"\nnode = \"fra1-a\"\nlisten = \"127.0.0.1:7400\"\n\
+                peers = [\"127.0.0.1:7400\", \"127.0.0.1:7401\"]\nhot_copies = true\npeer_timeout = \"500ms\"\n";
+    let path = dir.path().join("edgecache.toml");
+    std::fs::write(&path, text).expect("write");
+    let out = edgecache(&["check"], &path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        summary.contains(
+            "cluster pop-fra1: node fra1-a, peer listener 127.0.0.1:7400 (advertised 127.0.0.1:7400), 2 static peers, hot copies on non-owners"
+        ),
+        "{summary}"
+    );
+    let first = edgecache(&["check", "--print"], &path);
+    let printed = String::from_utf8_lossy(&first.stdout).into_owned();
+    for want in [
+        "[cluster]\nname = \"pop-fra1\"\nnode = \"fra1-a\"\nlisten = \"127.0.0.1:7400\"\nadvertise = \"127.0.0.1:7400\"",
+        "peers = [\"127.0.0.1:7400\", \"127.0.0.1:7401\"]",
+        "lease_ttl = \"5s\"\nhot_copies = true\npeer_timeout = \"500ms\"",
+    ] {
+        assert!(printed.contains(want), "{want}:\n{printed}");
+    }
+    let again = dir.path().join("printed.toml");
+    std::fs::write(&again, &printed).expect("write");
+    let second = edgecache(&["check", "--print"], &again);
+    let body = |t: &[u8]| {
+        String::from_utf8_lossy(t)
+            .lines()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(body(&first.stdout), body(&second.stdout));
+    // A fleet member must be in its own static list.
+    std::fs::write(&path, text.replace("\"127.0.0.1:7400\", ", "")).expect("write");
+    let out = edgecache(&["check"], &path);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cluster.peers: must list this node's own advertise address 127.0.0.1:7400"),
+        "{err}"
+    );
+}

@@ -7,6 +7,7 @@ mod binary;
 mod cache;
 mod cli;
 mod clients;
+mod cluster;
 mod conformance;
 mod demo;
 mod deploy;

@@ -9,6 +9,7 @@
 
 mod admin;
 mod cache;
+mod cluster;
 mod geo;
 mod log;
 mod origins;
@@ -255,9 +256,11 @@ fn check(ck: &mut Checker<'_>, raw: &RawConfig, base: &Path) -> Config {
     let retries = origins::retries(ck, &raw.retries);
     let dns = origins::dns(ck, &raw.dns);
     let log = log::log(ck, &raw.log, base);
+    let cluster = raw.cluster.as_ref().map(|c| cluster::cluster(ck, c));
 
     Config {
         log,
+        cluster,
         source: ck.file.to_owned(),
         path: None,
         sha256: None,
