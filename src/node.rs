@@ -85,21 +85,33 @@ fn build_member_runtime(
     Ok(Runtime { config, proxy })
 }
 
+/// `[cluster]` at start: the fleet, its peer listener, and with `cluster.etcd` the etcd task
+/// to run once the proxy is in service (it applies other members' purges through it).
+struct ClusterStart {
+    fleet: Arc<Fleet>,
+    listener: TcpListener,
+    bound: SocketAddr,
+    etcd: Option<cluster::etcd::Etcd>,
+}
+
 /// `[cluster]`: the peer listener bound, and the fleet with its members found as configured
-/// (a static list is set here; DNS is followed by a task until `stop`; etcd plugs in at
-/// this seam: it sets the fleet's `Membership` and its publisher).
+/// (a static list is set here; DNS is followed by a task until `stop`; etcd is prepared
+/// here, its publisher set on the fleet, and run by [`run_etcd`]).
 fn start_cluster(
     config: &Config,
     stop: &watch::Receiver<bool>,
-) -> Result<Option<(Arc<Fleet>, TcpListener)>, Error> {
+    inherited: &mut upgrade::Inherited,
+) -> Result<Option<ClusterStart>, Error> {
     let Some(c) = &config.cluster else {
         return Ok(None);
     };
     let addr = c.listen;
-    let l = server::bind(addr).map_err(|source| Error::Bind { addr, source })?;
-    let bound = l
-        .local_addr()
-        .map_err(|source| Error::Bind { addr, source })?;
+    let (l, bound) = bind_all(&[addr], upgrade::Kind::Peer, inherited)?
+        .pop()
+        .ok_or(Error::Bind {
+            addr,
+            source: std::io::Error::other("no listener"),
+        })?;
     // Left to `listen` with port 0 (tests): the bound port is what peers dial.
     let advertise = if c.advertise.port() == 0 {
         SocketAddr::new(c.advertise.ip(), bound.port())
@@ -112,6 +124,7 @@ fn start_cluster(
         since: std::time::SystemTime::now(),
     };
     let membership = Membership::new(this.clone());
+    let mut etcd = None;
     match &c.discovery {
         Discovery::Peers(peers) => {
             membership.set(static_members(&this, peers));
@@ -128,17 +141,44 @@ fn start_cluster(
                 stop.clone(),
             ));
         }
-        Discovery::Etcd(_) => {
-            // The seam for cluster::etcd: register under a lease and feed `membership` from
-            // the watch; once the fleet below exists, `fleet.set_publisher(..)` for purges
-            // accepted here, `Proxy::purge_from_fleet` (on `Live::load()`) for purges seen
-            // in the watch, and `fleet.set_discovery_status(..)` for /cluster.
-            tracing::warn!("cluster.etcd: membership through etcd is not built into this node yet; serving as a fleet of one");
+        Discovery::Etcd(endpoints) => {
+            etcd = Some(cluster::etcd::Etcd::new(cluster::etcd::EtcdSettings {
+                endpoints: endpoints.clone(),
+                name: c.name.clone(),
+                node: c.node.clone(),
+                advertise,
+                lease_ttl: c.lease_ttl,
+            }));
         }
     }
     let fleet = Fleet::new(c.clone(), advertise, membership);
+    let etcd = etcd.map(|(etcd, publisher)| {
+        fleet.set_publisher(Arc::new(publisher));
+        fleet.set_etcd(etcd.status());
+        etcd
+    });
     tracing::info!(addr = %bound, node = %c.node, fleet = %c.name, discovery = c.discovery.kind(), "peer listener open");
-    Ok(Some((fleet, l)))
+    Ok(Some(ClusterStart {
+        fleet,
+        listener: l,
+        bound,
+        etcd,
+    }))
+}
+
+/// Runs the etcd task until `stop`: it keeps the fleet's membership from etcd and applies
+/// other members' purges to the proxy in service.
+fn run_etcd(
+    etcd: cluster::etcd::Etcd,
+    fleet: &Fleet,
+    live: Arc<Live>,
+    stop: watch::Receiver<bool>,
+) {
+    let apply = Arc::new(move |purge: cluster::Purge| {
+        let n = live.load().purge_from_fleet(&purge);
+        tracing::info!(purge = ?purge.target, soft = purge.soft, from = %purge.node, purged = n, "purge from the fleet");
+    });
+    tokio::spawn(etcd.run(fleet.membership().clone(), apply, stop));
 }
 
 /// A static peer list as members: this node by its id, the others by their address (all
@@ -366,8 +406,9 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     let store = Store::new(config.cache.memory);
     let metrics = Arc::new(Metrics::default());
     let (peer_stop, peer_stopped) = watch::channel(false);
-    let cluster = start_cluster(&config, &peer_stopped)?;
-    let fleet = cluster.as_ref().map(|(f, _)| f.clone());
+    let (mut inherited, took_over) = inherit(&config).await;
+    let cluster = start_cluster(&config, &peer_stopped, &mut inherited)?;
+    let fleet = cluster.as_ref().map(|c| c.fleet.clone());
     let runtime = build_member_runtime(config.clone(), store, metrics.clone(), fleet)?;
     let proxy = runtime.proxy.clone();
     let tls = server::tls::server_config(&config.tls.certificates)?
@@ -386,7 +427,6 @@ pub async fn start(config: Config) -> Result<Node, Error> {
         shutdown: rx,
     };
     let mut accept = JoinSet::new();
-    let (mut inherited, took_over) = inherit(&config).await;
     let http = bind_all(&config.server.http, upgrade::Kind::Http, &mut inherited)?;
     let https = bind_all(&config.server.https, upgrade::Kind::Https, &mut inherited)?;
     let http_addrs: Vec<SocketAddr> = http.iter().map(|(_, a)| *a).collect();
@@ -414,8 +454,26 @@ pub async fn start(config: Config) -> Result<Node, Error> {
             fd,
         });
     }
-    if let Some((_, l)) = cluster {
-        accept.spawn(server::peer_accept_loop(l, shared.clone(), peer_stopped));
+    if let Some(c) = cluster {
+        if let Some(etcd) = c.etcd {
+            run_etcd(etcd, &c.fleet, shared.proxy.clone(), peer_stopped.clone());
+        }
+        // Listed with the data listeners: it stops accepting with them, and an upgrade takes
+        // it over with them.
+        let (stop, stopped) = watch::channel(false);
+        let fd = handover_fd(config.server.upgrade_socket.is_some(), &c.listener, c.bound)?;
+        accept.spawn(server::peer_accept_loop(
+            c.listener,
+            shared.clone(),
+            stopped,
+        ));
+        listening.push(Listening {
+            kind: upgrade::Kind::Peer,
+            configured: config.cluster.as_ref().map_or(c.bound, |k| k.listen),
+            bound: c.bound,
+            stop,
+            fd,
+        });
     }
     let (health_stop, health) = watch::channel(false);
     spawn_health_checks(&proxy, &health);
@@ -556,6 +614,7 @@ impl admin::NodeStatus for Reloader {
                     upgrade::Kind::Http => "http",
                     upgrade::Kind::Https => "https",
                     upgrade::Kind::Admin => "admin",
+                    upgrade::Kind::Peer => "peer",
                 };
                 (kind, l.bound)
             })
@@ -760,7 +819,7 @@ impl Reloader {
         let listed = |l: &Listening| match l.kind {
             upgrade::Kind::Http => config.server.http.contains(&l.configured),
             upgrade::Kind::Https => config.server.https.contains(&l.configured),
-            upgrade::Kind::Admin => true,
+            upgrade::Kind::Admin | upgrade::Kind::Peer => true,
         };
         let before = open.len();
         open.retain(|l| {

@@ -117,9 +117,8 @@ pub struct Fleet {
     results: [AtomicU64; RESULTS.len()],
     pub latency: Histogram,
     membership_changes: AtomicU64,
-    /// What the discovery says of itself for `/cluster`'s `etcd` (connection state, last
-    /// revision); `null` until one sets it.
-    discovery_status: ArcSwap<serde_json::Value>,
+    /// With `cluster.etcd`: the connection's state, for `/cluster` and `/metrics`.
+    etcd: std::sync::OnceLock<Arc<super::etcd::EtcdStatus>>,
     /// With `hot_copies`: keys (this node's store hashes) fetched from a peer recently; a
     /// second fetch within [`HOT_WINDOW`] keeps a copy.
     recent: moka::sync::Cache<u64, ()>,
@@ -160,7 +159,7 @@ impl Fleet {
             results: Default::default(),
             latency: Histogram::default(),
             membership_changes: AtomicU64::new(0),
-            discovery_status: ArcSwap::from_pointee(serde_json::Value::Null),
+            etcd: std::sync::OnceLock::new(),
             recent: moka::sync::Cache::builder()
                 .max_capacity(if hot { 65_536 } else { 0 })
                 .time_to_live(HOT_WINDOW)
@@ -206,14 +205,26 @@ impl Fleet {
         self.publisher.store(Arc::new(Some(p)));
     }
 
-    /// Sets what `/cluster` shows under `etcd` (the etcd discovery's state).
-    pub fn set_discovery_status(&self, status: serde_json::Value) {
-        self.discovery_status.store(Arc::new(status));
+    /// The etcd connection whose state `/cluster` and `/metrics` show (`cluster.etcd`).
+    pub fn set_etcd(&self, status: Arc<super::etcd::EtcdStatus>) {
+        let _ = self.etcd.set(status);
     }
 
-    /// What `/cluster` shows under `etcd`.
+    /// What `/cluster` shows under `etcd`: `null` without etcd.
     pub fn discovery_status(&self) -> serde_json::Value {
-        (**self.discovery_status.load()).clone()
+        let Some(e) = self.etcd.get() else {
+            return serde_json::Value::Null;
+        };
+        serde_json::json!({
+            "connected": e.connected(),
+            "last_revision": e.last_revision(),
+            "errors": e.errors(),
+            "purges_sent": e.purges_sent(),
+            "purges_applied": e.purges_applied(),
+            "purges_dropped": e.purges_dropped(),
+            "full_purges": e.full_purges(),
+            "last_purge_lag_ms": e.last_lag().map(|d| d.as_secs_f64() * 1000.0),
+        })
     }
 
     /// Where purges accepted here are published, if anywhere.
@@ -467,6 +478,18 @@ impl Fleet {
             members: self.ring.load().len() as u64,
             membership_changes: self.membership_changes(),
             owned_share: owned as f64 / SAMPLE as f64,
+            etcd: self
+                .etcd
+                .get()
+                .map(|e| crate::telemetry::metrics::EtcdSeries {
+                    connected: e.connected(),
+                    errors: e.errors(),
+                    purges_sent: e.purges_sent(),
+                    purges_dropped: e.purges_dropped(),
+                    purges_applied: e.purges_applied(),
+                    full_purges: e.full_purges(),
+                    lag: e.lag(),
+                }),
         }
     }
 

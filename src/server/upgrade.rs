@@ -43,6 +43,8 @@ pub enum Kind {
     /// The admin listener: handed over too, so the new process never fails on its port
     /// after the old one has begun to drain.
     Admin,
+    /// A fleet's peer listener (`cluster.listen`).
+    Peer,
 }
 
 impl Kind {
@@ -51,6 +53,7 @@ impl Kind {
             Kind::Http => "http",
             Kind::Https => "https",
             Kind::Admin => "admin",
+            Kind::Peer => "peer",
         }
     }
 }
@@ -146,6 +149,7 @@ pub async fn take_over(path: &Path) -> io::Result<Option<Inherited>> {
             Some("http") => Kind::Http,
             Some("https") => Kind::Https,
             Some("admin") => Kind::Admin,
+            Some("peer") => Kind::Peer,
             _ => return Err(invalid("an unknown listener kind")),
         };
         let configured = parts

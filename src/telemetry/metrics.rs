@@ -268,6 +268,25 @@ pub struct FleetSeries {
     pub membership_changes: u64,
     /// The share of keys this node owns (0 to 1; a sample of the key space).
     pub owned_share: f64,
+    /// With `cluster.etcd`: the connection and the purges through it.
+    pub etcd: Option<EtcdSeries>,
+}
+
+/// A fleet member's etcd connection at a scrape (`crate::cluster::etcd`).
+#[derive(Debug, Clone, Default)]
+pub struct EtcdSeries {
+    pub connected: bool,
+    /// etcd requests that failed (connect, lease, watch, write).
+    pub errors: u64,
+    /// Purges accepted here and written to etcd; queued ones dropped (queue full).
+    pub purges_sent: u64,
+    pub purges_dropped: u64,
+    /// Purges from other members applied here.
+    pub purges_applied: u64,
+    /// Soft purges of everything after etcd compacted history this node had not seen.
+    pub full_purges: u64,
+    /// From a purge's acceptance at another member to its application here.
+    pub lag: HistogramSnapshot,
 }
 
 impl Scrape {
@@ -550,6 +569,52 @@ impl Scrape {
             MetricType::Gauge,
         )?;
         family.encode_gauge(&f.owned_share)?;
+        if let Some(e) = &f.etcd {
+            let counters: [(&str, &str, u64); 5] = [
+                (
+                    "edgecache_etcd_errors",
+                    "etcd requests that failed.",
+                    e.errors,
+                ),
+                (
+                    "edgecache_fleet_purges_sent",
+                    "Purges accepted here and written to etcd.",
+                    e.purges_sent,
+                ),
+                (
+                    "edgecache_fleet_purges_dropped",
+                    "Purges accepted here that could not be queued for etcd.",
+                    e.purges_dropped,
+                ),
+                (
+                    "edgecache_fleet_purges_applied",
+                    "Purges accepted at other members and applied here.",
+                    e.purges_applied,
+                ),
+                (
+                    "edgecache_fleet_full_purges",
+                    "Soft purges of everything after etcd compacted purges not yet seen here.",
+                    e.full_purges,
+                ),
+            ];
+            one(
+                encoder,
+                "edgecache_etcd_connected",
+                "1 while registered in etcd and watching, else 0.",
+                MetricType::Gauge,
+                u64::from(e.connected),
+            )?;
+            for (name, help, v) in counters {
+                one(encoder, name, help, MetricType::Counter, v)?;
+            }
+            let mut family = encoder.encode_descriptor(
+                "edgecache_purge_propagation_seconds",
+                "From a purge's acceptance at another member to its application here.",
+                None,
+                MetricType::Histogram,
+            )?;
+            e.lag.encode(&mut family)?;
+        }
         Ok(())
     }
 

@@ -597,3 +597,160 @@ async fn the_peer_listener_believes_members_only() {
     }
     assert_eq!(origin.count("/kept"), 1, "still stored at its owner");
 }
+
+/// Polls `check` (async) until it holds or `limit` passes.
+async fn until<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The member ids `/cluster` lists at `node`.
+async fn members(node: &TestNode) -> Vec<String> {
+    let reply = admin_get(node, "/cluster").await;
+    let body = reply.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let mut ids: Vec<String> = v["members"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|x| x["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+/// Three real nodes finding each other through a real etcd: one origin request per object
+/// fleet-wide, a purge at one node in force at all (through etcd's watch), a stopped node
+/// gone from the others' member lists, and `/cluster` and `/metrics` saying so.
+#[tokio::test]
+async fn a_fleet_found_through_etcd_fills_once_and_purges_everywhere() {
+    let etcd = crate::support::etcd::TestEtcd::start().await;
+    let origin = TestOrigin::start().await;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let cluster = format!(
+            "[cluster]\nname = \"pop\"\nnode = \"e{i}\"\nlisten = \"127.0.0.1:0\"\n\
+             etcd = [\"{}\"]\nlease_ttl = \"2s\"\n",
+            etcd.endpoint()
+        );
+        nodes.push(Some(start_node(&origin, &cluster).await.expect("node")));
+    }
+    let all = ["e0", "e1", "e2"].map(str::to_owned).to_vec();
+    for n in nodes.iter().flatten() {
+        assert!(
+            until(Duration::from_secs(10), || async {
+                members(n).await == all
+            })
+            .await,
+            "every node sees the three: {:?}",
+            members(n).await
+        );
+    }
+    let paths: Vec<String> = (0..60).map(|i| format!("/etcd/{i}")).collect();
+    for p in &paths {
+        let body: &'static str = Box::leak(format!("body of {p}").into_boxed_str());
+        cacheable(&origin, p, body);
+    }
+    for p in &paths {
+        for n in nodes.iter().flatten() {
+            let got = get(n.http, "a.test", p).await;
+            assert_eq!(got.body, format!("body of {p}"));
+        }
+    }
+    assert_eq!(origin.total(), 60, "one origin request per object");
+
+    // A purge at one node: in force at every node, through etcd, within a second.
+    cacheable(&origin, "/p", "version 1");
+    for n in nodes.iter().flatten() {
+        // hot copies off: the owner holds it; every node answers through it.
+        assert_eq!(get(n.http, "a.test", "/p").await.body, "version 1");
+    }
+    cacheable(&origin, "/p", "version 2");
+    let purger = nodes[1].as_ref().expect("running");
+    let reply = admin_post(purger, "/purge", r#"{"url": "http://a.test/p"}"#).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    for n in nodes.iter().flatten() {
+        assert!(
+            until(Duration::from_secs(1), || async {
+                get(n.http, "a.test", "/p").await.body == "version 2"
+            })
+            .await,
+            "the purge reached every node within a second"
+        );
+    }
+    let cluster = admin_get(purger, "/cluster").await;
+    assert!(cluster.contains("\"connected\":true"), "{cluster}");
+    assert!(metric(purger, "edgecache_etcd_connected").await == 1);
+
+    // A node that stops leaves the others' member lists (its lease is revoked).
+    let mut stopped = nodes[2].take().expect("running");
+    if let Some(n) = stopped.node.take() {
+        n.shutdown().await;
+    }
+    let two = ["e0", "e1"].map(str::to_owned).to_vec();
+    for n in nodes.iter().flatten() {
+        assert!(
+            until(Duration::from_secs(10), || async {
+                members(n).await == two
+            })
+            .await,
+            "{:?}",
+            members(n).await
+        );
+    }
+    // Its keys now come from the origin or the remaining owners; no client error.
+    for p in &paths {
+        for n in nodes.iter().flatten() {
+            assert_eq!(get(n.http, "a.test", p).await.status, 200);
+        }
+    }
+}
+
+/// A binary upgrade (`server.upgrade_socket`) hands the peer listener over with the others:
+/// the new process starts on the same peer address while the old one still holds it.
+#[tokio::test]
+async fn an_upgrade_takes_the_peer_listener_over() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let peer = closed_port();
+    let text = format!(
+        "[server]\nhttp = [\"127.0.0.1:0\"]\nupgrade_socket = \"{}\"\n\n{}\n\
+         [cluster]\nname = \"pop\"\nnode = \"u0\"\nlisten = \"{peer}\"\npeers = [\"{peer}\"]\n",
+        dir.path().join("upgrade.sock").display(),
+        site(&origin, "a.test", "")
+    );
+    let load = || Config::from_toml(&text, "test.toml", dir.path()).expect("config");
+    let old = edgecache::start(load()).await.expect("old node");
+    let socket = dir.path().join("upgrade.sock");
+    assert!(
+        until(Duration::from_secs(10), || async { socket.exists() }).await,
+        "the old node offers its listeners"
+    );
+    let new = edgecache::start(load())
+        .await
+        .expect("the new process takes the peer listener over");
+    tokio::time::timeout(Duration::from_secs(10), old.handed_over())
+        .await
+        .expect("the old node is told it handed over");
+    old.shutdown().await;
+    cacheable(&origin, "/u", "upgraded");
+    let got = get(new.http_addrs()[0], "a.test", "/u").await;
+    assert_eq!(got.body, "upgraded");
+    // The peer listener answers in the new process.
+    assert!(std::net::TcpStream::connect(peer).is_ok());
+    new.shutdown().await;
+}
