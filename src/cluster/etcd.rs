@@ -101,6 +101,8 @@ pub enum Error {
 #[derive(Debug, Default)]
 pub struct EtcdStatus {
     connected: AtomicBool,
+    /// When `connected` last changed, in milliseconds since the Unix epoch.
+    changed_ms: AtomicU64,
     last_revision: AtomicI64,
     errors: AtomicU64,
     purges_sent: AtomicU64,
@@ -115,6 +117,30 @@ impl EtcdStatus {
     /// Registered and watching now.
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// How long this node has been registered and watching, as of `now`; `None` while it is
+    /// not.
+    pub fn connected_for(&self, now: SystemTime) -> Option<Duration> {
+        if !self.connected() {
+            return None;
+        }
+        let since = Duration::from_millis(self.changed_ms.load(Ordering::Relaxed));
+        let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        Some(now.saturating_sub(since))
+    }
+
+    /// Sets the state; returns the one before.
+    fn set_connected(&self, connected: bool) -> bool {
+        let was = self.connected.swap(connected, Ordering::Relaxed);
+        if was != connected {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            self.changed_ms
+                .store(now.as_millis() as u64, Ordering::Relaxed);
+        }
+        was
     }
 
     /// The last etcd revision this node has seen every change up to (0: none yet).
@@ -336,7 +362,7 @@ impl Runner {
                 break;
             }
             let result = self.session(stop, &mut failing, &mut backoff).await;
-            let was_connected = self.status.connected.swap(false, Ordering::Relaxed);
+            let was_connected = self.status.set_connected(false);
             match result {
                 Ok(Stopped) => break,
                 Err(Error::Compacted { compacted }) => {
@@ -376,7 +402,7 @@ impl Runner {
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
-        self.status.connected.store(false, Ordering::Relaxed);
+        let _ = self.status.set_connected(false);
         if let Some((mut client, lease)) = self.lease.take() {
             // A clean stop: the others see this node leave now, not when its lease expires.
             if let Err(e) = call("lease revoke", client.lease_revoke(lease)).await {
@@ -502,7 +528,7 @@ impl Runner {
                 message = stream.message() => match message {
                     Ok(Some(r)) => {
                         if r.created() && !r.canceled() {
-                            self.status.connected.store(true, Ordering::Relaxed);
+                            let _ = self.status.set_connected(true);
                             self.status.last_revision.store(self.last_rev, Ordering::Relaxed);
                             if *failing {
                                 tracing::info!(revision = self.last_rev, "etcd reachable again");

@@ -122,7 +122,13 @@ pub struct Fleet {
     /// With `hot_copies`: keys (this node's store hashes) fetched from a peer recently; a
     /// second fetch within [`HOT_WINDOW`] keeps a copy.
     recent: moka::sync::Cache<u64, ()>,
+    /// `now_ms` until which copies fetched from peers are not kept (see `copies_held`).
+    copies_held_until_ms: AtomicU64,
 }
+
+/// How long after a purge a non-owner keeps no copy fetched from a peer: longer than a purge
+/// takes to reach every member (under a second, p99, through etcd).
+const COPY_HOLD: Duration = Duration::from_secs(2);
 
 /// How long a key fetched from a peer is remembered for `hot_copies`.
 const HOT_WINDOW: Duration = Duration::from_secs(60);
@@ -164,6 +170,7 @@ impl Fleet {
                 .max_capacity(if hot { 65_536 } else { 0 })
                 .time_to_live(HOT_WINDOW)
                 .build(),
+            copies_held_until_ms: AtomicU64::new(0),
         });
         fleet.rebuild(&membership.current());
         let weak = Arc::downgrade(&fleet);
@@ -372,11 +379,34 @@ impl Fleet {
         if !self.config.hot_copies {
             return false;
         }
-        if self.recent.contains_key(&hash) {
+        let seen = self.recent.contains_key(&hash);
+        if !seen {
+            self.recent.insert(hash, ());
+        }
+        seen && !self.copies_held()
+    }
+
+    /// True while a copy fetched from a peer may predate a purge this node has applied: the
+    /// owner may not have applied it yet, and keeping its answer would bring the purged
+    /// object back here for good. So for [`COPY_HOLD`] after each purge applied here, and
+    /// while etcd (which carries purges) is unreachable and for [`COPY_HOLD`] after it comes
+    /// back, a non-owner passes peers' answers on without keeping them.
+    fn copies_held(&self) -> bool {
+        if self.now_ms() < self.copies_held_until_ms.load(Ordering::Relaxed) {
             return true;
         }
-        self.recent.insert(hash, ());
-        false
+        self.etcd.get().is_some_and(|e| {
+            e.connected_for(SystemTime::now())
+                .is_none_or(|d| d < COPY_HOLD)
+        })
+    }
+
+    /// A purge was applied here (accepted here or at another member): copies fetched from
+    /// peers are not kept for a while (see `copies_held`).
+    pub fn purged(&self) {
+        let until = self.now_ms() + COPY_HOLD.as_millis() as u64;
+        self.copies_held_until_ms
+            .fetch_max(until, Ordering::Relaxed);
     }
 
     /// Whether `ip` is the address of a member, this node's included (members may share a

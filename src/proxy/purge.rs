@@ -86,6 +86,9 @@ impl super::Proxy {
     /// Purges here only (a purge another member accepted, or this node's own).
     pub(super) fn apply_purge(&self, target: &PurgeTarget<'_>, soft: bool) -> usize {
         let n = self.store.purge(target, soft);
+        if let Some(f) = &self.fleet {
+            f.purged();
+        }
         self.metrics.purged(n as u64);
         n
     }

@@ -12,6 +12,7 @@ mod conformance;
 mod demo;
 mod deploy;
 mod etcd;
+mod fleet;
 mod hardening;
 mod http_cache;
 mod isolation;
