@@ -65,8 +65,9 @@ pub struct Cluster {
     pub node: String,
     /// The peer listener: plain HTTP, where other members fetch the keys this node owns.
     pub listen: SocketAddr,
-    /// What peers dial (default: `listen`); never an unspecified address. Port 0 only when
-    /// it was left to `listen`'s, and then the bound port is advertised.
+    /// What peers dial (default: `listen`), from `advertise` or the environment variable
+    /// `advertise_env` names (read when the file is); never an unspecified address. Port 0
+    /// only when it was left to `listen`'s, and then the bound port is advertised.
     pub advertise: SocketAddr,
     /// How members are found: exactly one of `etcd`, `peers`, `peers_dns`.
     pub discovery: Discovery,

@@ -43,6 +43,7 @@ pub(crate) struct RawCluster {
     pub(crate) node: Option<Spanned<String>>,
     pub(crate) listen: Option<Spanned<String>>,
     pub(crate) advertise: Option<Spanned<String>>,
+    pub(crate) advertise_env: Option<Spanned<String>>,
     pub(crate) etcd: Option<Spanned<Vec<Spanned<String>>>>,
     pub(crate) peers: Option<Spanned<Vec<Spanned<String>>>>,
     pub(crate) peers_dns: Option<Spanned<String>>,

@@ -27,6 +27,7 @@ mod routing;
 mod send_timeout;
 mod sendfile;
 mod serving;
+mod shield;
 mod status;
 mod support;
 mod tls;

@@ -73,33 +73,7 @@ pub(super) fn cluster(ck: &mut Checker<'_>, spanned: &Spanned<RawCluster>) -> Cl
             unspecified
         }
     };
-    let advertise = match &raw.advertise {
-        Some(a) => {
-            match address(ck, "cluster.advertise", a) {
-                Some(addr) if addr.ip().is_unspecified() || addr.port() == 0 => {
-                    ck.error(
-                    a.span(),
-                    "cluster.advertise",
-                    format!("{addr} cannot be dialled by peers: give an address and port they reach"),
-                );
-                    addr
-                }
-                Some(addr) => addr,
-                None => listen,
-            }
-        }
-        None => {
-            if listen.ip().is_unspecified() && raw.listen.is_some() {
-                let span = raw.listen.as_ref().map_or(spanned.span(), |l| l.span());
-                ck.error(
-                    span,
-                    "cluster.advertise",
-                    format!("is required when listen is {listen}: peers cannot dial an unspecified address"),
-                );
-            }
-            listen
-        }
-    };
+    let advertise = advertise(ck, spanned, listen);
     let discovery = discovery(ck, spanned, advertise);
     let mut lease_ttl = Duration::from_secs(5);
     positive(ck, "cluster.lease_ttl", &raw.lease_ttl, &mut lease_ttl);
@@ -239,6 +213,105 @@ fn discovery(
     Discovery::Peers(Vec::new())
 }
 
+/// `advertise`, or the address in the environment variable `advertise_env` names, or
+/// `listen` when that is dialable.
+fn advertise(
+    ck: &mut Checker<'_>,
+    spanned: &Spanned<RawCluster>,
+    listen: SocketAddr,
+) -> SocketAddr {
+    let raw = spanned.get_ref();
+    let (text, key, span) = match (&raw.advertise, &raw.advertise_env) {
+        (Some(a), Some(_)) => {
+            ck.error(
+                a.span(),
+                "cluster.advertise",
+                "give either advertise or advertise_env, not both",
+            );
+            return listen;
+        }
+        (Some(a), None) => (a.get_ref().clone(), "cluster.advertise", a.span()),
+        // A pod learns its own IP address only when it starts (Kubernetes' downward API
+        // puts it in an environment variable), and the file is shared by every pod: so the
+        // file may name the variable instead of the address.
+        (None, Some(env)) => {
+            let value = match std::env::var(env.get_ref()) {
+                Ok(v) if !v.trim().is_empty() => v.trim().to_owned(),
+                Ok(_) => {
+                    ck.error(
+                        env.span(),
+                        "cluster.advertise_env",
+                        format!("environment variable {} is empty", env.get_ref()),
+                    );
+                    return listen;
+                }
+                Err(std::env::VarError::NotPresent) => {
+                    ck.error(
+                        env.span(),
+                        "cluster.advertise_env",
+                        format!(
+                            "environment variable {} is not set (it should hold this node's address, such as the pod IP)",
+                            env.get_ref()
+                        ),
+                    );
+                    return listen;
+                }
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    ck.error(
+                        env.span(),
+                        "cluster.advertise_env",
+                        format!("environment variable {} is not valid UTF-8", env.get_ref()),
+                    );
+                    return listen;
+                }
+            };
+            (value, "cluster.advertise_env", env.span())
+        }
+        (None, None) => {
+            if listen.ip().is_unspecified() && raw.listen.is_some() {
+                let span = raw.listen.as_ref().map_or(spanned.span(), |l| l.span());
+                ck.error(
+                    span,
+                    "cluster.advertise",
+                    format!("is required when listen is {listen}: peers cannot dial an unspecified address (or name a variable holding it in advertise_env)"),
+                );
+            }
+            return listen;
+        }
+    };
+    // An address and port, or an address alone, which takes listen's port (a bare IPv6
+    // address such as a pod's needs no brackets then).
+    // With listen's port 0, that is the port bound (as when advertise is left to listen).
+    let (parsed, port_given) = match text.parse::<SocketAddr>() {
+        Ok(a) => (Some(a), true),
+        Err(_) => (
+            text.parse::<std::net::IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, listen.port())),
+            false,
+        ),
+    };
+    match parsed {
+        Some(addr) if addr.ip().is_unspecified() || (port_given && addr.port() == 0) => {
+            ck.error(
+                span,
+                key,
+                format!("{addr} cannot be dialled by peers: give an address and port they reach"),
+            );
+            addr
+        }
+        Some(addr) => addr,
+        None => {
+            ck.error(
+                span,
+                key,
+                format!("{text:?} is not an address such as \"127.0.0.1:7400\" or \"10.0.0.2\""),
+            );
+            listen
+        }
+    }
+}
+
 fn address(ck: &mut Checker<'_>, key: &str, v: &Spanned<String>) -> Option<SocketAddr> {
     match v.get_ref().parse() {
         Ok(a) => Some(a),
@@ -338,6 +411,45 @@ mod tests {
         let got = errors(text);
         assert!(
             got.iter().any(|g| g.contains("cannot be dialled by peers")),
+            "{got:#?}"
+        );
+    }
+
+    #[test]
+    fn advertise_from_the_environment() {
+        const DNS: &str = "[cluster]\nname = \"pop\"\nnode = \"a\"\nlisten = \"0.0.0.0:7400\"\npeers_dns = \"peers.test:7400\"\n";
+        // Names no other test uses: the environment is shared by the test threads.
+        std::env::set_var("EDGECACHE_TEST_ADVERTISE_IP", "10.1.2.3");
+        std::env::set_var("EDGECACHE_TEST_ADVERTISE_IPV6", "fd00::7");
+        std::env::set_var("EDGECACHE_TEST_ADVERTISE_FULL", "10.1.2.3:7500");
+        std::env::set_var("EDGECACHE_TEST_ADVERTISE_BAD", "pod-ip");
+        std::env::set_var("EDGECACHE_TEST_ADVERTISE_ANY", "0.0.0.0");
+        for (var, expected) in [
+            ("EDGECACHE_TEST_ADVERTISE_IP", "10.1.2.3:7400"),
+            ("EDGECACHE_TEST_ADVERTISE_IPV6", "[fd00::7]:7400"),
+            ("EDGECACHE_TEST_ADVERTISE_FULL", "10.1.2.3:7500"),
+        ] {
+            let text = format!("{}{DNS}advertise_env = \"{var}\"\n", super::super::MINIMAL);
+            let config =
+                crate::config::Config::from_toml(&text, "t.toml", std::path::Path::new("."))
+                    .unwrap_or_else(|e| panic!("{var}: {e}"));
+            let advertise = config.cluster.map(|c| c.advertise.to_string());
+            assert_eq!(advertise.as_deref(), Some(expected), "{var}");
+        }
+        for (var, expected) in [
+            ("EDGECACHE_TEST_ADVERTISE_UNSET", "cluster.advertise_env: environment variable EDGECACHE_TEST_ADVERTISE_UNSET is not set"),
+            ("EDGECACHE_TEST_ADVERTISE_BAD", "cluster.advertise_env: \"pod-ip\" is not an address"),
+            ("EDGECACHE_TEST_ADVERTISE_ANY", "cluster.advertise_env: 0.0.0.0:7400 cannot be dialled by peers"),
+        ] {
+            let got = errors(&format!("{DNS}advertise_env = \"{var}\"\n"));
+            assert!(got.iter().any(|g| g.contains(expected)), "{expected:?} not in {got:#?}");
+        }
+        let got = errors(&format!(
+            "{DNS}advertise = \"10.0.0.1:7400\"\nadvertise_env = \"EDGECACHE_TEST_ADVERTISE_IP\"\n"
+        ));
+        assert!(
+            got.iter()
+                .any(|g| g.contains("give either advertise or advertise_env, not both")),
             "{got:#?}"
         );
     }
