@@ -15,6 +15,7 @@ Run from the repository root (as root, so missing packages can be installed):
     BENCH_BASELINE=/path/to/old/edgecache python3 benches/load/bench.py
         # also an earlier build of edgecache ("baseline") in every hit, TLS and miss case: a
         # before/after ratio measured side by side, in one run
+    BENCH_ONLY=css python3 benches/load/bench.py   # only the compression cases
 It stops only the processes it started.
 """
 
@@ -48,6 +49,9 @@ MISS_REQUESTS = 100_000
 OHA_THREADS = ("--worker-threads", "1")
 SERVER_CPU, CLIENT_CPU = "0", "1"
 SIZES = [("1k", 1 << 10), ("16k", 16 << 10), ("256k", 256 << 10), ("1m", 1 << 20)]
+CSS_SIZE = 16 << 10
+# oha's request header for the compression cases, by client name.
+ENCODINGS = {"oha-br": "br", "oha-gzip": "gzip"}
 PORTS = {
     "origin": 18000,
     "edgecache": 18080, "edgecache-tls": 18443, "edgecache-admin": 18090,
@@ -179,6 +183,12 @@ def prepare():
     os.makedirs(www)
     for name, size in SIZES:
         write(os.path.join(www, name), "x" * size)
+    # A stylesheet for the compression cases: compressible as real CSS is.
+    css, i = [], 0
+    while sum(map(len, css)) < CSS_SIZE:
+        css.append(f".rule-{i} {{ margin: {i % 17}px; color: #{(i * 7919) % 0xffffff:06x}; }}\n")
+        i += 1
+    write(os.path.join(www, "16k.css"), "".join(css)[:CSS_SIZE])
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
                     "-nodes", "-keyout", f"{WORK}/key.pem", "-out", f"{WORK}/cert.pem", "-days", "2",
                     "-subj", f"/CN={HOST}", "-addext", f"subjectAltName=DNS:{HOST},IP:127.0.0.1"],
@@ -196,6 +206,7 @@ http {{
     listen 127.0.0.1:{PORTS['origin']} reuseport backlog=4096;
     root {www};
     default_type application/octet-stream;
+    types {{ text/css css; }}
     add_header Cache-Control "public, max-age=3600";
     location /miss/ {{ rewrite ^ /1k break; }}
     location /cold/ {{ limit_rate 8m; rewrite ^ /1m break; }}
@@ -211,6 +222,8 @@ http {{
   upstream origin {{ server 127.0.0.1:{PORTS['origin']}; keepalive 128; }}
   ssl_protocols TLSv1.2 TLSv1.3;
   ssl_session_cache shared:ssl:10m;
+  # Only the compression case's text/css is compressed (nginx compresses per response).
+  gzip on; gzip_types text/css; gzip_proxied any; gzip_comp_level 6; gzip_vary on;
   server {{
     listen 127.0.0.1:{PORTS['nginx']} reuseport backlog=4096;
     listen 127.0.0.1:{PORTS['nginx-tls']} ssl http2 reuseport backlog=4096;
@@ -354,6 +367,9 @@ def measure(server, pid, target, http2=False, extra=(), seconds=None, client="oh
         r["n"] = r["rps"] * (seconds or SECONDS)
     elif client == "oha-rate":
         r = oha(target, seconds or SECONDS, CONNS, http2, ("-q", str(RATE), "--latency-correction", *extra))
+    elif client in ENCODINGS:
+        ae = ("-H", f"Accept-Encoding: {ENCODINGS[client]}")
+        r = oha(target, seconds or SECONDS, CONNS, http2, (*ae, *extra), count)
     else:
         r = oha(target, seconds or SECONDS, CONNS, http2, extra, count)
     cpu = cpu_seconds(pid) - before
@@ -393,6 +409,11 @@ def main():
     # server outruns it, so their percentiles include the client's own queueing; here every
     # server gets the same offered rate, with oha's coordinated-omission correction.
     cases += [(f"hit {n} h1 @{RATE // 1000}k/s", f"/{n}", False, False, hits, "oha-rate") for n in ("1k", "16k")]
+    # Compression: a 16 KiB stylesheet as identity, br and gzip. edgecache compresses it once
+    # at fill time and sends a stored form per hit; nginx compresses per response (gzip on).
+    cases += [("css 16k identity", "/16k.css", False, False, ["edgecache"], "oha"),
+              ("css 16k br", "/16k.css", False, False, ["edgecache"], "oha-br"),
+              ("css 16k gzip", "/16k.css", False, False, ["edgecache", "nginx"], "oha-gzip")]
     cases = [c for c in cases if ONLY in c[0]]
     results = {}
     try:
@@ -474,6 +495,9 @@ def report(results, rss):
                 print(f"{'':<22} edgecache/{peer}: req/s x{med(ec, 'rps') / med(pr, 'rps'):.2f}, "
                       f"req/cpu-s x{med(ec, 'per_cpu_s') / max(med(pr, 'per_cpu_s'), 1e-9):.2f}, "
                       f"p99 x{med(ec, 'p99') / max(med(pr, 'p99'), 1e-9):.2f}")
+    ident, br = results.get(("css 16k identity", "edgecache")), results.get(("css 16k br", "edgecache"))
+    if ident and br:
+        print(f"edgecache css 16k br/identity: req/cpu-s x{med(br, 'per_cpu_s') / max(med(ident, 'per_cpu_s'), 1e-9):.2f}")
     print("peak RSS MiB: " + ", ".join(f"{s} {v:.0f}" for s, v in rss.items()))
 
 

@@ -86,6 +86,13 @@ fn variant_json(hash: u64, e: &Entry, now: SystemTime) -> serde_json::Value {
         "last_modified": text(header::LAST_MODIFIED),
         "tags": e.tags,
         "storage": e.storage(),
+        "content_encoding": text(header::CONTENT_ENCODING),
+        // The encoded forms made at fill time (`compress`), each with its size.
+        "encodings": e
+            .forms
+            .iter()
+            .map(|f| json!({ "encoding": f.coding.name(), "size": f.body.len() }))
+            .collect::<Vec<_>>(),
     })
 }
 

@@ -8,6 +8,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::key::{OwnedKey, VaryKey};
 use super::policy::{self, StoreDecision, StoredFacts};
+use crate::compress::{self, Coding};
 
 /// RFC 9211 `Cache-Status`.
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -30,6 +31,14 @@ pub struct Entry {
     pub upstream_status: Option<HeaderValue>,
     /// The whole body, shared by every client that reads it.
     pub body: Bytes,
+    /// The body encoded once at fill time (`compress`), in the site's order of preference,
+    /// each with its own prepared headers; empty when the response was not compressed.
+    pub forms: Box<[Form]>,
+    /// The codings of `forms`, in the same order: what a hit negotiates over.
+    pub codings: Box<[Coding]>,
+    /// The origin's own content coding, when a client that does not accept it is sent the
+    /// body decoded (`compress::Plan::Decode`).
+    pub decodable: Option<Coding>,
     /// When the response arrived (RFC 9111 `response_time`).
     pub response_time: SystemTime,
     /// Corrected initial age (§4.2.3).
@@ -43,6 +52,15 @@ pub struct Entry {
     /// The store's use mark: the version of this URL's variant list that last answered from
     /// the entry (0: never), which is what decides the variant that goes when the list is full.
     used: AtomicU64,
+}
+
+/// One encoded form of a stored body.
+#[derive(Debug)]
+pub struct Form {
+    pub coding: Coding,
+    /// The identity headers with this form's `Content-Encoding`, length and weak `ETag`.
+    pub headers: HeaderMap,
+    pub body: Bytes,
 }
 
 impl Entry {
@@ -68,6 +86,9 @@ impl Entry {
             headers,
             upstream_status,
             body,
+            forms: Box::new([]),
+            codings: Box::new([]),
+            decodable: None,
             response_time,
             initial_age,
             decision,
@@ -75,6 +96,38 @@ impl Entry {
             purged_at: AtomicU64::new(0),
             used: AtomicU64::new(0),
         }
+    }
+
+    /// The entry with encoded `forms` of its body: each gets the identity headers with its
+    /// `Content-Encoding`, its `Content-Length` and a weak `ETag` (the identity headers say
+    /// `Vary: Accept-Encoding` already).
+    pub fn with_forms(mut self, forms: impl IntoIterator<Item = (Coding, Bytes)>) -> Entry {
+        let forms: Vec<Form> = forms
+            .into_iter()
+            .map(|(coding, body)| {
+                let mut headers = self.headers.clone();
+                headers.insert(header::CONTENT_ENCODING, coding.header_value());
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                if let Some(etag) = headers.get(header::ETAG) {
+                    let weak = compress::weak_etag(etag);
+                    headers.insert(header::ETAG, weak);
+                }
+                Form {
+                    coding,
+                    headers,
+                    body,
+                }
+            })
+            .collect();
+        self.codings = forms.iter().map(|f| f.coding).collect();
+        self.forms = forms.into_boxed_slice();
+        self
+    }
+
+    /// The entry marked as in `coding`, decoded for clients that do not accept it.
+    pub fn with_decodable(mut self, coding: Option<Coding>) -> Entry {
+        self.decodable = coding;
+        self
     }
 
     /// A copy refreshed by a 304: new headers, times and decision, the same body bytes.
@@ -101,7 +154,9 @@ impl Entry {
         if e.upstream_status.is_none() {
             e.upstream_status = self.upstream_status.clone();
         }
-        e
+        // The encoded forms are the same bytes, under the refreshed headers.
+        e.with_forms(self.forms.iter().map(|f| (f.coding, f.body.clone())))
+            .with_decodable(self.decodable)
     }
 
     /// Bytes this entry costs the store: body, header names and values, and a fixed overhead
@@ -116,7 +171,15 @@ impl Entry {
             .map(|(k, v)| k.as_str().len() + v.len() + 32)
             .sum();
         let tags: usize = self.tags.iter().map(|t| t.len() + 16).sum();
+        // Every stored form counts: its body, and its headers (a copy of the identity's
+        // bar three values, counted as a fixed part of theirs).
+        let forms: usize = self
+            .forms
+            .iter()
+            .map(|f| f.body.len() + headers / 4 + 256)
+            .sum();
         let total = self.body.len()
+            + forms
             + headers
             + tags
             + self.key.host.len()

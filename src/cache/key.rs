@@ -127,6 +127,20 @@ impl VaryKey {
     /// Builds the secondary key from the response's `Vary` and the request's headers.
     /// Returns an empty key when the response does not vary.
     pub fn from_response(response: &HeaderMap, request: &HeaderMap) -> VaryKey {
+        VaryKey::build(response, request, None)
+    }
+
+    /// Like [`VaryKey::from_response`], leaving out `skip` (`Accept-Encoding` for a response
+    /// the cache compresses itself, which serves every client from one entry).
+    pub fn from_response_except(
+        response: &HeaderMap,
+        request: &HeaderMap,
+        skip: &HeaderName,
+    ) -> VaryKey {
+        VaryKey::build(response, request, Some(skip))
+    }
+
+    fn build(response: &HeaderMap, request: &HeaderMap, skip: Option<&HeaderName>) -> VaryKey {
         let mut fields = Vec::new();
         for v in response.get_all(http::header::VARY) {
             let Ok(text) = v.to_str() else { continue };
@@ -134,7 +148,7 @@ impl VaryKey {
                 let Ok(name) = HeaderName::from_bytes(name.trim().as_bytes()) else {
                     continue;
                 };
-                if fields.iter().any(|(n, _)| *n == name) {
+                if fields.iter().any(|(n, _)| *n == name) || skip == Some(&name) {
                     continue;
                 }
                 let value = vary_value(&name, request);

@@ -521,6 +521,8 @@ pub struct Site {
     /// `[sites.limits] rate`: requests the site answers, from all clients together; past it,
     /// 429 with `Retry-After`. `None` (the default): no limit.
     pub rate: Option<Rate>,
+    /// `[sites.compression]`: on by default (see `crate::compress`).
+    pub compression: Arc<crate::compress::Compression>,
 }
 
 impl Site {
@@ -535,6 +537,7 @@ impl Site {
             methods: Methods::default_for(false),
             refuse_escaped_slashes: false,
             rate: None,
+            compression: Arc::default(),
         }
     }
 

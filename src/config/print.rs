@@ -364,6 +364,22 @@ fn sites(c: &Config, out: &mut String) {
             }
             None => out.push_str("# rate: no limit (the default)\n"),
         }
+        let z = &s.compression;
+        let _ = writeln!(out, "[sites.compression]");
+        let _ = writeln!(out, "enabled = {}", z.enabled);
+        let _ = writeln!(
+            out,
+            "encodings = {}",
+            list(z.encodings.iter().map(|c| c.name()))
+        );
+        let _ = writeln!(out, "types = {}", list(&z.types));
+        let _ = writeln!(out, "min_size = {}", size(z.min_size));
+        let _ = writeln!(out, "stream = {}", z.stream);
+        let _ = writeln!(
+            out,
+            "levels = {{ br = {}, zstd = {}, gzip = {} }}",
+            z.levels.br, z.levels.zstd, z.levels.gzip
+        );
         if origin.is_none() {
             for r in &s.routes {
                 let _ = writeln!(out, "[[sites.routes]]");

@@ -239,6 +239,30 @@ pub(crate) struct RawSite {
     pub(crate) escaped_slashes: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) limits: RawSiteLimits,
+    #[serde(default)]
+    pub(crate) compression: RawCompression,
+}
+
+/// `[sites.compression]`: what the site compresses, and how.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCompression {
+    pub(crate) enabled: Option<bool>,
+    pub(crate) encodings: Option<Vec<Spanned<String>>>,
+    pub(crate) types: Option<Vec<Spanned<String>>>,
+    pub(crate) min_size: Option<Spanned<Size>>,
+    pub(crate) stream: Option<bool>,
+    #[serde(default)]
+    pub(crate) levels: RawLevels,
+}
+
+/// `[sites.compression.levels]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLevels {
+    pub(crate) br: Option<Spanned<i64>>,
+    pub(crate) zstd: Option<Spanned<i64>>,
+    pub(crate) gzip: Option<Spanned<i64>>,
 }
 
 /// `[sites.limits]`: what the site answers from all clients together.

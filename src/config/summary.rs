@@ -162,6 +162,24 @@ impl Config {
             if let Some(r) = &site.rate {
                 let _ = writeln!(s, "    rate limit {r}, all clients together");
             }
+            let z = &site.compression;
+            if z.enabled && !z.encodings.is_empty() {
+                let names: Vec<&str> = z.encodings.iter().map(|c| c.name()).collect();
+                let _ = writeln!(
+                    s,
+                    "    compression: {} from {} bytes, {} type pattern(s){}",
+                    names.join(", "),
+                    z.min_size,
+                    z.types.len(),
+                    if z.stream {
+                        ", streamed when not stored"
+                    } else {
+                        ""
+                    }
+                );
+            } else {
+                let _ = writeln!(s, "    compression: off");
+            }
             let c = &site.cache.settings;
             let _ = writeln!(
                 s,

@@ -3,6 +3,7 @@
 //! small objects read whole, larger ones published as a fill and pumped into the store.
 
 use super::*;
+use crate::compress::{self, Coding, Compression, Plan};
 
 impl Proxy {
     /// Fetches from the origin for `lookup` and publishes the result on `fill` for followers.
@@ -363,6 +364,8 @@ impl Proxy {
             idle: self.origins[f.origin].config.timeout,
             hit_for_miss: site.cache.hit_for_miss,
             keep: f.keep,
+            plan: stored.plan,
+            compression: site.compression.clone(),
         };
         tokio::spawn(pump.run(rbody));
         if let Some(fill) = done {
@@ -441,7 +444,20 @@ impl Proxy {
         };
         let own = &self.config.cache.cache_control_field;
         *headers = strip_cache_only(std::mem::take(headers), own, &strip);
-        let vary = VaryKey::from_response(headers, client).with_extra(lookup.extra.clone());
+        let compression = &self.config.sites[lookup.site].compression;
+        let plan = compression.plan(status, headers, content_length);
+        // A response compressed here serves every `Accept-Encoding` from one entry, so the
+        // field is not part of its variant even where the origin names it.
+        let vary = match plan {
+            Plan::Encode => {
+                VaryKey::from_response_except(headers, client, &header::ACCEPT_ENCODING)
+            }
+            _ => VaryKey::from_response(headers, client),
+        }
+        .with_extra(lookup.extra.clone());
+        if plan != Plan::Keep {
+            compress::add_vary(headers);
+        }
         let decision = decision?;
         if keep {
             self.store.admit_variant(lookup.hash, &lookup.key, &vary)?;
@@ -452,6 +468,7 @@ impl Proxy {
             tags,
             response_time,
             personal,
+            plan,
         })
     }
 
@@ -485,11 +502,8 @@ impl Proxy {
         let ours = self.cache_status(&format!("{}; detail={}", f.base, reason.as_str()));
         let status = after_upstream(&rparts.headers, ours);
         rparts.headers.insert(CACHE_STATUS.clone(), status);
-        let body = if lookup.head {
-            Body::empty()
-        } else {
-            Body::stream(rbody)
-        };
+        let client = &lookup.parts.headers;
+        let body = self.streamed(lookup.site, client, &mut rparts, rbody, lookup.head);
         (
             Response::from_parts(rparts, body),
             f.outcome(CacheResult::Pass),
@@ -530,17 +544,32 @@ impl Proxy {
         }
         let initial_age =
             policy::corrected_initial_age(&rparts.headers, f.request_time, stored.response_time);
+        let body = buf.freeze();
+        let forms = if f.keep {
+            let site = &self.config.sites[lookup.site];
+            encoded_forms(
+                stored.plan,
+                &site.compression,
+                &body,
+                self.config.cache.max_object_size,
+            )
+            .await
+        } else {
+            Vec::new()
+        };
         let entry = Entry::new(
             lookup.key.clone(),
             stored.vary,
             rparts.status,
             rparts.headers,
-            buf.freeze(),
+            body,
             stored.response_time,
             initial_age,
             stored.decision,
             stored.tags,
-        );
+        )
+        .with_forms(forms)
+        .with_decodable(decodable(stored.plan));
         // Not kept (a peer's object at a non-owner): still shared with this fill's followers.
         let entry = if f.keep {
             self.store.insert_shared(lookup.hash, entry)
@@ -618,6 +647,8 @@ pub(super) struct Stored {
     /// Fields removed from the stored copy that the client whose request fetched it still
     /// receives (see `store_decision`).
     personal: Vec<(HeaderName, HeaderValue)>,
+    /// What compression does with it (`compress`).
+    plan: Plan,
 }
 
 /// Publishes `Retry` if the leader goes away (client disconnect) before publishing.
@@ -677,6 +708,9 @@ pub(super) struct Pump {
     /// Store the object once complete (false: a peer's object at a non-owner, streamed to
     /// the fill's readers only).
     keep: bool,
+    /// What compression does with the object, and the site's settings for it.
+    plan: Plan,
+    compression: Arc<Compression>,
 }
 
 impl Pump {
@@ -733,6 +767,7 @@ impl Pump {
                     self.request_time,
                     self.response_time,
                 );
+                let forms = encoded_forms(self.plan, &self.compression, &bytes, self.limit).await;
                 let entry = Entry::new(
                     self.key.clone(),
                     self.vary.clone(),
@@ -743,7 +778,9 @@ impl Pump {
                     initial_age,
                     self.decision.clone(),
                     self.tags.clone(),
-                );
+                )
+                .with_forms(forms)
+                .with_decodable(decodable(self.plan));
                 self.store.insert(self.hash, entry);
             }
         }
@@ -756,6 +793,34 @@ impl Pump {
         if self.registered {
             self.proxy.fills.remove(self.hash, &self.fill);
         }
+    }
+}
+
+/// The encoded forms of a body a fill is about to store, made on a blocking thread when
+/// `plan` says so and the body (its size now known) is not below the site's minimum; what is
+/// left of `limit` (`cache.max_object_size`) after the identity body bounds their total.
+async fn encoded_forms(
+    plan: Plan,
+    compression: &Arc<Compression>,
+    body: &Bytes,
+    limit: u64,
+) -> Vec<(Coding, Bytes)> {
+    let len = body.len() as u64;
+    if plan != Plan::Encode || len < compression.min_size {
+        return Vec::new();
+    }
+    let (c, body) = (compression.clone(), body.clone());
+    let budget = limit.saturating_sub(len);
+    tokio::task::spawn_blocking(move || compress::forms(&c.encodings, &c.levels, &body, budget))
+        .await
+        .unwrap_or_default()
+}
+
+/// The stored body's coding when clients that do not accept it get it decoded.
+fn decodable(plan: Plan) -> Option<Coding> {
+    match plan {
+        Plan::Decode(c) => Some(c),
+        _ => None,
     }
 }
 

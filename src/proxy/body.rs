@@ -10,6 +10,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::error::ProxyError;
+use crate::compress::{Decoder, Encoder};
 use crate::telemetry::AccessLog;
 
 type FillReader = crate::cache::fill::FillReader<ProxyError>;
@@ -21,6 +22,11 @@ enum Kind {
     Full(Option<Bytes>),
     Stream(Incoming),
     Fill(FillReader),
+    /// A stored body sent decoded (`None` once ended).
+    Decode(Option<Decoder>),
+    /// An origin stream compressed as it passes (`None` once the encoder is finished); the
+    /// encoder boxed, so that every response's body stays as small as before.
+    Encode(Incoming, Option<Box<Encoder>>),
 }
 
 /// The body type of every response edgecache sends.
@@ -45,6 +51,14 @@ impl Body {
 
     pub(crate) fn fill(reader: FillReader) -> Body {
         Body::with(Kind::Fill(reader))
+    }
+
+    pub(crate) fn decode(decoder: Decoder) -> Body {
+        Body::with(Kind::Decode(Some(decoder)))
+    }
+
+    pub(crate) fn encode(inner: Incoming, encoder: Encoder) -> Body {
+        Body::with(Kind::Encode(inner, Some(Box::new(encoder))))
     }
 
     fn with(kind: Kind) -> Body {
@@ -77,6 +91,8 @@ impl HttpBody for Body {
             Kind::Fill(reader) => Pin::new(reader)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BoxError::from))),
+            Kind::Decode(decoder) => Poll::Ready(decoded(decoder)),
+            Kind::Encode(inner, encoder) => encoded(inner, encoder, cx),
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -99,6 +115,8 @@ impl HttpBody for Body {
             Kind::Full(data) => data.is_none(),
             Kind::Stream(inner) => inner.is_end_stream(),
             Kind::Fill(reader) => reader.is_end_stream(),
+            Kind::Decode(decoder) => decoder.is_none(),
+            Kind::Encode(_, encoder) => encoder.is_none(),
         }
     }
 
@@ -108,6 +126,66 @@ impl HttpBody for Body {
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Stream(inner) => inner.size_hint(),
             Kind::Fill(reader) => reader.size_hint(),
+            Kind::Decode(_) | Kind::Encode(..) => SizeHint::default(),
+        }
+    }
+}
+
+/// The next decoded chunk (a bounded amount of work, done in the poll: at most 32 KiB out).
+fn decoded(decoder: &mut Option<Decoder>) -> Option<Result<Frame<Bytes>, BoxError>> {
+    let d = decoder.as_mut()?;
+    match d.next_chunk() {
+        Ok(Some(chunk)) => Some(Ok(Frame::data(chunk))),
+        Ok(None) => {
+            *decoder = None;
+            None
+        }
+        Err(e) => {
+            *decoder = None;
+            Some(Err(BoxError::from(e)))
+        }
+    }
+}
+
+/// The origin's next chunk, compressed; the encoder's last bytes at the end. Trailers are
+/// dropped (they would describe the identity bytes).
+fn encoded(
+    inner: &mut Incoming,
+    encoder: &mut Option<Box<Encoder>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    loop {
+        let Some(enc) = encoder.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(&mut *inner).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(Err(e))) => {
+                *encoder = None;
+                return Poll::Ready(Some(Err(BoxError::from(e))));
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                match enc.push(&data) {
+                    Ok(out) if out.is_empty() => continue,
+                    Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                    Err(e) => {
+                        *encoder = None;
+                        return Poll::Ready(Some(Err(BoxError::from(e))));
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                let Some(enc) = encoder.take() else {
+                    return Poll::Ready(None);
+                };
+                return Poll::Ready(match enc.finish() {
+                    Ok(out) => Some(Ok(Frame::data(out))),
+                    Err(e) => Some(Err(BoxError::from(e))),
+                });
+            }
         }
     }
 }

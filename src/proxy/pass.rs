@@ -22,6 +22,11 @@ impl Proxy {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let (mut parts, body) = req.into_parts();
+        // What the client accepts, kept for compressing the answer (no allocation without).
+        let mut accept = HeaderMap::new();
+        for v in parts.headers.get_all(header::ACCEPT_ENCODING) {
+            accept.append(header::ACCEPT_ENCODING, v.clone());
+        }
         let headers = std::mem::take(&mut parts.headers);
         let mut up = self.upstream(
             method.clone(),
@@ -79,11 +84,13 @@ impl Proxy {
         } else {
             CacheResult::Pass
         };
-        let body = if method == Method::HEAD {
-            Body::empty()
-        } else {
-            Body::stream(rbody)
-        };
+        let body = self.streamed(
+            site_idx,
+            &accept,
+            &mut rparts,
+            rbody,
+            method == Method::HEAD,
+        );
         (
             Response::from_parts(rparts, body),
             Outcome_::origin(cache, origin_index, origin_ms, route),

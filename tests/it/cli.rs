@@ -65,7 +65,7 @@ fn several_broken_keys_are_all_reported_in_one_run() {
              max_connections_per_client, upgrade_socket)",
             "bad.toml:6:12: cache.sendfile: text \"yes\" is not true or false",
             "bad.toml:13:1: sites[0].weight: unknown key `weight` (known keys: hosts, origin, \
-             routes, cache, rules, methods, escaped_slashes, limits)",
+             routes, cache, rules, methods, escaped_slashes, limits, compression)",
             "bad.toml:18:7: sites[0].rules[1].ttl: number `5` is not a duration such as \
              \"500ms\", \"5s\", \"2m\", \"1h\" or \"1d\"",
         ]

@@ -8,6 +8,7 @@ mod cache;
 mod cli;
 mod clients;
 mod cluster;
+mod compression;
 mod conformance;
 mod demo;
 mod deploy;

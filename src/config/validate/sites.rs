@@ -9,6 +9,7 @@ use toml::Spanned;
 
 use super::{host_pattern, parse_cidr, rate, Checker};
 use crate::cache::policy::Settings;
+use crate::compress::{Coding, Compression};
 use crate::config::raw::{self, RawRoute, RawRule, RawSite, RawSiteCache};
 use crate::config::{
     ClientNoCache, Methods, Origin, PathMatch, Pool, QueryMode, Route, RouteMatch, Rule, Site,
@@ -228,6 +229,7 @@ fn site(
         (&format!("{key}.limits.rate"), &s.limits.rate),
         (&format!("{key}.limits.burst"), &s.limits.burst),
     );
+    let compression = compression(ck, &key, &s.compression);
     Some(Site {
         hosts,
         origin,
@@ -237,7 +239,87 @@ fn site(
         methods,
         refuse_escaped_slashes,
         rate,
+        compression: Arc::new(compression),
     })
+}
+
+/// `[sites.compression]`: codings produced (each once, of those edgecache writes), media
+/// type patterns, the size below which nothing is compressed, and each codec's level.
+fn compression(ck: &mut Checker<'_>, key: &str, raw: &raw::RawCompression) -> Compression {
+    let key = format!("{key}.compression");
+    let mut c = Compression::default();
+    if let Some(e) = raw.enabled {
+        c.enabled = e;
+    }
+    if let Some(st) = raw.stream {
+        c.stream = st;
+    }
+    if let Some(list) = &raw.encodings {
+        c.encodings.clear();
+        for e in list {
+            match Coding::parse(e.get_ref()).filter(|c| Coding::PRODUCED.contains(c)) {
+                Some(coding) if c.encodings.contains(&coding) => ck.error(
+                    e.span(),
+                    format!("{key}.encodings"),
+                    format!("{:?} is listed twice", e.get_ref()),
+                ),
+                Some(coding) if e.get_ref().eq_ignore_ascii_case(coding.name()) => {
+                    c.encodings.push(coding)
+                }
+                _ => ck.error(
+                    e.span(),
+                    format!("{key}.encodings"),
+                    format!("{:?} is not one of \"br\", \"zstd\", \"gzip\"", e.get_ref()),
+                ),
+            }
+        }
+    }
+    if let Some(list) = &raw.types {
+        c.types.clear();
+        for t in list {
+            let pattern = t.get_ref().trim().to_ascii_lowercase();
+            if crate::compress::valid_type_pattern(&pattern) {
+                c.types.push(pattern);
+            } else {
+                ck.error(
+                    t.span(),
+                    format!("{key}.types"),
+                    format!(
+                        "{:?} is not a media type (\"text/css\"), a type's subtypes \
+                         (\"text/*\") or a suffix (\"application/*+json\")",
+                        t.get_ref()
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(m) = &raw.min_size {
+        c.min_size = m.get_ref().0;
+    }
+    let mut level =
+        |v: &Option<toml::Spanned<i64>>, name: &str, range: std::ops::RangeInclusive<i64>| {
+            let v = v.as_ref()?;
+            if range.contains(v.get_ref()) {
+                Some(*v.get_ref())
+            } else {
+                ck.error(
+                    v.span(),
+                    format!("{key}.levels.{name}"),
+                    format!("must be from {} to {}", range.start(), range.end()),
+                );
+                None
+            }
+        };
+    if let Some(v) = level(&raw.levels.br, "br", 0..=11) {
+        c.levels.br = v as u32;
+    }
+    if let Some(v) = level(&raw.levels.zstd, "zstd", 1..=22) {
+        c.levels.zstd = v as i32;
+    }
+    if let Some(v) = level(&raw.levels.gzip, "gzip", 1..=9) {
+        c.levels.gzip = v as u32;
+    }
+    c
 }
 
 /// `escaped_slashes = "keep" | "refuse"`: true for "refuse".
