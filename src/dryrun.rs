@@ -170,7 +170,7 @@ fn rule(out: &mut String, site: &Site, site_idx: usize, path: &str) {
                 PathMatch::Prefix(p) => format!("prefix {p:?}"),
                 PathMatch::Glob(g) => format!("path glob {g:?}"),
             };
-            let what = if r.bypass {
+            let mut what = if r.bypass {
                 "bypass: never looked up or stored".to_owned()
             } else {
                 match r.settings.force_ttl {
@@ -178,6 +178,9 @@ fn rule(out: &mut String, site: &Site, site_idx: usize, path: &str) {
                     None => "cached as the origin's headers say, with the rule's limits".to_owned(),
                 }
             };
+            if let Some(n) = r.slice {
+                what.push_str(&format!("; fetched and stored in slices of {n} bytes"));
+            }
             let _ = writeln!(
                 out,
                 "rule: sites[{site_idx}].rules[{i}]: {path:?} matched {how} (first match wins); {what}"

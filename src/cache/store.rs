@@ -126,6 +126,10 @@ pub struct Store {
     removed: Arc<RemovalCounts>,
     /// Set when a resize replaced this store: what its cache drops then is not counted.
     retired: Arc<AtomicBool>,
+    /// URLs stored in slices (`proxy::slice`), by the hash of the URL's own key: how many
+    /// slice keys each may have, so that a purge by URL reaches every slice. An entry per
+    /// sliced URL (large files: few), removed by a hard purge of the URL.
+    sliced: Arc<std::sync::Mutex<std::collections::HashMap<u64, u32>>>,
 }
 
 /// What a resize leaves behind in the store it replaced, for the requests that still hold
@@ -274,6 +278,7 @@ impl Store {
             successor: Arc::default(),
             removed,
             retired,
+            sliced: Arc::default(),
         }
     }
 
@@ -296,6 +301,7 @@ impl Store {
             successor: Arc::default(),
             removed: self.removed.clone(),
             retired,
+            sliced: self.sliced.clone(),
         };
         let _moving = self
             .successor
@@ -504,6 +510,7 @@ impl Store {
                 };
                 let hash = self.hash(&parts);
                 n += self.purge_object(hash, now, soft, &|e: &Entry| e.key.matches(&parts));
+                n += self.purge_slices(&parts, now, soft);
                 // Only this URL's marker: clearing them all would turn collapsing back on for
                 // every uncacheable URL on each purge or write.
                 self.hit_for_miss.invalidate(&hash);
@@ -530,6 +537,12 @@ impl Store {
             .sum();
         if matches!(target, PurgeTarget::All) {
             self.hit_for_miss.invalidate_all();
+            if !soft {
+                self.sliced
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
+            }
         }
         n
     }
@@ -559,6 +572,45 @@ impl Store {
                 .insert(hash, Arc::new(Object::next(Some(&obj), keep)));
         }
         hit.len()
+    }
+
+    /// The key parts of slice `index` of the URL `parts` names: the URL with `#slice=N`
+    /// after it (a fragment never reaches a cache, so no request's key is one of these).
+    pub fn slice_path(path_and_query: &str, index: u32) -> String {
+        format!("{path_and_query}#slice={index}")
+    }
+
+    /// Records that slice `index` of the URL whose own key hashes to `url_hash` may be
+    /// stored, for purges by URL.
+    pub fn note_slice(&self, url_hash: u64, index: u32) {
+        let mut map = self.sliced.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(url_hash).or_insert(0);
+        *n = (*n).max(index.saturating_add(1));
+    }
+
+    /// Purges the slices of the URL `parts` (see [`Store::note_slice`]).
+    fn purge_slices(&self, parts: &KeyParts<'_>, now: SystemTime, soft: bool) -> usize {
+        let url_hash = self.hash(parts);
+        let count = {
+            let mut map = self.sliced.lock().unwrap_or_else(|p| p.into_inner());
+            if soft {
+                map.get(&url_hash).copied()
+            } else {
+                map.remove(&url_hash)
+            }
+        };
+        let Some(count) = count else { return 0 };
+        let mut n = 0;
+        for i in 0..count {
+            let path = Store::slice_path(parts.path_and_query, i);
+            let slice = KeyParts {
+                path_and_query: &path,
+                ..*parts
+            };
+            let hash = self.hash(&slice);
+            n += self.purge_object(hash, now, soft, &|e: &Entry| e.key.matches(&slice));
+        }
+        n
     }
 
     /// Number of stored URLs (approximate until pending maintenance runs).

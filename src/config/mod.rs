@@ -710,6 +710,9 @@ pub struct Rule {
     /// stale windows and `status_ttl` in place of theirs, resolved at load: a miss under the
     /// rule borrows them.
     pub settings: crate::cache::policy::Settings,
+    /// `slice = "4MiB"`: objects under the rule are fetched and stored in slices of this
+    /// many bytes (`proxy::slice`); `None`: whole.
+    pub slice: Option<u64>,
 }
 
 /// A configuration problem, located in its file.

@@ -411,6 +411,9 @@ fn sites(c: &Config, out: &mut String) {
                 }
             }
             let _ = writeln!(out, "bypass = {}", r.bypass);
+            if let Some(n) = r.slice {
+                let _ = writeln!(out, "slice = {}", size(n));
+            }
             let st = &r.settings;
             for (key, v) in [
                 ("ttl", st.force_ttl),

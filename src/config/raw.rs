@@ -306,6 +306,7 @@ pub(crate) struct RawRule {
     pub(crate) stale_if_error: Option<Duration>,
     #[serde(default)]
     pub(crate) status_ttl: std::collections::BTreeMap<String, Duration>,
+    pub(crate) slice: Option<Spanned<Size>>,
 }
 
 /// A byte size such as `512MiB`, `64KiB`, `1GiB` or a plain integer of bytes.

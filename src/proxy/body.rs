@@ -24,6 +24,13 @@ enum Kind {
     Fill(FillReader),
     /// A stored body sent decoded (`None` once ended).
     Decode(Option<Decoder>),
+    /// Bytes sent by a task (a sliced object, `proxy::slice`), `remaining` of them still to
+    /// come; `true` once ended.
+    Channel(
+        tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>,
+        u64,
+        bool,
+    ),
     /// An origin stream compressed as it passes (`None` once the encoder is finished); the
     /// encoder boxed, so that every response's body stays as small as before.
     Encode(Incoming, Option<Box<Encoder>>),
@@ -51,6 +58,13 @@ impl Body {
 
     pub(crate) fn fill(reader: FillReader) -> Body {
         Body::with(Kind::Fill(reader))
+    }
+
+    pub(crate) fn channel(
+        rx: tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>,
+        length: u64,
+    ) -> Body {
+        Body::with(Kind::Channel(rx, length, false))
     }
 
     pub(crate) fn decode(decoder: Decoder) -> Body {
@@ -92,6 +106,26 @@ impl HttpBody for Body {
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BoxError::from))),
             Kind::Decode(decoder) => Poll::Ready(decoded(decoder)),
+            Kind::Channel(rx, remaining, ended) => match rx.poll_recv(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(data))) => {
+                    *remaining = remaining.saturating_sub(data.len() as u64);
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    *ended = true;
+                    Poll::Ready(Some(Err(e)))
+                }
+                Poll::Ready(None) => {
+                    *ended = true;
+                    if *remaining > 0 {
+                        // The sender went without saying why: the body is short.
+                        Poll::Ready(Some(Err("body ended early".into())))
+                    } else {
+                        Poll::Ready(None)
+                    }
+                }
+            },
             Kind::Encode(inner, encoder) => encoded(inner, encoder, cx),
         };
         match &polled {
@@ -116,6 +150,7 @@ impl HttpBody for Body {
             Kind::Stream(inner) => inner.is_end_stream(),
             Kind::Fill(reader) => reader.is_end_stream(),
             Kind::Decode(decoder) => decoder.is_none(),
+            Kind::Channel(_, remaining, ended) => *ended || *remaining == 0,
             Kind::Encode(_, encoder) => encoder.is_none(),
         }
     }
@@ -126,6 +161,7 @@ impl HttpBody for Body {
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Stream(inner) => inner.size_hint(),
             Kind::Fill(reader) => reader.size_hint(),
+            Kind::Channel(_, remaining, _) => SizeHint::with_exact(*remaining),
             Kind::Decode(_) | Kind::Encode(..) => SizeHint::default(),
         }
     }

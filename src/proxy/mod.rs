@@ -36,6 +36,7 @@ pub mod range;
 mod respond;
 mod route;
 pub mod sites;
+mod slice;
 mod upstream;
 mod views;
 pub use purge::PeerResults;
@@ -844,6 +845,17 @@ impl Proxy {
                     telemetry::spans::PASS,
                     this.pass(req, conn, site_idx, &host, host_value, status)
                 )
+            }));
+        }
+        if let Some((rule, size)) = rule.and_then(|i| Some((i, site.rules.get(i)?.slice?))) {
+            // A slicing rule: the object is had in slices, whatever is stored whole.
+            let key_pq = key_target(site, routed.pq.as_str()).into_owned();
+            let host = routed.host.into_owned();
+            let this = self.clone();
+            let parts = req.into_parts().0;
+            return Served::Later(Box::pin(async move {
+                this.sliced(parts, conn, site_idx, rule, size, host, key_pq)
+                    .await
             }));
         }
         let looked = tracing::debug_span!(telemetry::spans::LOOKUP)

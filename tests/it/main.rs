@@ -29,6 +29,7 @@ mod send_timeout;
 mod sendfile;
 mod serving;
 mod shield;
+mod slices;
 mod status;
 mod support;
 mod tls;

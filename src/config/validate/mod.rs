@@ -241,6 +241,7 @@ fn check(ck: &mut Checker<'_>, raw: &RawConfig, base: &Path) -> Config {
         origin_index: &origin_index,
         pool_index: &pool_index,
         purge_enabled: raw.admin.is_some(),
+        max_object_size: cache.max_object_size,
     };
     let mut sites = sites::sites(ck, &raw.sites, &known, &mut pools);
     // Every site's and rule's settings read directives from the same own field.

@@ -126,6 +126,8 @@ pub(super) struct SiteRefs<'a> {
     pub(super) origin_index: &'a HashMap<String, usize>,
     pub(super) pool_index: &'a HashMap<String, usize>,
     pub(super) purge_enabled: bool,
+    /// `cache.max_object_size`: a rule's slices are stored objects, so none may be larger.
+    pub(super) max_object_size: u64,
 }
 
 /// `[[sites]]` entry `i`: its hosts (each served by one site only), its origin or routes
@@ -214,7 +216,11 @@ fn site(
         .rules
         .iter()
         .enumerate()
-        .filter_map(|(j, r)| rule(ck, &format!("{key}.rules[{j}]"), r, &cache.settings))
+        .filter_map(|(j, r)| {
+            let rule = rule(ck, &format!("{key}.rules[{j}]"), r, &cache.settings)?;
+            slice_fits(ck, &format!("{key}.rules[{j}]"), r, known.max_object_size);
+            Some(rule)
+        })
         .collect();
     let methods = match &s.methods {
         None => Methods::default_for(purge_enabled),
@@ -543,11 +549,45 @@ fn rule(
         status_ttl,
         ..site.clone()
     };
+    let slice = raw.slice.as_ref().and_then(|v| {
+        let n = v.get_ref().0;
+        if (SLICE_MIN..=SLICE_MAX).contains(&n) {
+            Some(n)
+        } else {
+            ck.error(
+                v.span(),
+                format!("{key}.slice"),
+                "must be from 64KiB to 1GiB",
+            );
+            None
+        }
+    });
+    if slice.is_some() && raw.bypass == Some(true) {
+        ck.error(spanned.span(), key, "a bypass rule stores nothing to slice");
+    }
     Some(Rule {
         path,
         bypass: raw.bypass.unwrap_or(false),
         settings,
+        slice,
     })
+}
+
+/// The smallest and largest `slice` a rule may give.
+const SLICE_MIN: u64 = 64 << 10;
+const SLICE_MAX: u64 = 1 << 30;
+
+/// A rule's `slice` is stored as an object: no larger than `cache.max_object_size`.
+fn slice_fits(ck: &mut Checker<'_>, key: &str, raw: &Spanned<RawRule>, max_object_size: u64) {
+    if let Some(v) = &raw.get_ref().slice {
+        if v.get_ref().0 > max_object_size && (SLICE_MIN..=SLICE_MAX).contains(&v.get_ref().0) {
+            ck.error(
+                v.span(),
+                format!("{key}.slice"),
+                "is larger than cache.max_object_size: each slice is stored as one object",
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -34,6 +34,8 @@ pub struct Route {
     /// A 304 also carries `Set-Cookie: seen="<the request's Cookie>"` (a response meant for
     /// that client alone).
     pub cookie_on_304: bool,
+    /// A fixed body answers a single `Range: bytes=A-B` with 206 (see [`Route::ranged`]).
+    pub ranges: bool,
 }
 
 #[derive(Clone)]
@@ -81,7 +83,16 @@ impl Route {
             abort: false,
             on_304: Vec::new(),
             cookie_on_304: false,
+            ranges: false,
         }
+    }
+
+    /// Answers a single byte range of a fixed body with 206 and `Content-Range` (416 past
+    /// the end), as a file server does; each range answered is recorded
+    /// ([`TestOrigin::ranges`]).
+    pub fn ranged(mut self) -> Route {
+        self.ranges = true;
+        self
     }
 
     /// A route that echoes what it saw (see [`RouteBody::Echo`]).
@@ -165,6 +176,8 @@ struct State {
     log: Mutex<Vec<String>>,
     not_modified: AtomicUsize,
     completed: Arc<Mutex<HashMap<String, usize>>>,
+    /// Ranges answered with 206: path, first and last byte.
+    ranges: Mutex<Vec<(String, u64, u64)>>,
 }
 
 /// A running test origin. Requests to unknown paths get 404.
@@ -305,6 +318,18 @@ impl TestOrigin {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// Byte ranges answered with 206 for `path`, in order, as `(first, last)`.
+    pub fn ranges(&self, path: &str) -> Vec<(u64, u64)> {
+        self.state
+            .ranges
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(p, _, _)| p == path)
+            .map(|(_, a, b)| (*a, *b))
+            .collect()
+    }
 }
 
 async fn serve<S>(stream: S, st: Arc<State>, mut stop: tokio::sync::watch::Receiver<bool>)
@@ -399,7 +424,45 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<TestBody> {
             return r;
         }
     }
+    let range = req
+        .headers()
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok())));
     let mut resp = match route.body {
+        RouteBody::Fixed(b) if route.ranges && range.is_some() => {
+            let (a, b_end) = range.unwrap_or((0, None));
+            let len = b.len() as u64;
+            if a >= len {
+                let mut r = Response::new(TestBody::fixed(Bytes::new()));
+                *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+                r.headers_mut().insert(
+                    "content-range",
+                    HeaderValue::from_str(&format!("bytes */{len}")).expect("value"),
+                );
+                return r;
+            }
+            let last = b_end.unwrap_or(len - 1).min(len - 1);
+            st.ranges
+                .lock()
+                .expect("lock")
+                .push((req.uri().path().to_owned(), a, last));
+            let mut r = Response::new(TestBody::fixed(b.slice(a as usize..=last as usize)));
+            for (k, v) in &route.headers {
+                r.headers_mut().append(
+                    HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                    HeaderValue::from_str(v).expect("value"),
+                );
+            }
+            r.headers_mut().insert(
+                "content-range",
+                HeaderValue::from_str(&format!("bytes {a}-{last}/{len}")).expect("value"),
+            );
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            return r;
+        }
         RouteBody::Fixed(b) => Response::new(TestBody::fixed(b)),
         RouteBody::Echo { fields, pad } => {
             let host = req
