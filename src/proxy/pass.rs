@@ -27,6 +27,8 @@ impl Proxy {
         for v in parts.headers.get_all(header::ACCEPT_ENCODING) {
             accept.append(header::ACCEPT_ENCODING, v.clone());
         }
+        // A POST's fields, kept for storing its answer for GETs (see `store_post`).
+        let post = (method == Method::POST).then(|| parts.headers.clone());
         let headers = std::mem::take(&mut parts.headers);
         let mut up = self.upstream(
             method.clone(),
@@ -72,6 +74,33 @@ impl Proxy {
         if !method.is_safe() && (rparts.status.is_success() || rparts.status.is_redirection()) {
             self.invalidate_after_write(site_idx, host, pq.as_str(), &rparts.headers);
         }
+        let (mut rparts, rbody) = match post {
+            Some(client) => {
+                let target = Target {
+                    site: site_idx,
+                    host,
+                    pq: pq.as_str(),
+                    conn,
+                };
+                match self
+                    .store_post(&target, &client, rparts, rbody, origin_index)
+                    .await
+                {
+                    Ok(body) => {
+                        let mut resp = Response::new(Body::full(body.1));
+                        *resp.headers_mut() = body.0;
+                        let status = self.cache_status("fwd=method; stored");
+                        resp.headers_mut().insert(CACHE_STATUS.clone(), status);
+                        return (
+                            resp,
+                            Outcome_::origin(CacheResult::Pass, origin_index, origin_ms, route),
+                        );
+                    }
+                    Err(back) => *back,
+                }
+            }
+            None => (rparts, rbody),
+        };
         rparts.headers = strip_cache_only(
             std::mem::take(&mut rparts.headers),
             &self.config.cache.cache_control_field,
@@ -95,6 +124,117 @@ impl Proxy {
             Response::from_parts(rparts, body),
             Outcome_::origin(cache, origin_index, origin_ms, route),
         )
+    }
+
+    /// RFC 9110 §9.3.3 and RFC 9111 §4: a response to a POST with explicit freshness and a
+    /// `Content-Location` naming the POST's own target may answer later GETs of that URI.
+    /// Such a response, when the policy would store it for a GET (no `private`, no cookie,
+    /// no `Authorization` unless allowed) and it is small (64 KiB by `Content-Length`), is
+    /// read whole, stored as the GET's, and its head and body returned for the POST's client;
+    /// anything else is given back to be streamed as usual.
+    async fn store_post(
+        &self,
+        target: &Target<'_>,
+        client: &HeaderMap,
+        rparts: http::response::Parts,
+        mut rbody: Incoming,
+        origin: usize,
+    ) -> Result<(HeaderMap, Bytes), Box<(http::response::Parts, Incoming)>> {
+        let site = &self.config.sites[target.site];
+        let now = SystemTime::now();
+        let key_pq = key_target(site, target.pq);
+        let names_itself = rparts
+            .headers
+            .get(header::CONTENT_LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse::<Uri>().ok())
+            .is_some_and(|u| {
+                u.host().is_none_or(|h| h.eq_ignore_ascii_case(target.host))
+                    && u.path_and_query()
+                        .is_some_and(|p| key_target(site, p.as_str()) == key_pq)
+            });
+        let small = rparts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n <= SMALL_OBJECT);
+        let rule = site.rule(target.pq.split('?').next().unwrap_or(""));
+        let bypass = rule
+            .and_then(|i| site.rules.get(i))
+            .is_some_and(|r| r.bypass);
+        let explicit = policy::freshness_lifetime(
+            &rparts.headers,
+            &CacheControl::from_headers(&rparts.headers),
+            now,
+        )
+        .is_some_and(|l| !l.is_zero());
+        let facts = RequestFacts {
+            method: &Method::GET,
+            has_authorization: client.contains_key(header::AUTHORIZATION),
+            cache_control: &CacheControl::from_headers(client),
+        };
+        let decision = policy::storable(
+            facts,
+            rparts.status,
+            &rparts.headers,
+            site.settings(rule),
+            now,
+        );
+        let decision = match decision {
+            Ok(d)
+                if rparts.status == StatusCode::OK
+                    && names_itself
+                    && small
+                    && explicit
+                    && !bypass =>
+            {
+                d
+            }
+            _ => return Err(Box::new((rparts, rbody))),
+        };
+        let timeout = self.origins[origin].config.timeout;
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            match tokio::time::timeout(timeout, rbody.frame()).await {
+                Ok(None) => break,
+                Ok(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        buf.extend_from_slice(d);
+                    }
+                }
+                // Cut: the client gets what an origin that cut its answer gets us.
+                _ => return Ok((rparts.headers, buf.freeze())),
+            }
+        }
+        let body = buf.freeze();
+        let tags = admit::tags(&rparts.headers);
+        let mut strip = decision.strip.clone();
+        strip.push("set-cookie".into());
+        let own = &self.config.cache.cache_control_field;
+        let stored = strip_cache_only(rparts.headers.clone(), own, &strip);
+        let parts = KeyParts {
+            https: target.conn.https,
+            host: target.host,
+            path_and_query: &key_pq,
+        };
+        let extra = key_extra(client, &site.cache.key_headers, &site.cache.key_cookies);
+        let vary = VaryKey::from_response(&stored, client).with_extra(extra);
+        let initial_age = policy::corrected_initial_age(&stored, now, now);
+        let entry = Entry::new(
+            OwnedKey::new(&parts),
+            vary,
+            StatusCode::OK,
+            stored,
+            body.clone(),
+            now,
+            initial_age,
+            decision,
+            tags,
+        );
+        self.store.insert(self.store.hash(&parts), entry);
+        let headers = strip_cache_only(rparts.headers, own, &[]);
+        Ok((headers, body))
     }
 
     /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the
@@ -129,6 +269,14 @@ impl Proxy {
             }
         }
     }
+}
+
+/// A request's target, as a site keys it.
+struct Target<'a> {
+    site: usize,
+    host: &'a str,
+    pq: &'a str,
+    conn: ConnInfo,
 }
 
 /// Bytes of a request body read before the origin is contacted (as nginx's

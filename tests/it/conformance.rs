@@ -387,3 +387,57 @@ async fn interim_responses_from_the_origin_are_not_stored_and_do_not_break_the_e
     assert!(is_hit(&second), "{:?}", second.headers);
     assert_eq!(requests.load(Ordering::SeqCst), 1);
 }
+
+/// RFC 9110 §9.3.3 and RFC 9111 §4: a POST response with explicit freshness and a
+/// `Content-Location` equal to the POST's target answers a later GET of that URI; one that
+/// names another URI, or has no explicit freshness, does not.
+#[tokio::test]
+async fn a_post_response_naming_its_own_uri_answers_later_gets() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/form",
+        Route::ok("the result")
+            .header("cache-control", "max-age=60")
+            .header("content-location", "/form"),
+    );
+    origin.route(
+        "/moved",
+        Route::ok("elsewhere")
+            .header("cache-control", "max-age=60")
+            .header("content-location", "/other"),
+    );
+    origin.route(
+        "/heuristic",
+        Route::ok("no lifetime")
+            .header("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT")
+            .header("content-location", "/heuristic"),
+    );
+    origin.route(
+        "/personal",
+        Route::ok("yours")
+            .header("cache-control", "private, max-age=60")
+            .header("content-location", "/personal"),
+    );
+    let node = TestNode::start("", &site(&origin, "site.test", "")).await;
+    for path in ["/form", "/moved", "/heuristic", "/personal"] {
+        let p = send(node.http, request("POST", "site.test", path, &[])).await;
+        assert_eq!(p.status, 200, "{path}");
+        assert!(
+            !p.body.is_empty(),
+            "{path}: the POST's client gets the body"
+        );
+    }
+    let g = get(node.http, "site.test", "/form").await;
+    assert_eq!(&g.body[..], b"the result");
+    assert!(is_hit(&g), "{:?}", g.headers);
+    assert_eq!(
+        origin.count("/form"),
+        1,
+        "the GET was answered by the POST's response"
+    );
+    for path in ["/moved", "/heuristic", "/personal"] {
+        let g = get(node.http, "site.test", path).await;
+        assert!(!is_hit(&g), "{path}: {:?}", g.headers);
+        assert_eq!(origin.count(path), 2, "{path}: the GET went to the origin");
+    }
+}
