@@ -511,6 +511,13 @@ impl Store {
                 let hash = self.hash(&parts);
                 n += self.purge_object(hash, now, soft, &|e: &Entry| e.key.matches(&parts));
                 n += self.purge_slices(&parts, now, soft);
+                let partial = Store::partial_path(path_and_query);
+                let extent = KeyParts {
+                    path_and_query: &partial,
+                    ..parts
+                };
+                let extent_hash = self.hash(&extent);
+                n += self.purge_object(extent_hash, now, soft, &|e: &Entry| e.key.matches(&extent));
                 // Only this URL's marker: clearing them all would turn collapsing back on for
                 // every uncacheable URL on each purge or write.
                 self.hit_for_miss.invalidate(&hash);
@@ -578,6 +585,11 @@ impl Store {
     /// after it (a fragment never reaches a cache, so no request's key is one of these).
     pub fn slice_path(path_and_query: &str, index: u32) -> String {
         format!("{path_and_query}#slice={index}")
+    }
+
+    /// The key path of a URL's stored extent (partial content, `proxy::partial`).
+    pub fn partial_path(path_and_query: &str) -> String {
+        format!("{path_and_query}#partial")
     }
 
     /// Records that slice `index` of the URL whose own key hashes to `url_hash` may be

@@ -300,7 +300,19 @@ impl Proxy {
     ) -> Answer {
         let (lookup, client) = (f.lookup, &f.lookup.parts.headers);
         let site = &self.config.sites[lookup.site];
-        let (mut rparts, rbody) = response.into_parts();
+        let (rparts, rbody) = response.into_parts();
+        // An origin's 206: stored as an extent of the object (`proxy::partial`); followers
+        // go their own way (they may want other bytes).
+        let (mut rparts, rbody) =
+            if rparts.status == StatusCode::PARTIAL_CONTENT && f.keep && f.peer.is_none() {
+                guard.publish(Outcome::Uncacheable);
+                match self.admit_partial(f, rparts, rbody, response_time).await {
+                    Ok(answer) => return answer,
+                    Err(back) => *back,
+                }
+            } else {
+                (rparts, rbody)
+            };
         let limit = self.config.cache.max_object_size;
         let content_length = rparts
             .headers
@@ -604,17 +616,17 @@ impl Proxy {
 
 /// What the leader knows once the origin has answered or failed.
 pub(super) struct Fetched<'a> {
-    lookup: &'a Lookup,
+    pub(super) lookup: &'a Lookup,
     /// The stored response being revalidated, if any.
     stale: Option<&'a Arc<Entry>>,
     /// The origin asked, and its time to the response head in milliseconds.
-    origin: usize,
+    pub(super) origin: usize,
     ms: f64,
     /// The geo route that chose the origin.
     route: Option<Arc<str>>,
-    request_time: SystemTime,
+    pub(super) request_time: SystemTime,
     /// The forward reason in the client's `Cache-Status` (`fwd=uri-miss`, `fwd=stale`...).
-    base: &'static str,
+    pub(super) base: &'static str,
     /// The member that answered instead of the origin (then `origin` is only the one whose
     /// timeouts apply to the body).
     peer: Option<Arc<str>>,
@@ -624,7 +636,7 @@ pub(super) struct Fetched<'a> {
 }
 
 impl Fetched<'_> {
-    fn outcome(&self, cache: CacheResult) -> Outcome_ {
+    pub(super) fn outcome(&self, cache: CacheResult) -> Outcome_ {
         match &self.peer {
             Some(peer) => Outcome_ {
                 cache,

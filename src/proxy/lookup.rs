@@ -11,6 +11,8 @@ use super::*;
 pub(super) enum Looked {
     Answer(Answer),
     Miss(Miss),
+    /// A stored extent and one range request for the bytes it lacks answer it.
+    Partial(super::partial::PartialMiss),
 }
 
 /// What the lookup stage learnt about a cacheable request, kept for its fetch.
@@ -126,6 +128,23 @@ impl Proxy {
                     return Looked::Answer((resp, Outcome_::local(CacheResult::Stale)));
                 }
                 Reuse::Revalidate => {}
+            }
+        }
+        if stored.is_none() {
+            let keyed = Keyed {
+                site: site_idx,
+                hash,
+                key: OwnedKey::new(&parts),
+                extra: extra.clone(),
+                rule,
+                forced,
+                head,
+                host_value: host_value(&routed.host),
+                conn,
+                miss: "fwd=uri-miss",
+            };
+            if let Some(looked) = self.look_in_extent(&keyed, &parts, h, &req_cc, now) {
+                return looked;
             }
         }
         if req_cc.only_if_cached && stored.is_none() {

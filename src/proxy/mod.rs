@@ -28,6 +28,7 @@ mod error;
 pub mod headers;
 mod limit;
 mod lookup;
+mod partial;
 mod pass;
 pub mod path;
 mod peer;
@@ -862,6 +863,13 @@ impl Proxy {
             .in_scope(|| self.lookup(&req, conn, &routed, rule));
         match looked {
             Looked::Answer(answer) => Served::Now(answer),
+            Looked::Partial(miss) => {
+                let parts = req.into_parts().0;
+                let this = self.clone();
+                Served::Later(Box::pin(
+                    async move { this.complete_extent(miss, parts).await },
+                ))
+            }
             Looked::Miss(miss) => {
                 let (lookup, stale) = miss.into_lookup(req.into_parts().0);
                 let this = self.clone();

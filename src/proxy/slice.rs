@@ -529,7 +529,7 @@ fn first_position(value: &str) -> Option<u64> {
 }
 
 /// A `Content-Range: bytes A-B/TOTAL` value, as `(A, B, TOTAL)`.
-fn content_range(headers: &HeaderMap) -> Option<(u64, u64, u64)> {
+pub(super) fn content_range(headers: &HeaderMap) -> Option<(u64, u64, u64)> {
     let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
     let rest = v.trim().strip_prefix("bytes ")?;
     let (span, total) = rest.split_once('/')?;

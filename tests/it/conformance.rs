@@ -441,3 +441,114 @@ async fn a_post_response_naming_its_own_uri_answers_later_gets() {
         assert_eq!(origin.count(path), 2, "{path}: the GET went to the origin");
     }
 }
+
+/// RFC 9111 §3.4: a 206 from the origin is stored as partial content and reused for ranges
+/// inside it; a request that needs more asks the origin for just the missing bytes (with
+/// `If-Range`), joins them to what is stored, and the object is complete from then on; a
+/// changed object (the `If-Range` fails) drops what was stored.
+#[tokio::test]
+async fn partial_content_is_stored_reused_and_completed() {
+    let origin = TestOrigin::start().await;
+    let partial = |etag: &str| {
+        Route::ok("456789")
+            .status(206)
+            .header("content-range", "bytes 4-9/10")
+            .header("cache-control", "max-age=3600")
+            .header("etag", etag)
+    };
+    origin.route("/p", partial("\"p1\""));
+    let node = TestNode::start("", &site(&origin, "site.test", "")).await;
+    let ranged = |r: &'static str| request("GET", "site.test", "/p", &[("range", r)]);
+
+    let first = send(node.http, ranged("bytes=-5")).await;
+    assert_eq!(first.status, 206);
+    assert_eq!(&first.body[..], b"56789");
+    assert_eq!(first.header("content-range"), Some("bytes 5-9/10"));
+    for r in ["bytes=-5", "bytes=4-6", "bytes=8-"] {
+        let again = send(node.http, ranged(r)).await;
+        assert_eq!(again.status, 206, "{r}");
+        assert!(is_hit(&again), "{r}: {:?}", again.headers);
+    }
+    assert_eq!(&send(node.http, ranged("bytes=4-6")).await.body[..], b"456");
+    assert_eq!(
+        origin.count("/p"),
+        1,
+        "ranges inside the stored part are hits"
+    );
+
+    // The origin now serves ranges of the whole object (same ETag): a request for all of it
+    // asks for bytes 0-3 only, and the object is complete.
+    origin.route(
+        "/p",
+        Route::ok("0123456789")
+            .ranged()
+            .header("cache-control", "max-age=3600")
+            .header("etag", "\"p1\""),
+    );
+    let all = send(node.http, ranged("bytes=0-9")).await;
+    assert_eq!(all.status, 206);
+    assert_eq!(&all.body[..], b"0123456789");
+    assert_eq!(origin.ranges("/p"), [(0, 3)], "just the missing bytes");
+    assert_eq!(
+        origin
+            .last_headers("/p")
+            .get("if-range")
+            .map(|v| v.as_bytes()),
+        Some(&b"\"p1\""[..])
+    );
+    let whole = get(node.http, "site.test", "/p").await;
+    assert_eq!(whole.status, 200);
+    assert_eq!(&whole.body[..], b"0123456789");
+    assert!(is_hit(&whole), "complete now: {:?}", whole.headers);
+    assert_eq!(origin.count("/p"), 2);
+
+    // A changed object: the stored part is dropped, the new one passed on whole.
+    origin.route("/q", partial("\"q1\"").header("x", "1"));
+    send(
+        node.http,
+        request("GET", "site.test", "/q", &[("range", "bytes=5-9")]),
+    )
+    .await;
+    origin.route(
+        "/q",
+        Route::ok("ABCDEFGHIJ")
+            .ranged()
+            .header("cache-control", "max-age=3600")
+            .header("etag", "\"q2\""),
+    );
+    let changed = send(
+        node.http,
+        request("GET", "site.test", "/q", &[("range", "bytes=2-9")]),
+    )
+    .await;
+    assert_eq!(changed.status, 200, "If-Range failed: the whole new object");
+    assert_eq!(&changed.body[..], b"ABCDEFGHIJ");
+    let later = send(
+        node.http,
+        request("GET", "site.test", "/q", &[("range", "bytes=5-6")]),
+    )
+    .await;
+    assert_eq!(&later.body[..], b"FG", "the old part is gone");
+
+    // A purge by URL removes stored parts too.
+    origin.route("/r", partial("\"r1\""));
+    send(
+        node.http,
+        request("GET", "site.test", "/r", &[("range", "bytes=5-9")]),
+    )
+    .await;
+    let purged = node.node().store().purge(
+        &edgecache::cache::PurgeTarget::Url {
+            host: "site.test",
+            path_and_query: "/r",
+        },
+        false,
+    );
+    assert_eq!(purged, 1, "the stored part");
+    send(
+        node.http,
+        request("GET", "site.test", "/r", &[("range", "bytes=5-9")]),
+    )
+    .await;
+    assert_eq!(origin.count("/r"), 2, "fetched again after the purge");
+}

@@ -610,8 +610,11 @@ async fn ranges_are_cut_from_the_stored_object() {
     assert_eq!(origin.count("/bin"), 1);
 }
 
+/// RFC 9111 §3.4: an origin's 206 is stored as what it is, part of the object. A whole GET
+/// still needs the origin (the part cannot answer it, and without a strong validator no
+/// missing bytes can be asked for to join it); a range inside the part is a hit.
 #[tokio::test]
-async fn origin_partial_content_passes_through_uncached() {
+async fn origin_partial_content_is_stored_as_a_part_of_the_object() {
     let origin = TestOrigin::start().await;
     origin.route(
         "/p",
@@ -624,11 +627,25 @@ async fn origin_partial_content_passes_through_uncached() {
     for _ in 0..2 {
         let r = get(node.http, "site.test", "/p").await;
         assert_eq!(r.status, 206);
+        assert_eq!(&r.body[..], b"part");
+        assert_eq!(r.header("content-range"), Some("bytes 0-3/100"));
         assert_eq!(
             r.header("cache-status"),
-            Some("edgecache; fwd=uri-miss; detail=status")
+            Some("edgecache; fwd=uri-miss; stored; detail=partial")
         );
     }
+    assert_eq!(origin.count("/p"), 2);
+    let r = send(
+        node.http,
+        request("GET", "site.test", "/p", &[("range", "bytes=1-2")]),
+    )
+    .await;
+    assert_eq!((r.status.as_u16(), &r.body[..]), (206, &b"ar"[..]));
+    assert_eq!(r.header("content-range"), Some("bytes 1-2/100"));
+    assert_eq!(
+        r.header("cache-status"),
+        Some("edgecache; hit; detail=partial")
+    );
     assert_eq!(origin.count("/p"), 2);
 }
 

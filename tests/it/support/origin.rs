@@ -431,6 +431,19 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<TestBody> {
         .and_then(|v| v.strip_prefix("bytes="))
         .and_then(|v| v.split_once('-'))
         .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok())));
+    // If-Range that does not name the route's ETag: the whole body (RFC 9110 §13.1.5).
+    let if_range_fails = req
+        .headers()
+        .get("if-range")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            route
+                .headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("etag"))
+                .is_none_or(|(_, e)| e != v)
+        });
+    let range = range.filter(|_| !if_range_fails);
     let mut resp = match route.body {
         RouteBody::Fixed(b) if route.ranges && range.is_some() => {
             let (a, b_end) = range.unwrap_or((0, None));
