@@ -16,6 +16,7 @@ Run from the repository root (as root, so missing packages can be installed):
         # also an earlier build of edgecache ("baseline") in every hit, TLS and miss case: a
         # before/after ratio measured side by side, in one run
     BENCH_ONLY=css python3 benches/load/bench.py   # only the compression cases
+    BENCH_ONLY=fleet python3 benches/load/bench.py # only the three-node fleet case
 It stops only the processes it started.
 """
 
@@ -59,7 +60,11 @@ PORTS = {
     "varnish": 18082, "varnish-admin": 18083,
     "ceiling": 18084, "ceiling-h2": 18085,
     "baseline": 18086, "baseline-tls": 18445,
+    # The fleet case: three nodes of one fleet (static peers) on the server core.
+    "fleet-a": 18087, "fleet-b": 18088, "fleet-c": 18089,
 }
+FLEET = ("fleet-a", "fleet-b", "fleet-c")
+PEER_PORTS = {"fleet-a": 18187, "fleet-b": 18188, "fleet-c": 18189}
 HOST = "bench.test"
 NGINX_CACHE = "/dev/shm/edgecache-bench-nginx"
 # Part of every miss URL, so that no run finds what an earlier one stored.
@@ -149,6 +154,9 @@ def tree(pid):
 
 
 def cpu_seconds(pid):
+    """CPU seconds of a server: its process tree, or the sum over several (a fleet)."""
+    if isinstance(pid, list):
+        return sum(cpu_seconds(p) for p in pid)
     total = 0
     for p in tree(pid):
         try:
@@ -209,6 +217,8 @@ http {{
     types {{ text/css css; }}
     add_header Cache-Control "public, max-age=3600";
     location /miss/ {{ rewrite ^ /1k break; }}
+    location /f1k/ {{ rewrite ^ /1k break; }}
+    location /f256k/ {{ rewrite ^ /256k break; }}
     location /cold/ {{ limit_rate 8m; rewrite ^ /1m break; }}
   }}
 }}
@@ -247,6 +257,8 @@ http {{
 backend origin {{ .host = "127.0.0.1"; .port = "{PORTS['origin']}"; }}
 """)
     write(f"{WORK}/edgecache.toml", edgecache_toml("edgecache"))
+    for name in FLEET:
+        write(f"{WORK}/{name}.toml", fleet_toml(name))
     write(f"{WORK}/baseline.toml", edgecache_toml("baseline"))
 
 
@@ -274,6 +286,31 @@ origin = "origin"
 """
 
 
+def fleet_toml(name):
+    peers = ", ".join(f'"127.0.0.1:{PEER_PORTS[n]}"' for n in FLEET)
+    return f"""
+[server]
+http = ["127.0.0.1:{PORTS[name]}"]
+workers = 1
+max_connections = 20000
+[cache]
+memory = "2GiB"
+max_object_size = "4MiB"
+[[origins]]
+name = "origin"
+url = "http://127.0.0.1:{PORTS['origin']}"
+max_idle_connections = 128
+[[sites]]
+hosts = ["{HOST}", "127.0.0.1", "localhost"]
+origin = "origin"
+[cluster]
+name = "bench"
+node = "{name}"
+listen = "127.0.0.1:{PEER_PORTS[name]}"
+peers = [{peers}]
+"""
+
+
 def start_servers():
     pids = {}
     spawn("origin", ["nginx", "-c", f"{WORK}/origin.conf", "-g", "daemon off;"], CLIENT_CPU)
@@ -298,12 +335,23 @@ def start_servers():
     pids["ceiling-h2"] = spawn("ceiling-h2", [f"{ROOT}/target/release/examples/ceiling",
                                               f"127.0.0.1:{PORTS['ceiling-h2']}", os.path.join(WORK, "www"), "1", "h2"],
                                SERVER_CPU).pid
+    fleet = []
+    if "fleet" in ONLY or not ONLY:
+        for name in FLEET:
+            fleet.append(spawn(name, [f"{ROOT}/target/release/edgecache", "run", "--config", f"{WORK}/{name}.toml"],
+                               SERVER_CPU, env=env).pid)
+        for name in FLEET:
+            wait_port(PORTS[name])
+        pids["fleet"] = fleet
     for p in ("edgecache", "edgecache-tls", "nginx", "nginx-tls", "varnish", "ceiling", "ceiling-h2"):
         wait_port(PORTS[p])
     return pids
 
 
 def url(server, path, tls=False, h2=False):
+    if server == "fleet":
+        # Every request to one member: two thirds of the keys are owned by the other two.
+        server = "fleet-a"
     if server == "ceiling" and h2:
         server = "ceiling-h2"
     port = PORTS[f"{server}-tls" if tls else server]
@@ -367,6 +415,8 @@ def measure(server, pid, target, http2=False, extra=(), seconds=None, client="oh
         r["n"] = r["rps"] * (seconds or SECONDS)
     elif client == "oha-rate":
         r = oha(target, seconds or SECONDS, CONNS, http2, ("-q", str(RATE), "--latency-correction", *extra))
+    elif client == "oha-rand":
+        r = oha(target, seconds or SECONDS, CONNS, http2, ("--rand-regex-url", *extra), count)
     elif client in ENCODINGS:
         ae = ("-H", f"Accept-Encoding: {ENCODINGS[client]}")
         r = oha(target, seconds or SECONDS, CONNS, http2, (*ae, *extra), count)
@@ -414,13 +464,24 @@ def main():
     cases += [("css 16k identity", "/16k.css", False, False, ["edgecache"], "oha"),
               ("css 16k br", "/16k.css", False, False, ["edgecache"], "oha-br"),
               ("css 16k gzip", "/16k.css", False, False, ["edgecache", "nginx"], "oha-gzip")]
+    # A fleet of three on the server core: random keys among 1,000 at one member, so two
+    # thirds are answered through a peer (no hot copies); against one independent node
+    # serving the same keys from its own store. Requests per CPU-second of all three.
+    cases += [(f"fleet {n}", f"/f{n}/[0-9]{{3}}", False, False, ["fleet", "edgecache"], "oha-rand")
+              for n in ("1k", "256k")]
     cases = [c for c in cases if ONLY in c[0]]
     results = {}
     try:
         log("warming up ...")
-        for name, path, tls, h2, which, _client in cases:
+        for name, path, tls, h2, which, client in cases:
             for s in which:
-                oha(url(s, path, tls, h2), 1, 8, h2)
+                if client == "oha-rand":
+                    # Every key once, so the measured runs are all hits (through a peer or not).
+                    base = path.split("[")[0]
+                    for i in range(1000):
+                        urllib.request.urlopen(url(s, f"{base}{i:03d}")).read()
+                else:
+                    oha(url(s, path, tls, h2), 1, 8, h2)
         for rnd in range(ROUNDS):
             log(f"round {rnd + 1}/{ROUNDS}")
             for name, path, tls, h2, which, client in cases:
@@ -482,7 +543,7 @@ def report(results, rss):
                     counts = [r["origin_requests"] for r in rows]
                     print(f"{name:<22} {s:<10} origin requests per 1000 cold requests: {counts}")
             continue
-        for s in ("edgecache", "nginx", "varnish", "ceiling", "baseline"):
+        for s in ("edgecache", "nginx", "varnish", "ceiling", "baseline", "fleet"):
             rows = results.get((name, s))
             if not rows:
                 continue
@@ -495,6 +556,12 @@ def report(results, rss):
                 print(f"{'':<22} edgecache/{peer}: req/s x{med(ec, 'rps') / med(pr, 'rps'):.2f}, "
                       f"req/cpu-s x{med(ec, 'per_cpu_s') / max(med(pr, 'per_cpu_s'), 1e-9):.2f}, "
                       f"p99 x{med(ec, 'p99') / max(med(pr, 'p99'), 1e-9):.2f}")
+    for n in ("1k", "256k"):
+        fl, ind = results.get((f"fleet {n}", "fleet")), results.get((f"fleet {n}", "edgecache"))
+        if fl and ind:
+            print(f"fleet {n}: three members (2/3 through a peer) / one independent node: "
+                  f"req/cpu-s x{med(fl, 'per_cpu_s') / max(med(ind, 'per_cpu_s'), 1e-9):.2f}, "
+                  f"p50 {med(fl, 'p50'):.2f} vs {med(ind, 'p50'):.2f} ms")
     ident, br = results.get(("css 16k identity", "edgecache")), results.get(("css 16k br", "edgecache"))
     if ident and br:
         print(f"edgecache css 16k br/identity: req/cpu-s x{med(br, 'per_cpu_s') / max(med(ident, 'per_cpu_s'), 1e-9):.2f}")

@@ -130,6 +130,9 @@ pub struct Store {
     /// slice keys each may have, so that a purge by URL reaches every slice. An entry per
     /// sliced URL (large files: few), removed by a hard purge of the URL.
     sliced: Arc<std::sync::Mutex<std::collections::HashMap<u64, u32>>>,
+    /// Set once any extent (partial content, `proxy::partial`) has been stored: until then a
+    /// miss does not look for one (most origins never send a 206 unasked).
+    partials: Arc<AtomicBool>,
 }
 
 /// What a resize leaves behind in the store it replaced, for the requests that still hold
@@ -279,6 +282,7 @@ impl Store {
             removed,
             retired,
             sliced: Arc::default(),
+            partials: Arc::default(),
         }
     }
 
@@ -302,6 +306,7 @@ impl Store {
             removed: self.removed.clone(),
             retired,
             sliced: self.sliced.clone(),
+            partials: self.partials.clone(),
         };
         let _moving = self
             .successor
@@ -590,6 +595,18 @@ impl Store {
     /// The key path of a URL's stored extent (partial content, `proxy::partial`).
     pub fn partial_path(path_and_query: &str) -> String {
         format!("{path_and_query}#partial")
+    }
+
+    /// Records that an extent (partial content) is being stored.
+    pub fn note_partial(&self) {
+        if !self.partials.load(Ordering::Relaxed) {
+            self.partials.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether any extent was ever stored (see [`Store::note_partial`]).
+    pub fn has_partials(&self) -> bool {
+        self.partials.load(Ordering::Relaxed)
     }
 
     /// Records that slice `index` of the URL whose own key hashes to `url_hash` may be

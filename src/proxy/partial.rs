@@ -37,6 +37,9 @@ impl Proxy {
         extra: Option<&str>,
         request: &HeaderMap,
     ) -> Option<(u64, Arc<Entry>)> {
+        if !self.store.has_partials() {
+            return None;
+        }
         let path = Store::partial_path(parts.path_and_query);
         let p = KeyParts {
             path_and_query: &path,
@@ -357,6 +360,7 @@ impl Proxy {
         decision: StoreDecision,
         tags: Box<[Box<str>]>,
     ) -> Arc<Entry> {
+        self.store.note_partial();
         let path = Store::partial_path(key.path_and_query);
         let p = KeyParts {
             path_and_query: &path,
