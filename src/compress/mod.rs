@@ -229,52 +229,85 @@ pub fn valid_type_pattern(pattern: &str) -> bool {
     }
 }
 
-/// The q-values a request's `Accept-Encoding` gives, read without allocating.
-struct Accept<'a> {
-    values: http::header::GetAll<'a, HeaderValue>,
+/// The weights (thousandths) a request's `Accept-Encoding` gives the codings edgecache
+/// knows, read in one pass over the field's bytes with no allocation (a hit pays this).
+/// The first listing of a coding counts; `None`: not listed.
+#[derive(Default)]
+struct Weights {
+    br: Option<u16>,
+    zstd: Option<u16>,
+    gzip: Option<u16>,
+    deflate: Option<u16>,
+    identity: Option<u16>,
+    star: Option<u16>,
 }
 
-impl Accept<'_> {
-    /// The weight of `name` (thousandths): explicit if listed, else `*`'s, else `None`.
-    /// A later listing of the same coding does not override the first.
-    fn weight(&self, name: &str) -> Option<u16> {
-        let mut star = None;
-        for item in self
-            .values
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-        {
-            let mut parts = item.split(';');
-            let coding = parts.next().unwrap_or("").trim();
-            if coding.is_empty() {
-                continue;
-            }
-            let q = parts
-                .find_map(|p| {
-                    let (k, v) = p.split_once('=')?;
-                    k.trim().eq_ignore_ascii_case("q").then(|| qvalue(v.trim()))
-                })
-                .unwrap_or(1000);
-            let matches = coding.eq_ignore_ascii_case(name)
-                || (name == "gzip" && coding.eq_ignore_ascii_case("x-gzip"));
-            if matches {
-                return Some(q);
-            }
-            if coding == "*" && star.is_none() {
-                star = Some(q);
+impl Weights {
+    fn of(request: &HeaderMap) -> Weights {
+        let mut w = Weights::default();
+        for value in request.get_all(header::ACCEPT_ENCODING) {
+            for item in value.as_bytes().split(|&b| b == b',') {
+                let mut parts = item.split(|&b| b == b';');
+                let name = trim(parts.next().unwrap_or(b""));
+                if name.is_empty() {
+                    continue;
+                }
+                let q = parts
+                    .find_map(|p| {
+                        let p = trim(p);
+                        let v = p.strip_prefix(b"q=").or_else(|| p.strip_prefix(b"Q="))?;
+                        Some(qvalue(trim(v)))
+                    })
+                    .unwrap_or(1000);
+                let slot = match name.len() {
+                    1 if name == b"*" => &mut w.star,
+                    2 if name.eq_ignore_ascii_case(b"br") => &mut w.br,
+                    4 if name.eq_ignore_ascii_case(b"zstd") => &mut w.zstd,
+                    4 if name.eq_ignore_ascii_case(b"gzip") => &mut w.gzip,
+                    6 if name.eq_ignore_ascii_case(b"x-gzip") => &mut w.gzip,
+                    7 if name.eq_ignore_ascii_case(b"deflate") => &mut w.deflate,
+                    8 if name.eq_ignore_ascii_case(b"identity") => &mut w.identity,
+                    _ => continue,
+                };
+                if slot.is_none() {
+                    *slot = Some(q);
+                }
             }
         }
-        star
+        w
+    }
+
+    /// The weight of `coding`: its own, else `*`'s, else 0.
+    fn of_coding(&self, coding: Coding) -> u16 {
+        let own = match coding {
+            Coding::Br => self.br,
+            Coding::Zstd => self.zstd,
+            Coding::Gzip => self.gzip,
+            Coding::Deflate => self.deflate,
+        };
+        own.or(self.star).unwrap_or(0)
     }
 }
 
+fn trim(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &b[start..end]
+}
+
 /// A qvalue (RFC 9110 §12.4.2) in thousandths; anything unreadable counts as 0.
-fn qvalue(v: &str) -> u16 {
-    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
-    let whole: u16 = match int {
-        "0" => 0,
-        "1" => 1000,
+fn qvalue(v: &[u8]) -> u16 {
+    let (whole, frac) = match v {
+        [b'0'] => return 0,
+        [b'1'] => return 1000,
+        [b'0', b'.', rest @ ..] => (0u16, rest),
+        [b'1', b'.', rest @ ..] => (1000u16, rest),
         _ => return 0,
     };
     if frac.len() > 3 {
@@ -282,7 +315,7 @@ fn qvalue(v: &str) -> u16 {
     }
     let mut f = 0u16;
     let mut scale = 100u16;
-    for b in frac.bytes() {
+    for &b in frac {
         if !b.is_ascii_digit() {
             return 0;
         }
@@ -305,48 +338,26 @@ pub fn negotiate(request: &HeaderMap, forms: &[Coding]) -> Option<usize> {
     if forms.is_empty() || !request.contains_key(header::ACCEPT_ENCODING) {
         return None;
     }
-    let accept = Accept {
-        values: request.get_all(header::ACCEPT_ENCODING),
-    };
+    let w = Weights::of(request);
     let mut best: Option<(usize, u16)> = None;
-    for (i, c) in forms.iter().enumerate() {
-        let q = accept.weight(c.name()).unwrap_or(0);
+    for (i, &c) in forms.iter().enumerate() {
+        let q = w.of_coding(c);
         if q > 0 && best.is_none_or(|(_, b)| q > b) {
             best = Some((i, q));
         }
     }
     let (i, q) = best?;
-    match accept.weight("identity") {
-        Some(iq) if iq > q && !listed_as_star_only(&accept) => None,
+    match w.identity {
+        Some(iq) if iq > q => None,
         _ => Some(i),
     }
-}
-
-/// True when identity's weight came only from `*` (then identity is not preferred by name).
-fn listed_as_star_only(accept: &Accept<'_>) -> bool {
-    !accept
-        .values
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|item| {
-            item.split(';')
-                .next()
-                .is_some_and(|c| c.trim().eq_ignore_ascii_case("identity"))
-        })
 }
 
 /// True when `request` accepts `coding` (listed with q > 0, or under `*`). A request
 /// without `Accept-Encoding` accepts none here: such clients (scripts, old tools) are sent
 /// identity, as nginx's `gunzip` does.
 pub fn accepts(request: &HeaderMap, coding: Coding) -> bool {
-    if !request.contains_key(header::ACCEPT_ENCODING) {
-        return false;
-    }
-    let accept = Accept {
-        values: request.get_all(header::ACCEPT_ENCODING),
-    };
-    accept.weight(coding.name()).unwrap_or(0) > 0
+    request.contains_key(header::ACCEPT_ENCODING) && Weights::of(request).of_coding(coding) > 0
 }
 
 /// `body` encoded whole with `coding` (blocking; run off the async workers).

@@ -881,6 +881,28 @@ impl Proxy {
     }
 }
 
+/// A body of exactly `expected` bytes read whole (each frame within `timeout`); `None` when
+/// it is cut, stalls, or runs longer. For objects already bounded by their `Content-Range` or
+/// `Content-Length` (slices, extents).
+async fn read_exactly(body: &mut Incoming, expected: u64, timeout: Duration) -> Option<Bytes> {
+    let mut buf = bytes::BytesMut::with_capacity(usize::try_from(expected).ok()?);
+    loop {
+        match tokio::time::timeout(timeout, body.frame()).await {
+            Ok(None) => break,
+            Ok(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    if (buf.len() + d.len()) as u64 > expected {
+                        return None;
+                    }
+                    buf.extend_from_slice(d);
+                }
+            }
+            _ => return None,
+        }
+    }
+    (buf.len() as u64 == expected).then(|| buf.freeze())
+}
+
 /// A refusal made here (4xx, or 5xx that no origin produced), for the access log as "refused".
 fn refuse(e: ProxyError) -> Answer {
     tracing::debug!(error = %e, side = ?e.side(), "request refused");

@@ -244,27 +244,13 @@ impl Proxy {
         }
         let timeout = self.origins[origin].config.timeout;
         let expected = m1 - m0 + 1;
-        let mut buf = bytes::BytesMut::with_capacity(expected as usize);
-        let complete = loop {
-            match tokio::time::timeout(timeout, rbody.frame()).await {
-                Ok(None) => break true,
-                Ok(Some(Ok(frame))) => {
-                    if let Some(d) = frame.data_ref() {
-                        if (buf.len() + d.len()) as u64 > expected {
-                            break false;
-                        }
-                        buf.extend_from_slice(d);
-                    }
-                }
-                _ => break false,
-            }
-        };
-        if !complete || buf.len() as u64 != expected {
+        let buf = read_exactly(&mut rbody, expected, timeout).await;
+        let Some(buf) = buf else {
             return (
                 respond::error(ProxyError::OriginCutOff),
                 outcome(CacheResult::Error),
             );
-        }
+        };
         let (lo, hi, joined) = if m0 < a {
             (m0, b, concat(&buf, &extent.body))
         } else {
@@ -292,7 +278,7 @@ impl Proxy {
             let mut resp = Response::new(if keyed.head {
                 Body::empty()
             } else {
-                Body::full(buf.freeze())
+                Body::full(buf)
             });
             *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
             *resp.headers_mut() = headers;
@@ -423,27 +409,13 @@ impl Proxy {
             _ => return Err(Box::new((rparts, rbody))),
         };
         let timeout = self.origins[f.origin].config.timeout;
-        let mut buf = bytes::BytesMut::with_capacity(expected as usize);
-        let complete = loop {
-            match tokio::time::timeout(timeout, rbody.frame()).await {
-                Ok(None) => break true,
-                Ok(Some(Ok(frame))) => {
-                    if let Some(d) = frame.data_ref() {
-                        if (buf.len() + d.len()) as u64 > expected {
-                            break false;
-                        }
-                        buf.extend_from_slice(d);
-                    }
-                }
-                _ => break false,
-            }
-        };
-        if !complete || buf.len() as u64 != expected {
+        let buf = read_exactly(&mut rbody, expected, timeout).await;
+        let Some(buf) = buf else {
             return Ok((
                 respond::error(ProxyError::OriginCutOff),
                 f.outcome(CacheResult::Error),
             ));
-        }
+        };
         let tags = admit::tags(&rparts.headers);
         let mut strip = decision.strip.clone();
         strip.push("set-cookie".into());
@@ -452,7 +424,7 @@ impl Proxy {
         let vary = VaryKey::from_response(&headers, client).with_extra(lookup.extra.clone());
         let initial_age = policy::corrected_initial_age(&headers, f.request_time, response_time);
         let key = lookup.key.parts();
-        let mut body = buf.freeze();
+        let mut body = buf;
         let (mut lo, mut hi) = (a, b);
         // Joined to the stored extent when both are the same representation.
         if let Some((_, old)) = self.extent(&key, lookup.extra.as_deref(), client) {

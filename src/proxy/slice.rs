@@ -393,24 +393,10 @@ impl Proxy {
             return guard.fail(ProxyError::OriginFailed);
         }
         let timeout = self.origins[origin].config.timeout;
-        let mut buf = bytes::BytesMut::with_capacity(expected as usize);
-        let complete = loop {
-            match tokio::time::timeout(timeout, body.frame()).await {
-                Ok(None) => break true,
-                Ok(Some(Ok(frame))) => {
-                    if let Some(d) = frame.data_ref() {
-                        if (buf.len() + d.len()) as u64 > expected {
-                            break false;
-                        }
-                        buf.extend_from_slice(d);
-                    }
-                }
-                _ => break false,
-            }
-        };
-        if !complete || buf.len() as u64 != expected {
+        let buf = read_exactly(&mut body, expected, timeout).await;
+        let Some(buf) = buf else {
             return guard.fail(ProxyError::OriginCutOff);
-        }
+        };
         let facts = RequestFacts {
             method: &Method::GET,
             has_authorization: client.contains_key(header::AUTHORIZATION),
@@ -442,7 +428,7 @@ impl Proxy {
             vary,
             StatusCode::PARTIAL_CONTENT,
             headers,
-            buf.freeze(),
+            buf,
             response_time,
             initial_age,
             decision.unwrap_or_else(|_| StoreDecision::fresh_for(Duration::ZERO)),
