@@ -108,6 +108,9 @@ impl Entry {
                 let mut headers = self.headers.clone();
                 headers.insert(header::CONTENT_ENCODING, coding.header_value());
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                // Ranges are cut from the identity body only: an encoded form offers none
+                // (a client resuming one would splice identity bytes into it).
+                headers.remove(header::ACCEPT_RANGES);
                 if let Some(etag) = headers.get(header::ETAG) {
                     let weak = compress::weak_etag(etag);
                     headers.insert(header::ETAG, weak);
@@ -154,7 +157,11 @@ impl Entry {
         if e.upstream_status.is_none() {
             e.upstream_status = self.upstream_status.clone();
         }
-        // The encoded forms are the same bytes, under the refreshed headers.
+        // The encoded forms are the same bytes, under the refreshed headers, which still
+        // say the answer depends on `Accept-Encoding` (a 304's own `Vary` replaced ours).
+        if !self.forms.is_empty() || self.decodable.is_some() {
+            compress::add_vary(&mut e.headers);
+        }
         e.with_forms(self.forms.iter().map(|f| (f.coding, f.body.clone())))
             .with_decodable(self.decodable)
     }

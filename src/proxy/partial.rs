@@ -119,13 +119,21 @@ impl Proxy {
         if !strong_etag(&extent.headers) {
             return Use::No;
         }
-        if x < a && y <= b && y + 1 >= a {
-            Use::Complete((x, a - 1))
+        let missing = if x < a && y <= b && y + 1 >= a {
+            (x, a - 1)
         } else if x >= a && x <= b + 1 && y > b {
-            Use::Complete((b + 1, y))
+            (b + 1, y)
         } else {
-            Use::No
+            return Use::No;
+        };
+        // What is asked for and what the joined extent would be are objects in memory: no
+        // larger than an object may be (a whole GET of a large file goes the usual way).
+        let limit = self.config.cache.max_object_size;
+        let joined = b.max(missing.1) - a.min(missing.0) + 1;
+        if joined > limit {
+            return Use::No;
         }
+        Use::Complete(missing)
     }
 
     /// The lookup's answer from a stored extent when it has one for the request: a hit
@@ -148,6 +156,8 @@ impl Proxy {
         let hit = self.cache_status("hit; detail=partial");
         match self.use_extent(&extent, request, keyed.head, now, hit) {
             Use::Answer(resp) => Some(Looked::Answer((resp, Outcome_::local(CacheResult::Hit)))),
+            // `only-if-cached`: the origin may not be asked (the lookup answers 504).
+            Use::Complete(_) if req_cc.only_if_cached => None,
             Use::Complete(missing) => Some(Looked::Partial(PartialMiss {
                 keyed: keyed.clone(),
                 extent,
@@ -271,18 +281,36 @@ impl Proxy {
             response_time,
         );
         let Ok(decision) = decision else {
-            // The origin says not to store it any more: nor the extent.
+            // The origin says not to store it any more: nor the extent. This client is still
+            // answered what it asked for, from the joined bytes, stored nowhere.
             self.drop_extent(&key);
             let mut headers = rparts.headers;
-            headers.insert(CACHE_STATUS.clone(), self.cache_status("fwd=partial"));
-            let mut resp = Response::new(if keyed.head {
-                Body::empty()
-            } else {
-                Body::full(buf)
-            });
-            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
-            *resp.headers_mut() = headers;
-            return (resp, outcome(CacheResult::Miss));
+            if let Ok(v) = HeaderValue::from_str(&range::content_range(lo, hi, total)) {
+                headers.insert(header::CONTENT_RANGE, v);
+            }
+            let path = Store::partial_path(key.path_and_query);
+            let temp = Entry::new(
+                OwnedKey::new(&KeyParts {
+                    path_and_query: &path,
+                    ..key
+                }),
+                extent.vary.clone(),
+                StatusCode::PARTIAL_CONTENT,
+                headers,
+                joined,
+                response_time,
+                Duration::ZERO,
+                StoreDecision::fresh_for(Duration::ZERO),
+                Box::new([]),
+            );
+            let status = self.cache_status("fwd=partial; detail=not-stored");
+            return match self.use_extent(&temp, client, keyed.head, SystemTime::now(), status) {
+                Use::Answer(resp) => (resp, outcome(CacheResult::Miss)),
+                _ => (
+                    respond::error(ProxyError::OriginFailed),
+                    outcome(CacheResult::Error),
+                ),
+            };
         };
         let tags = admit::tags(&rparts.headers);
         let mut strip = decision.strip.clone();
@@ -432,7 +460,9 @@ impl Proxy {
                 let same = ot == total
                     && strong_etag(&headers)
                     && old.headers.get(header::ETAG) == headers.get(header::ETAG);
-                if same && oa <= b + 1 && a <= ob + 1 {
+                let joined_len = ob.max(b) - oa.min(a) + 1;
+                let fits = joined_len <= self.config.cache.max_object_size;
+                if same && fits && oa <= b + 1 && a <= ob + 1 {
                     let (nlo, nhi) = (oa.min(a), ob.max(b));
                     let mut joined = bytes::BytesMut::with_capacity((nhi - nlo + 1) as usize);
                     // The newer bytes win where both have them.

@@ -86,7 +86,13 @@ impl Proxy {
                     .store_post(&target, &client, rparts, rbody, origin_index)
                     .await
                 {
-                    Ok(body) => {
+                    Ok(None) => {
+                        return (
+                            respond::error(ProxyError::OriginCutOff),
+                            Outcome_::origin(CacheResult::Error, origin_index, origin_ms, route),
+                        );
+                    }
+                    Ok(Some(body)) => {
                         let mut resp = Response::new(Body::full(body.1));
                         *resp.headers_mut() = body.0;
                         let status = self.cache_status("fwd=method; stored");
@@ -130,8 +136,9 @@ impl Proxy {
     /// `Content-Location` naming the POST's own target may answer later GETs of that URI.
     /// Such a response, when the policy would store it for a GET (no `private`, no cookie,
     /// no `Authorization` unless allowed) and it is small (64 KiB by `Content-Length`), is
-    /// read whole, stored as the GET's, and its head and body returned for the POST's client;
-    /// anything else is given back to be streamed as usual.
+    /// read whole, stored as the GET's, and its head and body returned for the POST's client
+    /// (`None`: the origin cut it, nothing stored); anything else is given back to be
+    /// streamed as usual.
     async fn store_post(
         &self,
         target: &Target<'_>,
@@ -139,7 +146,7 @@ impl Proxy {
         rparts: http::response::Parts,
         mut rbody: Incoming,
         origin: usize,
-    ) -> Result<(HeaderMap, Bytes), Box<(http::response::Parts, Incoming)>> {
+    ) -> Result<Option<(HeaderMap, Bytes)>, Box<(http::response::Parts, Incoming)>> {
         let site = &self.config.sites[target.site];
         let now = SystemTime::now();
         let key_pq = key_target(site, target.pq);
@@ -203,8 +210,8 @@ impl Proxy {
                         buf.extend_from_slice(d);
                     }
                 }
-                // Cut: the client gets what an origin that cut its answer gets us.
-                _ => return Ok((rparts.headers, buf.freeze())),
+                // Cut: nothing stored, and the client told so (502).
+                _ => return Ok(None),
             }
         }
         let body = buf.freeze();
@@ -234,7 +241,7 @@ impl Proxy {
         );
         self.store.insert(self.store.hash(&parts), entry);
         let headers = strip_cache_only(rparts.headers, own, &[]);
-        Ok((headers, body))
+        Ok(Some((headers, body)))
     }
 
     /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the

@@ -104,10 +104,34 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(first_position)
             .unwrap_or(0);
-        let first_index = u32::try_from(start / size).unwrap_or(u32::MAX);
-        let (first, how) = match self.slice(&ctx, first_index, false).await {
+        let mut first_index = u32::try_from(start / size).unwrap_or(u32::MAX);
+        let mut got = self.slice(&ctx, first_index, false).await;
+        if first_index > 0 && matches!(got, Ok(Got::Other(..))) {
+            // The range starts past the end (or the origin would not cut there): slice 0
+            // says what the object is, and the client's range is judged against it.
+            first_index = 0;
+            got = self.slice(&ctx, 0, false).await;
+        }
+        let (first, how) = match got {
             Ok(Got::Slice { entry, how }) => (entry, how),
-            Ok(Got::Other(resp, outcome)) => return self.not_sliced(resp, outcome, head),
+            Ok(Got::Other(resp, outcome)) => {
+                // An empty object has no byte 0 to cut: the origin's 416 `bytes */0` means
+                // an empty 200 for a client that did not ask for a range.
+                let empty = resp.status() == StatusCode::RANGE_NOT_SATISFIABLE
+                    && resp
+                        .headers()
+                        .get(header::CONTENT_RANGE)
+                        .is_some_and(|v| v.as_bytes() == b"bytes */0");
+                if empty && !client.contains_key(header::RANGE) {
+                    let mut r = Response::new(Body::empty());
+                    r.headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+                    let status = self.cache_status("fwd=uri-miss; detail=not-sliced");
+                    r.headers_mut().insert(CACHE_STATUS.clone(), status);
+                    return (r, outcome);
+                }
+                return self.not_sliced(resp, outcome, head);
+            }
             Err(e) => return (respond::error(e), Outcome_::local(CacheResult::Error)),
         };
         let Some(total) = content_range_total(&first.headers) else {

@@ -110,6 +110,10 @@ async fn a_text_object_is_compressed_once_and_each_client_gets_its_best_accepted
         assert_eq!(len, r.body.len(), "{accept}");
         let etag = r.header("etag").unwrap_or("");
         if want.is_some() {
+            assert!(
+                r.header("accept-ranges").is_none(),
+                "ranges come from identity: an encoded form offers none"
+            );
             assert_eq!(etag, "W/\"v1\"", "an encoded form's validator is weak");
             assert!(
                 r.body.len() < body.len() / 3,
@@ -568,4 +572,32 @@ fn acceptable(accept: &str, coding: &str) -> bool {
         }
     }
     star.unwrap_or(false)
+}
+
+/// A revalidation's 304 brings its own `Vary` (here `Origin`, as CORS origins send): the
+/// forms served after it still say they depend on `Accept-Encoding`.
+#[tokio::test]
+async fn a_revalidated_object_keeps_its_forms_and_vary() {
+    let origin = TestOrigin::start().await;
+    let body = css(9000);
+    origin.route(
+        "/r.css",
+        Route::bytes(body.clone())
+            .header("content-type", "text/css")
+            .header("cache-control", "max-age=0")
+            .header("etag", "\"r1\"")
+            .header("vary", "Origin"),
+    );
+    let node = TestNode::start("", &site(&origin, "site.test", "")).await;
+    for round in 0..3 {
+        let r = get_with(&node, "/r.css", &[("accept-encoding", "br")]).await;
+        assert_eq!(coding(&r), Some("br"), "round {round}");
+        assert_eq!(decode(Some("br"), &r.body), body);
+        assert!(
+            varies_on_accept_encoding(&r),
+            "round {round}: {:?}",
+            r.headers
+        );
+    }
+    assert!(origin.not_modified() >= 1, "revalidated with 304s");
 }

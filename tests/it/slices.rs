@@ -340,6 +340,19 @@ async fn ranges_conditionals_and_heads_are_answered_from_slices() {
         Some(format!("bytes */{len}").as_str())
     );
 
+    let (status, h, got) = fetch(
+        node.http,
+        "/media/s.bin",
+        &[("range", "bytes=999999999-,0-9")],
+    )
+    .await;
+    assert_eq!(status, 206, "the satisfiable one of two ranges");
+    assert_eq!(&got.expect("body")[..], &body[..10]);
+    assert_eq!(
+        h.get("content-range").and_then(|v| v.to_str().ok()),
+        Some(format!("bytes 0-9/{len}").as_str())
+    );
+
     let (status, _, got) = fetch(node.http, "/media/s.bin", &[("if-none-match", "\"s1\"")]).await;
     assert_eq!(status, 304);
     assert!(got.expect("body").is_empty());
@@ -386,6 +399,21 @@ async fn an_origin_that_does_not_do_ranges_is_passed_through() {
         .is_some_and(|c| c.contains("not-sliced")));
     let missing = fetch(node.http, "/media/none.bin", &[]).await;
     assert_eq!(missing.0, 404, "an origin's error is passed on");
+
+    // An empty file has no byte to cut: the origin's 416 means an empty 200.
+    origin.route(
+        "/media/empty.txt",
+        Route::bytes(Bytes::new())
+            .ranged()
+            .header("cache-control", "max-age=3600"),
+    );
+    let (status, h, got) = fetch(node.http, "/media/empty.txt", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        h.get("content-length").and_then(|v| v.to_str().ok()),
+        Some("0")
+    );
+    assert!(got.expect("body").is_empty());
 }
 
 #[tokio::test]
