@@ -25,6 +25,7 @@ mod png;
 struct Assets {
     html: Bytes,
     css: Bytes,
+    script: Bytes,
     image: Bytes,
     requests: AtomicU64,
 }
@@ -38,6 +39,21 @@ const HTML: &str = "<!doctype html>\n<html><head><title>edgecache demo</title>\
 
 const CSS: &str = "body { font-family: sans-serif; margin: 3em; }\nh1 { color: #c40; }\n";
 
+/// A 20 KiB script, as text compresses: what the demo shows compression with (`/app.js`).
+fn script() -> String {
+    let mut out = String::from("// edgecache demo: a script big enough to be worth compressing\n");
+    let mut i = 0;
+    while out.len() < 20 * 1024 {
+        out.push_str(&format!(
+            "export const item{i} = {{ id: {i}, name: \"item {i}\", price: {}.{:02} }};\n",
+            i * 3 % 97,
+            i * 7 % 100
+        ));
+        i += 1;
+    }
+    out
+}
+
 /// Starts the sample origin on `addr` (use port 0 for any) and returns its bound address.
 pub async fn start_sample_origin(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
@@ -46,6 +62,7 @@ pub async fn start_sample_origin(addr: SocketAddr) -> std::io::Result<SocketAddr
     let assets = Arc::new(Assets {
         html: Bytes::from_static(HTML.as_bytes()),
         css: Bytes::from_static(CSS.as_bytes()),
+        script: Bytes::from(script()),
         image: Bytes::from(image),
         requests: AtomicU64::new(0),
     });
@@ -157,6 +174,13 @@ fn sample_response(assets: &Assets, req: &Request<Incoming>) -> Response<Full<By
             "public, max-age=3600",
             Some("\"css-v1\""),
             assets.css.clone(),
+        ),
+        "/app.js" => (
+            StatusCode::OK,
+            "text/javascript",
+            "public, max-age=3600",
+            Some("\"js-v1\""),
+            assets.script.clone(),
         ),
         "/hero.png" => (
             StatusCode::OK,
@@ -311,6 +335,7 @@ pub fn instructions(setup: &Setup, config: &Path) -> String {
          curl -s -o /dev/null -D - http://{http}/style.css\n  \
          curl -s -o /dev/null -D - http://{http}/style.css\n\n  \
          curl -s -o /dev/null -D - http://{http}/hero.png          # 2 MiB image, cached\n  \
+         curl -s --compressed -o /dev/null -D - http://{http}/app.js   # 20 KiB script, compressed once, sent as br or gzip\n  \
          curl -s http://{http}/api/time                         # no-store: reaches the origin every time\n  \
          curl -sk --http2 -o /dev/null -D - https://{https}/     # HTTP/2 over TLS\n\n\
          Open https://localhost:{https_port}/ in a browser (accept the certificate) and load it twice.\n\n\

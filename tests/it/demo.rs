@@ -256,6 +256,24 @@ async fn the_demo_page_shows_a_png_that_decodes_and_is_then_a_hit() {
     let again = get(http, "localhost", "/hero.png").await;
     assert_eq!(again.header("cache-status"), Some("edgecache; hit"));
     assert_eq!(again.body, r.body);
+
+    // The script the demo prints a `curl --compressed` line for: compressed once, br to a
+    // client that takes it, the same text as the identity form.
+    let plain = get(http, "localhost", "/app.js").await;
+    assert_eq!(plain.header("content-encoding"), None);
+    assert!(plain.body.len() > 20_000);
+    let br = send(
+        http,
+        request("GET", "localhost", "/app.js", &[("accept-encoding", "gzip, br")]),
+    )
+    .await;
+    assert_eq!(br.header("content-encoding"), Some("br"));
+    assert_eq!(br.header("cache-status"), Some("edgecache; hit"));
+    assert!(br.body.len() < plain.body.len() / 5);
+    let mut text = Vec::new();
+    std::io::Read::read_to_end(&mut brotli::Decompressor::new(&br.body[..], 4096), &mut text)
+        .expect("br");
+    assert_eq!(text, plain.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
