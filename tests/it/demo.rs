@@ -264,15 +264,23 @@ async fn the_demo_page_shows_a_png_that_decodes_and_is_then_a_hit() {
     assert!(plain.body.len() > 20_000);
     let br = send(
         http,
-        request("GET", "localhost", "/app.js", &[("accept-encoding", "gzip, br")]),
+        request(
+            "GET",
+            "localhost",
+            "/app.js",
+            &[("accept-encoding", "gzip, br")],
+        ),
     )
     .await;
     assert_eq!(br.header("content-encoding"), Some("br"));
     assert_eq!(br.header("cache-status"), Some("edgecache; hit"));
     assert!(br.body.len() < plain.body.len() / 5);
     let mut text = Vec::new();
-    std::io::Read::read_to_end(&mut brotli::Decompressor::new(&br.body[..], 4096), &mut text)
-        .expect("br");
+    std::io::Read::read_to_end(
+        &mut brotli::Decompressor::new(&br.body[..], 4096),
+        &mut text,
+    )
+    .expect("br");
     assert_eq!(text, plain.body);
 }
 
