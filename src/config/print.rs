@@ -305,6 +305,60 @@ fn codes(list_of: &[crate::geo::Code]) -> String {
     )
 }
 
+/// A site's `[sites.cache]`.
+fn site_cache(k: &crate::config::SiteCache, out: &mut String) {
+    let _ = writeln!(out, "[sites.cache]");
+    let query = match k.query {
+        QueryMode::Keep => "keep",
+        QueryMode::Sort => "sort",
+        QueryMode::Ignore => "ignore",
+    };
+    let _ = writeln!(out, "query = {}", q(query));
+    let _ = writeln!(out, "query_ignore = {}", list(&k.query_ignore));
+    let _ = writeln!(out, "key_headers = {}", list(&k.key_headers));
+    let _ = writeln!(out, "key_cookies = {}", list(&k.key_cookies));
+    let no_cache = match k.client_no_cache {
+        ClientNoCache::Revalidate => "revalidate",
+        ClientNoCache::Ignore => "ignore",
+    };
+    let _ = writeln!(out, "client_no_cache = {}", q(no_cache));
+    let st = &k.settings;
+    let _ = writeln!(out, "store_set_cookie = {}", st.store_set_cookie);
+    let _ = writeln!(
+        out,
+        "stale_while_revalidate = {}",
+        duration(st.default_stale_while_revalidate)
+    );
+    let _ = writeln!(
+        out,
+        "stale_if_error = {}",
+        duration(st.default_stale_if_error)
+    );
+    let _ = writeln!(out, "keep = {}", duration(st.keep));
+    let _ = writeln!(out, "heuristic_fraction = {:?}", st.heuristic_fraction);
+    let _ = writeln!(out, "heuristic_max = {}", duration(st.heuristic_max));
+    let _ = writeln!(out, "hit_for_miss = {}", duration(k.hit_for_miss));
+}
+
+/// A site's `[sites.compression]`.
+fn compression(z: &crate::compress::Compression, out: &mut String) {
+    let _ = writeln!(out, "[sites.compression]");
+    let _ = writeln!(out, "enabled = {}", z.enabled);
+    let _ = writeln!(
+        out,
+        "encodings = {}",
+        list(z.encodings.iter().map(|c| c.name()))
+    );
+    let _ = writeln!(out, "types = {}", list(&z.types));
+    let _ = writeln!(out, "min_size = {}", size(z.min_size));
+    let _ = writeln!(out, "stream = {}", z.stream);
+    let _ = writeln!(
+        out,
+        "levels = {{ br = {}, zstd = {}, gzip = {} }}",
+        z.levels.br, z.levels.zstd, z.levels.gzip
+    );
+}
+
 fn sites(c: &Config, out: &mut String) {
     for (i, s) in c.sites.iter().enumerate() {
         let _ = writeln!(out, "[[sites]]");
@@ -324,38 +378,7 @@ fn sites(c: &Config, out: &mut String) {
             "keep"
         };
         let _ = writeln!(out, "escaped_slashes = {}", q(slashes));
-        let k = &s.cache;
-        let _ = writeln!(out, "[sites.cache]");
-        let query = match k.query {
-            QueryMode::Keep => "keep",
-            QueryMode::Sort => "sort",
-            QueryMode::Ignore => "ignore",
-        };
-        let _ = writeln!(out, "query = {}", q(query));
-        let _ = writeln!(out, "query_ignore = {}", list(&k.query_ignore));
-        let _ = writeln!(out, "key_headers = {}", list(&k.key_headers));
-        let _ = writeln!(out, "key_cookies = {}", list(&k.key_cookies));
-        let no_cache = match k.client_no_cache {
-            ClientNoCache::Revalidate => "revalidate",
-            ClientNoCache::Ignore => "ignore",
-        };
-        let _ = writeln!(out, "client_no_cache = {}", q(no_cache));
-        let st = &k.settings;
-        let _ = writeln!(out, "store_set_cookie = {}", st.store_set_cookie);
-        let _ = writeln!(
-            out,
-            "stale_while_revalidate = {}",
-            duration(st.default_stale_while_revalidate)
-        );
-        let _ = writeln!(
-            out,
-            "stale_if_error = {}",
-            duration(st.default_stale_if_error)
-        );
-        let _ = writeln!(out, "keep = {}", duration(st.keep));
-        let _ = writeln!(out, "heuristic_fraction = {:?}", st.heuristic_fraction);
-        let _ = writeln!(out, "heuristic_max = {}", duration(st.heuristic_max));
-        let _ = writeln!(out, "hit_for_miss = {}", duration(k.hit_for_miss));
+        site_cache(&s.cache, out);
         let _ = writeln!(out, "[sites.limits]");
         match &s.rate {
             Some(r) => {
@@ -364,22 +387,7 @@ fn sites(c: &Config, out: &mut String) {
             }
             None => out.push_str("# rate: no limit (the default)\n"),
         }
-        let z = &s.compression;
-        let _ = writeln!(out, "[sites.compression]");
-        let _ = writeln!(out, "enabled = {}", z.enabled);
-        let _ = writeln!(
-            out,
-            "encodings = {}",
-            list(z.encodings.iter().map(|c| c.name()))
-        );
-        let _ = writeln!(out, "types = {}", list(&z.types));
-        let _ = writeln!(out, "min_size = {}", size(z.min_size));
-        let _ = writeln!(out, "stream = {}", z.stream);
-        let _ = writeln!(
-            out,
-            "levels = {{ br = {}, zstd = {}, gzip = {} }}",
-            z.levels.br, z.levels.zstd, z.levels.gzip
-        );
+        compression(&s.compression, out);
         if origin.is_none() {
             for r in &s.routes {
                 let _ = writeln!(out, "[[sites.routes]]");

@@ -836,6 +836,60 @@ fn decodable(plan: Plan) -> Option<Coding> {
     }
 }
 
+impl Proxy {
+    /// Whether a response with `headers` to a request with `client`'s fields may be stored,
+    /// judged as the GET's 200 it stands for (a slice, an extent, a POST's answer).
+    pub(super) fn judged_as_get(
+        &self,
+        client: &HeaderMap,
+        headers: &HeaderMap,
+        settings: &Settings,
+        response_time: SystemTime,
+    ) -> Result<StoreDecision, NoStoreReason> {
+        let facts = RequestFacts {
+            method: &Method::GET,
+            has_authorization: client.contains_key(header::AUTHORIZATION),
+            cache_control: &CacheControl::from_headers(client),
+        };
+        policy::storable(facts, StatusCode::OK, headers, settings, response_time)
+    }
+
+    /// The fields of a copy shared by every client, with the purge tags read before they
+    /// go: cache-only fields, those `strip` names and `Set-Cookie` removed.
+    pub(super) fn shared_copy(
+        &self,
+        headers: HeaderMap,
+        strip: &[Box<str>],
+    ) -> (HeaderMap, Box<[Box<str>]>) {
+        let tags = tags(&headers);
+        let mut strip = strip.to_vec();
+        strip.push("set-cookie".into());
+        let own = &self.config.cache.cache_control_field;
+        (strip_cache_only(headers, own, &strip), tags)
+    }
+
+    /// An origin's answer that is none of the cache's business, passed on as it came:
+    /// cache-only fields removed, `detail` in `Cache-Status` after the origin's members.
+    pub(super) fn passed_on(
+        &self,
+        mut rparts: http::response::Parts,
+        rbody: Incoming,
+        head: bool,
+        detail: &str,
+    ) -> Response<Body> {
+        let status = after_upstream(&rparts.headers, self.cache_status(detail));
+        let own = &self.config.cache.cache_control_field;
+        rparts.headers = strip_cache_only(std::mem::take(&mut rparts.headers), own, &[]);
+        rparts.headers.insert(CACHE_STATUS.clone(), status);
+        let body = if head {
+            Body::empty()
+        } else {
+            Body::stream(rbody)
+        };
+        Response::from_parts(rparts, body)
+    }
+}
+
 /// Purge tags from `Surrogate-Key` and `Cache-Tag` (space or comma separated).
 pub(super) fn tags(headers: &HeaderMap) -> Box<[Box<str>]> {
     let mut out: Vec<Box<str>> = Vec::new();

@@ -180,30 +180,17 @@ impl Proxy {
         let Some((a, b, total)) = slice::content_range(&extent.headers) else {
             return refuse(ProxyError::OriginFailed);
         };
-        let mut up_headers = client.clone();
-        for f in &CONDITIONAL_FIELDS {
-            up_headers.remove(f);
-        }
-        up_headers.remove(header::CONTENT_LENGTH);
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes={m0}-{m1}")) {
-            up_headers.insert(header::RANGE, v);
-        }
-        if let Some(etag) = extent.headers.get(header::ETAG) {
-            up_headers.insert(header::IF_RANGE, etag.clone());
-        }
-        let Ok(pq) = PathAndQuery::try_from(&*keyed.key.path_and_query) else {
+        let pq = &keyed.key.path_and_query;
+        let (conn, host) = (keyed.conn, &keyed.host_value);
+        let Some(mut up) = self.range_request(client, (m0, m1), pq, conn, host, parts.version)
+        else {
             return refuse(ProxyError::InvalidTarget);
         };
-        let up = self.upstream(
-            Method::GET,
-            pq,
-            up_headers,
-            keyed.conn,
-            &keyed.host_value,
-            parts.version,
-        );
-        let candidates = self.candidates(keyed.site, keyed.conn, client);
+        if let Some(etag) = extent.headers.get(header::ETAG) {
+            up.headers.insert(header::IF_RANGE, etag.clone());
+        }
         let request_time = SystemTime::now();
+        let candidates = self.candidates(keyed.site, keyed.conn, client);
         let Some(Sent {
             origin,
             ms,
@@ -234,75 +221,39 @@ impl Proxy {
             // Changed (a 200 for If-Range that failed), or not what was asked: the extent is
             // out of date or of no use; the answer goes to the client as it came.
             self.drop_extent(&key);
-            let ours = self.cache_status("fwd=partial; detail=extent-dropped");
-            let status = after_upstream(&rparts.headers, ours);
-            rparts.headers = strip_cache_only(
-                std::mem::take(&mut rparts.headers),
-                &self.config.cache.cache_control_field,
-                &[],
-            );
-            rparts.headers.insert(CACHE_STATUS.clone(), status);
-            let body = if keyed.head {
-                Body::empty()
-            } else {
-                Body::stream(rbody)
-            };
-            return (
-                Response::from_parts(rparts, body),
-                outcome(CacheResult::Miss),
-            );
+            let detail = "fwd=partial; detail=extent-dropped";
+            let resp = self.passed_on(rparts, rbody, keyed.head, detail);
+            return (resp, outcome(CacheResult::Miss));
         }
         let timeout = self.origins[origin].config.timeout;
-        let expected = m1 - m0 + 1;
-        let buf = read_exactly(&mut rbody, expected, timeout).await;
-        let Some(buf) = buf else {
-            return (
-                respond::error(ProxyError::OriginCutOff),
-                outcome(CacheResult::Error),
-            );
+        let Some(buf) = read_exactly(&mut rbody, m1 - m0 + 1, timeout).await else {
+            let error = respond::error(ProxyError::OriginCutOff);
+            return (error, outcome(CacheResult::Error));
         };
-        let (lo, hi, joined) = if m0 < a {
+        let (lo, hi, body) = if m0 < a {
             (m0, b, concat(&buf, &extent.body))
         } else {
             (a, m1, concat(&extent.body, &buf))
         };
-        let client_cc = CacheControl::from_headers(client);
-        let facts = RequestFacts {
-            method: &Method::GET,
-            has_authorization: client.contains_key(header::AUTHORIZATION),
-            cache_control: &client_cc,
-        };
         let settings = self.config.sites[keyed.site].settings(keyed.rule);
-        let decision = policy::storable(
-            facts,
-            StatusCode::OK,
-            &rparts.headers,
-            settings,
-            response_time,
-        );
+        let decision = self.judged_as_get(client, &rparts.headers, settings, response_time);
         let Ok(decision) = decision else {
             // The origin says not to store it any more: nor the extent. This client is still
             // answered what it asked for, from the joined bytes, stored nowhere.
             self.drop_extent(&key);
-            let mut headers = rparts.headers;
-            if let Ok(v) = HeaderValue::from_str(&range::content_range(lo, hi, total)) {
-                headers.insert(header::CONTENT_RANGE, v);
-            }
-            let path = Store::partial_path(key.path_and_query);
-            let temp = Entry::new(
-                OwnedKey::new(&KeyParts {
-                    path_and_query: &path,
-                    ..key
-                }),
-                extent.vary.clone(),
-                StatusCode::PARTIAL_CONTENT,
-                headers,
-                joined,
+            let temp = Part {
+                lo,
+                hi,
+                total,
+                headers: rparts.headers,
+                body,
+                vary: extent.vary.clone(),
                 response_time,
-                Duration::ZERO,
-                StoreDecision::fresh_for(Duration::ZERO),
-                Box::new([]),
-            );
+                initial_age: Duration::ZERO,
+                decision: StoreDecision::fresh_for(Duration::ZERO),
+                tags: Box::new([]),
+            }
+            .into_extent(&key);
             let status = self.cache_status("fwd=partial; detail=not-stored");
             return match self.use_extent(&temp, client, keyed.head, SystemTime::now(), status) {
                 Use::Answer(resp) => (resp, outcome(CacheResult::Miss)),
@@ -312,86 +263,69 @@ impl Proxy {
                 ),
             };
         };
-        let tags = admit::tags(&rparts.headers);
-        let mut strip = decision.strip.clone();
-        strip.push("set-cookie".into());
-        let own = &self.config.cache.cache_control_field;
-        let mut headers = strip_cache_only(rparts.headers, own, &strip);
-        let initial_age = policy::corrected_initial_age(&headers, request_time, response_time);
-        let status = self.cache_status("fwd=partial; stored");
-        let now = SystemTime::now();
-        if lo == 0 && hi + 1 == total {
-            // Whole: a complete response, as if fetched with one GET.
-            headers.remove(header::CONTENT_RANGE);
-            let entry = Entry::new(
-                keyed.key.clone(),
-                extent.vary.clone(),
-                StatusCode::OK,
-                headers,
-                joined,
-                response_time,
-                initial_age,
-                decision,
-                tags,
-            );
-            let entry = self.store.insert_shared(keyed.hash, entry);
-            self.drop_extent(&key);
-            let resp = self.answer_from_entry(&entry, client, keyed.head, now, status);
-            return (resp, outcome(CacheResult::Miss));
-        }
-        if let Ok(v) = HeaderValue::from_str(&range::content_range(lo, hi, total)) {
-            headers.insert(header::CONTENT_RANGE, v);
-        }
-        let entry = self.store_extent(
-            &key,
-            extent.vary.clone(),
+        let (headers, tags) = self.shared_copy(rparts.headers, &decision.strip);
+        let part = Part {
+            lo,
+            hi,
+            total,
+            initial_age: policy::corrected_initial_age(&headers, request_time, response_time),
             headers,
-            joined,
+            body,
+            vary: extent.vary.clone(),
             response_time,
-            initial_age,
             decision,
             tags,
-        );
-        match self.use_extent(&entry, client, keyed.head, now, status) {
-            Use::Answer(resp) => (resp, outcome(CacheResult::Miss)),
-            _ => (
+        };
+        let status = self.cache_status("fwd=partial; stored");
+        match self.keep_part(&keyed.key, keyed.hash, part, client, keyed.head, status) {
+            Ok(resp) => (resp, outcome(CacheResult::Miss)),
+            Err(_) => (
                 respond::error(ProxyError::OriginFailed),
                 outcome(CacheResult::Error),
             ),
         }
     }
 
-    /// Stores an extent of the URL `key` names, returning it.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn store_extent(
+    /// Keeps `part` of the object `key` names (its own key hash `hash`): as the object when
+    /// it is whole (the extent dropped), else as the URL's extent; and answers `client` from
+    /// it. `Err` with the stored extent when it does not hold what the client asked for.
+    fn keep_part(
         &self,
-        key: &KeyParts<'_>,
-        vary: VaryKey,
-        headers: HeaderMap,
-        body: Bytes,
-        response_time: SystemTime,
-        initial_age: Duration,
-        decision: StoreDecision,
-        tags: Box<[Box<str>]>,
-    ) -> Arc<Entry> {
+        key: &OwnedKey,
+        hash: u64,
+        mut part: Part,
+        client: &HeaderMap,
+        head: bool,
+        status: HeaderValue,
+    ) -> Result<Response<Body>, Arc<Entry>> {
+        let now = SystemTime::now();
+        let parts = key.parts();
+        if part.lo == 0 && part.hi + 1 == part.total {
+            // Whole: a complete response, as if fetched with one GET.
+            part.headers.remove(header::CONTENT_RANGE);
+            let entry = Entry::new(
+                key.clone(),
+                part.vary,
+                StatusCode::OK,
+                part.headers,
+                part.body,
+                part.response_time,
+                part.initial_age,
+                part.decision,
+                part.tags,
+            );
+            let entry = self.store.insert_shared(hash, entry);
+            self.drop_extent(&parts);
+            return Ok(self.answer_from_entry(&entry, client, head, now, status));
+        }
         self.store.note_partial();
-        let path = Store::partial_path(key.path_and_query);
-        let p = KeyParts {
-            path_and_query: &path,
-            ..*key
-        };
-        let entry = Entry::new(
-            OwnedKey::new(&p),
-            vary,
-            StatusCode::PARTIAL_CONTENT,
-            headers,
-            body,
-            response_time,
-            initial_age,
-            decision,
-            tags,
-        );
-        self.store.insert_shared(self.store.hash(&p), entry)
+        let extent = part.into_extent(&parts);
+        let hash = self.store.hash(&extent.key.parts());
+        let entry = self.store.insert_shared(hash, extent);
+        match self.use_extent(&entry, client, head, now, status) {
+            Use::Answer(resp) => Ok(resp),
+            _ => Err(entry),
+        }
     }
 
     fn drop_extent(&self, key: &KeyParts<'_>) {
@@ -405,7 +339,7 @@ impl Proxy {
 
     /// The leader's 206 from the origin: stored as an extent (joined to a stored one it
     /// overlaps or adjoins, under the same strong `ETag`) when the policy allows, and
-    /// answered from; passed on as it came when it cannot be.
+    /// answered from; given back, to be passed on as it came, when it cannot be.
     pub(super) async fn admit_partial(
         &self,
         f: &admit::Fetched<'_>,
@@ -419,120 +353,149 @@ impl Proxy {
             return Err(Box::new((rparts, rbody)));
         };
         let expected = b - a + 1;
-        let facts = RequestFacts {
-            method: &Method::GET,
-            has_authorization: client.contains_key(header::AUTHORIZATION),
-            cache_control: &CacheControl::from_headers(client),
-        };
         let settings = lookup.settings(&self.config);
-        let decision = policy::storable(
-            facts,
-            StatusCode::OK,
-            &rparts.headers,
-            settings,
-            response_time,
-        );
+        let decision = self.judged_as_get(client, &rparts.headers, settings, response_time);
         let decision = match decision {
             Ok(d) if expected <= self.config.cache.max_object_size => d,
             _ => return Err(Box::new((rparts, rbody))),
         };
         let timeout = self.origins[f.origin].config.timeout;
-        let buf = read_exactly(&mut rbody, expected, timeout).await;
-        let Some(buf) = buf else {
-            return Ok((
-                respond::error(ProxyError::OriginCutOff),
-                f.outcome(CacheResult::Error),
-            ));
+        let Some(body) = read_exactly(&mut rbody, expected, timeout).await else {
+            let error = respond::error(ProxyError::OriginCutOff);
+            return Ok((error, f.outcome(CacheResult::Error)));
         };
-        let tags = admit::tags(&rparts.headers);
-        let mut strip = decision.strip.clone();
-        strip.push("set-cookie".into());
-        let own = &self.config.cache.cache_control_field;
-        let mut headers = strip_cache_only(rparts.headers, own, &strip);
-        let vary = VaryKey::from_response(&headers, client).with_extra(lookup.extra.clone());
-        let initial_age = policy::corrected_initial_age(&headers, f.request_time, response_time);
-        let key = lookup.key.parts();
-        let mut body = buf;
-        let (mut lo, mut hi) = (a, b);
-        // Joined to the stored extent when both are the same representation.
-        if let Some((_, old)) = self.extent(&key, lookup.extra.as_deref(), client) {
-            if let Some((oa, ob, ot)) = slice::content_range(&old.headers) {
-                let same = ot == total
-                    && strong_etag(&headers)
-                    && old.headers.get(header::ETAG) == headers.get(header::ETAG);
-                let joined_len = ob.max(b) - oa.min(a) + 1;
-                let fits = joined_len <= self.config.cache.max_object_size;
-                if same && fits && oa <= b + 1 && a <= ob + 1 {
-                    let (nlo, nhi) = (oa.min(a), ob.max(b));
-                    let mut joined = bytes::BytesMut::with_capacity((nhi - nlo + 1) as usize);
-                    // The newer bytes win where both have them.
-                    if oa < a {
-                        joined.extend_from_slice(&old.body[..(a - oa) as usize]);
-                    }
-                    joined.extend_from_slice(&body);
-                    if ob > b {
-                        joined.extend_from_slice(&old.body[(b + 1 - oa) as usize..]);
-                    }
-                    body = joined.freeze();
-                    (lo, hi) = (nlo, nhi);
-                }
-            }
-        }
-        let status = self.cache_status(&format!("{}; stored; detail=partial", f.base));
-        let now = SystemTime::now();
-        if lo == 0 && hi + 1 == total {
-            headers.remove(header::CONTENT_RANGE);
-            let entry = Entry::new(
-                lookup.key.clone(),
-                vary,
-                StatusCode::OK,
-                headers,
-                body,
-                response_time,
-                initial_age,
-                decision,
-                tags,
-            );
-            let entry = self.store.insert_shared(lookup.hash, entry);
-            self.drop_extent(&key);
-            let resp = self.answer_from_entry(&entry, client, lookup.head, now, status);
-            return Ok((resp, f.outcome(CacheResult::Miss)));
-        }
-        if let Ok(v) = HeaderValue::from_str(&range::content_range(lo, hi, total)) {
-            headers.insert(header::CONTENT_RANGE, v);
-        }
-        let entry = self.store_extent(
-            &key,
-            vary,
+        let (headers, tags) = self.shared_copy(rparts.headers, &decision.strip);
+        let part = Part {
+            lo: a,
+            hi: b,
+            total,
+            vary: VaryKey::from_response(&headers, client).with_extra(lookup.extra.clone()),
+            initial_age: policy::corrected_initial_age(&headers, f.request_time, response_time),
             headers,
             body,
             response_time,
-            initial_age,
             decision,
             tags,
-        );
-        if let Use::Answer(resp) = self.use_extent(&entry, client, lookup.head, now, status.clone())
-        {
-            return Ok((resp, f.outcome(CacheResult::Miss)));
+        };
+        let part = self.joined_to_stored(lookup, part);
+        let status = self.cache_status(&format!("{}; stored; detail=partial", f.base));
+        match self.keep_part(
+            &lookup.key,
+            lookup.hash,
+            part,
+            client,
+            lookup.head,
+            status.clone(),
+        ) {
+            Ok(resp) => Ok((resp, f.outcome(CacheResult::Miss))),
+            // The client wanted bytes the extent lacks: it gets what the origin sent.
+            Err(extent) => {
+                let resp = origin_bytes(&extent, (a, b, total), lookup.head, status);
+                Ok((resp, f.outcome(CacheResult::Miss)))
+            }
         }
-        // The client wanted bytes the extent lacks: it gets what the origin sent.
-        let (x, y) = (a, b);
-        let mut headers = entry.headers.clone();
-        if let Ok(v) = HeaderValue::from_str(&range::content_range(x, y, total)) {
-            headers.insert(header::CONTENT_RANGE, v);
-        }
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(y - x + 1));
-        answer::set(&mut headers, CACHE_STATUS.clone(), status);
-        let slice = entry.body.slice((x - lo) as usize..=(y - lo) as usize);
-        let mut resp = Response::new(if lookup.head {
-            Body::empty()
-        } else {
-            Body::full(slice)
-        });
-        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
-        *resp.headers_mut() = headers;
-        Ok((resp, f.outcome(CacheResult::Miss)))
     }
+
+    /// `part` joined to the URL's stored extent when they overlap or adjoin and are the same
+    /// representation (same length and strong `ETag`), within `max_object_size`; the newer
+    /// bytes win where both have them. As it is otherwise.
+    fn joined_to_stored(&self, lookup: &Lookup, mut part: Part) -> Part {
+        let key = lookup.key.parts();
+        let client = &lookup.parts.headers;
+        let Some((_, old)) = self.extent(&key, lookup.extra.as_deref(), client) else {
+            return part;
+        };
+        let Some((oa, ob, ot)) = slice::content_range(&old.headers) else {
+            return part;
+        };
+        let (a, b) = (part.lo, part.hi);
+        let same = ot == part.total
+            && strong_etag(&part.headers)
+            && old.headers.get(header::ETAG) == part.headers.get(header::ETAG);
+        let (lo, hi) = (oa.min(a), ob.max(b));
+        let fits = hi - lo < self.config.cache.max_object_size;
+        if !(same && fits && oa <= b + 1 && a <= ob + 1) {
+            return part;
+        }
+        let mut joined = bytes::BytesMut::with_capacity((hi - lo + 1) as usize);
+        if oa < a {
+            joined.extend_from_slice(&old.body[..(a - oa) as usize]);
+        }
+        joined.extend_from_slice(&part.body);
+        if ob > b {
+            joined.extend_from_slice(&old.body[(b + 1 - oa) as usize..]);
+        }
+        part.body = joined.freeze();
+        (part.lo, part.hi) = (lo, hi);
+        part
+    }
+}
+
+/// Bytes `lo..=hi` of an object of `total`, ready to keep: the response's fields as stored
+/// and the decision they were stored under.
+struct Part {
+    lo: u64,
+    hi: u64,
+    total: u64,
+    headers: HeaderMap,
+    body: Bytes,
+    vary: VaryKey,
+    response_time: SystemTime,
+    initial_age: Duration,
+    decision: StoreDecision,
+    tags: Box<[Box<str>]>,
+}
+
+impl Part {
+    /// The extent entry of the URL `key` names, its `Content-Range` saying what it holds.
+    fn into_extent(mut self, key: &KeyParts<'_>) -> Entry {
+        let range = range::content_range(self.lo, self.hi, self.total);
+        if let Ok(v) = HeaderValue::from_str(&range) {
+            self.headers.insert(header::CONTENT_RANGE, v);
+        }
+        let path = Store::partial_path(key.path_and_query);
+        let p = KeyParts {
+            path_and_query: &path,
+            ..*key
+        };
+        Entry::new(
+            OwnedKey::new(&p),
+            self.vary,
+            StatusCode::PARTIAL_CONTENT,
+            self.headers,
+            self.body,
+            self.response_time,
+            self.initial_age,
+            self.decision,
+            self.tags,
+        )
+    }
+}
+
+/// The bytes `a..=b` of an object of `total` that the origin sent, cut from `extent` (which
+/// holds them): a 206 for a client whose range the extent could not answer.
+fn origin_bytes(
+    extent: &Entry,
+    (a, b, total): (u64, u64, u64),
+    head: bool,
+    status: HeaderValue,
+) -> Response<Body> {
+    let lo = slice::content_range(&extent.headers).map_or(a, |(lo, _, _)| lo);
+    let mut headers = extent.headers.clone();
+    if let Ok(v) = HeaderValue::from_str(&range::content_range(a, b, total)) {
+        headers.insert(header::CONTENT_RANGE, v);
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(b - a + 1));
+    answer::set(&mut headers, CACHE_STATUS.clone(), status);
+    let bytes = extent.body.slice((a - lo) as usize..=(b - lo) as usize);
+    let mut resp = Response::new(if head {
+        Body::empty()
+    } else {
+        Body::full(bytes)
+    });
+    *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+    *resp.headers_mut() = headers;
+    resp
 }
 
 /// True when `headers` carry a strong `ETag` (what joining responses needs, §3.4).

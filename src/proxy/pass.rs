@@ -82,25 +82,18 @@ impl Proxy {
                     pq: pq.as_str(),
                     conn,
                 };
+                let outcome = |c| Outcome_::origin(c, origin_index, origin_ms, route.clone());
                 match self
                     .store_post(&target, &client, rparts, rbody, origin_index)
                     .await
                 {
+                    Ok(Some(resp)) => return (resp, outcome(CacheResult::Pass)),
+                    // The origin cut it: nothing stored, and the client told so.
                     Ok(None) => {
                         return (
                             respond::error(ProxyError::OriginCutOff),
-                            Outcome_::origin(CacheResult::Error, origin_index, origin_ms, route),
-                        );
-                    }
-                    Ok(Some(body)) => {
-                        let mut resp = Response::new(Body::full(body.1));
-                        *resp.headers_mut() = body.0;
-                        let status = self.cache_status("fwd=method; stored");
-                        resp.headers_mut().insert(CACHE_STATUS.clone(), status);
-                        return (
-                            resp,
-                            Outcome_::origin(CacheResult::Pass, origin_index, origin_ms, route),
-                        );
+                            outcome(CacheResult::Error),
+                        )
                     }
                     Err(back) => *back,
                 }
@@ -146,7 +139,7 @@ impl Proxy {
         rparts: http::response::Parts,
         mut rbody: Incoming,
         origin: usize,
-    ) -> Result<Option<(HeaderMap, Bytes)>, Box<(http::response::Parts, Incoming)>> {
+    ) -> Result<Option<Response<Body>>, Box<(http::response::Parts, Incoming)>> {
         let site = &self.config.sites[target.site];
         let now = SystemTime::now();
         let key_pq = key_target(site, target.pq);
@@ -160,12 +153,12 @@ impl Proxy {
                     && u.path_and_query()
                         .is_some_and(|p| key_target(site, p.as_str()) == key_pq)
             });
-        let small = rparts
+        let length = rparts
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|n| n <= SMALL_OBJECT);
+            .filter(|&n| n <= SMALL_OBJECT);
         let rule = site.rule(target.pq.split('?').next().unwrap_or(""));
         let bypass = rule
             .and_then(|i| site.rules.get(i))
@@ -176,50 +169,20 @@ impl Proxy {
             now,
         )
         .is_some_and(|l| !l.is_zero());
-        let facts = RequestFacts {
-            method: &Method::GET,
-            has_authorization: client.contains_key(header::AUTHORIZATION),
-            cache_control: &CacheControl::from_headers(client),
-        };
-        let decision = policy::storable(
-            facts,
-            rparts.status,
-            &rparts.headers,
-            site.settings(rule),
-            now,
-        );
-        let decision = match decision {
-            Ok(d)
-                if rparts.status == StatusCode::OK
-                    && names_itself
-                    && small
-                    && explicit
-                    && !bypass =>
+        let decision = self.judged_as_get(client, &rparts.headers, site.settings(rule), now);
+        let (decision, length) = match (decision, length) {
+            (Ok(d), Some(n))
+                if rparts.status == StatusCode::OK && names_itself && explicit && !bypass =>
             {
-                d
+                (d, n)
             }
             _ => return Err(Box::new((rparts, rbody))),
         };
         let timeout = self.origins[origin].config.timeout;
-        let mut buf = bytes::BytesMut::new();
-        loop {
-            match tokio::time::timeout(timeout, rbody.frame()).await {
-                Ok(None) => break,
-                Ok(Some(Ok(frame))) => {
-                    if let Some(d) = frame.data_ref() {
-                        buf.extend_from_slice(d);
-                    }
-                }
-                // Cut: nothing stored, and the client told so (502).
-                _ => return Ok(None),
-            }
-        }
-        let body = buf.freeze();
-        let tags = admit::tags(&rparts.headers);
-        let mut strip = decision.strip.clone();
-        strip.push("set-cookie".into());
-        let own = &self.config.cache.cache_control_field;
-        let stored = strip_cache_only(rparts.headers.clone(), own, &strip);
+        let Some(body) = read_exactly(&mut rbody, length, timeout).await else {
+            return Ok(None);
+        };
+        let (stored, tags) = self.shared_copy(rparts.headers.clone(), &decision.strip);
         let parts = KeyParts {
             https: target.conn.https,
             host: target.host,
@@ -240,8 +203,12 @@ impl Proxy {
             tags,
         );
         self.store.insert(self.store.hash(&parts), entry);
-        let headers = strip_cache_only(rparts.headers, own, &[]);
-        Ok(Some((headers, body)))
+        let own = &self.config.cache.cache_control_field;
+        let mut resp = Response::new(Body::full(body));
+        *resp.headers_mut() = strip_cache_only(rparts.headers, own, &[]);
+        let status = self.cache_status("fwd=method; stored");
+        resp.headers_mut().insert(CACHE_STATUS.clone(), status);
+        Ok(Some(resp))
     }
 
     /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the

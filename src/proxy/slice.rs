@@ -95,8 +95,18 @@ impl Proxy {
             conn,
             parts,
         });
+        match self.first_slice(&ctx).await {
+            Ok((first, index, how)) => self.answer_slices(ctx, first, index, how),
+            Err(answer) => answer,
+        }
+    }
+
+    /// The slice a request needs first, with its index and how it was had; or the answer
+    /// when there is no slice to start from (the origin's own, or an error).
+    async fn first_slice(&self, ctx: &Ctx) -> Result<(Arc<Entry>, u32, How), Answer> {
         let client = &ctx.parts.headers;
         let head = ctx.parts.method == Method::HEAD;
+        let size = ctx.size;
         // Where the client's range starts, if it says before the length is known: the slice
         // fetched first is the one it needs first (a suffix range needs the length: slice 0).
         let start = client
@@ -105,15 +115,15 @@ impl Proxy {
             .and_then(first_position)
             .unwrap_or(0);
         let mut first_index = u32::try_from(start / size).unwrap_or(u32::MAX);
-        let mut got = self.slice(&ctx, first_index, false).await;
+        let mut got = self.slice(ctx, first_index, false).await;
         if first_index > 0 && matches!(got, Ok(Got::Other(..))) {
             // The range starts past the end (or the origin would not cut there): slice 0
             // says what the object is, and the client's range is judged against it.
             first_index = 0;
-            got = self.slice(&ctx, 0, false).await;
+            got = self.slice(ctx, 0, false).await;
         }
-        let (first, how) = match got {
-            Ok(Got::Slice { entry, how }) => (entry, how),
+        match got {
+            Ok(Got::Slice { entry, how }) => Ok((entry, first_index, how)),
             Ok(Got::Other(resp, outcome)) => {
                 // An empty object has no byte 0 to cut: the origin's 416 `bytes */0` means
                 // an empty 200 for a client that did not ask for a range.
@@ -128,12 +138,28 @@ impl Proxy {
                         .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
                     let status = self.cache_status("fwd=uri-miss; detail=not-sliced");
                     r.headers_mut().insert(CACHE_STATUS.clone(), status);
-                    return (r, outcome);
+                    return Err((r, outcome));
                 }
-                return self.not_sliced(resp, outcome, head);
+                let (rparts, rbody) = resp.into_parts();
+                let detail = "fwd=uri-miss; detail=not-sliced";
+                Err((self.passed_on(rparts, rbody, head, detail), outcome))
             }
-            Err(e) => return (respond::error(e), Outcome_::local(CacheResult::Error)),
-        };
+            Err(e) => Err((respond::error(e), Outcome_::local(CacheResult::Error))),
+        }
+    }
+
+    /// The answer from the slices after `first` (slice `first_index`): the head from its
+    /// fields and length, preconditions and the client's range judged against them, and a
+    /// task sending the slices' bytes as the body.
+    fn answer_slices(
+        self: Arc<Self>,
+        ctx: Arc<Ctx>,
+        first: Arc<Entry>,
+        first_index: u32,
+        how: How,
+    ) -> Answer {
+        let client = &ctx.parts.headers;
+        let head = ctx.parts.method == Method::HEAD;
         let Some(total) = content_range_total(&first.headers) else {
             return (
                 respond::error(ProxyError::OriginFailed),
@@ -364,26 +390,12 @@ impl Proxy {
         let from = u64::from(index) * ctx.size;
         let to = from + ctx.size - 1;
         let client = &ctx.parts.headers;
-        let mut up_headers = client.clone();
-        for f in &CONDITIONAL_FIELDS {
-            up_headers.remove(f);
-        }
-        up_headers.remove(header::CONTENT_LENGTH);
-        up_headers.remove(header::ACCEPT_ENCODING);
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes={from}-{to}")) {
-            up_headers.insert(header::RANGE, v);
-        }
-        let Ok(pq) = PathAndQuery::try_from(ctx.pq.as_str()) else {
+        let (conn, host, version) = (ctx.conn, &ctx.host_value, ctx.parts.version);
+        let Some(mut up) = self.range_request(client, (from, to), &ctx.pq, conn, host, version)
+        else {
             return guard.fail(ProxyError::InvalidTarget);
         };
-        let up = self.upstream(
-            Method::GET,
-            pq,
-            up_headers,
-            ctx.conn,
-            &ctx.host_value,
-            ctx.parts.version,
-        );
+        up.headers.remove(header::ACCEPT_ENCODING);
         let candidates = self.candidates(ctx.site, ctx.conn, client);
         let request_time = SystemTime::now();
         let Some(Sent {
@@ -421,43 +433,8 @@ impl Proxy {
         let Some(buf) = buf else {
             return guard.fail(ProxyError::OriginCutOff);
         };
-        let facts = RequestFacts {
-            method: &Method::GET,
-            has_authorization: client.contains_key(header::AUTHORIZATION),
-            cache_control: &CacheControl::from_headers(client),
-        };
-        let settings = self.config.sites[ctx.site].settings(Some(ctx.rule));
-        // Judged as the object it is part of would be.
-        let decision = policy::storable(
-            facts,
-            StatusCode::OK,
-            &rparts.headers,
-            settings,
-            response_time,
-        );
-        let mut strip = decision
-            .as_ref()
-            .map(|d| d.strip.clone())
-            .unwrap_or_default();
-        // A slice is bytes of an object, shared by whoever reads them: never a cookie.
-        strip.push("set-cookie".into());
-        let tags = admit::tags(&rparts.headers);
-        let own = &self.config.cache.cache_control_field;
-        let headers = strip_cache_only(rparts.headers, own, &strip);
-        let vary = VaryKey::from_response(&headers, client).with_extra(ctx.extra.clone());
-        let initial_age = policy::corrected_initial_age(&headers, request_time, response_time);
-        let stored = decision.is_ok();
-        let entry = Entry::new(
-            OwnedKey::new(parts),
-            vary,
-            StatusCode::PARTIAL_CONTENT,
-            headers,
-            buf,
-            response_time,
-            initial_age,
-            decision.unwrap_or_else(|_| StoreDecision::fresh_for(Duration::ZERO)),
-            tags,
-        );
+        let times = (request_time, response_time);
+        let (entry, stored) = self.slice_entry(ctx, parts, rparts.headers, buf, times);
         let entry = if stored {
             self.store.note_slice(ctx.url_hash, index);
             let e = self.store.insert_shared(hash, entry);
@@ -473,24 +450,43 @@ impl Proxy {
             how: How::Fetched(outcome),
         })
     }
+}
 
-    /// The origin's answer to a slice request that was not the slice, for the client.
-    fn not_sliced(&self, resp: Response<Incoming>, outcome: Outcome_, head: bool) -> Answer {
-        let (mut rparts, rbody) = resp.into_parts();
-        rparts.headers = strip_cache_only(
-            std::mem::take(&mut rparts.headers),
-            &self.config.cache.cache_control_field,
-            &[],
+impl Proxy {
+    /// The entry for a slice that arrived with `headers` and `body` (keyed by `parts`),
+    /// judged as the object it is part of would be, and whether it may be stored. A slice
+    /// is bytes of an object, shared by whoever reads them: never given a cookie.
+    fn slice_entry(
+        &self,
+        ctx: &Ctx,
+        parts: &KeyParts<'_>,
+        headers: HeaderMap,
+        body: Bytes,
+        (request_time, response_time): (SystemTime, SystemTime),
+    ) -> (Entry, bool) {
+        let client = &ctx.parts.headers;
+        let settings = self.config.sites[ctx.site].settings(Some(ctx.rule));
+        let decision = self.judged_as_get(client, &headers, settings, response_time);
+        let strip = decision
+            .as_ref()
+            .map(|d| d.strip.clone())
+            .unwrap_or_default();
+        let (headers, tags) = self.shared_copy(headers, &strip);
+        let vary = VaryKey::from_response(&headers, client).with_extra(ctx.extra.clone());
+        let initial_age = policy::corrected_initial_age(&headers, request_time, response_time);
+        let stored = decision.is_ok();
+        let entry = Entry::new(
+            OwnedKey::new(parts),
+            vary,
+            StatusCode::PARTIAL_CONTENT,
+            headers,
+            body,
+            response_time,
+            initial_age,
+            decision.unwrap_or_else(|_| StoreDecision::fresh_for(Duration::ZERO)),
+            tags,
         );
-        let ours = self.cache_status("fwd=uri-miss; detail=not-sliced");
-        let status = after_upstream(&rparts.headers, ours);
-        rparts.headers.insert(CACHE_STATUS.clone(), status);
-        let body = if head {
-            Body::empty()
-        } else {
-            Body::stream(rbody)
-        };
-        (Response::from_parts(rparts, body), outcome)
+        (entry, stored)
     }
 }
 

@@ -18,6 +18,31 @@ pub(super) struct Upstream {
 }
 
 impl Proxy {
+    /// A GET of bytes `from..=to` of the object at `pq` (as keyed) for a client with fields
+    /// `client`: its fields without conditionals, range and framing, and the `Range`.
+    /// `None` for a target that is not one.
+    pub(super) fn range_request(
+        &self,
+        client: &HeaderMap,
+        (from, to): (u64, u64),
+        pq: &str,
+        conn: ConnInfo,
+        host: &HeaderValue,
+        version: Version,
+    ) -> Option<Upstream> {
+        let mut headers = client.clone();
+        for f in &CONDITIONAL_FIELDS {
+            headers.remove(f);
+        }
+        headers.remove(header::CONTENT_LENGTH);
+        headers.insert(
+            header::RANGE,
+            HeaderValue::from_str(&format!("bytes={from}-{to}")).ok()?,
+        );
+        let pq = PathAndQuery::try_from(pq).ok()?;
+        Some(self.upstream(Method::GET, pq, headers, conn, host, version))
+    }
+
     /// The one request builder: a client's fields made ready for an origin. Forwarding
     /// fields (kept from a trusted proxy, and only the one it writes), hop-by-hop fields
     /// removed, `Via`, this node's `CDN-Loop` member, and `X-Request-Id`: the trusted
