@@ -418,46 +418,11 @@ impl Runner {
         failing: &mut bool,
         backoff: &mut Duration,
     ) -> Result<Stopped, Error> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(CALL_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-        let mut client = match timeout(
-            CALL_TIMEOUT,
-            Client::connect(&self.settings.endpoints, Some(options)),
-        )
-        .await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(source)) => {
-                return Err(Error::Connect {
-                    endpoints: self.settings.endpoints.join(","),
-                    source,
-                })
-            }
-            Err(_) => return Err(Error::Timeout { op: "connect" }),
-        };
-
+        let mut client = self.connect().await?;
         let ttl = self.settings.lease_ttl.as_secs().max(1) as i64;
         let (mut lease, mut keeper, mut keep_alives) = self.register(&mut client, ttl).await?;
         let mut purge_lease: Option<(i64, Instant)> = None;
-
-        let mut snapshot = call(
-            "get nodes",
-            client.get(self.nodes.as_str(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
-        let snapshot_rev = snapshot.header().map_or(0, |h| h.revision());
-        self.members.clear();
-        for kv in snapshot.take_kvs() {
-            if let Some(m) = self.member_of(kv.key(), kv.value()) {
-                self.members.insert(m.id.to_string(), m);
-            }
-        }
-        self.publish_members();
-        if self.last_rev == 0 {
-            // A new node has nothing to replay: purges before it started found nothing here.
-            self.last_rev = snapshot_rev;
-        }
+        let snapshot_rev = self.load_members(&mut client).await?;
         let mut stream = call(
             "watch",
             client.watch(
@@ -475,30 +440,7 @@ impl Runner {
         let mut tick = tokio::time::interval_at(Instant::now() + every, every);
         let mut last_keep_alive = Instant::now();
         loop {
-            // Purges queued while etcd was away, or since the last loop.
-            while let Some((key, value)) = self.pending.front() {
-                let id = match purge_lease {
-                    Some((id, at)) if at.elapsed() < PURGE_LEASE_REUSE => id,
-                    _ => {
-                        let id = call("lease grant", client.lease_grant(PURGE_LEASE_SECS, None))
-                            .await?
-                            .id();
-                        purge_lease = Some((id, Instant::now()));
-                        id
-                    }
-                };
-                call(
-                    "put purge",
-                    client.put(
-                        key.as_str(),
-                        value.as_str(),
-                        Some(PutOptions::new().with_lease(id)),
-                    ),
-                )
-                .await?;
-                self.pending.pop_front();
-                self.status.purges_sent.fetch_add(1, Ordering::Relaxed);
-            }
+            self.flush_pending(&mut client, &mut purge_lease).await?;
             tokio::select! {
                 _ = stopped(stop) => return Ok(Stopped),
                 got = self.rx.recv() => match got {
@@ -545,6 +487,75 @@ impl Runner {
                 },
             }
         }
+    }
+
+    /// A client for the configured endpoints, within [`CALL_TIMEOUT`].
+    async fn connect(&self) -> Result<Client, Error> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(CALL_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let connecting = Client::connect(&self.settings.endpoints, Some(options));
+        match timeout(CALL_TIMEOUT, connecting).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(source)) => Err(Error::Connect {
+                endpoints: self.settings.endpoints.join(","),
+                source,
+            }),
+            Err(_) => Err(Error::Timeout { op: "connect" }),
+        }
+    }
+
+    /// The members registered now, published whole; returns the revision they were read
+    /// at (a new node replays nothing from before it: it starts there).
+    async fn load_members(&mut self, client: &mut Client) -> Result<i64, Error> {
+        let mut snapshot = call(
+            "get nodes",
+            client.get(self.nodes.as_str(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        let snapshot_rev = snapshot.header().map_or(0, |h| h.revision());
+        self.members.clear();
+        for kv in snapshot.take_kvs() {
+            if let Some(m) = self.member_of(kv.key(), kv.value()) {
+                self.members.insert(m.id.to_string(), m);
+            }
+        }
+        self.publish_members();
+        if self.last_rev == 0 {
+            // A new node has nothing to replay: purges before it started found nothing here.
+            self.last_rev = snapshot_rev;
+        }
+        Ok(snapshot_rev)
+    }
+
+    /// Writes the purges queued while etcd was away (or since the last loop), each under a
+    /// short lease shared by the purges of a few seconds (`purge_lease`).
+    async fn flush_pending(
+        &mut self,
+        client: &mut Client,
+        purge_lease: &mut Option<(i64, Instant)>,
+    ) -> Result<(), Error> {
+        while let Some((key, value)) = self.pending.front() {
+            let id = match *purge_lease {
+                Some((id, at)) if at.elapsed() < PURGE_LEASE_REUSE => id,
+                _ => {
+                    let id = call("lease grant", client.lease_grant(PURGE_LEASE_SECS, None))
+                        .await?
+                        .id();
+                    *purge_lease = Some((id, Instant::now()));
+                    id
+                }
+            };
+            let options = Some(PutOptions::new().with_lease(id));
+            call(
+                "put purge",
+                client.put(key.as_str(), value.as_str(), options),
+            )
+            .await?;
+            self.pending.pop_front();
+            self.status.purges_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Grants a lease, keeps it alive and writes this node's key under it.

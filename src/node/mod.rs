@@ -228,49 +228,18 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     let https = bind_all(&config.server.https, upgrade::Kind::Https, &mut inherited)?;
     let http_addrs: Vec<SocketAddr> = http.iter().map(|(_, a)| *a).collect();
     let https_addrs: Vec<SocketAddr> = https.iter().map(|(_, a)| *a).collect();
-    let mut listening = Vec::new();
-    let listeners = http
-        .into_iter()
-        .zip(&config.server.http)
-        .map(|(l, &c)| (l, c, upgrade::Kind::Http, None))
-        .chain(
-            https
-                .into_iter()
-                .zip(&config.server.https)
-                .map(|(l, &c)| (l, c, upgrade::Kind::Https, tls.clone())),
-        );
-    for ((l, bound), configured, kind, tls) in listeners {
-        let (stop, stopped) = watch::channel(false);
-        let fd = handover_fd(config.server.upgrade_socket.is_some(), &l, bound)?;
-        accept.spawn(server::accept_loop(l, tls, shared.clone(), stopped));
-        listening.push(Listening {
-            kind,
-            configured,
-            bound,
-            stop,
-            fd,
-        });
-    }
+    let mut listening = serve_data_listeners(&config, (http, https), &tls, &shared, &mut accept)?;
     if let Some(c) = cluster {
         if let Some(etcd) = c.etcd {
             run_etcd(etcd, &c.fleet, shared.proxy.clone(), peer_stopped.clone());
         }
-        // Listed with the data listeners: it stops accepting with them, and an upgrade takes
-        // it over with them.
-        let (stop, stopped) = watch::channel(false);
-        let fd = handover_fd(config.server.upgrade_socket.is_some(), &c.listener, c.bound)?;
-        accept.spawn(server::peer_accept_loop(
+        listening.push(serve_peer_listener(
+            &config,
             c.listener,
-            shared.clone(),
-            stopped,
-        ));
-        listening.push(Listening {
-            kind: upgrade::Kind::Peer,
-            configured: config.cluster.as_ref().map_or(c.bound, |k| k.listen),
-            bound: c.bound,
-            stop,
-            fd,
-        });
+            c.bound,
+            &shared,
+            &mut accept,
+        )?);
     }
     let (health_stop, health) = watch::channel(false);
     spawn_health_checks(&proxy, &health);
@@ -449,4 +418,63 @@ impl Node {
         let mut admin = self.reloader.stop_admin();
         while admin.join_next().await.is_some() {}
     }
+}
+
+/// Listeners bound, each with the address it got.
+type Bound = Vec<(TcpListener, SocketAddr)>;
+
+/// The data listeners' accept loops spawned on `accept`, each listed for reloads and
+/// upgrades (with the descriptor an upgrade hands over).
+fn serve_data_listeners(
+    config: &Config,
+    (http, https): (Bound, Bound),
+    tls: &Option<Arc<server::tls::LiveTls>>,
+    shared: &Shared,
+    accept: &mut JoinSet<()>,
+) -> Result<Vec<Listening>, Error> {
+    let mut listening = Vec::new();
+    let listeners = http
+        .into_iter()
+        .zip(&config.server.http)
+        .map(|(l, &c)| (l, c, upgrade::Kind::Http, None))
+        .chain(
+            https
+                .into_iter()
+                .zip(&config.server.https)
+                .map(|(l, &c)| (l, c, upgrade::Kind::Https, tls.clone())),
+        );
+    for ((l, bound), configured, kind, tls) in listeners {
+        let (stop, stopped) = watch::channel(false);
+        let fd = handover_fd(config.server.upgrade_socket.is_some(), &l, bound)?;
+        accept.spawn(server::accept_loop(l, tls, shared.clone(), stopped));
+        listening.push(Listening {
+            kind,
+            configured,
+            bound,
+            stop,
+            fd,
+        });
+    }
+    Ok(listening)
+}
+
+/// The peer listener's accept loop spawned on `accept`, listed with the data listeners: it
+/// stops accepting with them, and an upgrade takes it over with them.
+fn serve_peer_listener(
+    config: &Config,
+    listener: TcpListener,
+    bound: SocketAddr,
+    shared: &Shared,
+    accept: &mut JoinSet<()>,
+) -> Result<Listening, Error> {
+    let (stop, stopped) = watch::channel(false);
+    let fd = handover_fd(config.server.upgrade_socket.is_some(), &listener, bound)?;
+    accept.spawn(server::peer_accept_loop(listener, shared.clone(), stopped));
+    Ok(Listening {
+        kind: upgrade::Kind::Peer,
+        configured: config.cluster.as_ref().map_or(bound, |k| k.listen),
+        bound,
+        stop,
+        fd,
+    })
 }

@@ -598,24 +598,6 @@ async fn the_peer_listener_believes_members_only() {
     assert_eq!(origin.count("/kept"), 1, "still stored at its owner");
 }
 
-/// Polls `check` (async) until it holds or `limit` passes.
-async fn until<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The member ids `/cluster` lists at `node`.
 async fn members(node: &TestNode) -> Vec<String> {
     let reply = admin_get(node, "/cluster").await;

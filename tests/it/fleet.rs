@@ -91,24 +91,6 @@ async fn etcd_fleet(origin: &TestOrigin, etcd: &TestEtcd, extra: &str) -> Vec<Te
     nodes
 }
 
-/// Polls `check` (async) until it holds or `limit` passes.
-async fn until<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// `method path` on an admin listener with the tests' token; the whole response as text
 /// (empty when the listener cannot be reached).
 async fn admin(addr: SocketAddr, method: &str, path: &str, body: &str) -> String {

@@ -309,6 +309,24 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (String, boo
     (String::from_utf8_lossy(&out).into_owned(), closed)
 }
 
+/// Polls `check` (async) until it holds or `limit` passes.
+pub async fn until<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls `f` until it returns true or `limit` passes.
 pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
