@@ -17,6 +17,7 @@ Run from the repository root (as root, so missing packages can be installed):
         # before/after ratio measured side by side, in one run
     BENCH_ONLY=css python3 benches/load/bench.py   # only the compression cases
     BENCH_ONLY=fleet python3 benches/load/bench.py # only the three-node fleet case
+    BENCH_ONLY=idle python3 benches/load/bench.py  # only the idle-connection memory case
 It stops only the processes it started.
 """
 
@@ -44,6 +45,10 @@ BASELINE = os.environ.get("BENCH_BASELINE", "")
 # slowest server sustains, so every server sees the same load and the client is not saturated.
 RATE = int(os.environ.get("BENCH_RATE", "20000"))
 MISS_REQUESTS = 100_000
+# The idle-connection case: this many kept-alive connections, each after one 1 KiB hit, held
+# open while the server's resident memory is read (plain HTTP/1.1, and over TLS 1.3).
+IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNECTIONS", "5000"))
+IDLE_TLS_CONNS = int(os.environ.get("BENCH_IDLE_TLS_CONNECTIONS", "3000"))
 # oha starts one runtime thread per physical core whatever its CPU affinity; pinned to one CPU,
 # two busy threads then take turns by scheduler slices and about 5% of requests wait one slice
 # (a 4 ms mode in the latency histogram, seen against every server that outruns oha).
@@ -71,6 +76,8 @@ NGINX_CACHE = "/dev/shm/edgecache-bench-nginx"
 RUN_ID = str(time.time_ns())
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 started = []
+# How each server was started, so that the idle case can start it afresh.
+SPAWNED = {}
 
 
 def log(*a):
@@ -108,10 +115,36 @@ def setup_tools():
 
 
 def spawn(name, argv, cpu, env=None, **kw):
+    SPAWNED[name] = (argv, cpu, env)
     p = subprocess.Popen(["taskset", "-c", cpu, *argv], env=env, stdout=subprocess.DEVNULL,
                          stderr=open(os.path.join(WORK, f"{name}.err"), "w"), start_new_session=True, **kw)
     started.append((name, p))
     return p
+
+
+def restart(name, port):
+    """Stops a server this script started and starts it again the same way: a fresh process,
+    whose memory no earlier case has grown."""
+    for i, (n, p) in enumerate(started):
+        if n == name and p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    deadline = time.time() + 30
+    import socket
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            time.sleep(0.1)
+        except OSError:
+            break
+    argv, cpu, env = SPAWNED[name]
+    pid = spawn(name, argv, cpu, env=env).pid
+    wait_port(port)
+    return pid
 
 
 def wait_port(port, timeout=30):
@@ -177,6 +210,75 @@ def peak_rss_mib(pid):
         except OSError:
             pass
     return total / 1024
+
+
+def rss_kib(pid):
+    """Resident memory of a server's process tree now (VmRSS), in KiB."""
+    total = 0
+    for p in tree(pid):
+        try:
+            for line in open(f"/proc/{p}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def idle_connections(server, pids, n, tls):
+    """RSS per idle keep-alive connection: `n` connections each make one 1 KiB hit and stay
+    open; the resident memory of a freshly started server before and after, divided by `n`.
+    While they are open, the fixed-rate latency run is repeated beside one without them: the
+    p99 of the other clients."""
+    import resource
+    import socket
+    import ssl
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, n + 4096)), hard))
+    port = PORTS[f"{server}-tls" if tls else server]
+    # Memory freed by earlier cases (or by the other idle case) would be reused and hide what
+    # the connections cost.
+    pid = pids[server] = restart(server, PORTS[server])
+    if server != "varnish":
+        wait_port(PORTS[f"{server}-tls"])
+    ctx = None
+    if tls:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.set_alpn_protocols(["http/1.1"])
+    request = f"GET /1k HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+    # The object is stored (over TLS too: one key for both schemes) before the measured hits.
+    urllib.request.urlopen(url(server, "/1k")).read()
+    quiet = measure(server, pid, url(server, "/1k"), client="oha-rate")
+    time.sleep(1)
+    before = rss_kib(pid)
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port))
+            if ctx:
+                s = ctx.wrap_socket(s, server_hostname=HOST)
+            s.sendall(request)
+            got = b""
+            while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < 1024:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise SystemExit(f"{server} closed an idle-case connection")
+                got += chunk
+            socks.append(s)
+        # Idle servers may give memory back after a while (edgecache parks an idle HTTP/1
+        # connection within a second).
+        time.sleep(3)
+        after = rss_kib(pid)
+        loaded = measure(server, pid, url(server, "/1k"), client="oha-rate")
+        still = rss_kib(pid)
+    finally:
+        for s in socks:
+            s.close()
+    return {"conns": n, "kib_per_conn": (after - before) / n, "kib_per_conn_after_load": (still - before) / n,
+            "p99_quiet": quiet["p99"], "p99_idle_open": loaded["p99"], "errors": quiet["errors"] + loaded["errors"]}
 
 
 def write(path, text):
@@ -328,7 +430,9 @@ def start_servers():
                                         "-a", f"127.0.0.1:{PORTS['varnish']}", "-T", f"127.0.0.1:{PORTS['varnish-admin']}",
                                         "-f", f"{WORK}/default.vcl", "-s", "malloc,2G",
                                         "-p", "thread_pools=1", "-p", "thread_pool_min=100",
-                                        "-p", "thread_pool_max=2000"], SERVER_CPU).pid
+                                        "-p", "thread_pool_max=2000",
+                                        # Idle clients stay, as with nginx's keepalive_timeout 75s.
+                                        "-p", "timeout_idle=75"], SERVER_CPU).pid
     pids["ceiling"] = spawn("ceiling", [f"{ROOT}/target/release/examples/ceiling", f"127.0.0.1:{PORTS['ceiling']}",
                                         os.path.join(WORK, "www"), "1"], SERVER_CPU).pid
     # The same bare server speaking HTTP/2 (prior knowledge): what hyper's HTTP/2 gets on this core.
@@ -503,6 +607,12 @@ def main():
                 r = measure(s, pids[s], target, extra=("--rand-regex-url",), count=MISS_REQUESTS)
                 results.setdefault(("miss 100k urls 1k", s), []).append(r)
                 results.setdefault(("coalesce 1000 cold", s), []).append({"origin_requests": coalescing(s, pids[s], rnd)})
+        if ONLY in "idle connections":
+            # Once: memory is not noisy the way CPU time is.
+            for s in ("edgecache", "nginx", "varnish"):
+                results[("idle h1", s)] = [idle_connections(s, pids, IDLE_CONNS, False)]
+            for s in ("edgecache", "nginx"):
+                results[("idle tls1.3", s)] = [idle_connections(s, pids, IDLE_TLS_CONNS, True)]
         if PROFILE:
             profile(pids["edgecache"])
     finally:
@@ -567,6 +677,13 @@ def report(results, rss):
             print(f"fleet {n}: three members (2/3 through a peer) / one independent node: "
                   f"req/cpu-s x{med(fl, 'per_cpu_s') / max(med(ind, 'per_cpu_s'), 1e-9):.2f}, "
                   f"p50 {med(fl, 'p50'):.2f} vs {med(ind, 'p50'):.2f} ms")
+    for name in ("idle h1", "idle tls1.3"):
+        for s in ("edgecache", "nginx", "varnish"):
+            r = (results.get((name, s)) or [None])[0]
+            if r:
+                print(f"{name:<12} {s:<10} {r['conns']} idle connections: {r['kib_per_conn']:.2f} KiB each "
+                      f"({r['kib_per_conn_after_load']:.2f} after a load run beside them); other clients' p99 "
+                      f"{r['p99_quiet']:.2f} ms without them, {r['p99_idle_open']:.2f} ms with them; errors {r['errors']}")
     ident, br = results.get(("css 16k identity", "edgecache")), results.get(("css 16k br", "edgecache"))
     if ident and br:
         print(f"edgecache css 16k br/identity: req/cpu-s x{med(br, 'per_cpu_s') / max(med(ident, 'per_cpu_s'), 1e-9):.2f}")

@@ -25,6 +25,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,16 +34,18 @@ use hyper::rt::bounds::Http2ServerConnExec;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use super::park::{H1Conn, H1Io, Parkable, Readiness};
 use super::plain::Plain;
 use super::reporting::{Answered, Reporting, Watched};
 use super::sniff::plain_protocol;
-use super::timeouts::Limits;
-use super::tracked::{Activity, Cycle, Tracked};
+use super::timeouts::{Limits, Watch};
+use super::tracked::{Activity, Tracked};
 use crate::config::Server as ServerConfig;
 use crate::proxy::{ConnInfo, Live};
 use crate::telemetry::metrics::Metrics;
@@ -135,6 +138,7 @@ pub async fn serve_plain<S, B>(
         activity: activity.clone(),
         epoch: Instant::now(),
         peer,
+        metrics: None,
     };
     let io = TokioIo::new(Tracked::new(stream, activity));
     let proto = if h2 {
@@ -163,10 +167,12 @@ pub async fn serve(
         activity: activity.clone(),
         epoch,
         peer: info.peer,
+        metrics: Some(metrics.clone()),
     };
     match tls {
         None => {
-            let Some(h2) = plain_protocol(&stream, &builders, info.peer).await else {
+            // Boxed, as what comes after it: the task keeps room for its largest state.
+            let Some(h2) = Box::pin(plain_protocol(&stream, &builders, info.peer)).await else {
                 return;
             };
             // The plain stream counts the bytes it sends from memory files in the node's
@@ -176,26 +182,19 @@ pub async fn serve(
             if !h2 {
                 tracked.time_heads(builders.header_read);
             }
-            let io = TokioIo::new(tracked);
-            conns.serve(io, h2, proxy, info, &mut shutdown).await
+            // Boxed here and below: the task's future is as large as its largest state, kept
+            // for as long as the connection lives, idle included (see `park`).
+            Box::pin(conns.serve(tracked, h2, proxy, info, &mut shutdown)).await
         }
         Some(acceptor) => {
             // Tracked under TLS: what counts is what reaches the socket (TLS records included),
             // and a refused write is seen even while rustls still takes plaintext into its
             // buffer.
             let tracked = Tracked::new(stream, activity);
-            let handshake =
-                tokio::time::timeout(builders.header_read, acceptor.accept(tracked)).await;
-            let mut tls_stream = match handshake {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(peer = %info.peer, "TLS handshake timed out");
-                    return;
-                }
+            let Some(mut tls_stream) =
+                handshake(acceptor, tracked, builders.header_read, info.peer).await
+            else {
+                return;
             };
             // RFC 9113 §3.2: over TLS, HTTP/2 is chosen by ALPN only.
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -208,8 +207,29 @@ pub async fn serve(
                 // Heads are timed below TLS: a head's first record starts its time.
                 tls_stream.get_mut().0.time_heads(builders.header_read);
             }
-            let io = TokioIo::new(tls_stream);
-            conns.serve(io, h2, proxy, info, &mut shutdown).await
+            Box::pin(conns.serve(tls_stream, h2, proxy, info, &mut shutdown)).await
+        }
+    }
+}
+
+/// The TLS handshake, within `header_read_timeout`; `None` (logged) when it failed or timed out.
+/// The stream comes boxed, as rustls's state is large: unboxed, it would be stored again in
+/// each future it moves through, for as long as the connection lives.
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tracked: Tracked<TcpStream>,
+    timeout: Duration,
+    peer: SocketAddr,
+) -> Option<Box<tokio_rustls::server::TlsStream<Tracked<TcpStream>>>> {
+    match tokio::time::timeout(timeout, Box::pin(acceptor.accept(tracked))).await {
+        Ok(Ok(s)) => Some(Box::new(s)),
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(peer = %peer, "TLS handshake timed out");
+            None
         }
     }
 }
@@ -226,13 +246,11 @@ fn tls_version_name(v: rustls::ProtocolVersion) -> &'static str {
     }
 }
 
-/// Which hyper connection serves a stream.
+/// Which hyper connection serves a stream without parking (`Conns::run`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Proto {
     Http2,
-    /// HTTP/1 whose stream times request heads (`HeadTimer`).
-    Http1,
-    /// HTTP/1 timed by hyper's own header-read timeout.
+    /// HTTP/1 timed by hyper's own header-read timeout (the admin listener's).
     Http1HyperTimed,
 }
 
@@ -242,18 +260,20 @@ pub(super) struct Conns<'a> {
     pub(super) activity: Arc<Activity>,
     pub(super) epoch: Instant,
     pub(super) peer: SocketAddr,
+    /// Where parked connections are counted (the data listeners').
+    pub(super) metrics: Option<Arc<Metrics>>,
 }
 
 impl Conns<'_> {
-    async fn serve<I>(
+    async fn serve<X>(
         self,
-        io: I,
+        stream: X,
         h2: bool,
         proxy: Arc<Live>,
         info: ConnInfo,
         shutdown: &mut watch::Receiver<bool>,
     ) where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        X: Readiness + AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let proxy = proxy.current();
         if h2 {
@@ -264,21 +284,132 @@ impl Conns<'_> {
             let service = service_fn(move |req| {
                 Reporting::<Watched>::new(proxy.handle(req, info), activity.clone())
             });
-            self.run(io, Proto::Http2, service, shutdown).await
+            // Boxed, as HTTP/1's serving state is (`serve_h1`): the task stays small.
+            Box::pin(self.run(TokioIo::new(stream), Proto::Http2, service, shutdown)).await
         } else {
             // A head read starts a request; its response's body, once hyper is done with it,
             // marks the connection as waiting for the next head (`Answered`).
             let activity = self.activity.clone();
-            let service = service_fn(move |req| {
-                activity.set_cycle(Cycle::Request);
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                activity.begin_request(!req.body().is_end_stream());
                 Reporting::<Answered>::new(proxy.handle(req, info), activity.clone())
             });
-            self.run(io, Proto::Http1, service, shutdown).await
+            self.serve_h1(stream, service, shutdown).await
+        }
+    }
+
+    /// Serves HTTP/1 on `stream` with hyper's connection, parking it whenever it idles
+    /// (`park`): hyper's connection is closed, the stream kept and waited on with no buffers,
+    /// and a new hyper connection takes the next request. A parked connection is closed when
+    /// `idle_timeout` passes or the node shuts down.
+    async fn serve_h1<X, S, B>(self, stream: X, service: S, shutdown: &mut watch::Receiver<bool>)
+    where
+        X: Readiness + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B, Error = Infallible>
+            + Unpin
+            + Send
+            + 'static,
+        S::Future: Unpin + Send + 'static,
+        B: HttpBody + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut watch = Watch::new(self.activity.snapshot(), self.epoch);
+        let mut io = TokioIo::new(Parkable::new(stream, self.activity.clone()));
+        let mut service = service;
+        loop {
+            // Boxed: a parked connection's task then keeps no room for the serving state.
+            let parked = Box::pin(self.serve_h1_once(io, service, &mut watch, shutdown)).await;
+            let Some(http1::Parts {
+                io: parked_io,
+                read_buf,
+                service: parked_service,
+                ..
+            }) = parked
+            else {
+                return;
+            };
+            io = parked_io;
+            service = parked_service;
+            io.inner_mut().set_prefix(read_buf);
+            if let Some(m) = &self.metrics {
+                m.connection_parked();
+            }
+            let resume = self.parked(io.inner(), &watch, shutdown).await;
+            if let Some(m) = &self.metrics {
+                m.connection_unparked();
+            }
+            if !resume {
+                // As hyper closes an idle connection: FIN, or TLS close_notify first.
+                let grace = self.builders.limits.send;
+                let _ = tokio::time::timeout(grace, io.inner_mut().shutdown()).await;
+                return;
+            }
+        }
+    }
+
+    /// One hyper connection on `io`, to its end; its parts when it was parked.
+    async fn serve_h1_once<X, S, B>(
+        &self,
+        io: H1Io<X>,
+        service: S,
+        watch: &mut Watch,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<http1::Parts<H1Io<X>, S>>
+    where
+        X: Readiness + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B, Error = Infallible>
+            + Unpin
+            + Send
+            + 'static,
+        S::Future: Unpin + Send + 'static,
+        B: HttpBody + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut conn = H1Conn::new(self.builders.http1.serve_connection(io, service));
+        self.drive(
+            Pin::new(&mut conn),
+            |c| c.get_mut().graceful_shutdown(),
+            Some(|c: Pin<&mut H1Conn<X, S>>| c.get_mut().park()),
+            watch,
+            shutdown,
+        )
+        .await;
+        conn.take_parked()
+    }
+
+    /// A parked connection's wait: true when its next request begins (bytes, or the client's
+    /// end, to be read), false when it is to be closed (`idle_timeout`, node shutdown).
+    async fn parked<X: Readiness>(
+        &self,
+        io: &Parkable<X>,
+        watch: &Watch,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        if io.has_prefix() {
+            return true;
+        }
+        let idle_end = watch.idle_deadline(self.builders.limits);
+        loop {
+            if *shutdown.borrow() {
+                // Idle connections close at once on shutdown, as nginx's do.
+                return false;
+            }
+            tokio::select! {
+                ready = io.readable() => return ready.is_ok(),
+                () = tokio::time::sleep_until(idle_end) => return false,
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        return false;
+                    }
+                }
+            }
         }
     }
 
     /// Serves `io` with hyper's HTTP/2 (`h2`) or HTTP/1 connection and `service`, under
-    /// `Conns::drive` (`drain`).
+    /// `Conns::drive` (`drain`), with no parking (HTTP/2, and the admin listener's HTTP/1).
     async fn run<I, S, B>(
         self,
         io: I,
@@ -296,19 +427,36 @@ impl Conns<'_> {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         TokioExecutor: Http2ServerConnExec<S::Future, B>,
     {
+        let mut watch = Watch::new(self.activity.snapshot(), self.epoch);
+        // Boxed: the task keeps its size for as long as the connection lives.
         match proto {
             Proto::Http2 => {
-                let conn = self.builders.http2.serve_connection(io, service);
-                self.drive(conn, |c| c.graceful_shutdown(), shutdown).await
+                let mut conn = Box::pin(self.builders.http2.serve_connection(io, service));
+                let no_park = None::<fn(Pin<&mut _>)>;
+                self.drive(
+                    conn.as_mut(),
+                    |c| c.graceful_shutdown(),
+                    no_park,
+                    &mut watch,
+                    shutdown,
+                )
+                .await
             }
-            Proto::Http1 | Proto::Http1HyperTimed => {
-                let builder = if proto == Proto::Http1 {
-                    &self.builders.http1
-                } else {
-                    &self.builders.http1_hyper_timed
-                };
-                let conn = builder.serve_connection(io, service);
-                self.drive(conn, |c| c.graceful_shutdown(), shutdown).await
+            Proto::Http1HyperTimed => {
+                let conn = self
+                    .builders
+                    .http1_hyper_timed
+                    .serve_connection(io, service);
+                let mut conn = Box::pin(conn);
+                let no_park = None::<fn(Pin<&mut _>)>;
+                self.drive(
+                    conn.as_mut(),
+                    |c| c.graceful_shutdown(),
+                    no_park,
+                    &mut watch,
+                    shutdown,
+                )
+                .await
             }
         }
     }

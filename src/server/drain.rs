@@ -16,20 +16,40 @@ use tokio::time::Instant;
 use super::conn::Conns;
 use super::timeouts::{Close, Draining, Verdict, Watch};
 
+/// How often a connection that can park (`park`) is looked at while it is served: an idle
+/// kept-alive connection gives back hyper's buffers within this, and a busy one pays for at
+/// most one new hyper connection per this.
+const PARK_TICK: Duration = Duration::from_secs(1);
+
+/// What the guard decided.
+enum Step {
+    Act(Verdict),
+    /// The connection waits for its next request and can be parked.
+    Park,
+}
+
 impl Conns<'_> {
     /// Runs a hyper connection to its end. It is closed gracefully (`drain`: an in-flight
     /// response finishes) on node shutdown or once idle for `idle_timeout`, and dropped when
     /// it has bytes to send and sends none for `send_timeout`, when a drain moves no byte for
     /// `send_timeout`, or when `shutdown_grace` has passed since node shutdown. Dropping it
-    /// drops its response bodies.
-    pub(super) async fn drive<C, D>(&self, conn: C, drain: D, shutdown: &mut watch::Receiver<bool>)
-    where
+    /// drops its response bodies. With `park`, a tick that finds the connection parkable
+    /// (`Activity::parkable`) calls it, and the connection then ends with its parts kept.
+    /// `watch` carries the idle and send timeouts over from an earlier connection on the
+    /// same stream.
+    pub(super) async fn drive<C, D, P>(
+        &self,
+        mut conn: Pin<&mut C>,
+        drain: D,
+        mut park: Option<P>,
+        watch: &mut Watch,
+        shutdown: &mut watch::Receiver<bool>,
+    ) where
         C: std::future::Future<Output = Result<(), hyper::Error>>,
         D: FnOnce(Pin<&mut C>),
+        P: FnMut(Pin<&mut C>),
     {
-        tokio::pin!(conn);
         let mut drain = Some(drain);
-        let mut watch = Watch::new(self.activity.snapshot(), self.epoch);
         let mut draining = None;
         if *shutdown.borrow() {
             draining = Some(self.shutdown_drain());
@@ -38,25 +58,33 @@ impl Conns<'_> {
             }
         }
         loop {
-            let guard = self.guard(&mut watch, draining, shutdown);
+            let parks = park.is_some() && draining.is_none();
+            let guard = self.guard(watch, draining, parks, shutdown);
             tokio::pin!(guard);
-            let verdict = match Guarded::new(conn.as_mut(), guard).await {
+            let step = match Guarded::new(conn.as_mut(), guard).await {
                 Ended::Conn(res) => {
                     if let Err(e) = res {
                         tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
                     }
                     return;
                 }
-                Ended::Guard(verdict) => verdict,
+                Ended::Guard(step) => step,
             };
-            match verdict {
-                Verdict::Drain(d) => {
+            match step {
+                Step::Park => {
+                    if let Some(p) = park.as_mut() {
+                        p(conn.as_mut());
+                    }
+                    // Parked once: the connection ends at its next poll.
+                    park = None;
+                }
+                Step::Act(Verdict::Drain(d)) => {
                     draining = Some(d);
                     if let Some(d) = drain.take() {
                         d(conn.as_mut());
                     }
                 }
-                Verdict::Close(why) => {
+                Step::Act(Verdict::Close(why)) => {
                     tracing::debug!(peer = %self.peer, reason = why.as_str(), "dropping connection");
                     return;
                 }
@@ -74,16 +102,22 @@ impl Conns<'_> {
     }
 
     /// Completes when the connection should be drained or dropped: on node shutdown, when
-    /// `shutdown_grace` ends, or when a tick of the [`Watch`] says so. Ticks four times per
-    /// the shorter of `idle_timeout` and `send_timeout`, so each acts at most a quarter late.
+    /// `shutdown_grace` ends, or when a tick of the [`Watch`] says so; with `parks`, also
+    /// when a tick finds it parkable. Ticks four times per the shorter of `idle_timeout` and
+    /// `send_timeout` (so each acts at most a quarter late), and at least every
+    /// [`PARK_TICK`] with `parks`.
     async fn guard(
         &self,
         watch: &mut Watch,
         draining: Option<Draining>,
+        parks: bool,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Verdict {
+    ) -> Step {
         let limits = self.builders.limits;
-        let tick = (limits.idle.min(limits.send) / 4).max(Duration::from_millis(1));
+        let mut tick = (limits.idle.min(limits.send) / 4).max(Duration::from_millis(1));
+        if parks {
+            tick = tick.min(PARK_TICK);
+        }
         let grace_end = async move {
             match draining.and_then(|d| d.until) {
                 Some(t) => tokio::time::sleep_until(t).await,
@@ -97,14 +131,17 @@ impl Conns<'_> {
                 // Also while an idle drain runs, so that shutdown_grace bounds it too.
                 changed = shutdown.changed(), if draining.is_none_or(|d| d.until.is_none()) => {
                     if changed.is_err() || *shutdown.borrow() {
-                        return Verdict::Drain(self.shutdown_drain());
+                        return Step::Act(Verdict::Drain(self.shutdown_drain()));
                     }
                 }
-                () = &mut grace_end => return Verdict::Close(Close::Grace),
+                () = &mut grace_end => return Step::Act(Verdict::Close(Close::Grace)),
                 () = tokio::time::sleep(tick) => {
                     let now = Instant::now();
                     if let Some(v) = watch.look(self.activity.snapshot(), now, limits, draining) {
-                        return v;
+                        return Step::Act(v);
+                    }
+                    if parks && self.activity.parkable() {
+                        return Step::Park;
                     }
                 }
             }

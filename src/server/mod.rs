@@ -9,6 +9,7 @@
 pub mod conn;
 mod drain;
 pub mod limit;
+mod park;
 pub mod plain;
 mod reporting;
 mod sniff;
@@ -137,7 +138,9 @@ async fn accept_requests(
                     ConnInfo::new(peer, https, None)
                 };
                 let guard = tracker.enter();
-                let task = conn::serve(
+                // Boxed: the spawned future then holds a pointer, not a second copy of the
+                // connection's state.
+                let task = Box::pin(conn::serve(
                     stream,
                     info,
                     // The certificates in service when the connection came: a reload
@@ -147,7 +150,7 @@ async fn accept_requests(
                     proxy.clone(),
                     metrics.clone(),
                     shutdown.clone(),
-                );
+                ));
                 Some((task, guard, slot))
             }
             Err(()) => {

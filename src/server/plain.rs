@@ -32,6 +32,10 @@ impl Plain {
         Plain { tcp, metrics }
     }
 
+    pub(super) fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
     /// One system call on the socket once it is writable; `WouldBlock` waits for the next
     /// readiness, as tokio's own writes do.
     #[cfg(target_os = "linux")]

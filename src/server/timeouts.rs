@@ -85,6 +85,12 @@ impl Watch {
     }
 
     /// Takes one tick's snapshot `now`, taken at `at`; says what to do, if anything.
+    /// When the connection is idle for `limits.idle` if no byte moves from now on: as a tick
+    /// would find it, give or take one tick.
+    pub(super) fn idle_deadline(&self, limits: Limits) -> Instant {
+        self.quiet_since + limits.idle
+    }
+
     pub(super) fn look(
         &mut self,
         now: Snapshot,

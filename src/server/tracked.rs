@@ -31,10 +31,17 @@ pub(super) struct Activity {
     /// HTTP/1: where the connection is in its request cycle (a [`Cycle`]), for [`HeadTimer`].
     /// Written and read on the connection's task only.
     cycle: AtomicU8,
+    /// HTTP/1, for parking (`park`), all on the connection's task: hyper's last read of the
+    /// stream found nothing to read.
+    read_blocked: AtomicBool,
+    /// The last response was flushed to the socket and nothing moved either way since.
+    clean: AtomicBool,
+    /// The request in flight or last served came with a body (hyper may still read it).
+    body: AtomicBool,
 }
 
 impl Activity {
-    fn cycle(&self) -> Cycle {
+    pub(super) fn cycle(&self) -> Cycle {
         match self.cycle.load(Ordering::Relaxed) {
             1 => Cycle::Waiting,
             2 => Cycle::Head,
@@ -44,6 +51,49 @@ impl Activity {
 
     pub(super) fn set_cycle(&self, cycle: Cycle) {
         self.cycle.store(cycle as u8, Ordering::Relaxed);
+    }
+
+    /// hyper's service was called with a request head (HTTP/1): `has_body` when the request
+    /// has a body to read.
+    pub(super) fn begin_request(&self, has_body: bool) {
+        self.set_cycle(Cycle::Request);
+        self.body.store(has_body, Ordering::Relaxed);
+    }
+
+    /// A read of the HTTP/1 stream returned; `data` when it brought bytes.
+    pub(super) fn note_read(&self, data: bool) {
+        self.read_blocked.store(false, Ordering::Relaxed);
+        if data {
+            self.clean.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// A read of the HTTP/1 stream found nothing to read.
+    pub(super) fn note_read_blocked(&self) {
+        self.read_blocked.store(true, Ordering::Relaxed);
+    }
+
+    /// A write to the HTTP/1 stream moved bytes.
+    pub(super) fn note_written(&self) {
+        self.clean.store(false, Ordering::Relaxed);
+    }
+
+    /// hyper flushed the HTTP/1 stream, which it does once its write buffer is empty: after
+    /// the last response ended, that response is on the socket.
+    pub(super) fn note_flushed(&self) {
+        if self.cycle() == Cycle::Waiting {
+            self.clean.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// True when hyper's HTTP/1 connection can be closed and its stream kept with nothing
+    /// lost (`park`): the last response is done and on the socket, nothing was read since,
+    /// hyper waits for bytes, and no request body may still be arriving.
+    pub(super) fn parkable(&self) -> bool {
+        self.cycle() == Cycle::Waiting
+            && self.clean.load(Ordering::Relaxed)
+            && self.read_blocked.load(Ordering::Relaxed)
+            && !self.body.load(Ordering::Relaxed)
     }
 
     pub(super) fn snapshot(&self) -> Snapshot {
@@ -85,6 +135,10 @@ impl<S> Tracked<S> {
             activity,
             head: None,
         }
+    }
+
+    pub(super) fn get_ref(&self) -> &S {
+        &self.inner
     }
 
     /// Times HTTP/1 request heads from here on, the first from now.

@@ -40,6 +40,8 @@ pub struct Metrics {
     retries_refused: AtomicU64,
     sendfile_bytes: AtomicU64,
     connections_refused: AtomicU64,
+    /// Idle HTTP/1 connections parked (holding no buffers, `server::park`) now.
+    parked_connections: AtomicU64,
     /// Configuration reloads: `[ok, error]`.
     config_reloads: [AtomicU64; 2],
     /// Time to the response head, by cache result.
@@ -226,6 +228,16 @@ impl Metrics {
     /// Counts a connection closed at accept for `server.max_connections_per_client`.
     pub fn connection_refused(&self) {
         self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An idle connection gave its buffers back (`server::park`).
+    pub fn connection_parked(&self) {
+        self.parked_connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A parked connection woke for its next request, or closed.
+    pub fn connection_unparked(&self) {
+        self.parked_connections.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Connections closed at accept for `server.max_connections_per_client` so far.
@@ -428,6 +440,13 @@ impl Scrape {
         for (name, help, v) in gauges {
             one(encoder, name, help, MetricType::Gauge, v)?;
         }
+        one(
+            encoder,
+            "edgecache_parked_connections",
+            "Idle HTTP/1.1 client connections waiting for their next request with no buffers held.",
+            MetricType::Gauge,
+            self.metrics.parked_connections.load(Ordering::Relaxed),
+        )?;
         one(
             encoder,
             "edgecache_fill_memory_full",
@@ -824,6 +843,7 @@ edgecache_config_reloads_total{result=\"error\"} 0
                 "edgecache_open_connections gauge",
                 "edgecache_memory_file_objects gauge",
                 "edgecache_memory_file_bytes gauge",
+                "edgecache_parked_connections gauge",
                 "edgecache_fill_memory_full_total counter",
                 "edgecache_origin_up gauge",
                 "edgecache_origin_latency_seconds gauge",
