@@ -526,6 +526,9 @@ def measure(server, pid, target, http2=False, extra=(), seconds=None, client="oh
         # not to: the field is ours, and the bodies are counted, not decoded.
         ae = ("--disable-compression", "-H", f"Accept-Encoding: {ENCODINGS[client]}")
         r = oha(target, seconds or SECONDS, CONNS, http2, (*ae, *extra), count)
+    elif client == "oha-newconn":
+        # A new connection, and so a full TLS 1.3 handshake, for every request.
+        r = oha(target, seconds or SECONDS, CONNS, http2, ("--disable-keepalive", *extra), count)
     elif client == "oha-identity":
         ae = ("--disable-compression",)
         r = oha(target, seconds or SECONDS, CONNS, http2, (*ae, *extra), count)
@@ -561,6 +564,8 @@ def main():
     cases += [(f"hit {n} h1 wrk", f"/{n}", False, False, hits, "wrk") for n in ("1k", "16k")]
     cases += [(f"hit {n} tls1.3 h1", f"/{n}", True, False, tls_servers, "oha") for n in ("1k", "16k", "256k")]
     cases += [(f"hit {n} tls h2", f"/{n}", True, True, tls_servers, "oha") for n in ("1k", "16k")]
+    # A TLS 1.3 handshake per request (no keep-alive): what a handshake costs each server.
+    cases += [("hit 1k tls1.3 handshake each", "/1k", True, False, tls_servers, "oha-newconn")]
     # HTTP/2 without TLS (prior knowledge) against the bare hyper server: hyper's own HTTP/2
     # cost on this core, beside what edgecache adds to it (nginx serves h2c only on a port of its own).
     cases += [("hit 1k h2c", "/1k", False, True, ["edgecache", "ceiling"], "oha")]
