@@ -34,13 +34,13 @@ use hyper::rt::bounds::Http2ServerConnExec;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use super::park::{H1Conn, H1Io, Parkable, Readiness};
+use super::park::{H1Conn, H1Io, H1Service, H1Stream, Parkable, Readiness};
 use super::plain::Plain;
 use super::reporting::{Answered, Reporting, Watched};
 use super::sniff::plain_protocol;
@@ -273,7 +273,7 @@ impl Conns<'_> {
         info: ConnInfo,
         shutdown: &mut watch::Receiver<bool>,
     ) where
-        X: Readiness + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        X: H1Stream,
     {
         let proxy = proxy.current();
         if h2 {
@@ -302,17 +302,10 @@ impl Conns<'_> {
     /// (`park`): hyper's connection is closed, the stream kept and waited on with no buffers,
     /// and a new hyper connection takes the next request. A parked connection is closed when
     /// `idle_timeout` passes or the node shuts down.
-    async fn serve_h1<X, S, B>(self, stream: X, service: S, shutdown: &mut watch::Receiver<bool>)
+    async fn serve_h1<X, S>(self, stream: X, service: S, shutdown: &mut watch::Receiver<bool>)
     where
-        X: Readiness + AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B, Error = Infallible>
-            + Unpin
-            + Send
-            + 'static,
-        S::Future: Unpin + Send + 'static,
-        B: HttpBody + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        X: H1Stream,
+        S: H1Service,
     {
         let mut watch = Watch::new(self.activity.snapshot(), self.epoch);
         let mut io = TokioIo::new(Parkable::new(stream, self.activity.clone()));
@@ -349,7 +342,7 @@ impl Conns<'_> {
     }
 
     /// One hyper connection on `io`, to its end; its parts when it was parked.
-    async fn serve_h1_once<X, S, B>(
+    async fn serve_h1_once<X, S>(
         &self,
         io: H1Io<X>,
         service: S,
@@ -357,15 +350,8 @@ impl Conns<'_> {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<http1::Parts<H1Io<X>, S>>
     where
-        X: Readiness + AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B, Error = Infallible>
-            + Unpin
-            + Send
-            + 'static,
-        S::Future: Unpin + Send + 'static,
-        B: HttpBody + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        X: H1Stream,
+        S: H1Service,
     {
         let mut conn = H1Conn::new(self.builders.http1.serve_connection(io, service));
         self.drive(

@@ -21,6 +21,7 @@
 //! This is written here because hyper offers no way to release its buffers between requests,
 //! and no crate wraps hyper's connection this way.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -176,16 +177,55 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Parkable<S> {
 /// The stream as hyper holds it.
 pub(super) type H1Io<S> = TokioIo<Parkable<S>>;
 
+/// A stream an HTTP/1 connection that parks is served over.
+pub(super) trait H1Stream:
+    Readiness + AsyncRead + AsyncWrite + Unpin + Send + 'static
+{
+}
+
+impl<T: Readiness + AsyncRead + AsyncWrite + Unpin + Send + 'static> H1Stream for T {}
+
+/// A service an HTTP/1 connection that parks is served with: what hyper's connection needs,
+/// and `Unpin` besides for `poll_without_shutdown`.
+pub(super) trait H1Service:
+    hyper::service::HttpService<
+        hyper::body::Incoming,
+        ResBody = Self::Body,
+        Error = Infallible,
+        Future: Unpin + Send + 'static,
+    > + Unpin
+    + Send
+    + 'static
+{
+    type Body: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, B> H1Service for S
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B, Error = Infallible>
+        + Unpin
+        + Send
+        + 'static,
+    S::Future: Unpin + Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Body = B;
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A hyper HTTP/1 connection that can be parked: polled without hyper's shutdown of the
 /// stream, so that once [`H1Conn::park`] has closed it, its parts can be taken back
 /// ([`H1Conn::take_parked`]). A connection that ends otherwise (the client closed it, asked for
 /// `Connection: close`, or a drain) has its stream shut down here, as hyper would have.
-pub(super) struct H1Conn<S: Readiness, Svc: hyper::service::HttpService<hyper::body::Incoming>> {
+pub(super) struct H1Conn<S: H1Stream, Svc: H1Service> {
     state: H1State<S, Svc>,
     parking: bool,
 }
 
-enum H1State<S: Readiness, Svc: hyper::service::HttpService<hyper::body::Incoming>> {
+enum H1State<S: H1Stream, Svc: H1Service> {
     /// Boxed, so that a parked connection's task holds none of hyper's connection state.
     Serving(Box<http1::Connection<H1Io<S>, Svc>>),
     /// The connection ended: its stream is being shut down.
@@ -195,15 +235,7 @@ enum H1State<S: Readiness, Svc: hyper::service::HttpService<hyper::body::Incomin
     Done,
 }
 
-impl<S, Svc, B> H1Conn<S, Svc>
-where
-    S: Readiness + AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    Svc: hyper::service::HttpService<hyper::body::Incoming, ResBody = B> + Unpin,
-    Svc::Future: Unpin,
-    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl<S: H1Stream, Svc: H1Service> H1Conn<S, Svc> {
     pub(super) fn new(conn: http1::Connection<H1Io<S>, Svc>) -> Self {
         H1Conn {
             state: H1State::Serving(Box::new(conn)),
@@ -239,15 +271,7 @@ where
     }
 }
 
-impl<S, Svc, B> Future for H1Conn<S, Svc>
-where
-    S: Readiness + AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    Svc: hyper::service::HttpService<hyper::body::Incoming, ResBody = B> + Unpin,
-    Svc::Future: Unpin,
-    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl<S: H1Stream, Svc: H1Service> Future for H1Conn<S, Svc> {
     type Output = Result<(), hyper::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
